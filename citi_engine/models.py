@@ -1,0 +1,101 @@
+"""Load a base model and its tokenizer from a model spec (see :mod:`citi_engine.specs`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from citi_engine.errors import ModelSpecError
+from citi_engine.specs import ResolvedSpec, hub_offline, resolve_model_spec
+
+
+def default_device() -> str:
+    """``cuda`` where a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU. Trained weights keep fp32 master copies either way (see train.py)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def _as_dtype(dtype: Any, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype '{dtype}': use one of {sorted(names)}")
+    return names[dtype]
+
+
+def load_tokenizer(resolved: ResolvedSpec):
+    """The tokenizer of a resolved spec, with a pad token set (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    tok = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str | None = None,
+    dtype: Any = None,
+    model_dirs: list[str] | None = None,
+):
+    """Resolve ``spec`` and return ``(model, tokenizer)``, the model in eval mode on ``device``.
+
+    Offline, a hub id fails at once with a :class:`ModelSpecError` naming the spec (never a hang).
+    ``trust_remote_code`` is never enabled.
+    """
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model_spec(spec, model_dirs=model_dirs)
+    device = device or default_device()
+    torch_dtype = _as_dtype(dtype, device)
+    if resolved.kind == "hub" and hub_offline():
+        raise ModelSpecError(
+            f"model '{spec}' is a hub id, but the hub cannot be reached from here (offline, or HF_HUB_OFFLINE=1): "
+            "download it where the hub can be reached and pass its local directory instead",
+            code="model_unavailable_offline",
+            param="model",
+        )
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    try:
+        tokenizer = load_tokenizer(resolved)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    except ModelSpecError:
+        raise
+    except OSError as exc:  # hub unreachable, missing files
+        if resolved.kind == "hub":
+            raise ModelSpecError(
+                f"could not download model '{spec}' from the hub ({exc.__class__.__name__}); check the name and the "
+                "network, or pass a local directory",
+                code="model_unavailable_offline",
+                param="model",
+            ) from exc
+        raise ModelSpecError(f"could not load model '{spec}': {exc}", code="model_not_found", param="model") from exc
+    model.to(device)
+    model.eval()
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.citi_spec = spec  # remembered in adapter metadata
+    return model, tokenizer
+
+
+def cache_dir() -> str:
+    """Where the engine caches derived files (e.g. the tokenizer extracted from the GGUF)."""
+    return os.environ.get("CITI_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "citi"))

