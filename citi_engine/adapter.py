@@ -1,0 +1,317 @@
+"""Method application: put CITI (MOLoRA + UCO), LoRA or full fine-tuning on a base model, choose what
+trains in each stage, compute the routing loss, and save / load the result.
+
+- ``citi``: MOLoRA layers on the ``molora`` components, the ``uco`` components fully trainable as peft
+  ``modules_to_save``; both in one peft adapter, so one directory restores the whole tuned model.
+- ``lora``: peft LoRA on every decoder linear layer (the paper's baseline: r=16, alpha=16).
+- ``full``: the plain model, every weight trainable; saved as a whole Hugging Face model.
+
+Every adapter directory also holds ``citi_job.json``: the base model spec, the method, the components
+and the job's config, so :func:`load_adapter` needs nothing but the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from citi_engine.components import list_components
+from citi_engine.errors import CitiError
+from citi_engine.molora import MoloraConfig, MoloraLayer
+
+METHODS = ("citi", "lora", "full")
+STAGES = ("router_pretraining", "molora", "uco", "lora", "full")
+JOB_FILE = "citi_job.json"
+
+
+class Fp32MasterLinear(nn.Linear):
+    """A fully trained (UCO) linear layer: fp32 master weights, computed in the activations' dtype.
+
+    With a bf16 base model a bf16 weight would round most updates of a 2e-5 learning rate away; this
+    keeps the weight in fp32 and casts it to the input dtype in forward (autograd updates the fp32 copy).
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp32MasterLinear:
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=torch.float32)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.requires_grad_(linear.weight.requires_grad)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type) or x.dtype == self.weight.dtype:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _keep_uco_in_fp32(model: nn.Module) -> None:
+    from peft.utils import ModulesToSaveWrapper
+
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        for adapter, copy in list(wrapper.modules_to_save.items()):
+            if isinstance(copy, nn.Linear) and copy.weight.dtype != torch.float32:
+                wrapper.modules_to_save[adapter] = Fp32MasterLinear.from_linear(copy)
+
+
+def apply_method(
+    model: nn.Module,
+    method: str,
+    *,
+    molora: Sequence[str] = (),
+    uco: Sequence[str] = (),
+    num_experts: int = 4,
+    rank: int = 8,
+    alpha: float = 2.0,
+    lora_rank: int = 16,
+    lora_alpha: int = 16,
+) -> nn.Module:
+    """Return ``model`` prepared for ``method`` (``citi``, ``lora`` or ``full``); the base model is modified in place.
+
+    ``citi`` and ``lora`` return a peft model; ``full`` returns the model itself with every weight trainable.
+    Call :func:`set_trainable` before each stage to choose what trains.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    components = list_components(model)
+    if method == "lora":
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=components,
+                            task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+
+    molora, uco = list(molora), list(uco)
+    if not molora:
+        raise ValueError("method 'citi' needs at least one MOLoRA component (molora=[...])")
+    unknown = sorted(set(molora + uco) - set(components))
+    if unknown:
+        raise ValueError(f"not decoder-layer linear projections of this model: {unknown[:5]}; "
+                         "use names from citi_engine.components.list_components(model)")
+    both = sorted(set(molora) & set(uco))
+    if both:
+        raise ValueError(f"components cannot be both MOLoRA and UCO: {both}")
+    config = MoloraConfig(target_modules=molora, modules_to_save=uco or None, num_experts=num_experts, r=rank,
+                          alpha=alpha, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    _keep_uco_in_fp32(peft_model)
+    return peft_model
+
+
+def molora_layers(model: nn.Module) -> list[MoloraLayer]:
+    """Every MOLoRA layer of ``model``, in model order."""
+    return [m for m in model.modules() if isinstance(m, MoloraLayer)]
+
+
+def routing_loss(
+    model: nn.Module, task_type: torch.Tensor, attention_mask: torch.Tensor, delta: float = 0.95
+) -> torch.Tensor:
+    """The localized balancing loss, summed over MOLoRA layers, from the router weights of the last forward.
+
+    Per layer: g = router weights summed over each example's real tokens (B x (N+1));
+    I = [1+delta, 1-delta, ..., 1-delta] for tool examples (task_type 1), [1-delta, 1+delta, ...] for
+    general ones; Z = I * g; L_r = var(Z) / mean(Z)^2 over all B*(N+1) entries. ``var`` is the
+    population variance (divide by the number of entries, not one less).
+    """
+    layers = molora_layers(model)
+    if not layers:
+        raise ValueError("routing_loss needs a model with MOLoRA layers: apply_method(model, 'citi', ...) first")
+    g_per_layer = []
+    for layer in layers:
+        for adapter in layer.active_adapters:
+            probs = layer.router_probs.get(adapter)
+            if probs is None:
+                raise RuntimeError("routing_loss reads the router weights of the last forward: run the model first")
+            mask = attention_mask.to(device=probs.device, dtype=probs.dtype)
+            g_per_layer.append(torch.einsum("btn,bt->bn", probs, mask))
+    g = torch.stack(g_per_layer)  # (layers, B, N+1)
+    n_out = g.shape[-1]
+    # +1 on the backbone neuron and -1 on the experts for tool examples; the opposite for general ones.
+    sign = torch.full((n_out,), -1.0, device=g.device, dtype=g.dtype)
+    sign[0] = 1.0
+    is_tool = task_type.to(g.device).reshape(-1, 1) == 1
+    I = 1.0 + delta * torch.where(is_tool, sign, -sign)  # noqa: E741 (the method page's name)
+    Z = (I * g).flatten(1)
+    return (Z.var(dim=1, unbiased=False) / Z.mean(dim=1).square()).sum()
+
+
+def _stage_parameters(model: nn.Module, stage: str) -> list[nn.Parameter]:
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    if stage == "full":
+        return list(model.parameters())
+    chosen: list[nn.Parameter] = []
+    for module in model.modules():
+        if stage in ("router_pretraining", "molora") and isinstance(module, MoloraLayer):
+            chosen += module.molora_router.parameters()
+            if stage == "molora":
+                chosen += [*module.molora_A.parameters(), *module.molora_B.parameters()]
+        elif stage == "uco" and isinstance(module, ModulesToSaveWrapper):
+            chosen += module.modules_to_save.parameters()
+        elif stage == "lora" and isinstance(module, LoraLayer):
+            for container in module.adapter_layer_names:
+                chosen += getattr(module, container).parameters()
+    return chosen
+
+
+def set_trainable(model: nn.Module, stage: str) -> list[str]:
+    """Make exactly the parameters of ``stage`` require grad and freeze every other one; return their names.
+
+    Stages: ``router_pretraining`` (routers), ``molora`` (experts + routers), ``uco`` (the UCO components'
+    weights), ``lora`` (LoRA A/B), ``full`` (everything).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage '{stage}': use one of {', '.join(STAGES)}")
+    chosen = {id(p) for p in _stage_parameters(model, stage)}
+    if not chosen:
+        raise ValueError(f"stage '{stage}' has nothing to train in this model: was apply_method run with the right method?")
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(id(param) in chosen)
+        if id(param) in chosen:
+            names.append(name)
+    return names
+
+
+def _method_of(model: nn.Module) -> tuple[str, Any]:
+    from peft import PeftModel
+    from peft.utils import PeftType
+
+    if not isinstance(model, PeftModel):
+        return "full", None
+    config = model.peft_config[model.active_adapter]
+    if isinstance(config, MoloraConfig):
+        return "citi", config
+    if config.peft_type == PeftType.LORA:
+        return "lora", config
+    raise ValueError(f"save_adapter handles MOLoRA and LoRA adapters, not {config.peft_type}")
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from citi_engine import __version__
+
+    return {"citi": __version__, "peft": peft.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__}
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save a tuned model into ``out_dir`` and return it.
+
+    A peft model (citi, lora) becomes ``adapter_config.json`` + ``adapter_model.safetensors``; a plain model
+    (full) its whole weights via ``save_pretrained`` (``config.json`` + ``model.safetensors``). Either way
+    ``citi_job.json`` records ``format``, ``method``, ``base_model`` (``metadata["model"]``, else the spec
+    ``load_model`` gave the model), ``components`` and ``config`` (the ``metadata`` as given). A
+    ``README.md`` already in ``out_dir`` (the model card) is left as it was; none is created.
+    """
+    metadata = dict(metadata or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = metadata.get("model") or getattr(model, "citi_spec", None)
+    if not base:
+        raise ValueError("save_adapter needs the base model spec: pass metadata={'model': spec} or load the base "
+                         "with citi_engine.models.load_model")
+    method, config = _method_of(model)
+    order = {name: i for i, name in enumerate(list_components(model))}
+
+    def in_order(names: Any) -> list[str]:
+        return sorted(names or [], key=lambda n: order.get(n, len(order)))
+
+    if method == "full":
+        model.save_pretrained(out, safe_serialization=True)
+        components: dict[str, Any] = {}
+    else:
+        # README.md is the job's model card, written by its caller: keep peft's generated card out of it.
+        readme = out / "README.md"
+        kept = readme.read_bytes() if readme.is_file() else None
+        model.save_pretrained(out)
+        if kept is not None:
+            readme.write_bytes(kept)
+        else:
+            readme.unlink(missing_ok=True)
+        if method == "citi":
+            components = {"molora": in_order(config.target_modules), "uco": in_order(config.modules_to_save),
+                          "num_experts": config.num_experts, "rank": config.r, "alpha": config.alpha}
+        else:
+            components = {"lora": in_order(config.target_modules), "rank": config.r, "alpha": config.lora_alpha}
+    job = {"format": "full" if method == "full" else "peft", "method": method, "base_model": str(base),
+           "components": components, "config": metadata, "versions": _versions()}
+    tmp = out / (JOB_FILE + ".tmp")
+    tmp.write_text(json.dumps(job, indent=1, default=str))
+    os.replace(tmp, out / JOB_FILE)
+    return out
+
+
+def read_job(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``citi_job.json`` of an adapter directory, or ``{}`` when it has none."""
+    path = Path(adapter_dir) / JOB_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_adapter(
+    adapter_dir: str | os.PathLike,
+    base: str | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    model_dirs: list[str] | None = None,
+):
+    """Load the base model and the tuned weights of ``adapter_dir``; return ``(model, tokenizer)`` in eval mode.
+
+    The base spec comes from ``citi_job.json`` unless ``base`` is given; ``model_dirs`` restricts where a
+    local base may live (as in :func:`citi_engine.models.load_model`).
+    """
+    from citi_engine.models import _as_dtype, default_device, load_model, load_tokenizer
+    from citi_engine.specs import resolve_model_spec
+
+    adapter_dir = Path(adapter_dir)
+    has_peft = (adapter_dir / "adapter_config.json").is_file()
+    has_full = (adapter_dir / "config.json").is_file()
+    if not (has_peft or has_full):
+        raise CitiError(f"'{adapter_dir}' holds no adapter (adapter_config.json) or model (config.json): "
+                        "pass the directory a fine-tuning job wrote", code="adapter_not_found", param="adapter")
+    job = read_job(adapter_dir)
+    base = base or job.get("base_model")
+    if not base:
+        raise CitiError(f"'{adapter_dir}' has no {JOB_FILE} naming its base model: pass base=<model spec>",
+                        code="adapter_not_found", param="adapter")
+    fmt = job.get("format") or ("peft" if has_peft else "full")
+    if fmt == "full":
+        from transformers import AutoModelForCausalLM
+
+        device = device or default_device()
+        tokenizer = load_tokenizer(resolve_model_spec(base, model_dirs=model_dirs))
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=_as_dtype(dtype, device),
+                                                     trust_remote_code=False)
+        model.to(device)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        model.citi_spec = base
+        model.eval()
+        return model, tokenizer
+
+    from peft import PeftModel  # MOLoRA is registered: this module imports citi_engine.molora
+
+    model, tokenizer = load_model(base, device=device, dtype=dtype, model_dirs=model_dirs)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,131 @@
+"""The MOLoRA layer: a frozen linear layer plus N routed LoRA experts (method page, section 3).
+
+    G(x) = softmax(W_r x)                                  W_r in R^{(N+1) x d_in}, no bias
+    h    = W0 x + sum_{i=1..N} G(x)[i] * (alpha/r) * B_i A_i x
+
+G(x)[0] is the backbone neuron: it has no expert and only takes probability mass away from them.
+The experts are computed fused, like one LoRA of rank N*r: A = [A_1; ...; A_N] is (N*r x d_in),
+B = [B_1 ... B_N] is (d_out x N*r), and the N*r intermediate is scaled by each expert's gate
+(repeated over its r rows). No Python loop over experts, no per-expert tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import MoloraConfig
+
+
+class MoloraLayer(BaseTunerLayer):
+    """Adapter state of a MOLoRA layer, one entry per adapter name in each container."""
+
+    # Everything trainable; peft saves, loads and freezes these by name.
+    adapter_layer_names = ("molora_router", "molora_A", "molora_B")
+    other_param_names = ("num_experts", "r", "scaling", "molora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.molora_router = nn.ParameterDict({})  # W_r: (N+1, d_in)
+        self.molora_A = nn.ParameterDict({})  # A_1..A_N stacked: (N*r, d_in)
+        self.molora_B = nn.ParameterDict({})  # B_1..B_N side by side: (d_out, N*r)
+        self.molora_dropout = nn.ModuleDict({})
+        self.num_experts: dict[str, int] = {}
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        # G(x) of the last forward per adapter, (..., N+1); kept for the routing loss. A plain dict, so it
+        # is neither a parameter nor saved.
+        self.router_probs: dict[str, torch.Tensor] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MOLoRA adapts nn.Linear layers only, not {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: MoloraConfig) -> None:
+        """Create (or re-create) the experts and router of ``adapter_name``, in fp32 on the base layer's device."""
+        n, r = config.num_experts, config.r
+        device = self.get_base_layer().weight.device
+        # fp32 master copies even when the base runs in bf16: adapter updates are small and bf16 would round them away.
+        self.molora_router[adapter_name] = nn.Parameter(torch.empty(n + 1, self.in_features, device=device))
+        self.molora_A[adapter_name] = nn.Parameter(torch.empty(n * r, self.in_features, device=device))
+        self.molora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, n * r, device=device))
+        self.molora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.num_experts[adapter_name] = n
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.alpha / r
+        self.reset_parameters(adapter_name, config.init_weights)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move the adapter to the base layer's device, keeping its fp32 dtype (peft's version casts to the base dtype)."""
+        device = device if device is not None else self.get_base_layer().weight.device
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter_name in container and container[adapter_name].device.type != "meta":
+                container[adapter_name].data = container[adapter_name].data.to(device)
+
+    def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """A_i Kaiming-uniform (each expert on its own fan-in, as a LoRA A), B_i zero, router Kaiming-uniform."""
+        with torch.no_grad():
+            n, r = self.num_experts[adapter_name], self.r[adapter_name]
+            # (N*r, d_in) viewed as N experts: kaiming_uniform_ only looks at fan-in = d_in, same for each A_i.
+            nn.init.kaiming_uniform_(self.molora_A[adapter_name], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.molora_router[adapter_name], a=math.sqrt(5))
+            if init_weights:
+                nn.init.zeros_(self.molora_B[adapter_name])
+            else:
+                B = self.molora_B[adapter_name].view(self.out_features, n, r)
+                for i in range(n):  # init only, never in forward
+                    nn.init.kaiming_uniform_(B[:, i], a=math.sqrt(5))
+
+
+class MoloraLinear(nn.Module, MoloraLayer):
+    """An ``nn.Linear`` with MOLoRA experts on top."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoloraConfig, **kwargs: Any) -> None:
+        super().__init__()
+        MoloraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def molora_delta(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """sum_i G(x)[i] * (alpha/r) * B_i A_i x for one adapter; records G(x) in ``router_probs``."""
+        W_r, A, B = self.molora_router[adapter], self.molora_A[adapter], self.molora_B[adapter]
+        n, r = self.num_experts[adapter], self.r[adapter]
+        if not torch.is_autocast_enabled(x.device.type):
+            x = self._cast_input_dtype(x, A.dtype)  # compute in the adapter's fp32 unless autocast decides
+        logits = F.linear(x, W_r)
+        gates = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # G(x): (..., N+1)
+        self.router_probs[adapter] = gates
+        expert_gates = (gates[..., 1:] * self.scaling[adapter]).to(x.dtype)  # drop the backbone neuron G(x)[0]
+        h = F.linear(self.molora_dropout[adapter](x), A)  # all A_i x at once: (..., N*r)
+        h = (h.unflatten(-1, (n, r)) * expert_gates.unsqueeze(-1)).flatten(-2)  # expert i's r rows times G(x)[i]
+        return F.linear(h, B)  # sum over experts of B_i (...): (..., d_out)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # W0 x
+        if self.disable_adapters:
+            return result
+        for adapter in self.active_adapters:
+            if adapter in self.molora_A:
+                result = result + self.molora_delta(x, adapter).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(
+            "MOLoRA cannot be merged into the base weights: its experts are weighted by an input-dependent router"
+        )
+
+    def unmerge(self) -> None:
+        """Nothing to undo: MOLoRA layers are never merged."""
+
+    def __repr__(self) -> str:
+        return "molora." + super().__repr__()

@@ -1,0 +1,262 @@
+"""Method application: routing loss, what trains in each stage, and adapter save / load round trips."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from peft import PeftModel  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from citi_engine.adapter import (  # noqa: E402
+    Fp32MasterLinear,
+    apply_method,
+    load_adapter,
+    read_job,
+    routing_loss,
+    save_adapter,
+    set_trainable,
+)
+from citi_engine.errors import CitiError  # noqa: E402
+from citi_engine.models import load_model  # noqa: E402
+from citi_engine.molora import MoloraConfig, MoloraLinear  # noqa: E402
+from citi_engine.testing import make_tiny_model_dir  # noqa: E402
+
+MOLORA = ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj", "model.layers.1.self_attn.q_proj"]
+UCO = ["model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def batch(vocab: int = 96) -> dict:
+    g = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(1, vocab, (3, 8), generator=g)
+    attention_mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2, [1] * 5 + [0] * 3])
+    labels = torch.where(attention_mask.bool(), input_ids, -100)
+    labels[:, :3] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "task_type": torch.tensor([1, 0, 1])}
+
+
+def randomise_adapter(model: nn.Module, seed: int = 0) -> None:
+    """Give B (zero at init) and the UCO copies values of their own, so every stage has gradients and a saved
+    adapter that lost any part of them would change the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".molora_B." in name or ".molora_router." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+# ---- routing loss ---------------------------------------------------------------------------------------------
+
+class TwoRouters(nn.Module):
+    """Two MOLoRA layers (N=1 expert) whose router weights are set by hand."""
+
+    def __init__(self):
+        super().__init__()
+        config = MoloraConfig(target_modules=["x"], num_experts=1, r=1, alpha=1.0)
+        self.a = MoloraLinear(nn.Linear(2, 2, bias=False), "default", config)
+        self.b = MoloraLinear(nn.Linear(2, 2, bias=False), "default", config)
+        with torch.no_grad():
+            # logits = W_r x: x=[1,0] -> [0, ln 3] -> G = [1/4, 3/4]; x=[0,1] -> [0, 0] -> G = [1/2, 1/2]
+            for layer in (self.a, self.b):
+                layer.molora_router["default"].copy_(torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]]))
+
+    def forward(self, x):
+        return self.b(self.a(x) * 0 + x)
+
+
+def test_routing_loss_matches_a_hand_computation():
+    x1, x2, pad = [1.0, 0.0], [0.0, 1.0], [5.0, -3.0]  # pad tokens would change g if they were counted
+    x = torch.tensor([[x1, x2, pad], [x2, pad, pad]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    task_type = torch.tensor([1, 0])
+    model = TwoRouters()
+    model(x)
+    # Example 1 (tool):    g = [1/4 + 1/2, 3/4 + 1/2] = [3/4, 5/4];  I = [1.5, 0.5] -> Z = [1.125, 0.625]
+    # Example 2 (general): g = [1/2, 1/2];                            I = [0.5, 1.5] -> Z = [0.25, 0.75]
+    # mean(Z) = 11/16; population var(Z) = 2.28125/4 - (11/16)^2 = 25/256; var/mean^2 = 25/121 per layer.
+    loss = routing_loss(model, task_type, mask, delta=0.5)
+    assert loss.item() == pytest.approx(2 * 25 / 121, rel=1e-6)
+    loss.backward()
+    assert model.a.molora_router["default"].grad.abs().sum() > 0
+
+
+def test_routing_loss_needs_molora_layers_and_a_forward():
+    with pytest.raises(ValueError, match="MOLoRA layers"):
+        routing_loss(tiny_llama(), torch.tensor([1]), torch.ones(1, 4))
+    with pytest.raises(RuntimeError, match="run the model first"):
+        routing_loss(TwoRouters(), torch.tensor([1]), torch.ones(1, 3))
+
+
+# ---- stages ---------------------------------------------------------------------------------------------------
+
+def _loss(model, b, with_routing: bool) -> torch.Tensor:
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    if with_routing:
+        return out.loss + 0.1 * routing_loss(model, b["task_type"], b["attention_mask"])
+    return out.loss
+
+
+STAGE_CASES = [
+    ("citi", "router_pretraining", lambda n: ".molora_router." in n),
+    ("citi", "molora", lambda n: ".molora_" in n),
+    ("citi", "uco", lambda n: ".modules_to_save." in n),
+    ("lora", "lora", lambda n: ".lora_A." in n or ".lora_B." in n),
+    ("full", "full", lambda n: True),
+]
+
+
+@pytest.mark.parametrize("method, stage, expected", STAGE_CASES, ids=[c[1] for c in STAGE_CASES])
+def test_each_stage_trains_exactly_its_parameters(method, stage, expected):
+    model = apply_method(tiny_llama(), method, molora=MOLORA, uco=UCO, num_experts=2, rank=4, alpha=4.0)
+    randomise_adapter(model)
+    if method == "lora":
+        with torch.no_grad():  # B starts at zero; give A a gradient too
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, 0.1)
+    trainable = set_trainable(model, stage)
+    names = [n for n, _ in model.named_parameters()]
+    assert trainable == [n for n in names if expected(n)] and trainable
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable)
+
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    _loss(model, batch(), with_routing=method == "citi").backward()
+    optimizer.step()
+    after = model.state_dict()
+    params = dict(model.named_parameters())
+    for key, old in before.items():
+        if key in params and params[key].requires_grad:
+            assert not torch.equal(after[key], old), f"{key} should have been trained in stage {stage}"
+        else:
+            assert torch.equal(after[key], old), f"{key} changed in stage {stage}"
+
+
+def test_set_trainable_refuses_a_stage_the_model_cannot_train():
+    with pytest.raises(ValueError, match="nothing to train"):
+        set_trainable(tiny_llama(), "router_pretraining")
+    with pytest.raises(ValueError, match="unknown stage"):
+        set_trainable(tiny_llama(), "stage4")
+
+
+def test_apply_method_validates_components():
+    with pytest.raises(ValueError, match="not decoder-layer linear projections"):
+        apply_method(tiny_llama(), "citi", molora=["lm_head"])
+    with pytest.raises(ValueError, match="both MOLoRA and UCO"):
+        apply_method(tiny_llama(), "citi", molora=MOLORA, uco=[MOLORA[0]])
+    with pytest.raises(ValueError, match="unknown method"):
+        apply_method(tiny_llama(), "qlora")
+
+
+def test_uco_components_keep_fp32_masters_on_a_bf16_base():
+    model = apply_method(tiny_llama(dtype=torch.bfloat16), "citi", molora=MOLORA, uco=UCO)
+    set_trainable(model, "uco")
+    copies = [m for n, m in model.named_modules() if n.endswith(".modules_to_save.default")]
+    assert len(copies) == 2 and all(isinstance(m, Fp32MasterLinear) for m in copies)
+    assert all(m.weight.dtype == torch.float32 for m in copies)
+    b = batch()
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(m.weight.grad is not None and m.weight.grad.dtype == torch.float32 for m in copies)
+
+
+# ---- save / load ----------------------------------------------------------------------------------------------
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_citi_adapter_round_trips_with_uco_weights(tiny_dir, tmp_path):
+    base, tokenizer = load_model(tiny_dir, device="cpu")
+    ids = tokenizer(["The weather in Paris is", "Call get_time"], return_tensors="pt", padding=True)["input_ids"]
+    base_logits = _logits(base, ids)
+    model = apply_method(base, "citi", molora=MOLORA, uco=UCO, num_experts=3, rank=4, alpha=8.0)
+    randomise_adapter(model)
+    tuned = _logits(model, ids)
+    assert not torch.allclose(tuned, base_logits, atol=1e-3)
+
+    out = save_adapter(model, tmp_path / "adapter", {"model": tiny_dir, "seed": 7})
+    assert set(os.listdir(out)) == {"adapter_config.json", "adapter_model.safetensors", "citi_job.json"}
+    job = read_job(out)
+    assert job["format"] == "peft" and job["method"] == "citi" and job["base_model"] == tiny_dir
+    assert job["components"] == {"molora": MOLORA, "uco": UCO, "num_experts": 3, "rank": 4, "alpha": 8.0}
+    assert job["config"] == {"model": tiny_dir, "seed": 7}
+
+    loaded, loaded_tok = load_adapter(out, device="cpu")
+    assert isinstance(loaded, PeftModel) and not loaded.training
+    assert loaded_tok.pad_token_id == tokenizer.pad_token_id
+    assert torch.equal(_logits(loaded, ids), tuned)
+
+    # The plain peft path restores the same model, UCO weights included.
+    fresh, _ = load_model(tiny_dir, device="cpu")
+    direct = PeftModel.from_pretrained(fresh, str(out))
+    assert torch.equal(_logits(direct, ids), tuned)
+    uco_saved = dict(model.named_parameters())[f"base_model.model.{UCO[0]}.modules_to_save.default.weight"]
+    uco_loaded = dict(direct.named_parameters())[f"base_model.model.{UCO[0]}.modules_to_save.default.weight"]
+    assert torch.equal(uco_loaded, uco_saved)
+
+
+def test_lora_and_full_round_trip(tiny_dir, tmp_path):
+    base, tokenizer = load_model(tiny_dir, device="cpu")
+    ids = tokenizer(["Hello there"], return_tensors="pt")["input_ids"]
+    lora = apply_method(base, "lora", lora_rank=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05)
+    expected = _logits(lora, ids)
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "README.md").write_text("# our model card\n")
+    out = save_adapter(lora, tmp_path / "lora")  # the base spec comes from load_model
+    assert (out / "README.md").read_text() == "# our model card\n"  # the caller's card, untouched by peft
+    job = read_job(out)
+    assert job["method"] == "lora" and job["base_model"] == tiny_dir and len(job["components"]["lora"]) == 14
+    loaded, _ = load_adapter(out, device="cpu")
+    assert torch.equal(_logits(loaded, ids), expected)
+
+    full, _ = load_model(tiny_dir, device="cpu")
+    full = apply_method(full, "full")
+    assert all(p.requires_grad for p in full.parameters())
+    with torch.no_grad():
+        full.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+    expected = _logits(full, ids)
+    out = save_adapter(full, tmp_path / "full", {"model": tiny_dir})
+    assert read_job(out)["format"] == "full" and (out / "model.safetensors").is_file()
+    assert not (out / "adapter_config.json").exists()
+    loaded, _ = load_adapter(out, device="cpu")
+    assert not isinstance(loaded, PeftModel)
+    assert torch.equal(_logits(loaded, ids), expected)
+
+
+def test_load_adapter_says_what_is_missing(tmp_path, tiny_dir):
+    with pytest.raises(CitiError, match="holds no adapter") as err:
+        load_adapter(tmp_path)
+    assert err.value.code == "adapter_not_found"
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "MOLORA"}))
+    with pytest.raises(CitiError, match="pass base="):
+        load_adapter(tmp_path)

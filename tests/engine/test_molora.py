@@ -1,0 +1,218 @@
+"""The MOLoRA layer (fused computation against a per-expert reference) and its registration with peft."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import peft  # noqa: E402
+from packaging.version import Version  # noqa: E402
+from peft import PeftConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.utils import PeftType, register_peft_method  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import citi_engine.molora as molora  # noqa: E402
+from citi_engine.molora import MoloraConfig, MoloraLinear, MoloraModel  # noqa: E402
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def naive_molora(x, W0, b0, W_r, A, B, n, r, alpha):
+    """The method page's formula with one term per expert (the reference the fused layer must match)."""
+    G = torch.softmax(x @ W_r.T, dim=-1)
+    h = x @ W0.T + (b0 if b0 is not None else 0)
+    for i in range(n):
+        A_i, B_i = A[i * r:(i + 1) * r], B[:, i * r:(i + 1) * r]
+        h = h + G[..., i + 1:i + 2] * (alpha / r) * (x @ A_i.T @ B_i.T)
+    return h, G
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_layer_equals_per_expert_reference_in_outputs_and_gradients(bias):
+    torch.manual_seed(0)
+    n, r, alpha = 3, 4, 3.0
+    base = nn.Linear(12, 10, bias=bias).double()
+    layer = MoloraLinear(base, "default", MoloraConfig(target_modules=["x"], num_experts=n, r=r, alpha=alpha,
+                                                       init_weights=False)).double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 5, 10, dtype=torch.float64)
+
+    out = layer(x)
+    (out * upstream).sum().backward()
+
+    ref_params = [p.detach().clone().requires_grad_(True) for p in
+                  (layer.molora_router["default"], layer.molora_A["default"], layer.molora_B["default"])]
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref, G = naive_molora(x_ref, base.weight.detach(), None if base.bias is None else base.bias.detach(),
+                          *ref_params, n, r, alpha)
+    (ref * upstream).sum().backward()
+
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.router_probs["default"], G, rtol=1e-12, atol=1e-12)
+    assert (ref - x_ref.detach() @ base.weight.detach().T).abs().max() > 1e-3  # the experts really contribute
+    for got, want in zip((layer.molora_router["default"], layer.molora_A["default"], layer.molora_B["default"], x),
+                         (*ref_params, x_ref), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+        assert want.grad.abs().max() > 0
+
+
+def test_fresh_layer_is_the_identity_and_keeps_fp32_masters_on_a_bf16_base():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8, bias=False).to(torch.bfloat16)
+    layer = MoloraLinear(base, "default", MoloraConfig(target_modules=["x"]))
+    assert layer.molora_A["default"].shape == (4 * 8, 16)  # defaults: N=4 experts of rank 8
+    assert layer.molora_B["default"].shape == (8, 4 * 8)
+    assert layer.molora_router["default"].shape == (5, 16)  # N+1 outputs: the backbone neuron first
+    assert all(p.dtype == torch.float32 for p in layer.molora_router.values())
+    assert all(p.dtype == torch.float32 for p in [*layer.molora_A.values(), *layer.molora_B.values()])
+    assert torch.count_nonzero(layer.molora_B["default"]) == 0 and torch.count_nonzero(layer.molora_A["default"]) > 0
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, base(x))
+    assert layer.router_probs["default"].shape == (3, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_experts": 0}, "num_experts"),
+    ({"r": 0}, "rank"),
+    ({"alpha": 0}, "alpha"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"target_modules": None}, "target_modules"),
+    ({"modules_to_save": ["a.q_proj"]}, "both a MOLoRA target"),
+])
+def test_config_refuses_impossible_settings(kwargs, message):
+    settings = {"target_modules": ["a.q_proj"], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        MoloraConfig(**settings)
+
+
+def test_molora_replaces_exactly_the_named_modules_and_cannot_be_merged():
+    model = tiny_llama()
+    targets = ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    pm = get_peft_model(model, MoloraConfig(target_modules=targets, modules_to_save=["model.layers.0.mlp.up_proj"],
+                                            task_type="CAUSAL_LM"))
+    replaced = [n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, MoloraLinear)]
+    assert replaced == targets
+    trainable = {n.removeprefix("base_model.model.") for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable == {f"{t}.molora_{k}.default" for t in targets for k in ("router", "A", "B")} | {
+        "model.layers.0.mlp.up_proj.modules_to_save.default.weight"}
+    with pytest.raises(ValueError, match="cannot be merged"):
+        pm.merge_and_unload()
+
+
+# ---- the guard: what the registration relies on in peft ------------------------------------------------------
+
+def test_peft_registration_guard(tmp_path):
+    """Fails loudly when a peft release changes what `citi_engine.molora` relies on to register itself."""
+    low, high = molora.TESTED_PEFT
+    assert low <= Version(peft.__version__) < high, (
+        f"peft {peft.__version__} is outside the tested range [{low}, {high}): re-run these tests, then move the pin "
+        "in citi_engine/molora/__init__.py and pyproject.toml")
+
+    # 1. register_peft_method still takes these arguments and still refuses names missing from PeftType
+    #    (if it stops refusing, the enum extension can go).
+    assert {"name", "config_cls", "model_cls", "prefix"} <= set(inspect.signature(register_peft_method).parameters)
+    with pytest.raises(ValueError, match="Unknown PEFT type"):
+        register_peft_method(name="citinotamember", config_cls=MoloraConfig, model_cls=MoloraModel)
+
+    # 2. The enum member behaves like a built-in one.
+    member = PeftType.MOLORA
+    assert PeftType("MOLORA") is member and PeftType["MOLORA"] is member
+    assert member in list(PeftType) and "MOLORA" in list(PeftType)
+    assert isinstance(member, str) and member == "MOLORA" and member.value == "MOLORA" and member.name == "MOLORA"
+    assert json.dumps({"peft_type": member}) == '{"peft_type": "MOLORA"}'
+
+    # 3. The mapping tables peft dispatches on point at our classes; registering again changes nothing.
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
+
+    molora.register()
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is MoloraConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[member] is MoloraModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[member] == "molora_"
+    assert PeftType._member_names_.count("MOLORA") == 1
+
+    # 4. End to end in a fresh interpreter: importing citi_engine.molora alone is enough to load an adapter.
+    torch.manual_seed(0)
+    model = tiny_llama(seed=0)
+    pm = get_peft_model(model, MoloraConfig(target_modules=["model.layers.0.self_attn.v_proj"],
+                                            modules_to_save=["model.layers.1.self_attn.o_proj"], init_weights=False,
+                                            task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        pm.base_model.model.model.layers[1].self_attn.o_proj.modules_to_save["default"].weight.mul_(3.0)
+        x = torch.arange(1, 13).reshape(2, 6)
+        torch.save({"x": x, "logits": pm(input_ids=x).logits}, tmp_path / "expected.pt")
+    pm.save_pretrained(tmp_path / "adapter")
+    assert isinstance(PeftConfig.from_pretrained(tmp_path / "adapter"), MoloraConfig)
+    script = textwrap.dedent(f"""
+        import torch
+        import citi_engine.molora
+        from peft import PeftModel
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+        model = PeftModel.from_pretrained(LlamaForCausalLM(config).eval(), {str(tmp_path / "adapter")!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=expected["x"]).logits, expected["logits"]), "logits differ"
+        print("reloaded", type(model.peft_config["default"]).__name__)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "reloaded MoloraConfig" in run.stdout
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_reloaded_adapter_in_this_process_matches(tmp_path, low_cpu_mem_usage):
+    model = tiny_llama(seed=1)
+    pm = get_peft_model(model, MoloraConfig(target_modules=["model.layers.1.mlp.gate_proj"], init_weights=False,
+                                            num_experts=2, r=3, alpha=5.0, task_type="CAUSAL_LM"))
+    x = torch.arange(3, 11).reshape(1, 8)
+    with torch.no_grad():
+        expected = pm(input_ids=x).logits
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=1), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    config = loaded.peft_config["default"]
+    assert (config.num_experts, config.r, config.alpha) == (2, 3, 5.0)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, expected)
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+
+
+def test_adapter_loaded_onto_a_bf16_base_keeps_fp32_masters(tmp_path):
+    pm = get_peft_model(tiny_llama(seed=2), MoloraConfig(target_modules=["model.layers.0.mlp.up_proj"],
+                                                         init_weights=False, task_type="CAUSAL_LM"))
+    saved = {n: p.detach().clone() for n, p in pm.named_parameters() if ".molora_" in n}
+    pm.save_pretrained(tmp_path)
+    for low_cpu_mem_usage in (False, True):
+        loaded = PeftModel.from_pretrained(tiny_llama(seed=2, dtype=torch.bfloat16), tmp_path,
+                                           low_cpu_mem_usage=low_cpu_mem_usage)
+        params = dict(loaded.named_parameters())
+        for name, value in saved.items():
+            assert params[name].dtype == torch.float32 and torch.equal(params[name], value)
+        with torch.no_grad():
+            assert loaded(input_ids=torch.arange(1, 9).reshape(1, 8)).logits.dtype == torch.bfloat16
