@@ -1,0 +1,6 @@
+"""Training data: shapes, validation and chat rendering. Torch-free; safe to import in the API process."""
+
+from citi_engine.data.schemas import Example, Problem, TaskType
+from citi_engine.data.validate import ValidationReport, check_lengths, validate_jsonl
+
+__all__ = ["Example", "Problem", "TaskType", "ValidationReport", "check_lengths", "validate_jsonl"]
