@@ -1,0 +1,171 @@
+"""``/v1/files``: upload, list, get and delete training and test files.
+
+Uploads are validated with the engine's torch-free validator (every bad line is reported and nothing is
+stored), limited in size (413) and counted against the tenant's file and storage quotas.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+
+from api.deps import get_storage, get_store, get_tenant, settings_dep
+from api.errors import APIError, not_found
+from api.schemas import Deleted, ErrorResponse, FileList, FileObject
+from api.settings import Settings
+from api.storage import Storage
+from api.store import Store
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+PURPOSES = ("fine-tune",)
+MAX_DETAILS = 1000
+_ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+
+
+def file_key(file_id: str) -> str:
+    """Where a file's bytes are stored."""
+    return f"files/{file_id}.jsonl"
+
+
+def public_file(record: dict) -> FileObject:
+    """The API form of a file record."""
+    return FileObject(**{k: v for k, v in record.items() if k in FileObject.model_fields})
+
+
+def validate_upload(data: bytes) -> tuple[str, object]:
+    """Validate an upload as training data, or as a tool test file when it holds ``ground_truth`` lines.
+
+    Returns ``(format, report)``; raises a 400 listing every problem when the file is refused.
+    """
+    from citi_engine.data.validate import validate_jsonl
+
+    looks_like_test = b'"ground_truth"' in data
+    fmt = "test" if looks_like_test else "train"
+    report = validate_jsonl(data, purpose=fmt, min_examples=1 if looks_like_test else 10)
+    if not report.ok:
+        problems = report.problems
+        shown = problems[:MAX_DETAILS]
+        lines = sorted({p.line for p in problems if p.line})
+        listed = "" if len(shown) == len(problems) else f" (the first {MAX_DETAILS} are listed)"
+        where = f" on {len(lines)} line(s)" if lines else ""
+        raise APIError(
+            400,
+            "invalid_file",
+            f"the file has {len(problems)} problem(s){where}{listed}; first: {problems[0]}. Fix every line listed "
+            "in details and upload it again",
+            param="file",
+            details=[p.to_dict() for p in shown],
+        )
+    return fmt, report
+
+
+@router.post("", response_model=FileObject, responses={**_ERRORS, 413: {"model": ErrorResponse}})
+def upload_file(
+    file: UploadFile = File(..., description="JSONL, one chat example a line"),
+    purpose: str = Form("fine-tune"),
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+    storage: Storage = Depends(get_storage),
+    settings: Settings = Depends(settings_dep),
+) -> FileObject:
+    """Upload a JSONL file of training examples (or tool tests) for fine-tuning."""
+    if purpose not in PURPOSES:
+        raise APIError(400, "invalid_purpose", f"purpose must be 'fine-tune', got '{purpose}'", param="purpose")
+    data = file.file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise APIError(413, "file_too_large",
+                       f"the file is larger than the limit of {settings.max_upload_bytes} bytes; split it or ask for "
+                       "a higher CITI_MAX_UPLOAD_BYTES", param="file")
+    if not data.strip():
+        raise APIError(400, "invalid_file", "the file is empty; upload JSONL with one example a line", param="file",
+                       details=[{"line": 0, "code": "too_few_examples", "message": "the file is empty"}])
+    usage = store.usage(tenant)
+    if usage["files"] >= settings.max_files_per_tenant:
+        raise APIError(403, "file_quota_exceeded",
+                       f"this key already stores {usage['files']} files, the most it may; delete some first "
+                       "(DELETE /v1/files/{id})")
+    if usage["bytes"] + len(data) > settings.max_storage_bytes_per_tenant:
+        raise APIError(403, "storage_quota_exceeded",
+                       f"storing this file would use {usage['bytes'] + len(data)} bytes, more than this key's "
+                       f"{settings.max_storage_bytes_per_tenant}; delete files or finished jobs first")
+    fmt, report = validate_upload(data)
+
+    file_id = "file-" + secrets.token_hex(12)
+    storage.put_bytes(file_key(file_id), data)
+    record = {
+        "id": file_id,
+        "tenant": tenant,
+        "bytes": len(data),
+        "created_at": int(time.time()),
+        "filename": (file.filename or "upload.jsonl")[-255:],
+        "purpose": purpose,
+        "status": "processed",
+        "format": fmt,
+        "n_examples": report.n_examples,
+        "n_tool": report.n_tool,
+        "n_general": report.n_general,
+    }
+    store.create_file(record)
+    return public_file(record)
+
+
+@router.get("", response_model=FileList, responses=_ERRORS)
+def list_files(
+    after: str | None = Query(None, description="A file id: list the files after it."),
+    limit: int = Query(100, ge=1, le=10000),
+    purpose: str | None = None,
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+) -> FileList:
+    """The caller's files, newest first."""
+    records, has_more = store.list_files(tenant, after=after, limit=limit, purpose=purpose)
+    data = [public_file(r) for r in records]
+    return FileList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                    last_id=data[-1].id if data else None)
+
+
+@router.get("/{file_id}", response_model=FileObject, responses=_ERRORS)
+def get_file(file_id: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store)) -> FileObject:
+    """One of the caller's files."""
+    record = store.get_file(tenant, file_id)
+    if record is None:
+        raise not_found("file", file_id, "file_id")
+    return public_file(record)
+
+
+@router.get("/{file_id}/content", responses=_ERRORS,
+            response_class=StreamingResponse)
+def file_content(
+    file_id: str,
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+    storage: Storage = Depends(get_storage),
+) -> StreamingResponse:
+    """The bytes of one of the caller's files, as uploaded."""
+    if store.get_file(tenant, file_id) is None:
+        raise not_found("file", file_id, "file_id")
+    return StreamingResponse(storage.iter_bytes(file_key(file_id)), media_type="application/jsonl")
+
+
+@router.delete("/{file_id}", response_model=Deleted, responses={**_ERRORS, 409: {"model": ErrorResponse}})
+def delete_file(
+    file_id: str,
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+    storage: Storage = Depends(get_storage),
+) -> Deleted:
+    """Delete a file (refused while an unfinished job uses it)."""
+    if store.get_file(tenant, file_id) is None:
+        raise not_found("file", file_id, "file_id")
+    for job in store.active_jobs(tenant):
+        if file_id in (job.get("training_file"), job.get("validation_file"), job.get("general_file")):
+            raise APIError(409, "file_in_use",
+                           f"job {job['id']} ({job['status']}) uses this file; cancel it or wait until it ends",
+                           param="file_id")
+    store.delete_file(tenant, file_id)
+    storage.delete(file_key(file_id))
+    return Deleted(id=file_id, object="file", deleted=True)

@@ -1,0 +1,280 @@
+"""Request and response models. Shapes follow OpenAI's files and fine-tuning APIs, plus our own fields.
+
+Field names match the engine's (``citi_engine.training.config``): ``budget.max_steps``,
+``components.molora_fraction``, ``method.hyperparameters.lr_molora`` and so on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from citi_engine import DEFAULT_MODEL
+
+JobStatus = Literal["validating_files", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    """One problem behind an error (e.g. one bad line of an upload)."""
+
+    model_config = ConfigDict(extra="allow")
+    code: str
+    message: str
+    line: int | None = None
+    param: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The ``error`` object."""
+
+    code: str
+    param: str | None = None
+    message: str
+    type: str
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error response: ``{"error": {...}}``."""
+
+    error: ErrorBody
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+class FileObject(BaseModel):
+    """An uploaded file (OpenAI's file object, plus what the validator counted)."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    format: Literal["train", "test"] = Field(
+        "train", description="'train': training examples; 'test': tool test lines with ground_truth "
+        "(usable as validation_file only).")
+    n_examples: int
+    n_tool: int
+    n_general: int
+
+
+class FileList(BaseModel):
+    """A page of files, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class Deleted(BaseModel):
+    """Answer to a DELETE."""
+
+    id: str
+    object: str
+    deleted: bool
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+
+class BudgetIn(_Strict):
+    """Caps on what a job may spend; the run stops at the first it reaches. Leave one out for no cap."""
+
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps, summed over all stages.")
+    max_tokens: int | None = Field(None, gt=0, description="Trained tokens (padding excluded).")
+    max_seconds: float | None = Field(None, gt=0, description="Wall-clock seconds for the whole job.")
+
+
+class ComponentsIn(_Strict):
+    """Which components get adapted and how big the adapters are (engine defaults where left out)."""
+
+    molora_fraction: float | None = Field(None, gt=0, lt=1, description="Fraction of components given MOLoRA.")
+    uco_fraction: float | None = Field(None, gt=0, lt=1, description="Fraction fully fine-tuned in stage 3.")
+    num_experts: int | None = Field(None, ge=1, description="LoRA experts per MOLoRA component.")
+    rank: int | None = Field(None, ge=1, description="Rank of each expert.")
+    alpha: float | None = Field(None, gt=0, description="MOLoRA scaling numerator (alpha/rank).")
+    lora_rank: int | None = Field(None, ge=1, description="Rank of the LoRA baseline (method lora).")
+    lora_alpha: float | None = Field(None, gt=0, description="Alpha of the LoRA baseline.")
+
+
+class MethodIn(_Strict):
+    """The training method and its hyperparameters (see ``citi_engine.training.config.Hyperparameters``)."""
+
+    type: Literal["citi", "lora", "full"] = "citi"
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobCreate(_Strict):
+    """Body of ``POST /jobs`` (and ``POST /v1/fine_tuning/jobs``)."""
+
+    model: str = Field(DEFAULT_MODEL, max_length=1024, description="Base model spec (see GET /v1/models).")
+    training_file: str = Field(..., max_length=64, description="Id of an uploaded training file.")
+    validation_file: str | None = Field(
+        None, max_length=64, description="Id of a held-out tool test file; without one the job holds out part of "
+        "the training file.")
+    general_file: str | None = Field(
+        None, max_length=64, description="Id of a file of general (non-tool) examples to mix in.")
+    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.\-]+$",
+                               description="Up to 40 characters added to the fine_tuned_model id.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs kept with the job.")
+    method: MethodIn | None = None
+    hyperparameters: dict[str, Any] | None = Field(
+        None, description="Same as method.hyperparameters (OpenAI's older place for them); method's win.")
+    budget: BudgetIn | None = None
+    components: ComponentsIn | None = None
+    test_fraction: float | None = Field(None, ge=0, le=0.5,
+                                        description="Without validation_file: share of tool examples held out.")
+    checkpoint_every: int | None = Field(None, ge=0, description="Checkpoint every N steps (0: stage ends only).")
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    model_config = ConfigDict(extra="allow")
+    code: str
+    param: str | None = None
+    message: str
+
+
+class Progress(BaseModel):
+    """Where training is: steps over all stages."""
+
+    model_config = ConfigDict(extra="allow")
+    step: int = 0
+    total_steps: int | None = None
+    stage: str | None = None
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+
+
+class Job(BaseModel):
+    """OpenAI's ``fine_tuning.job`` plus ``budget``, ``stage``, ``progress``, the selected components and links."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None = None
+    status: JobStatus
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    general_file: str | None = None
+    fine_tuned_model: str | None = None
+    error: JobError | None = None
+    trained_tokens: int | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    method: dict[str, Any] = Field(default_factory=dict)
+    estimated_finish: int | None = None
+    metadata: dict[str, str] | None = None
+    seed: int
+    suffix: str | None = None
+    organization_id: str
+    result_files: list[str] = Field(default_factory=list)
+    budget: dict[str, Any] = Field(default_factory=dict)
+    components: dict[str, Any] = Field(default_factory=dict)
+    stage: str | None = None
+    progress: Progress | None = None
+    selected_components: dict[str, Any] | None = Field(
+        None, description="Chosen MOLoRA and UCO components, once importance scoring is done.")
+    queue_position: int | None = Field(None, description="1-based place in the queue while queued.")
+    attempts: int = 0
+    report_url: str | None = None
+    adapter_url: str | None = None
+    events_url: str
+    artifacts_deleted: bool = False
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+
+
+class Event(BaseModel):
+    """One job event. ``seq`` (also ``id``) increases by one per event; SSE streams use it as event id."""
+
+    model_config = ConfigDict(extra="allow")
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    seq: int
+    created_at: int
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventList(BaseModel):
+    """A page of events, oldest first (pass the last ``seq`` as ``after`` for the next page)."""
+
+    object: Literal["list"] = "list"
+    data: list[Event]
+    has_more: bool
+
+
+class Checkpoint(BaseModel):
+    """A checkpoint the job wrote (resume state; removed when the job ends)."""
+
+    model_config = ConfigDict(extra="allow")
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuning_job_id: str
+    step_number: int
+    stage: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointList(BaseModel):
+    """The job's checkpoints, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[Checkpoint]
+    has_more: bool = False
+
+
+class Estimate(BaseModel):
+    """What a job would cost: tokens, steps, time, GPU memory, and whether that fits its budget."""
+
+    model_config = ConfigDict(extra="allow")
+    object: Literal["fine_tuning.job.estimate"] = "fine_tuning.job.estimate"
+    model: str
+    method: str
+    examples: int
+    tool_examples: int
+    general_examples: int
+    tokens: dict[str, Any]
+    steps: dict[str, Any]
+    trained_tokens: int
+    estimated_seconds: float
+    seconds_breakdown: dict[str, float]
+    parameters: int | None
+    memory: dict[str, Any]
+    budget: dict[str, Any]
+    notes: list[str] = Field(default_factory=list)
+
+
+class Health(BaseModel):
+    """``GET /healthz``."""
+
+    status: Literal["ok", "degraded"]
+    redis: bool
+    version: str

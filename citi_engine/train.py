@@ -1,0 +1,809 @@
+"""The fine-tuning recipe. One function, :func:`finetune`, read top to bottom:
+
+    1. data      validate the files, hold out a test split, tokenise          (no model loaded yet)
+    2. budget    refuse a step or token budget too small for one step per stage
+    3. model     load the base model
+    4. citi      general replay (when the job brings no general data) -> component importance
+                 -> selection of the MOLoRA and UCO components
+    5. method    MOLoRA + UCO (citi), LoRA (lora) or nothing (full); trained weights kept in fp32
+    6. stages    citi: router pre-training -> MOLoRA improvement -> UCO; lora/full: one stage "train".
+                 Each stage: a fresh AdamW, cosine schedule with warm-up, checkpoints.
+    7. save      adapter, importance.json/png, citi_job.json, model card
+    8. evaluate  tool accuracy on the held-out tool tests, general retention (size-limited)
+
+Loss: cross-entropy on assistant tokens only; citi adds ``beta * routing loss`` (the routing loss
+needs each example's task type, so the mixed data holds tool and general examples). Mixed
+precision: the frozen model may run in bf16 on GPU, but every trained tensor is fp32 and the
+forward runs under ``torch.autocast(bf16)``; on CPU everything is fp32.
+
+Progress and cancellation reach the recipe as a callback and a flag (``on_event``,
+``should_cancel``); it knows nothing of queues or HTTP. ``should_cancel`` is checked before every
+step of every phase (scoring, replay, training, evaluation), so a cancel takes effect within one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from citi_engine.budget import JobClock, StagePlan, check_budget, plan_stages
+from citi_engine.data.schemas import Problem, TaskType, task_type_of
+from citi_engine.errors import Cancelled, DataValidationError
+from citi_engine.training.batches import (
+    IGNORE_INDEX,
+    StageOrder,
+    count_tokens,
+    micro_batches,
+    natural_steps,
+    sample_indices,
+    split_test,
+)
+from citi_engine.training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from citi_engine.training.config import (
+    BASELINE_STAGES,
+    CITI_STAGES,
+    Budget,
+    ComponentsConfig,
+    FinetuneConfig,
+    Hyperparameters,
+)
+
+__all__ = [
+    "BASELINE_STAGES",
+    "CITI_STAGES",
+    "Budget",
+    "ComponentsConfig",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "Hyperparameters",
+    "JobContext",
+    "TrainState",
+    "finetune",
+    "lr_factor",
+    "run_importance",
+    "run_stage",
+]
+
+EventFn = Callable[[dict], None]
+CancelFn = Callable[[], bool]
+
+# Steps timed before a time budget is turned into steps (the first one includes warm-up costs).
+SPEED_PROBE_STEPS = 3
+
+
+@dataclass
+class FinetuneResult:
+    """What a finished job produced. ``components`` holds the ``molora`` and ``uco`` lists (empty for baselines)."""
+
+    adapter_dir: str
+    trained_tokens: int
+    steps: int
+    components: dict[str, list[str]]
+    report_path: str | None = None
+    stage_steps: dict[str, int] = field(default_factory=dict)
+    final_loss: float | None = None
+
+
+# ----------------------------------------------------------------------------------------- the recipe
+
+
+def finetune(
+    cfg: FinetuneConfig, on_event: EventFn | None = None, should_cancel: CancelFn | None = None
+) -> FinetuneResult:
+    """Run a fine-tuning job end to end (see the module docstring); resume from ``out_dir/checkpoints``.
+
+    Raises :class:`DataValidationError` (every problem listed) for bad data, :class:`BudgetError`
+    for a budget too small (before any model is loaded), :class:`Cancelled` when ``should_cancel()``
+    turns true, :class:`ModelSpecError` for a model that cannot be loaded.
+    """
+    out_dir = Path(cfg.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    resume = latest_checkpoint(ckpt_root)
+    if resume is not None:
+        _check_same_job(resume, cfg)
+    job = JobContext(on_event, should_cancel, JobClock(resume.meta["elapsed_s"] if resume else 0.0))
+    hp = cfg.hyperparameters
+    stages = list(cfg.stages)
+    if resume is not None:
+        job.message("validating", f"resuming from checkpoint {resume.path.name}")
+
+    # 1. Data, before any model: every problem of every file at once.
+    data, tool, general = _prepare_data(cfg, job)
+    use_general = cfg.uses_general_data
+    pool_estimate = tool + (general if use_general else [])
+    per_step = hp.batch_size * hp.gradient_accumulation_steps
+    tokens_per_step = per_step * sum(len(e["input_ids"]) for e in pool_estimate) / len(pool_estimate)
+
+    # 2. Budget: a hopeless step or token budget is refused before the model is loaded.
+    check_budget(cfg.budget, n_stages=len(stages), tokens_per_step=tokens_per_step, stage_names=stages)
+
+    # 3. Model.
+    job.stage("loading")
+    job.check_cancel("loading")
+    from citi_engine.models import load_model
+
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, model_dirs=cfg.model_dirs)
+    device = next(model.parameters()).device
+    frozen_dtype = model.get_input_embeddings().weight.dtype
+    job.check_cancel("loading")
+
+    # 4. citi: general data (replay when the job brought none), importance, component selection.
+    #    A resumed job reads all three from its checkpoint instead of redoing them.
+    replay, gen_s_per_item, importance = [], None, None
+    if resume is not None:
+        replay, gen_s_per_item, importance = _restore_prepared(resume, cfg)
+    elif cfg.method == "citi" and not general:
+        replay, gen_s_per_item = _build_replay(job, cfg, model, tokenizer)
+    if replay:
+        general = _encode(tokenizer, replay, None, hp.max_length, "replay")
+    if cfg.method == "citi" and importance is None:
+        importance = _score_components(job, cfg, model, tokenizer, tool, general, "replay" if replay else "general")
+    components = {"molora": list(importance.molora), "uco": list(importance.uco)} if importance else \
+        {"molora": [], "uco": []}
+
+    # 5. Method: adapters on the chosen components; every tensor any stage trains kept in fp32.
+    from citi_engine.adapter import apply_method, routing_loss, set_trainable
+
+    torch.manual_seed(cfg.seed)
+    c = cfg.components
+    model = apply_method(model, cfg.method, molora=components["molora"], uco=components["uco"],
+                         num_experts=c.num_experts, rank=c.rank, alpha=c.alpha, lora_rank=c.lora_rank,
+                         lora_alpha=c.lora_alpha)
+    trainable = _fp32_trainables(model, cfg)
+    for stage in stages:
+        n = sum(trainable["params"][name].numel() for name in trainable["by_stage"][stage])
+        job.message(stage, f"stage {stage} trains {n:,} parameters in {len(trainable['by_stage'][stage])} tensors")
+
+    # 6. Stages over one pool of examples (citi: tool + general; baselines: tool only by default).
+    pool = tool + (general if use_general else [])
+    tokens_per_step = per_step * sum(len(e["input_ids"]) for e in pool) / len(pool)
+    state = TrainState()
+    if resume is not None:
+        plan = StagePlan.from_dict(resume.meta["plan"])
+        state.stage_index, state.stage_step = resume.position
+        state.global_step = int(resume.meta["global_step"])
+        state.tokens = int(resume.meta["trained_tokens"])
+        _load_tensors(model, trainable, resume)
+        resume.restore_rng()
+    else:
+        natural = [natural_steps(len(pool), e, per_step) for e in cfg.stage_epochs()]
+        plan = plan_stages(stages, cfg.stage_epochs(), natural, cfg.budget, tokens_per_step=tokens_per_step)
+    saver = _Saver(cfg, ckpt_root, trainable, plan, state, job, components, importance, replay, gen_s_per_item)
+    if resume is None:
+        saver.save(kind="boundary")  # scoring and replay are not redone after a crash
+    reserve_s = _time_reserved_after_training(cfg, data, gen_s_per_item)
+    stage_losses: dict[str, float | None] = {}
+    first_stage = state.stage_index
+    resumed_optimizer = resume.optimizer_state() if resume is not None and not resume.is_boundary else None
+    for si in range(first_stage, len(stages)):
+        stage_losses[stages[si]] = run_stage(
+            model, si, plan, pool, cfg, state, job,
+            set_trainable=lambda m, s: set_trainable(m, _adapter_stage(cfg.method, s)),
+            routing_loss=routing_loss if cfg.method == "citi" else None,
+            device=device, frozen_dtype=frozen_dtype, pad_id=_pad_id(tokenizer),
+            optimizer_state=resumed_optimizer if si == first_stage else None, saver=saver, reserve_s=reserve_s,
+        )
+        state.stage_index, state.stage_step = si + 1, 0
+        saver.save(kind="boundary")
+
+    # 7. Save the adapter, what chose its components, and how to load it.
+    job.stage("saving")
+    from citi_engine.adapter import save_adapter
+
+    model.eval()
+    save_adapter(model, out_dir, metadata=cfg.to_dict())
+    if importance is not None:
+        importance.save(out_dir)
+    stage_steps = dict(zip(plan.names, plan.steps, strict=True))
+    _write_model_card(out_dir, cfg, components, stage_steps, state.tokens)
+
+    # 8. Evaluate on the held-out tool tests (and general probes), within the budget.
+    report_path = _evaluate(job, cfg, model, tokenizer, data, gen_s_per_item)
+    final_loss = next((v for v in reversed(stage_losses.values()) if v is not None), None)
+    result = FinetuneResult(adapter_dir=str(out_dir), trained_tokens=state.tokens, steps=plan.total_steps,
+                            components=components, report_path=report_path, stage_steps=stage_steps,
+                            final_loss=final_loss)
+    job.emit("done", "saving", step=plan.total_steps, total_steps=plan.total_steps, loss=final_loss,
+             message=f"adapter saved to {out_dir}")
+    return result
+
+
+def run_importance(cfg: FinetuneConfig, on_event: EventFn | None = None, should_cancel: CancelFn | None = None):
+    """Only score and select components (steps 1, 3 and 4 of :func:`finetune`); write importance.json/png.
+
+    Returns the :class:`~citi_engine.importance.ImportanceResult`. Replay data is built as in a
+    job when the training file has no general examples.
+    """
+    job = JobContext(on_event, should_cancel, JobClock())
+    data, tool, general = _prepare_data(cfg, job)
+    job.stage("loading")
+    from citi_engine.models import load_model
+
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, model_dirs=cfg.model_dirs)
+    general_set = "general" if general else "replay"
+    if not general:
+        replay, _ = _build_replay(job, cfg, model, tokenizer)
+        general = _encode(tokenizer, replay, None, cfg.hyperparameters.max_length, "replay")
+    result = _score_components(job, cfg, model, tokenizer, tool, general, general_set)
+    result.save(cfg.out_dir)
+    job.emit("done", "importance", message=f"importance written to {Path(cfg.out_dir) / 'importance.json'}")
+    return result
+
+
+# --------------------------------------------------------------------------------------- one stage
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    """Multiplier of the peak learning rate at 0-based ``step`` of a ``total``-step stage.
+
+    Linear warm-up over ``ceil(warmup_ratio * total)`` steps that starts at 1/warmup (never 0, so
+    even a one-step stage moves its weights), then a cosine decay that stays above 0 on the last step.
+    """
+    total = max(total, 1)
+    warmup = max(1, math.ceil(warmup_ratio * total)) if warmup_ratio > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def run_stage(
+    model,
+    stage_index: int,
+    plan: StagePlan,
+    pool: list[dict],
+    cfg: FinetuneConfig,
+    state: TrainState,
+    job: JobContext,
+    *,
+    set_trainable: Callable,
+    routing_loss: Callable | None,
+    device: torch.device,
+    frozen_dtype: torch.dtype,
+    pad_id: int,
+    optimizer_state: dict | None = None,
+    saver: _Saver | None = None,
+    reserve_s: float = 0.0,
+) -> float | None:
+    """Train stage ``stage_index`` of ``plan`` from ``state.stage_step`` to its end; return its last loss.
+
+    Only the stage's parameters train (``set_trainable``); a fresh AdamW, unless ``optimizer_state``
+    resumes one. The stage ends after its planned steps, or earlier when the job's tokens or time
+    reach the stage's share (never before its first step).
+    """
+    hp = cfg.hyperparameters
+    name = plan.names[stage_index]
+    job.stage(name)
+    set_trainable(model, name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    peak_lr = cfg.stage_lrs()[stage_index]
+    optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k, plan.steps[stage_index], hp.warmup_ratio)
+    )
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scheduler.load_state_dict(optimizer_state["scheduler"])
+    beta = None
+    if routing_loss is not None:
+        beta = hp.routing_beta / (_count_molora_layers(model) if hp.routing_beta_per_layer else 1)
+    order = StageOrder(len(pool), seed=cfg.seed, stage_index=stage_index,
+                       examples_per_step=hp.batch_size * hp.gradient_accumulation_steps)
+    autocast = _autocast(device, frozen_dtype)
+    model.train()
+    loss = None
+    timed: list[float] = []
+    while state.stage_step < plan.steps[stage_index]:
+        examples = [pool[i] for i in order.indices(state.stage_step)]
+        n_tokens = count_tokens(examples)
+        if state.stage_step > 0 and _share_spent(plan, stage_index, state.tokens + n_tokens, job.clock.elapsed()):
+            plan.steps[stage_index] = state.stage_step  # the budget ended this stage early
+            break
+        job.check_cancel(f"stage {name}")
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.monotonic()
+        loss, rloss = _optimizer_step(
+            model, micro_batches(examples, hp.batch_size, pad_id), optimizer, scheduler, params,
+            device=device, autocast=autocast, routing_loss=routing_loss, beta=beta, delta=hp.routing_delta,
+            max_grad_norm=hp.max_grad_norm,
+        )
+        step_s = time.monotonic() - t0
+        state.stage_step += 1
+        state.global_step += 1
+        state.tokens += n_tokens
+        timed.append(step_s)
+        state.timed_steps += 1
+        if cfg.budget.max_seconds is not None and not plan.time_fitted and (
+            state.timed_steps >= SPEED_PROBE_STEPS or state.stage_step >= plan.steps[stage_index]
+        ):
+            plan.fit_to_time(stage_index=stage_index, steps_done_in_stage=state.stage_step,
+                             seconds_per_step=_seconds_per_step(timed), now_s=job.clock.elapsed(),
+                             deadline_s=cfg.budget.max_seconds - reserve_s)
+            job.message(name, f"time budget: {plan.total_steps} steps in all "
+                              f"({', '.join(f'{n} {s}' for n, s in zip(plan.names, plan.steps, strict=True))})")
+        sps = _seconds_per_step(timed)
+        remaining = plan.total_steps - state.global_step
+        job.emit("progress", name, step=state.global_step, total_steps=plan.total_steps, loss=loss,
+                 routing_loss=rloss, lr=lr, tokens_per_s=n_tokens / max(step_s, 1e-9), eta_s=remaining * sps)
+        if (saver is not None and cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0
+                and state.stage_step < plan.steps[stage_index]):
+            saver.save(kind="periodic",
+                       optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _optimizer_step(
+    model, micro: list[dict], optimizer, scheduler, params, *, device, autocast, routing_loss, beta, delta,
+    max_grad_norm,
+) -> tuple[float, float | None]:
+    """One optimizer step over ``micro`` (gradient accumulation); returns (cross-entropy, routing loss).
+
+    The cross-entropy is averaged over all answer tokens of the step, whatever micro-batch they are in.
+    """
+    from citi_engine.losses import causal_lm_loss
+
+    n_answer = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    ce_total, rl_total = 0.0, 0.0
+    for b in micro:
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        with autocast:
+            # The output head runs on answer positions only: most tokens (prompts, tool schemas) carry no label.
+            ce_sum, _ = causal_lm_loss(model, b, reduction="sum")
+        ce = ce_sum / max(n_answer, 1)
+        loss = ce
+        if routing_loss is not None:
+            rl = routing_loss(model, b["task_type"], b["attention_mask"], delta)
+            loss = loss + beta * rl / len(micro)
+            rl_total += float(rl.detach()) / len(micro)
+        if loss.requires_grad:  # False only for a step without a single answer token
+            loss.backward()
+        ce_total += float(ce.detach())
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ce_total, (rl_total if routing_loss is not None else None)
+
+
+def _share_spent(plan: StagePlan, si: int, tokens_after_step: int, elapsed_s: float) -> bool:
+    """True when the next step would pass the stage's token share, or the stage's time is up."""
+    limit = plan.token_limits[si]
+    if limit is not None and tokens_after_step > limit:
+        return True
+    deadline = plan.time_limits[si] if plan.time_limits else None
+    return deadline is not None and elapsed_s >= deadline
+
+
+def _seconds_per_step(timed: list[float]) -> float:
+    # The first step of a run pays for lazy initialisation; leave it out once others exist.
+    usable = timed[1:] if len(timed) > 1 else timed
+    return sum(usable) / max(len(usable), 1)
+
+
+def _autocast(device: torch.device, frozen_dtype: torch.dtype):
+    if device.type == "cuda" and frozen_dtype == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _adapter_stage(method: str, stage: str) -> str:
+    """The set_trainable stage name for a recipe stage (baselines: their method's name)."""
+    return method if stage == "train" else stage
+
+
+def _count_molora_layers(model) -> int:
+    from citi_engine.adapter import molora_layers
+
+    return max(1, len(molora_layers(model)))
+
+
+# ---------------------------------------------------------------------------------------- plumbing
+
+
+class JobContext:
+    """Events, cancellation and the job clock, shared by every phase."""
+
+    def __init__(self, on_event: EventFn | None = None, should_cancel: CancelFn | None = None,
+                 clock: JobClock | None = None):
+        self.on_event = on_event
+        self.should_cancel = should_cancel
+        self.clock = clock or JobClock()
+
+    def emit(self, type_: str, stage: str, **fields: Any) -> None:
+        if self.on_event is None:
+            return
+        event = {"type": type_, "stage": stage, "step": 0, "total_steps": 0, "loss": None, "routing_loss": None,
+                 "lr": None, "tokens_per_s": None, "eta_s": None, "message": ""}
+        event.update(fields)
+        self.on_event(event)
+
+    def stage(self, stage: str) -> None:
+        self.emit("stage", stage, message=f"{stage} started")
+
+    def message(self, stage: str, text: str) -> None:
+        self.emit("message", stage, message=text)
+
+    def check_cancel(self, where: str) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled(f"the job was cancelled during {where}")
+
+
+@dataclass
+class TrainState:
+    """Where training is: stage, step within it, steps and tokens so far (what a checkpoint records)."""
+
+    stage_index: int = 0
+    stage_step: int = 0
+    global_step: int = 0
+    tokens: int = 0
+    timed_steps: int = 0
+
+
+@dataclass
+class _Data:
+    tool: list[dict]
+    tool_lines: list[int]
+    general: list[dict]
+    general_lines: list[int] | None
+    general_param: str
+    test: list[dict]  # held out of the training file; empty when validation_file is given
+
+
+def _prepare_data(cfg: FinetuneConfig, job: JobContext) -> tuple[_Data, list[dict], list[dict]]:
+    """Validate every file and tokenise the training examples (the tokenizer only, no model yet)."""
+    job.stage("validating")
+    hp = cfg.hyperparameters
+    data = _load_data(cfg)
+    job.check_cancel("validation")
+    tokenizer = _load_tokenizer(cfg)
+    tool = _encode(tokenizer, data.tool, data.tool_lines, hp.max_length, "training_file")
+    general = _encode(tokenizer, data.general, data.general_lines, hp.max_length, data.general_param)
+    if not tool:
+        raise DataValidationError(
+            "the training file holds no tool examples (examples with 'tools' or tool calls) to train on once the "
+            "test split is held out; add tool examples, or pass a validation_file and test_fraction=0",
+            [Problem(0, "too_few_examples", "no tool examples left for training")],
+        )
+    job.message("validating", f"{len(tool)} tool and {len(general)} general training examples, "
+                              f"{len(data.test)} tool examples held out for testing")
+    return data, tool, general
+
+
+def _load_data(cfg: FinetuneConfig) -> _Data:
+    """Validate the training, general and validation files; hold out the test split."""
+    from citi_engine.data.validate import validate_jsonl
+
+    report = validate_jsonl(_existing(cfg.training_file, "training_file"))
+    report.raise_if_invalid("training_file")
+    tool_idx = [i for i, e in enumerate(report.examples) if task_type_of(e) == TaskType.TOOL]
+    general_idx = [i for i, e in enumerate(report.examples) if task_type_of(e) == TaskType.GENERAL]
+    test_idx: list[int] = []
+    if cfg.validation_file:
+        from citi_engine.evaluate.tool_eval import load_tool_cases
+
+        try:
+            load_tool_cases(_existing(cfg.validation_file, "validation_file"))
+        except DataValidationError as exc:
+            exc.param = "validation_file"
+            raise
+    else:
+        tool_idx, test_idx = split_test(tool_idx, cfg.test_fraction, seed=cfg.seed)
+    general = [report.examples[i] for i in general_idx]
+    general_lines = [report.lines[i] for i in general_idx]
+    general_param = "training_file"
+    if cfg.general_file:
+        greport = validate_jsonl(_existing(cfg.general_file, "general_file"), min_examples=1)
+        greport.raise_if_invalid("general_file")
+        if not general:  # one file's line numbers per list, so length problems point at the right file
+            general, general_lines, general_param = list(greport.examples), list(greport.lines), "general_file"
+        else:
+            general = general + list(greport.examples)
+            general_lines = None
+    return _Data(
+        tool=[report.examples[i] for i in tool_idx],
+        tool_lines=[report.lines[i] for i in tool_idx],
+        general=general,
+        general_lines=general_lines,
+        general_param=general_param,
+        test=[report.examples[i] for i in test_idx],
+    )
+
+
+def _existing(path: str, param: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataValidationError(f"{param} '{path}' does not exist or is not a file: check the path",
+                                  [Problem(0, "invalid_field", f"no file at '{path}'")], param=param)
+    return p
+
+
+def _load_tokenizer(cfg: FinetuneConfig):
+    from citi_engine.models import load_tokenizer
+    from citi_engine.specs import resolve_model_spec
+
+    return load_tokenizer(resolve_model_spec(cfg.model, model_dirs=cfg.model_dirs))
+
+
+def _encode(tokenizer, examples: list[dict], lines: list[int] | None, max_length: int, param: str) -> list[dict]:
+    """Token ids and labels of every example; every example longer than ``max_length`` is a problem."""
+    from citi_engine.data.chat_format import encode_example
+
+    encoded = [encode_example(tokenizer, e, max_length) for e in examples]
+    too_long = [i for i, e in enumerate(encoded) if e["truncated"]]
+    if too_long and param != "replay":
+        from citi_engine.data.validate import check_lengths
+
+        problems = check_lengths([examples[i] for i in too_long], tokenizer, max_length,
+                                 lines=[lines[i] if lines else 0 for i in too_long])
+        raise DataValidationError(f"{param} has {len(problems)} example(s) longer than max_length={max_length}: "
+                                  f"{problems[0]}", problems, param=param)
+    return [{"input_ids": e["input_ids"], "labels": e["labels"], "task_type": e["task_type"]} for e in encoded]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _build_replay(job: JobContext, cfg: FinetuneConfig, model, tokenizer) -> tuple[list[dict], float]:
+    """General examples answered by the base model; also returns seconds per answer (for the time budget)."""
+    from citi_engine.replay import build_replay
+
+    hp = cfg.hyperparameters
+    job.stage("replay")
+    t0 = time.monotonic()
+    examples = build_replay(
+        model, tokenizer, count=hp.replay_examples, seed=cfg.seed, max_new_tokens=hp.replay_max_new_tokens,
+        batch_size=hp.batch_size, should_cancel=job.should_cancel,
+        on_progress=lambda done, total: job.emit("progress", "replay", step=done, total_steps=total),
+    )
+    per_item = (time.monotonic() - t0) / max(hp.replay_examples, 1)
+    job.message("replay", f"the base model answered {len(examples)} general prompts for replay")
+    return examples, per_item
+
+
+def _score_components(
+    job: JobContext, cfg: FinetuneConfig, model, tokenizer, tool: list[dict], general: list[dict], general_name: str
+):
+    """Importance on a sample of each set, then the MOLoRA / UCO selection (method page, sections 1-2)."""
+    from citi_engine.importance import ImportanceResult, compute_importance
+
+    hp = cfg.hyperparameters
+    job.stage("importance")
+    pad_id = _pad_id(tokenizer)
+    batch_size = hp.importance_batch_size or hp.batch_size
+    batches = {}
+    for salt, (name, encoded) in enumerate((("tool", tool), (general_name, general))):
+        chosen = [encoded[i] for i in sample_indices(len(encoded), hp.importance_examples, seed=cfg.seed,
+                                                     salt=101 + salt)]
+        chosen.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
+        batches[name] = micro_batches(chosen, batch_size, pad_id)
+    scores = compute_importance(
+        model, batches, should_cancel=job.should_cancel,
+        on_progress=lambda done, total: job.emit("progress", "importance", step=done, total_steps=total or 0),
+    )
+    result = ImportanceResult.from_scores(scores, molora_fraction=cfg.components.molora_fraction,
+                                          uco_fraction=cfg.components.uco_fraction)
+    job.emit("importance", "importance", message=f"{len(result.molora)} MOLoRA and {len(result.uco)} UCO components "
+             f"chosen out of {len(result.components)}")
+    return result
+
+
+def _fp32_trainables(model, cfg: FinetuneConfig) -> dict[str, Any]:
+    """Names of what each stage trains, and those tensors turned fp32 (master copies for mixed precision)."""
+    from citi_engine.adapter import set_trainable
+
+    by_stage = {s: set_trainable(model, _adapter_stage(cfg.method, s)) for s in cfg.stages}
+    params = dict(model.named_parameters())
+    union = [n for n in params if any(n in names for names in by_stage.values())]
+    for n in union:
+        if params[n].dtype != torch.float32:
+            params[n].data = params[n].data.float()
+    return {"by_stage": by_stage, "names": union, "params": {n: params[n] for n in union}}
+
+
+def _restore_prepared(ckpt: Checkpoint, cfg: FinetuneConfig) -> tuple[list[dict], float | None, Any]:
+    """Replay data, generation speed and importance result as the interrupted run had them."""
+    importance = None
+    if cfg.method == "citi":
+        from citi_engine.importance import ImportanceResult
+
+        importance = ImportanceResult.from_json(ckpt.read_json("importance.json"))
+    return ckpt.read_jsonl("replay.jsonl") or [], ckpt.meta.get("gen_s_per_item"), importance
+
+
+def _load_tensors(model, trainable: dict[str, Any], ckpt: Checkpoint) -> None:
+    saved = ckpt.tensors()
+    missing = [n for n in trainable["names"] if n not in saved]
+    if missing:
+        raise RuntimeError(f"checkpoint {ckpt.path} lacks {len(missing)} trained tensors (e.g. {missing[0]}); "
+                           "delete the checkpoints directory to start over")
+    with torch.no_grad():
+        for n in trainable["names"]:
+            trainable["params"][n].copy_(saved[n])
+
+
+def _check_same_job(ckpt: Checkpoint, cfg: FinetuneConfig) -> None:
+    """A checkpoint only resumes the job that wrote it."""
+    ignore = {"out_dir", "device"}
+    then, now = _flatten(ckpt.meta.get("config", {})), _flatten(cfg.to_dict())
+    differ = sorted(k for k in set(then) | set(now) if k.split(".")[0] not in ignore and then.get(k) != now.get(k))
+    if differ:
+        raise ValueError(
+            f"{ckpt.path.parent} holds checkpoints of a different job (differs in: {', '.join(differ[:6])}); "
+            f"use another out_dir, or delete {ckpt.path.parent} to start over"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class _Saver:
+    """Writes checkpoints of the current position (see :mod:`citi_engine.training.checkpoint`)."""
+
+    def __init__(self, cfg, root, trainable, plan, state, job, components, importance, replay, gen_s_per_item):
+        self.cfg, self.root, self.trainable, self.plan, self.state, self.job = cfg, root, trainable, plan, state, job
+        self.components, self.importance, self.replay, self.gen_s_per_item = components, importance, replay, gen_s_per_item
+
+    def save(self, *, kind: str, optimizer_state: dict | None = None) -> None:
+        meta = {
+            "kind": kind,
+            "stage_index": self.state.stage_index,
+            "stage_step": self.state.stage_step,
+            "global_step": self.state.global_step,
+            "trained_tokens": self.state.tokens,
+            "elapsed_s": self.job.clock.elapsed(),
+            "plan": self.plan.to_dict(),
+            "components": self.components,
+            "gen_s_per_item": self.gen_s_per_item,
+            "config": self.cfg.to_dict(),
+        }
+        json_files = {"importance.json": self.importance.to_json()} if self.importance is not None else {}
+        save_checkpoint(self.root, meta=meta, tensors=self.trainable["params"], optimizer_state=optimizer_state,
+                        json_files=json_files, jsonl_files={"replay.jsonl": self.replay} if self.replay else None)
+
+
+# ------------------------------------------------------------------------------------- after training
+
+
+def _write_model_card(out_dir: Path, cfg: FinetuneConfig, components: dict, stage_steps: dict, tokens: int) -> None:
+    """README.md: what this adapter is and how to load it."""
+    steps = ", ".join(f"{name} {n}" for name, n in stage_steps.items())
+    if cfg.method == "citi":
+        what = (f"CITI adapter: MOLoRA ({cfg.components.num_experts} experts of rank {cfg.components.rank}, "
+                f"alpha {cfg.components.alpha:g}) on {len(components['molora'])} components, "
+                f"{len(components['uco'])} UCO components fully fine-tuned. "
+                "`importance.json` / `importance.png` show why these components were chosen.")
+        load = (
+            "```python\n"
+            "import citi_engine.molora  # registers the MOLoRA peft method\n"
+            "from peft import PeftModel\n"
+            "from citi_engine.models import load_model\n\n"
+            f"base, tokenizer = load_model({cfg.model!r})\n"
+            f"model = PeftModel.from_pretrained(base, {str(out_dir)!r})\n"
+            "```\n"
+        )
+    elif cfg.method == "lora":
+        what = f"LoRA baseline (rank {cfg.components.lora_rank}, alpha {cfg.components.lora_alpha:g}) on every " \
+               "linear layer of the decoder."
+        load = (
+            "```python\n"
+            "from peft import PeftModel\n"
+            "from citi_engine.models import load_model\n\n"
+            f"base, tokenizer = load_model({cfg.model!r})\n"
+            f"model = PeftModel.from_pretrained(base, {str(out_dir)!r})\n"
+            "```\n"
+        )
+    else:
+        what = "Full fine-tuning baseline: every weight trained; this directory is a whole Hugging Face model."
+        load = ("```python\n"
+                "from transformers import AutoModelForCausalLM\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained({str(out_dir)!r})\n"
+                "```\n")
+    card = (
+        f"# {out_dir.name}\n\n"
+        f"Fine-tuned from `{cfg.model}` for tool calling by the citi engine (method `{cfg.method}`).\n\n"
+        f"{what}\n\n"
+        f"Training: {steps} steps, {tokens:,} tokens, seed {cfg.seed}; the full configuration is in "
+        "`citi_job.json`.\n\n"
+        "## Use\n\n"
+        f"From the command line:\n\n```\nciti chat --adapter {out_dir} \"What is the weather in Paris?\" "
+        "--tools tools.json\n```\n\n"
+        f"From Python:\n\n{load}\n"
+        "or `citi_engine.adapter.load_adapter(dir)`, which reads the base model from `citi_job.json`.\n"
+    )
+    if (out_dir / "report.md").is_file() or cfg.hyperparameters.eval_examples:
+        card += "\nEvaluation (when run): `report.md` and `report.json` in this directory.\n"
+    (out_dir / "README.md").write_text(card)
+
+
+def _time_reserved_after_training(cfg: FinetuneConfig, data: _Data, gen_s_per_item: float | None) -> float:
+    """Seconds a time budget keeps back for saving and evaluation when it is turned into steps."""
+    if cfg.budget.max_seconds is None:
+        return 0.0
+    total = cfg.budget.max_seconds
+    saving = min(10.0, 0.05 * total)
+    if not _will_evaluate(cfg, data):
+        return saving
+    if gen_s_per_item is None:
+        return saving + 0.2 * total
+    n = _eval_case_count(cfg, data) + 2 * cfg.hyperparameters.eval_probes  # probes: base and tuned answers
+    return min(saving + n * gen_s_per_item, 0.5 * total)
+
+
+def _will_evaluate(cfg: FinetuneConfig, data: _Data) -> bool:
+    return cfg.hyperparameters.eval_examples > 0 and bool(cfg.validation_file or data.test)
+
+
+def _eval_case_count(cfg: FinetuneConfig, data: _Data) -> int:
+    n = cfg.hyperparameters.eval_examples
+    return n if cfg.validation_file else min(n, len(data.test))
+
+
+def _evaluate(job: JobContext, cfg: FinetuneConfig, model, tokenizer, data: _Data, gen_s_per_item: float | None) -> str | None:
+    """Tool accuracy on the held-out tests and general retention, written next to the adapter (report.json/.md).
+
+    Size-limited by ``eval_examples`` / ``eval_probes`` / ``eval_humaneval``; under a time budget the
+    limits shrink to what the time left affords, and evaluation is skipped when none is left.
+    """
+    hp = cfg.hyperparameters
+    if not _will_evaluate(cfg, data):
+        job.message("eval", "no tool test set (validation_file, or a test split of the training file) or "
+                            "eval_examples=0: evaluation skipped")
+        return None
+    from citi_engine.evaluate import evaluate_adapter
+
+    out_dir = Path(cfg.out_dir)
+    test_cases: Any = cfg.validation_file
+    if not cfg.validation_file:
+        test_file = out_dir / "test_split.jsonl"  # kept, so `citi eval` can rerun on the same split
+        test_file.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in data.test))
+        test_cases = str(test_file)
+    test_limit, probe_limit, humaneval_limit = hp.eval_examples, hp.eval_probes, hp.eval_humaneval
+    if cfg.budget.max_seconds is not None:
+        left = cfg.budget.max_seconds - job.clock.elapsed()
+        if left <= 0:
+            job.message("eval", "the time budget is spent: evaluation skipped (run `citi eval` on the adapter later)")
+            return None
+        if gen_s_per_item:
+            wanted = _eval_case_count(cfg, data) + 2 * probe_limit
+            scale = min(1.0, left / max(wanted * gen_s_per_item, 1e-9))
+            test_limit = max(1, int(test_limit * scale))
+            probe_limit = int(probe_limit * scale)
+            humaneval_limit = int(humaneval_limit * scale)
+    job.stage("eval")
+    base_model = None
+    if cfg.method == "full" and probe_limit > 0:  # retention needs the untouched base beside the tuned model
+        from citi_engine.models import load_model
+
+        base_model, _ = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, model_dirs=cfg.model_dirs)
+
+    def forward_event(event: dict) -> None:
+        event = dict(event)
+        job.emit(event.pop("type", "message"), "eval", **{k: v for k, v in event.items() if k != "stage"})
+
+    evaluate_adapter(
+        model, tokenizer, base_model, test_cases, None if probe_limit > 0 else [], out_dir,
+        batch_size=hp.batch_size, max_new_tokens=hp.eval_max_new_tokens,
+        retention_max_new_tokens=min(128, hp.eval_max_new_tokens), test_limit=test_limit, probe_limit=probe_limit or None,
+        humaneval=humaneval_limit > 0, humaneval_limit=humaneval_limit or None,
+        metadata={"model": cfg.model, "method": cfg.method, "adapter": str(out_dir)},
+        should_cancel=job.should_cancel, on_event=forward_event,
+    )
+    return str(out_dir / "report.json")

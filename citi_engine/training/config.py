@@ -1,0 +1,312 @@
+"""The configuration of a fine-tuning job: one plain dataclass, every field with its own help text.
+
+Torch-free, so the API can check a job's parameters at submit time with the same rules the engine
+applies. :class:`FinetuneConfig` refuses impossible combinations in ``__post_init__`` with a
+ValueError that says why and how to fix it.
+
+Defaults. The paper's values (alpha=2, beta=0.01, epochs 1/2/1, lr 2e-4/2e-4/2e-5) learn almost
+nothing at the data sizes our users bring (hundreds to a few thousand examples); a prototype on
+SmolLM2 learned with alpha=16, beta=5e-4, stage-2 lr 5e-4 and 3 stage-2 epochs. Those are the
+provisional defaults below, with the paper's value in each field's help; the GPU benchmark
+(bench/) settles them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from citi_engine import DEFAULT_MODEL
+from citi_engine.budget import Budget
+
+METHODS = ("citi", "lora", "full")
+DTYPES = ("auto", "bf16", "bfloat16", "fp32", "float32")
+
+# Stage names as the events and the checkpoints spell them.
+CITI_STAGES = ("router_pretraining", "molora", "uco")
+BASELINE_STAGES = ("train",)
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class ComponentsConfig:
+    """Which components get adapted and how big the adapters are (the parameter budget)."""
+
+    molora_fraction: float = field(
+        default=0.20, metadata=_help("Fraction of components (top by tool importance) that get MOLoRA. Paper: 0.20.")
+    )
+    uco_fraction: float = field(
+        default=0.10,
+        metadata=_help("Fraction of components (bottom by general importance) fully fine-tuned in stage 3. Paper: 0.10."),
+    )
+    num_experts: int = field(default=4, metadata=_help("LoRA experts per MOLoRA component. Paper: 4."))
+    rank: int = field(default=8, metadata=_help("Rank of each MOLoRA expert. Paper: 8."))
+    alpha: float = field(
+        default=16.0,
+        metadata=_help("MOLoRA scaling numerator: experts are scaled by alpha/rank. Paper: 2 (scale 0.25), which "
+                       "learned almost nothing at small data sizes; 16 (scale 2) learned."),
+    )
+    lora_rank: int = field(default=16, metadata=_help("Rank of the LoRA baseline (method=lora). Paper: 16."))
+    lora_alpha: float = field(default=16.0, metadata=_help("Alpha of the LoRA baseline (method=lora). Paper: 16."))
+
+    def __post_init__(self) -> None:
+        for name in ("molora_fraction", "uco_fraction"):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0.0 < v < 1.0:
+                raise ValueError(f"components.{name} must be a fraction strictly between 0 and 1, got {v!r}")
+        if self.molora_fraction + self.uco_fraction > 1.0:
+            raise ValueError(
+                f"components.molora_fraction + uco_fraction = {self.molora_fraction + self.uco_fraction:g} > 1: "
+                "a component is never both MOLoRA and UCO, so together they can cover at most all components"
+            )
+        for name in ("num_experts", "rank", "lora_rank"):
+            _positive_int(self, name, "components")
+        for name in ("alpha", "lora_alpha"):
+            v = getattr(self, name)
+            if not _is_number(v) or v <= 0:
+                raise ValueError(f"components.{name} must be a positive number, got {v!r}")
+
+
+@dataclass
+class Hyperparameters:
+    """Optimisation settings. Learning rates and epochs are per stage."""
+
+    batch_size: int = field(default=16, metadata=_help("Examples per optimizer step (before accumulation). Paper: 4x4."))
+    gradient_accumulation_steps: int = field(
+        default=1, metadata=_help("Micro-batches summed into one optimizer step; the step sees batch_size x this.")
+    )
+    lr_router_pretraining: float = field(
+        default=2e-4, metadata=_help("Peak learning rate of stage 1, router pre-training (citi). Paper: 2e-4.")
+    )
+    lr_molora: float = field(
+        default=5e-4, metadata=_help("Peak learning rate of stage 2, MOLoRA improvement (citi). Paper: 2e-4.")
+    )
+    lr_uco: float = field(
+        default=2e-5, metadata=_help("Peak learning rate of stage 3, UCO full-weight training (citi). Paper: 2e-5.")
+    )
+    lr_train: float | None = field(
+        default=None,
+        metadata=_help("Peak learning rate of the single stage of the lora/full baselines. Default by method: "
+                       "lora 2e-4, full 2e-5 (the paper's baselines)."),
+    )
+    epochs_router_pretraining: float = field(
+        default=1.0, metadata=_help("Epochs of stage 1 over the mixed data (citi). Paper: 1.")
+    )
+    epochs_molora: float = field(default=3.0, metadata=_help("Epochs of stage 2 over the mixed data (citi). Paper: 2."))
+    epochs_uco: float = field(default=1.0, metadata=_help("Epochs of stage 3 over the mixed data (citi). Paper: 1."))
+    epochs_train: float = field(default=2.0, metadata=_help("Epochs of the lora/full baselines. Paper: 2."))
+    warmup_ratio: float = field(
+        default=0.1,
+        metadata=_help("Fraction of each stage's steps spent warming up (cosine schedule after). The first step "
+                       "already uses a nonzero learning rate. Paper: 0.1."),
+    )
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Clip gradients to this norm; 0 turns clipping off."))
+    routing_beta: float = field(
+        default=5e-4,
+        metadata=_help("Weight of the routing loss added to the cross-entropy (summed over MOLoRA layers). "
+                       "Paper: 0.01, which dominated the cross-entropy at small data sizes."),
+    )
+    routing_beta_per_layer: bool = field(
+        default=False,
+        metadata=_help("Treat routing_beta as a total spread over the layers: divide it by the number of MOLoRA "
+                       "layers, so the routing term's weight does not grow with model depth."),
+    )
+    routing_delta: float = field(
+        default=0.95, metadata=_help("delta of the localized balancing constraint (0 < delta < 1). Paper: 0.95.")
+    )
+    max_length: int = field(
+        default=2048, metadata=_help("Longest example in tokens; longer examples are refused by the validator.")
+    )
+    importance_examples: int = field(
+        default=512, metadata=_help("Examples sampled per set (tool, general) to score component importance. "
+                                    "Paper: up to 3000.")
+    )
+    importance_batch_size: int | None = field(
+        default=None, metadata=_help("Batch size while scoring importance; default: batch_size.")
+    )
+    replay_examples: int = field(
+        default=128,
+        metadata=_help("General examples built by letting the base model answer built-in prompts, when the "
+                       "job brings no general data (citi needs both task types)."),
+    )
+    replay_max_new_tokens: int = field(
+        default=256, metadata=_help("Longest replay answer the base model may write, in tokens.")
+    )
+    eval_examples: int = field(
+        default=200, metadata=_help("Most tool test examples evaluated at the end (0: no evaluation).")
+    )
+    eval_probes: int = field(
+        default=64, metadata=_help("Most general probe prompts used to measure retention at the end.")
+    )
+    eval_max_new_tokens: int = field(
+        default=256, metadata=_help("Longest reply generated per test case during evaluation, in tokens.")
+    )
+    eval_humaneval: int = field(
+        default=32, metadata=_help("HumanEval problems whose canonical solutions' NLL measures code retention at "
+                                   "the end (0: skip).")
+    )
+    baselines_use_general: bool = field(
+        default=False,
+        metadata=_help("Let the lora/full baselines train on the general examples too. Off by default: the "
+                       "paper's baselines train on tool data only."),
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "importance_examples",
+                     "replay_examples", "replay_max_new_tokens", "eval_max_new_tokens"):
+            _positive_int(self, name, "hyperparameters")
+        if self.importance_batch_size is not None:
+            _positive_int(self, "importance_batch_size", "hyperparameters")
+        for name in ("eval_examples", "eval_probes", "eval_humaneval"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"hyperparameters.{name} must be a whole number >= 0, got {v!r}")
+        for name in ("lr_router_pretraining", "lr_molora", "lr_uco", "epochs_router_pretraining",
+                     "epochs_molora", "epochs_uco", "epochs_train"):
+            v = getattr(self, name)
+            if not _is_number(v) or v <= 0:
+                raise ValueError(f"hyperparameters.{name} must be a positive number, got {v!r}")
+        if self.lr_train is not None and (not _is_number(self.lr_train) or self.lr_train <= 0):
+            raise ValueError(f"hyperparameters.lr_train must be a positive number, got {self.lr_train!r}")
+        if not _is_number(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"hyperparameters.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        for name in ("weight_decay", "max_grad_norm", "routing_beta"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                raise ValueError(f"hyperparameters.{name} must be a number >= 0, got {v!r}")
+        if not _is_number(self.routing_delta) or not 0.0 < self.routing_delta < 1.0:
+            raise ValueError(f"hyperparameters.routing_delta must be strictly between 0 and 1, got "
+                             f"{self.routing_delta!r}")
+        if self.max_length < 16:
+            raise ValueError(f"hyperparameters.max_length={self.max_length} is too short for any chat example; "
+                             "use 256 or more")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """Everything a fine-tuning job needs. Build it from keywords or :meth:`from_dict`; it checks itself."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata=_help(
+        "Base model: 'smollm2-135m-instruct', a local Hugging Face directory or .gguf file, or a hub id."))
+    training_file: str = field(metadata=_help(
+        "Training data, OpenAI chat fine-tuning JSONL (tool examples, and optionally general ones)."))
+    out_dir: str = field(metadata=_help("Where the adapter, its report and the checkpoints are written."))
+    validation_file: str | None = field(default=None, metadata=_help(
+        "Held-out tool test set (JSONL). Without one, test_fraction of the tool examples is held out."))
+    general_file: str | None = field(default=None, metadata=_help(
+        "General (non-tool) examples to mix in (JSONL). Without any general data, citi builds replay data."))
+    method: str = field(default="citi", metadata=_help(
+        "citi (importance-guided MOLoRA + UCO, 3 stages), lora (peft LoRA on all linear layers) or full."))
+    seed: int = field(default=0, metadata=_help("Seed for data order, sampling, splits and initialisation."))
+    budget: Budget = field(default_factory=Budget, metadata=_help("Caps on steps, tokens and seconds."))
+    components: ComponentsConfig = field(default_factory=ComponentsConfig, metadata=_help(
+        "Component selection and adapter sizes."))
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters, metadata=_help(
+        "Optimisation settings."))
+    test_fraction: float = field(default=0.1, metadata=_help(
+        "Without a validation_file: the fraction of tool examples held out as a test set (at least 3; "
+        "0 turns the split and the evaluation off)."))
+    checkpoint_every: int = field(default=200, metadata=_help(
+        "Write a checkpoint every this many steps, besides each stage boundary (0: stage boundaries only)."))
+    device: str | None = field(default=None, metadata=_help("cuda, cuda:N or cpu; default: cuda when visible."))
+    dtype: str | None = field(default=None, metadata=_help(
+        "Dtype of the frozen model: bf16 on GPU, fp32 on CPU by default. Trained weights stay fp32."))
+    model_dirs: list[str] | None = field(default=None, metadata=_help(
+        "When set, a local model path must lie inside one of these directories."))
+
+    def __post_init__(self) -> None:
+        for name, cls in (("budget", Budget), ("components", ComponentsConfig), ("hyperparameters", Hyperparameters)):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, cls())
+            elif isinstance(value, dict):
+                setattr(self, name, _from_dict(cls, value, name))
+            elif not isinstance(value, cls):
+                raise ValueError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        for name in ("training_file", "out_dir", "model"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{name} is required: give a path" + (" or model spec" if name == "model" else ""))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be a whole number, got {self.seed!r}")
+        if not _is_number(self.test_fraction) or not 0.0 <= self.test_fraction <= 0.5:
+            raise ValueError(f"test_fraction must be between 0 and 0.5, got {self.test_fraction!r}; "
+                             "pass a validation_file to test on separate data")
+        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) \
+                or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be a whole number >= 0, got {self.checkpoint_every!r}")
+        if self.dtype in ("fp16", "float16"):
+            raise ValueError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+
+    # -- stages -----------------------------------------------------------------------------------
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The training stages this method runs, in order."""
+        return CITI_STAGES if self.method == "citi" else BASELINE_STAGES
+
+    def stage_epochs(self) -> list[float]:
+        hp = self.hyperparameters
+        if self.method == "citi":
+            return [hp.epochs_router_pretraining, hp.epochs_molora, hp.epochs_uco]
+        return [hp.epochs_train]
+
+    def stage_lrs(self) -> list[float]:
+        hp = self.hyperparameters
+        if self.method == "citi":
+            return [hp.lr_router_pretraining, hp.lr_molora, hp.lr_uco]
+        if hp.lr_train is not None:
+            return [hp.lr_train]
+        return [2e-4 if self.method == "lora" else 2e-5]
+
+    @property
+    def uses_general_data(self) -> bool:
+        return self.method == "citi" or self.hyperparameters.baselines_use_general
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; :meth:`from_dict` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        """Build from a (possibly nested) dict; unknown keys are refused by name."""
+        return _from_dict(cls, d, "config")
+
+
+def _from_dict(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be an object, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    try:
+        return cls(**d)
+    except TypeError as exc:  # a required field is missing
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_int(obj: Any, name: str, where: str) -> None:
+    v = getattr(obj, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{where}.{name} must be a whole number >= 1, got {v!r}")
+
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    """The fields of one config dataclass (the CLI builds its flags from these)."""
+    return list(dataclasses.fields(cls))

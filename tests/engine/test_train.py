@@ -1,0 +1,367 @@
+"""The three-stage trainer on a tiny real Llama: what each stage trains, cancel, resume, data errors.
+
+Also home of the small helpers the other engine tests use (tiny data files, a small config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from citi_engine.budget import Budget, plan_stages  # noqa: E402
+from citi_engine.errors import Cancelled, DataValidationError  # noqa: E402
+from citi_engine.train import (  # noqa: E402
+    CITI_STAGES,
+    FinetuneConfig,
+    JobContext,
+    TrainState,
+    finetune,
+    lr_factor,
+    run_stage,
+)
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CITIES = ["Paris", "Berlin", "Rome", "Madrid", "Oslo", "Lima", "Cairo", "Tokyo", "Delhi", "Quito", "Bern", "Riga"]
+
+
+def tool_example(i: int) -> dict:
+    city = CITIES[i % len(CITIES)]
+    call = {"id": f"call_{i}", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+    return {"messages": [{"role": "user", "content": f"What is the weather in {city}?"},
+                         {"role": "assistant", "tool_calls": [call]}],
+            "tools": [WEATHER]}
+
+
+def general_example(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                         {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def write_data(directory: Path, n_tool: int = 16, n_general: int = 6, name: str = "train.jsonl") -> str:
+    """A valid training file: tool examples, then general ones."""
+    rows = [tool_example(i) for i in range(n_tool)] + [general_example(i) for i in range(n_general)]
+    return write_jsonl(directory / name, rows)
+
+
+def small_config(model_dir: str, data: str, out_dir: Path | str, **overrides) -> FinetuneConfig:
+    """A config sized for CPU tests: batch 2, short examples, tiny scoring/replay samples, no evaluation."""
+    hp = {"batch_size": 2, "max_length": 192, "importance_examples": 4, "importance_batch_size": 4,
+          "replay_examples": 4, "replay_max_new_tokens": 8, "eval_examples": 0, "eval_probes": 0,
+          "eval_humaneval": 0}
+    hp.update(overrides.pop("hyperparameters", {}))
+    components = {"num_experts": 2, "rank": 4}
+    components.update(overrides.pop("components", {}))
+    fields = {"test_fraction": 0.0, "checkpoint_every": 0}
+    fields.update(overrides)
+    return FinetuneConfig(model=model_dir, training_file=data, out_dir=str(out_dir), hyperparameters=hp,
+                          components=components, **fields)
+
+
+def make_talkative_tiny_model(path: Path) -> str:
+    """A tiny random Llama whose greedy replies are words, not blank lines.
+
+    With tied embeddings a random model's last hidden state points back at its input token, so it
+    answers every prompt with newlines forever; an untied random output head gives varied tokens,
+    which replay and chat need to have something to keep.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from citi_engine.testing import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.tie_word_embeddings = False
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(model.lm_head.weight.shape, generator=generator) * 0.5
+    model.lm_head.weight = torch.nn.Parameter(weight)
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return make_talkative_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture()
+def data_file(tmp_path) -> str:
+    return write_data(tmp_path)
+
+
+# ------------------------------------------------------------------------------ what each stage trains
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def _stage_setup(tiny_model: str, method: str, tmp_path: Path):
+    from citi_engine.adapter import apply_method
+    from citi_engine.components import list_components
+    from citi_engine.data.chat_format import encode_example
+    from citi_engine.models import load_model
+
+    model, tokenizer = load_model(tiny_model)
+    components = list_components(model)
+    torch.manual_seed(0)
+    model = apply_method(model, method, molora=components[:3], uco=components[5:7], num_experts=2, rank=4,
+                         alpha=16)
+    examples = [tool_example(i) for i in range(6)] + [general_example(i) for i in range(4)]
+    pool = [encode_example(tokenizer, e, 192) for e in examples]
+    cfg = small_config(tiny_model, "unused.jsonl", tmp_path, method=method)
+    return model, tokenizer, pool, cfg
+
+
+def test_each_citi_stage_changes_exactly_its_parameters_and_nothing_else(tiny_model, tmp_path):
+    from citi_engine.adapter import routing_loss, set_trainable
+
+    model, tokenizer, pool, cfg = _stage_setup(tiny_model, "citi", tmp_path)
+    # Two steps per stage: every B_i starts at zero, so A_i only gets a gradient from the second step on.
+    plan = plan_stages(list(CITI_STAGES), [1, 1, 1], [2, 2, 2], Budget(), tokens_per_step=1.0)
+    names = list(model.state_dict())
+    routers = {n for n in names if "molora_router" in n}
+    experts = {n for n in names if "molora_A" in n or "molora_B" in n}
+    uco = {n for n in names if "modules_to_save" in n}
+    assert routers and experts and uco
+    expected = {"router_pretraining": routers, "molora": routers | experts, "uco": uco}
+    for si, stage in enumerate(CITI_STAGES):
+        before = _snapshot(model)
+        run_stage(model, si, plan, pool, cfg, TrainState(stage_index=si), JobContext(),
+                  set_trainable=set_trainable, routing_loss=routing_loss, device=torch.device("cpu"),
+                  frozen_dtype=torch.float32, pad_id=tokenizer.pad_token_id)
+        assert _changed(before, _snapshot(model)) == expected[stage], stage
+
+
+def test_lora_stage_changes_only_lora_weights(tiny_model, tmp_path):
+    from citi_engine.adapter import set_trainable
+
+    model, tokenizer, pool, cfg = _stage_setup(tiny_model, "lora", tmp_path)
+    plan = plan_stages(["train"], [1], [2], Budget(), tokens_per_step=1.0)
+    lora = {n for n in model.state_dict() if "lora_A" in n or "lora_B" in n}
+    before = _snapshot(model)
+    run_stage(model, 0, plan, pool, cfg, TrainState(), JobContext(),
+              set_trainable=lambda m, s: set_trainable(m, "lora"), routing_loss=None,
+              device=torch.device("cpu"), frozen_dtype=torch.float32, pad_id=tokenizer.pad_token_id)
+    assert lora and _changed(before, _snapshot(model)) == lora
+
+
+def test_learning_rate_warm_up_starts_above_zero_and_cosine_stays_above_zero():
+    assert lr_factor(0, 1, 0.1) == 1.0  # a one-step stage trains at its peak rate
+    factors = [lr_factor(k, 20, 0.1) for k in range(20)]
+    assert factors[0] == 0.5 and factors[1] == 1.0  # 2 warm-up steps
+    assert all(f > 0 for f in factors)
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_finetune_citi_writes_adapter_importance_card_and_job(tiny_model, data_file, tmp_path):
+    events = []
+    out = tmp_path / "out"
+    result = finetune(small_config(tiny_model, data_file, out, budget={"max_steps": 3}), on_event=events.append)
+    assert result.steps == 3 and result.stage_steps == {"router_pretraining": 1, "molora": 1, "uco": 1}
+    for name in ("adapter_config.json", "adapter_model.safetensors", "importance.json", "importance.png",
+                 "citi_job.json", "README.md"):
+        assert (out / name).is_file(), name
+    job = json.loads((out / "citi_job.json").read_text())
+    assert job["method"] == "citi" and job["base_model"] == tiny_model
+    assert FinetuneConfig.from_dict(job["config"]) == small_config(tiny_model, data_file, out,
+                                                                   budget={"max_steps": 3})
+    importance = json.loads((out / "importance.json").read_text())
+    assert importance["molora"] == result.components["molora"] and importance["uco"] == result.components["uco"]
+    assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
+    # The job brought general examples, so no replay ran; every event carries the contract's keys.
+    stages = [e["stage"] for e in events if e["type"] == "stage"]
+    assert stages[:3] == ["validating", "loading", "importance"] and "replay" not in stages
+    keys = {"type", "stage", "step", "total_steps", "loss", "routing_loss", "lr", "tokens_per_s", "eta_s", "message"}
+    assert all(keys <= set(e) for e in events)
+    progress = [e for e in events if e["type"] == "progress" and e["stage"] in CITI_STAGES]
+    assert [e["step"] for e in progress] == [1, 2, 3]
+    assert all(e["lr"] > 0 and e["routing_loss"] is not None for e in progress)
+    assert events[-1]["type"] == "done"
+
+
+def test_replay_builds_general_data_when_the_job_brings_none(tiny_model, tmp_path):
+    data = write_data(tmp_path, n_tool=12, n_general=0)
+    events = []
+    out = tmp_path / "out"
+    finetune(small_config(tiny_model, data, out, budget={"max_steps": 3}), on_event=events.append)
+    replay = [e for e in events if e["stage"] == "replay" and e["type"] == "progress"]
+    assert replay and replay[-1]["step"] == replay[-1]["total_steps"] == 4
+    importance = json.loads((out / "importance.json").read_text())
+    assert "general/replay" in importance["components"][0]["T"]
+    saved = (out / "checkpoints" / "stage-0-start" / "replay.jsonl").read_text().splitlines()
+    assert 1 <= len(saved) <= 4 and json.loads(saved[0])["messages"][1]["role"] == "assistant"
+
+
+def test_held_out_test_split_is_evaluated_and_reported(tiny_model, data_file, tmp_path):
+    out = tmp_path / "out"
+    cfg = small_config(tiny_model, data_file, out, method="lora", test_fraction=0.25, budget={"max_steps": 1},
+                       hyperparameters={"eval_examples": 2, "eval_probes": 2, "eval_max_new_tokens": 8})
+    result = finetune(cfg)
+    split = (out / "test_split.jsonl").read_text().splitlines()
+    assert len(split) == 4  # 25% of 16 tool examples, all of them tool examples
+    assert all(json.loads(line)["tools"] for line in split)
+    report = json.loads(Path(result.report_path).read_text())
+    assert report["summary"]["n_test"] == 2 and report["summary"]["n_probes"] == 2
+    assert (out / "report.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------ cancel
+
+
+@pytest.mark.parametrize("phase", ["replay", "importance", "molora", "eval"])
+def test_cancel_stops_every_phase_within_one_step(tiny_model, tmp_path, phase):
+    n_general = 0 if phase == "replay" else 6
+    data = write_data(tmp_path, n_tool=16, n_general=n_general)
+    flag = {"cancel": False, "after": []}
+
+    def on_event(event):
+        if flag["cancel"]:
+            flag["after"].append(event)
+        elif event["stage"] == phase and event["type"] in ("progress", "stage") and (
+            phase == "eval" or event["type"] == "progress"
+        ):
+            flag["cancel"] = True
+
+    cfg = small_config(tiny_model, data, tmp_path / "out", test_fraction=0.25, budget={"max_steps": 6},
+                       hyperparameters={"replay_examples": 8, "importance_batch_size": 2, "eval_examples": 4,
+                                        "eval_probes": 2, "eval_max_new_tokens": 8})
+    with pytest.raises(Cancelled):
+        finetune(cfg, on_event=on_event, should_cancel=lambda: flag["cancel"])
+    assert flag["cancel"]
+    # No further step of the phase ran after the flag was raised.
+    assert not [e for e in flag["after"] if e["type"] in ("progress", "eval", "done")]
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def _adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tiny_model, data_file, tmp_path):
+    def cfg(out):  # 8 steps: 2 / 5 / 1 over the stages; periodic checkpoints at steps 4 and 6, inside stage 2
+        return small_config(tiny_model, data_file, out, budget={"max_steps": 8}, checkpoint_every=2)
+
+    straight = finetune(cfg(tmp_path / "a"))
+
+    steps_seen = []
+
+    def stop_after_five(event):
+        if event["type"] == "progress" and event["stage"] in CITI_STAGES:
+            steps_seen.append(event["step"])
+
+    with pytest.raises(Cancelled):
+        finetune(cfg(tmp_path / "b"), on_event=stop_after_five, should_cancel=lambda: len(steps_seen) >= 5)
+    assert steps_seen == [1, 2, 3, 4, 5]
+    checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert checkpoints == ["stage-0-start", "stage-1-start", "step-00000004"]  # the step-2 one was pruned
+
+    resumed_steps = []
+    resumed = finetune(cfg(tmp_path / "b"),
+                       on_event=lambda e: resumed_steps.append(e["step"]) if e["type"] == "progress" else None)
+    assert resumed_steps == [5, 6, 7, 8]  # from the mid-stage checkpoint at step 4, not from scratch
+    assert resumed.steps == straight.steps == 8 and resumed.trained_tokens == straight.trained_tokens
+    a, b = _adapter_tensors(tmp_path / "a"), _adapter_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoints_of_another_job_are_not_resumed(tiny_model, data_file, tmp_path):
+    out = tmp_path / "out"
+    finetune(small_config(tiny_model, data_file, out, budget={"max_steps": 3}))
+    with pytest.raises(ValueError, match="different job.*lr_molora"):
+        finetune(small_config(tiny_model, data_file, out, budget={"max_steps": 3},
+                              hyperparameters={"lr_molora": 1e-3}))
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_bad_training_file_lists_every_problem_with_its_line(tiny_model, tmp_path):
+    rows = [tool_example(i) for i in range(12)]
+    rows[2] = "{not json"
+    rows[7] = {"messages": [{"role": "robot", "content": "hi"}]}
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataValidationError) as info:
+        finetune(small_config(tiny_model, data, tmp_path / "out"))
+    lines = {(p.line, p.code) for p in info.value.problems}
+    assert (3, "invalid_json") in lines and (8, "unknown_role") in lines
+    assert info.value.param == "training_file"
+
+
+def test_examples_longer_than_max_length_are_refused_with_their_lines(tiny_model, tmp_path):
+    rows = [tool_example(i) for i in range(12)]
+    rows[4]["messages"][0]["content"] = "Tell me the weather. " * 80
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(DataValidationError) as info:
+        finetune(small_config(tiny_model, data, tmp_path / "out"))
+    assert [(p.line, p.code) for p in info.value.problems] == [(5, "too_long")]
+
+
+def test_missing_training_file_says_so(tiny_model, tmp_path):
+    with pytest.raises(DataValidationError, match="does not exist"):
+        finetune(small_config(tiny_model, str(tmp_path / "nope.jsonl"), tmp_path / "out"))
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "qlora"}, "unknown method"),
+        ({"components": {"molora_fraction": 0.0}}, "strictly between 0 and 1"),
+        ({"components": {"uco_fraction": 1.5}}, "strictly between 0 and 1"),
+        ({"components": {"molora_fraction": 0.7, "uco_fraction": 0.4}}, "at most all components"),
+        ({"budget": {"max_steps": -1}}, "must be positive"),
+        ({"budget": {"max_seconds": 0}}, "must be positive"),
+        ({"hyperparameters": {"lr_molora": 0}}, "lr_molora must be a positive"),
+        ({"hyperparameters": {"batch_size": 0}}, "batch_size must be a whole number >= 1"),
+        ({"hyperparameters": {"routing_delta": 1.0}}, "routing_delta"),
+        ({"hyperparameters": {"learning_rate": 1e-4}}, "unknown hyperparameters field"),
+        ({"test_fraction": 0.9}, "test_fraction"),
+        ({"dtype": "fp16"}, "fp16 is not supported"),
+    ],
+)
+def test_impossible_configs_are_refused_with_the_reason(fields, message):
+    with pytest.raises(ValueError, match=message):
+        FinetuneConfig(training_file="t.jsonl", out_dir="o", **fields)
+
+
+def test_config_round_trips_through_a_plain_dict():
+    cfg = FinetuneConfig(training_file="t.jsonl", out_dir="o", method="lora", budget={"max_tokens": 1000},
+                         hyperparameters={"routing_beta_per_layer": True})
+    assert FinetuneConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.stages == ("train",) and cfg.stage_lrs() == [2e-4]
+    assert FinetuneConfig(training_file="t", out_dir="o", method="full").stage_lrs() == [2e-5]

@@ -1,0 +1,343 @@
+"""The job's child process: build the engine config from the job record, run ``finetune``, store the adapter.
+
+It runs in the job's working directory (see :mod:`worker.artifacts`) and gives the engine paths
+relative to it, so a job resumed by another worker (another working root, with S3 storage) builds the
+very same config and the engine accepts its checkpoints. Engine events go to the store as they happen;
+``should_cancel`` answers the cancel flag and, every step, whether this process still holds the job's
+lease and its worker is alive; if not, the engine stops and this process exits without touching the job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from api.settings import Settings, get_settings
+from api.storage import Storage, make_storage
+from api.store import ACTIVE, Store, fine_tuned_model_id, new_event
+from worker.artifacts import (
+    adapter_prefix,
+    checkpoints_prefix,
+    remove_partial_files,
+    remove_training_state,
+    work_dir,
+)
+
+log = logging.getLogger("citi.runner")
+
+EXIT_LEASE_LOST = 3
+# Engine stages during which the job is still `validating_files` (data checks, tokenizer, model load).
+VALIDATING_STAGES = ("validating", "loading")
+PR_SET_PDEATHSIG = 1
+CANCEL_CHECK_S = 0.05
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to kill this process when the worker dies (kill -9 included), so a job never runs orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: should_cancel's parent check still stops the job within a step
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_LEASE_LOST)
+
+
+def run_job_process(job_id: str, token: str, parent_pid: int) -> None:
+    """Entry point of the spawned child process."""
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {job_id}: %(message)s")
+    settings = get_settings()
+    code = JobRunner(job_id, token, parent_pid, settings, Store(settings.redis_url), make_storage(settings)).run()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+class JobRunner:
+    """Runs one job in this process and records its outcome in the store."""
+
+    def __init__(self, job_id: str, token: str, parent_pid: int, settings: Settings, store: Store, storage: Storage):
+        self.job_id, self.token, self.parent_pid = job_id, token, parent_pid
+        self.settings, self.store, self.storage = settings, store, storage
+        self.lost = False
+        self.stage: str | None = None
+        self.running = False
+        self.last_metrics: dict = {}
+        self._checked_at = float("-inf")
+        self._cancel = False
+        self.work = work_dir(settings, job_id)
+        self.out_dir = Path(job_id)  # relative to self.work, the process's working directory
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run the job; returns the process exit code (0 when the outcome is recorded)."""
+        from citi_engine.errors import Cancelled, CitiError
+
+        job = self.store.get_job(self.job_id)
+        if job is None:
+            return 0
+        watcher = None
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+            os.chdir(self.work)
+            cfg = self._config(job)
+            watcher = CheckpointWatcher(self)
+            watcher.start()
+            from citi_engine.train import finetune
+
+            result = finetune(cfg, on_event=self.on_event, should_cancel=self.should_cancel)
+            watcher.stop()
+            watcher = None
+            if self.lost:
+                return EXIT_LEASE_LOST
+            self._succeed(job, result)
+        except Cancelled:
+            if self.lost:
+                return EXIT_LEASE_LOST
+            self._end("cancelled", "cancelled", None)
+        except CitiError as exc:  # bad data (every problem in details), budget, model: the user can act on it
+            if self.lost:
+                return EXIT_LEASE_LOST
+            self._end("failed", f"the job failed: {exc.message}", exc.to_dict(), level="error")
+        except Exception as exc:
+            if self.lost:
+                return EXIT_LEASE_LOST
+            log.error("job %s failed:\n%s", self.job_id, traceback.format_exc())
+            error = {"code": "training_error", "param": None,
+                     "message": f"training failed: {type(exc).__name__}: {exc}"[:2000]}
+            self._end("failed", error["message"], error, level="error")
+        finally:
+            if watcher is not None:
+                watcher.stop()
+        return EXIT_LEASE_LOST if self.lost else 0
+
+    def _config(self, job: dict):
+        """The engine config: the record's validated settings plus this host's paths (relative to the work dir)."""
+        from citi_engine.training.config import FinetuneConfig
+
+        inputs = Path("inputs")
+        paths = {}
+        for field in ("training_file", "validation_file", "general_file"):
+            file_id = job.get(field)
+            if file_id:
+                local = inputs / f"{field}.jsonl"
+                if not local.is_file():  # a resumed job already has its inputs
+                    self.storage.get_file(f"files/{file_id}.jsonl", local)
+                paths[field] = str(local)
+        if self.settings.storage != "local" and not (self.out_dir / "checkpoints").is_dir():
+            n = self.storage.download_dir(checkpoints_prefix(self.job_id), self.out_dir / "checkpoints")
+            if n:
+                log.info("job %s: fetched %d checkpoint files from storage", self.job_id, n)
+        return FinetuneConfig(**job["engine"], **paths, out_dir=str(self.out_dir),
+                              model_dirs=self.settings.model_dirs_list, device=self.settings.device)
+
+    # -- callbacks from the engine ----------------------------------------------------------------
+
+    def should_cancel(self) -> bool:
+        """True to stop the engine: a cancel request, a lost lease, or a dead worker.
+
+        The engine asks before every step, and during generation before every token; Redis is asked at
+        most every CANCEL_CHECK_S, far less than one training step.
+        """
+        if os.getppid() != self.parent_pid:
+            self.lost = True
+            return True
+        now = time.monotonic()
+        if now - self._checked_at >= CANCEL_CHECK_S:
+            self._checked_at = now
+            self._cancel, owned = self.store.runner_check(self.job_id, self.token)
+            if not owned:
+                self.lost = True
+        return self._cancel or self.lost
+
+    def on_event(self, event: dict) -> None:
+        """Store an engine event and keep the job record's stage, status and progress current."""
+        if self.lost:
+            return
+        kind, stage = event.get("type", "message"), event.get("stage")
+        message = event.get("message") or _describe(event)
+        self.store.add_event(self.job_id, kind, message, event)
+        updates: dict = {}
+        if stage and stage != self.stage:
+            self.stage = stage
+            updates["stage"] = stage
+            if stage not in VALIDATING_STAGES and not self.running:
+                self.running = True
+                self.store.transition(self.job_id, "running", from_=["validating_files"], token=self.token,
+                                      event=new_event("status", "training started", {"status": "running"}))
+        if kind == "progress":
+            progress = {k: event.get(k) for k in ("step", "total_steps", "loss", "routing_loss", "lr",
+                                                 "tokens_per_s", "eta_s")}
+            progress["stage"] = stage
+            updates["progress"] = progress
+            if stage in ("router_pretraining", "molora", "uco", "train") and event.get("loss") is not None:
+                self.last_metrics = {"loss": event.get("loss"), "routing_loss": event.get("routing_loss"),
+                                     "step": event.get("step")}
+                if event.get("eta_s") is not None:
+                    updates["estimated_finish"] = int(time.time() + float(event["eta_s"]))
+        if updates:
+            self.store.update_job(self.job_id, **updates)
+
+    # -- outcomes ---------------------------------------------------------------------------------
+
+    def _succeed(self, job: dict, result) -> None:
+        out = self.out_dir
+        keys = self.storage.upload_dir(out, adapter_prefix(self.job_id), exclude=("checkpoints",))
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
+        model_id = fine_tuned_model_id(job["model"], job.get("suffix"), self.job_id)
+        report = None
+        if result.report_path and Path(result.report_path).is_file():
+            report = _report_summary(Path(result.report_path))
+        fields = {
+            "fine_tuned_model": model_id,
+            "trained_tokens": int(result.trained_tokens),
+            "selected_components": result.components,
+            "result_files": sorted(k[len(adapter_prefix(self.job_id)):] for k in keys),
+            "adapter_bytes": size,
+            "has_report": report is not None,
+            "report": report,
+            "estimated_finish": None,
+            "stage": "done",
+        }
+        event = new_event("status", f"succeeded: {model_id}", {"status": "succeeded", "fine_tuned_model": model_id,
+                                                              "trained_tokens": int(result.trained_tokens)})
+        outcome, _ = self.store.transition(self.job_id, "succeeded", from_=["validating_files", "running"],
+                                           token=self.token, event=event, **fields)
+        if outcome == "lease_lost":
+            self.lost = True
+            return
+        if outcome != "ok":
+            # Cancelled at the very end: the cancel wins, and the adapter goes.
+            self._end("cancelled", "cancelled", None)
+            return
+        self.store.add_usage(job["tenant"], size)
+        os.chdir("/")
+        remove_training_state(self.settings, self.storage, self.job_id)
+
+    def _end(self, status: str, message: str, error: dict | None, level: str = "info") -> None:
+        log.warning("job %s %s: %s", self.job_id, status, json.dumps(error) if error else message)
+        fields = {"error": error, "estimated_finish": None} if error else {"estimated_finish": None}
+        data = {"status": status, **({"error": error} if error else {})}
+        outcome, _ = self.store.transition(self.job_id, status, from_=ACTIVE, token=self.token,
+                                           event=new_event("status", message, data, level=level), **fields)
+        if outcome == "lease_lost":
+            self.lost = True
+            return
+        os.chdir("/")
+        remove_partial_files(self.settings, self.storage, self.job_id)
+
+
+class CheckpointWatcher(threading.Thread):
+    """Notice checkpoints as the engine writes them: record each in the store (and, with S3 storage, copy
+    it to the bucket so another host can resume from it)."""
+
+    def __init__(self, runner: JobRunner, interval_s: float = 0.25):
+        super().__init__(name="checkpoint-watcher", daemon=True)
+        self.runner, self.interval_s = runner, interval_s
+        self.root = runner.work / runner.out_dir / "checkpoints"
+        self.seen: dict[str, float] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                self.scan()
+            except Exception:
+                log.exception("checkpoint scan failed")
+
+    def stop(self) -> None:
+        """Stop watching."""
+        if not self._stop_event.is_set():
+            self._stop_event.set()
+            self.join(timeout=30)
+
+    def scan(self) -> None:
+        """Handle checkpoints that appeared (or were rewritten) since the last scan."""
+        if not self.root.is_dir():
+            return
+        current, changed = {}, False
+        for path in self.root.iterdir():
+            meta_file = path / "meta.json"
+            if path.name.startswith(".") or not meta_file.is_file():
+                continue
+            try:
+                meta = json.loads(meta_file.read_text())
+            except (OSError, ValueError):
+                continue  # being replaced right now
+            current[path.name] = meta.get("created", 0.0)
+            if self.seen.get(path.name) == current[path.name]:
+                continue
+            self.seen[path.name] = current[path.name]
+            self._record(path, meta)
+            changed = True
+        if changed and self.runner.settings.storage != "local":
+            prefix = checkpoints_prefix(self.runner.job_id)
+            for name in {o.key[len(prefix):].split("/")[0] for o in self.runner.storage.list(prefix)} - set(current):
+                self.runner.storage.delete_prefix(prefix + name)  # pruned by the engine
+
+    def _record(self, path: Path, meta: dict) -> None:
+        runner = self.runner
+        if runner.lost:
+            return
+        if runner.settings.storage != "local" and not self._upload(path):
+            return
+        plan = meta.get("plan") or {}
+        names = plan.get("names") or []
+        si = int(meta.get("stage_index", 0))
+        step = int(meta.get("global_step", 0))
+        record = {
+            "object": "fine_tuning.job.checkpoint",
+            "id": f"ftckpt-{runner.job_id.removeprefix('ftjob-')[:12]}-{path.name}",
+            "created_at": int(meta.get("created", time.time())),
+            "fine_tuning_job_id": runner.job_id,
+            "step_number": step,
+            "stage": names[si] if si < len(names) else "done",
+            "kind": meta.get("kind"),
+            "metrics": {**runner.last_metrics, "trained_tokens": meta.get("trained_tokens")},
+        }
+        runner.store.add_checkpoint(runner.job_id, record)
+        if meta.get("components") and not runner.lost:
+            runner.store.update_job(runner.job_id, selected_components=meta["components"])
+        runner.store.add_event(runner.job_id, "checkpoint", f"checkpoint {path.name} saved at step {step}",
+                               {"checkpoint": record["id"], "step": step, "stage": record["stage"]})
+
+    def _upload(self, path: Path) -> bool:
+        """Copy one checkpoint to storage, meta.json last so a partial copy is never taken for a checkpoint."""
+        storage, prefix = self.runner.storage, checkpoints_prefix(self.runner.job_id) + path.name + "/"
+        try:
+            files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.name == "meta.json")
+            for file in files:
+                storage.put_file(prefix + file.relative_to(path).as_posix(), file)
+            return True
+        except FileNotFoundError:  # the engine pruned it meanwhile
+            storage.delete_prefix(prefix)
+            return False
+
+
+def _describe(event: dict) -> str:
+    if event.get("type") == "progress":
+        loss = event.get("loss")
+        tail = f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+        return f"{event.get('stage')}: step {event.get('step')}/{event.get('total_steps')}{tail}"
+    return f"{event.get('type')} ({event.get('stage')})"
+
+
+def _report_summary(path: Path) -> dict | None:
+    """The headline numbers of report.json (the full report is served by GET /jobs/{id}/report)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict):
+        return None
+    summary = report.get("summary") if isinstance(report.get("summary"), dict) else report
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}

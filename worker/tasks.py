@@ -1,0 +1,127 @@
+"""The one task: run a job. Thin by design: claim the job, hold its lease, run it in a child process,
+record how that process ended.
+
+The training itself runs in :func:`worker.runner.run_job`, in a fresh process started with the
+``spawn`` method: nothing of a previous job (memory, GPU context, threads) survives into the next, a
+crash of the child cannot take the worker down, and the worker process never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import secrets
+import signal
+from functools import lru_cache
+
+from api.settings import get_settings
+from api.storage import Storage, make_storage
+from api.store import Store, new_event
+from worker.artifacts import remove_partial_files
+from worker.celery_app import TASK_NAME, celery_app, enqueue
+from worker.lease import Heartbeat, set_current_job
+from worker.runner import EXIT_LEASE_LOST, run_job_process
+
+log = logging.getLogger("citi.worker")
+
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@lru_cache(maxsize=1)
+def _store() -> Store:
+    return Store(get_settings().redis_url)
+
+
+@lru_cache(maxsize=1)
+def _storage() -> Storage:
+    return make_storage(get_settings())
+
+
+@celery_app.task(name=TASK_NAME, bind=True, acks_late=True)
+def run_job(self, job_id: str) -> dict:
+    """Run job ``job_id`` to its end (or drop the delivery when another worker has it or it has ended)."""
+    return execute(job_id, worker=self.request.hostname or f"pid-{os.getpid()}")
+
+
+def execute(job_id: str, *, worker: str) -> dict:
+    """Claim, run in a child process, record the outcome. Returns a small summary (the Celery result)."""
+    settings, store = get_settings(), _store()
+    token = secrets.token_hex(16)
+    outcome, detail = store.claim(job_id, token, worker, settings.lease_seconds)
+    if outcome == "cancelling":
+        # Cancelled while its last worker was lost: nothing left to stop.
+        store.transition(job_id, "cancelled", from_=["cancelling"],
+                         event=new_event("status", "cancelled", {"status": "cancelled"}))
+        remove_partial_files(settings, _storage(), job_id)
+        return {"job_id": job_id, "outcome": "cancelled"}
+    if outcome != "claimed":
+        # Duplicate or stale delivery: the job runs elsewhere, has ended, or was deleted.
+        log.info("job %s: delivery dropped (%s)", job_id, outcome)
+        if outcome == "leased":
+            store.add_event(job_id, "message", "a duplicate delivery of this job was ignored: another worker runs it",
+                            {"worker": worker})
+        return {"job_id": job_id, "outcome": outcome}
+
+    log.info("job %s: claimed by %s (attempt %s)", job_id, worker, detail)
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=run_job_process, args=(job_id, token, os.getpid()), name=f"citi-{job_id}",
+                       daemon=False)
+    heartbeat = Heartbeat(store, job_id, token, settings.lease_seconds, on_lost=lambda: _kill(proc))
+    try:
+        proc.start()
+        set_current_job(job_id, proc.pid)
+        store.worker_heartbeat(worker, {"job": job_id, "pid": proc.pid})
+        heartbeat.start()
+        proc.join(timeout=settings.job_timeout_seconds)
+        timed_out = proc.is_alive()
+        if timed_out:
+            _kill(proc)
+            proc.join()
+    finally:
+        heartbeat.stop()
+        set_current_job(None)
+        store.worker_heartbeat(worker, {"job": None, "pid": None})
+
+    code = proc.exitcode
+    if heartbeat.lost or code == EXIT_LEASE_LOST:
+        return {"job_id": job_id, "outcome": "lease_lost"}
+    if code is not None and -code in _SHUTDOWN_SIGNALS and not timed_out:
+        # Stopped from outside (the worker is shutting down): not the job's fault. It goes back to the
+        # queue and resumes from its last checkpoint on the next worker.
+        log.warning("job %s: its process was stopped by %s; queueing it again", job_id, signal.Signals(-code).name)
+        store.release_lease(job_id, token)
+        if store.requeue(job_id, settings.max_attempts, reason="worker_shutdown") == "requeued":
+            enqueue(job_id)
+        return {"job_id": job_id, "outcome": "requeued"}
+    job = store.get_job(job_id) or {}
+    if code != 0 or timed_out or job.get("status") not in ("succeeded", "failed", "cancelled"):
+        error = _crash_error(code, timed_out, settings.job_timeout_seconds)
+        log.error("job %s: %s", job_id, error["message"])
+        result, _ = store.transition(
+            job_id, "failed", token=token, error=error,
+            event=new_event("status", error["message"], {"status": "failed", "error": error}, level="error"))
+        if result == "ok":
+            remove_partial_files(settings, _storage(), job_id)
+    store.release_lease(job_id, token)
+    final = store.get_job(job_id) or {}
+    return {"job_id": job_id, "outcome": final.get("status", "deleted")}
+
+
+def _kill(proc) -> None:
+    if proc.pid is not None and proc.is_alive():
+        os.kill(proc.pid, signal.SIGKILL)
+
+
+def _crash_error(code: int | None, timed_out: bool, timeout_s: float) -> dict:
+    if timed_out:
+        message = f"the training process ran longer than CITI_JOB_TIMEOUT_SECONDS={timeout_s:g} s and was stopped"
+        return {"code": "job_timeout", "param": None, "message": message}
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        hint = " (most often the host ran out of memory: try a smaller batch_size or max_length)" \
+            if -code == signal.SIGKILL else ""
+        message = f"the training process was killed by signal {name}{hint}"
+    else:
+        message = f"the training process exited with code {code} without recording an outcome"
+    return {"code": "training_process_crashed", "param": None, "message": message}
