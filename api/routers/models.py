@@ -1,0 +1,109 @@
+"""``GET /v1/models``: the base models this service allows and the caller's fine-tuned adapters.
+
+Shapes follow OpenAI's models API (``{"object": "list", "data": [{"id", "object": "model", "created",
+"owned_by"}]}``). A fine-tuned model is listed for the tenant that made it only; ``model`` in
+``POST /v1/chat/completions`` accepts exactly the ids listed here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends
+
+from api.deps import get_store, get_tenant, settings_dep
+from api.errors import APIError
+from api.settings import Settings
+from api.store import Store
+from citi_engine import DEFAULT_MODEL
+
+router = APIRouter(tags=["models"])
+
+BASE_OWNER = "citi"
+
+
+def base_model_allowed(spec: str, settings: Settings) -> bool:
+    """Whether ``spec`` names a base model callers may use: by the same rule as job creation
+    (``CITI_ALLOWED_MODELS``, else the built-in default or a model under ``CITI_MODEL_DIRS``)."""
+    from api.routers.jobs import check_model
+
+    try:
+        check_model(spec, settings)
+    except APIError:
+        return False
+    return True
+
+
+def allowed_base_models(settings: Settings) -> list[str]:
+    """The base model specs to list: ``CITI_ALLOWED_MODELS``, else the default plus what lies in ``CITI_MODEL_DIRS``
+    (each model directory or ``.gguf`` file directly inside one of them)."""
+    if settings.allowed_models_list:
+        return list(settings.allowed_models_list)
+    found = [DEFAULT_MODEL]
+    for root in settings.model_dirs_list:
+        root_path = Path(root)
+        if not root_path.is_dir():
+            continue
+        for child in sorted(root_path.iterdir()):
+            if (child.is_dir() and (child / "config.json").is_file()) or child.suffix == ".gguf":
+                found.append(str(child))
+    return found
+
+
+def _base_entry(spec: str) -> dict:
+    return {"id": spec, "object": "model", "created": 0, "owned_by": BASE_OWNER}
+
+
+def _adapter_entry(job: dict) -> dict:
+    return {
+        "id": job["fine_tuned_model"],
+        "object": "model",
+        "created": int(job.get("finished_at") or job.get("created_at") or 0),
+        "owned_by": job.get("organization_id") or job.get("tenant") or "user",
+        "root": job.get("model"),
+        "parent": job.get("model"),
+        "job_id": job.get("id"),
+    }
+
+
+def tenant_adapters(store: Store, tenant: str) -> list[dict]:
+    """The tenant's succeeded jobs that have a fine-tuned model, newest first."""
+    jobs: list[dict] = []
+    after = None
+    while True:
+        page, more = store.list_jobs(tenant, after=after, limit=100, status="succeeded")
+        jobs += [j for j in page if j.get("fine_tuned_model") and not j.get("artifacts_deleted")]
+        if not more or not page:
+            return jobs
+        after = page[-1]["id"]
+
+
+@router.get("/v1/models", summary="List the models this key may use")
+def list_models(tenant: str = Depends(get_tenant), store: Store = Depends(get_store),
+                settings: Settings = Depends(settings_dep)) -> dict:
+    """Base models allowed on this service, then the caller's fine-tuned models (newest first)."""
+    data = [_base_entry(spec) for spec in allowed_base_models(settings)]
+    data += [_adapter_entry(job) for job in tenant_adapters(store, tenant)]
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model:path}", summary="Retrieve one model")
+def retrieve_model(model: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store),
+                   settings: Settings = Depends(settings_dep)) -> dict:
+    """One model by id: a base model this service allows or one of the caller's fine-tuned models."""
+    job = store.get_job_by_model(tenant, model)
+    if job is not None:
+        return _adapter_entry(job)
+    if base_model_allowed(model, settings):
+        return _base_entry(model)
+    raise model_not_found(model)
+
+
+def model_not_found(model: str) -> APIError:
+    """OpenAI's answer for a model that does not exist or belongs to someone else (the two look alike)."""
+    return APIError(
+        404, "model_not_found",
+        f"The model '{model}' does not exist or you do not have access to it. GET /v1/models lists the models "
+        "your key can use.",
+        param="model",
+    )
