@@ -151,9 +151,13 @@ def ui_inference(ui_service):
     return ui_service.inference_url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Headless Debian Chromium (skipped, saying why, when it is not installed)."""
+    """Headless Debian Chromium (skipped, saying why, when it is not installed).
+
+    Module-scoped: Playwright's sync API keeps an asyncio loop running in this thread while it is open, which
+    would break later tests that call asyncio.run().
+    """
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"Chromium is not installed at {CHROMIUM}: the dashboard's browser tests need Debian's "
                     "'chromium' package (apt-get install -y chromium)")
