@@ -36,8 +36,9 @@ log = logging.getLogger("citi.api.chat")
 
 router = APIRouter(tags=["chat"])
 
-# OpenAI's rule for function names.
-FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# OpenAI's rule for function names, plus dots: many real APIs name functions like `calendar.create_event`, and the
+# training data validator accepts them, so a model trained on such names must be callable with them.
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_STOP = 4
 # Parameters OpenAI knows that this service cannot honour: refused rather than silently ignored.
 UNSUPPORTED = {
@@ -249,7 +250,7 @@ def check_request(req: ChatCompletionRequest) -> None:
         name = tool.function.name
         if not FUNCTION_NAME.match(name):
             raise APIError(400, "invalid_tool_schema",
-                           f"function name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'",
+                           f"function name {name!r} is invalid: use 1-64 letters, digits, '_', '-' or '.'",
                            param=f"tools[{i}].function.name")
         if name in names:
             raise APIError(400, "invalid_tool_schema", f"function '{name}' is defined twice in 'tools'; keep one",
