@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("citi.api")
@@ -122,6 +123,16 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(exc.status_code, codes.get(exc.status_code, "http_error"), message),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RedisError)
+    async def _store_down(request: Request, exc: RedisError) -> JSONResponse:
+        # The store is down or restarting: nothing the caller did wrong, and retrying shortly will work.
+        log.warning("job store unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            error_body(503, "service_unavailable", "the job store (Redis) is unavailable; retry in a few seconds"),
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)

@@ -214,10 +214,22 @@ def new_event(type_: str, message: str, data: dict | None = None, level: str = "
 class Store:
     """Redis-backed records of files, jobs and events. Thread-safe (redis-py pools its connections)."""
 
-    def __init__(self, redis_url: str, *, prefix: str = PREFIX):
+    def __init__(self, redis_url: str, *, prefix: str = PREFIX, outage_s: float = 0.0):
+        """``outage_s``: how long a command waits out Redis not answering (a restart) before raising.
+
+        The API leaves it at 0 (a request fails fast with an error); workers and training processes wait,
+        so a Redis restart does not fail the jobs they run.
+        """
         self.url = redis_url
         self.prefix = prefix
-        self.r = redis.Redis.from_url(redis_url, decode_responses=True, health_check_interval=30)
+        options: dict[str, Any] = {}
+        if outage_s > 0:
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
+
+            # Connection refused fails at once, so each retry costs about its backoff (at most 1 s).
+            options["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=int(outage_s) + 10)
+        self.r = redis.Redis.from_url(redis_url, decode_responses=True, health_check_interval=30, **options)
         self._async = None
         self._create_job = self.r.register_script(_CREATE_JOB)
         self._transition = self.r.register_script(_TRANSITION)

@@ -38,6 +38,8 @@ EXIT_LEASE_LOST = 3
 VALIDATING_STAGES = ("validating", "loading")
 PR_SET_PDEATHSIG = 1
 CANCEL_CHECK_S = 0.05
+# A training process waits this long for Redis to come back (a restart) instead of failing its job.
+REDIS_OUTAGE_S = 120.0
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -56,7 +58,8 @@ def run_job_process(job_id: str, token: str, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {job_id}: %(message)s")
     settings = get_settings()
-    code = JobRunner(job_id, token, parent_pid, settings, Store(settings.redis_url), make_storage(settings)).run()
+    code = JobRunner(job_id, token, parent_pid, settings, Store(settings.redis_url, outage_s=REDIS_OUTAGE_S),
+                     make_storage(settings)).run()
     sys.stdout.flush()
     os._exit(code)
 
@@ -191,7 +194,18 @@ class JobRunner:
 
     def _succeed(self, job: dict, result) -> None:
         out = self.out_dir
-        keys = self.storage.upload_dir(out, adapter_prefix(self.job_id), exclude=("checkpoints",))
+        try:
+            keys = self.storage.upload_dir(out, adapter_prefix(self.job_id), exclude=("checkpoints",))
+        except OSError as exc:
+            # Disk full or not writable: the training is done but its adapter cannot be kept, so the job
+            # fails (and what was written of the adapter is removed, so nothing partial is ever served).
+            reason = exc.strerror or str(exc)
+            error = {"code": "storage_error", "param": None,
+                     "message": f"training finished but the adapter could not be stored: {reason}; the operator "
+                                "must free space in (or fix the permissions of) the artifact storage, then the job "
+                                "can be submitted again"}
+            self._end("failed", error["message"], error, level="error")
+            return
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
         model_id = fine_tuned_model_id(job["model"], job.get("suffix"), self.job_id)
         report = None

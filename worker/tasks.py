@@ -21,7 +21,7 @@ from api.store import Store, new_event
 from worker.artifacts import remove_partial_files
 from worker.celery_app import TASK_NAME, celery_app, enqueue
 from worker.lease import Heartbeat, set_current_job
-from worker.runner import EXIT_LEASE_LOST, run_job_process
+from worker.runner import EXIT_LEASE_LOST, REDIS_OUTAGE_S, run_job_process
 
 log = logging.getLogger("citi.worker")
 
@@ -30,7 +30,7 @@ _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 @lru_cache(maxsize=1)
 def _store() -> Store:
-    return Store(get_settings().redis_url)
+    return Store(get_settings().redis_url, outage_s=REDIS_OUTAGE_S)
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,329 @@
+"""Reliability benchmark: a bounded load test on loopback plus the fault and fuzz numbers of
+``tests/reliability``, written to ``bench/results/reliability.json`` and ``reliability.md``.
+
+    .venv/bin/python bench/reliability.py                      # faults + load (200 clients, 60 s)
+    .venv/bin/python bench/reliability.py --skip-faults --clients 50 --seconds 10
+
+Load: a private redis-server (no persistence), one ``uvicorn api.main:app`` process with the rate limit
+raised far above what the driver can send (so the service is measured, not the limiter), the inference
+server on a tiny random Llama for chat, and no training workers (created jobs stay queued; the job routes
+still read and write the store as under real use). An asyncio httpx driver runs ``--clients`` clients,
+each looping over a weighted mix of create / list / get / events / chat for ``--seconds``. 5xx and 429 are
+counted apart; latency percentiles are per route; the API's resident memory is read before and after.
+
+Faults: ``pytest tests/reliability`` with ``CITI_RELIABILITY_OUT`` set, so each fault test writes how many
+jobs went through it and how many were lost (see ``tests/reliability/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE = "2-core CPU dev machine"
+KEY = "sk-load-0123456789"
+# Weights of the request mix (chat is dropped when the inference server does not answer).
+MIX = {"create": 1, "list": 3, "get": 4, "events": 3, "chat": 1}
+FAULTS = ("worker_kill", "redis_restart", "api_restart", "duplicate_delivery")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+# -- load -----------------------------------------------------------------------------------------
+
+
+class Tally:
+    """Counts and latencies of every request, by route."""
+
+    def __init__(self) -> None:
+        self.latency_ms: dict[str, list[float]] = {}
+        self.status: dict[str, dict[int, int]] = {}
+        self.transport_errors: dict[str, int] = {}
+
+    def add(self, route: str, status: int, ms: float) -> None:
+        self.latency_ms.setdefault(route, []).append(ms)
+        by = self.status.setdefault(route, {})
+        by[status] = by.get(status, 0) + 1
+
+    def count(self, predicate) -> int:
+        return sum(n for by in self.status.values() for code, n in by.items() if predicate(code))
+
+
+async def _client(i: int, url: str, state: dict, tally: Tally, stop_at: float, mix: dict[str, int]) -> None:
+    rnd = random.Random(i)
+    routes, weights = list(mix), list(mix.values())
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(60)) as c:
+        while time.monotonic() < stop_at:
+            route = rnd.choices(routes, weights)[0]
+            job_id = rnd.choice(state["jobs"])
+            start = time.perf_counter()
+            try:
+                if route == "create":
+                    r = await c.post("/jobs", json=state["job_body"])
+                    if r.status_code == 200:
+                        state["jobs"].append(r.json()["id"])
+                elif route == "list":
+                    r = await c.get("/jobs", params={"limit": 20})
+                elif route == "get":
+                    r = await c.get(f"/jobs/{job_id}")
+                elif route == "events":
+                    r = await c.get(f"/jobs/{job_id}/events", params={"limit": 100})
+                else:
+                    r = await c.post("/v1/chat/completions", json=state["chat_body"])
+                tally.add(route, r.status_code, (time.perf_counter() - start) * 1000)
+            except httpx.HTTPError:
+                tally.transport_errors[route] = tally.transport_errors.get(route, 0) + 1
+
+
+def run_load(clients: int, seconds: float, workdir: Path) -> dict:
+    """Start Redis, the API and the inference server; drive them; return the load section."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(ROOT))
+    from citi_engine.testing import make_tiny_model_dir
+    from tests.service.conftest import to_jsonl, training_lines
+
+    model = make_tiny_model_dir(workdir / "models" / "tiny-llama")
+    redis_port, api_port, inf_port = _free_port(), _free_port(), _free_port()
+    procs: list[subprocess.Popen] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CITI_", "AWS_"))}
+    env.update({
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "CITI_ARTIFACT_DIR": str(workdir / "artifacts"),
+        "CITI_API_KEYS": f"load:{KEY}", "CITI_MODEL_DIRS": str(Path(model).parent), "CITI_STORAGE": "local",
+        "CITI_DEVICE": "cpu", "CITI_INFERENCE_DEVICE": "cpu", "CITI_INFERENCE_URL": f"http://127.0.0.1:{inf_port}",
+        # Raised so the limiter never answers: the load measures the service.
+        "CITI_RATE_LIMIT_PER_MINUTE": "100000000", "CITI_MAX_ACTIVE_JOBS_PER_TENANT": "100000000",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    try:
+        redis_log = workdir / "redis.log"
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--logfile", str(redis_log)], start_new_session=True))
+        api_log, inf_log = workdir / "api.log", workdir / "inference.log"
+        with open(api_log, "ab") as out:
+            api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
+                                    str(api_port), "--log-level", "warning"], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(api)
+        with open(inf_log, "ab") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "worker.inference:app", "--host",
+                                           "127.0.0.1", "--port", str(inf_port), "--log-level", "warning"], cwd=ROOT,
+                                          env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        url = f"http://127.0.0.1:{api_port}"
+        _wait_http(url + "/healthz", api, api_log)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        r = httpx.post(url + "/v1/files", headers=headers, files={"file": ("t.jsonl", to_jsonl(training_lines()))},
+                       data={"purpose": "fine-tune"}, timeout=60)
+        r.raise_for_status()
+        job_body = {"model": model, "training_file": r.json()["id"], "budget": {"max_steps": 3}}
+        first = httpx.post(url + "/jobs", headers=headers, json=job_body, timeout=60)
+        first.raise_for_status()
+        chat_body = {"model": model, "max_tokens": 4, "temperature": 0,
+                     "messages": [{"role": "user", "content": "What's the weather in Paris?"}]}
+        chat_note = "chat on the tiny model through the inference server (max_tokens 4)"
+        try:
+            _wait_http(f"http://127.0.0.1:{inf_port}/healthz", procs[-1], inf_log)
+            warm = httpx.post(url + "/v1/chat/completions", headers=headers, json=chat_body, timeout=120)
+            chat_ok = warm.status_code == 200
+            if not chat_ok:
+                chat_note = f"chat left out: a preflight request answered {warm.status_code}: {warm.text[:300]}"
+        except RuntimeError as exc:
+            chat_ok, chat_note = False, f"chat left out: the inference server did not start ({str(exc)[:300]})"
+        mix = dict(MIX) if chat_ok else {k: v for k, v in MIX.items() if k != "chat"}
+
+        rss_before = _rss_mb(api.pid)
+        tally = Tally()
+        state = {"jobs": [first.json()["id"]], "job_body": job_body, "chat_body": chat_body}
+
+        rss_trend: list[float] = []
+
+        async def sample_rss(stop_at: float) -> None:
+            while time.monotonic() < stop_at:
+                await asyncio.sleep(seconds / 6)
+                rss_trend.append(round(_rss_mb(api.pid), 1))
+
+        async def drive() -> None:
+            stop_at = time.monotonic() + seconds
+            await asyncio.gather(sample_rss(stop_at),
+                                 *[_client(i, url, state, tally, stop_at, mix) for i in range(clients)])
+
+        started = time.perf_counter()
+        asyncio.run(drive())
+        elapsed = time.perf_counter() - started
+        time.sleep(2)
+        rss_after = _rss_mb(api.pid)
+        requests = sum(len(v) for v in tally.latency_ms.values())
+        return {
+            "clients": clients, "seconds": seconds, "elapsed_s": round(elapsed, 1), "requests": requests,
+            "requests_per_s": round(requests / elapsed, 1),
+            "server_errors": tally.count(lambda s: s >= 500), "rate_limited": tally.count(lambda s: s == 429),
+            "other_4xx": tally.count(lambda s: 400 <= s < 500 and s != 429),
+            "transport_errors": sum(tally.transport_errors.values()),
+            "p50_ms": {k: round(_percentile(v, 0.50), 1) for k, v in sorted(tally.latency_ms.items())},
+            "p99_ms": {k: round(_percentile(v, 0.99), 1) for k, v in sorted(tally.latency_ms.items())},
+            "requests_by_route": {k: len(v) for k, v in sorted(tally.latency_ms.items())},
+            "status_by_route": {k: {str(s): n for s, n in sorted(v.items())} for k, v in sorted(tally.status.items())},
+            "api_rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1), "during": rss_trend},
+            "jobs_created": len(state["jobs"]), "chat": chat_note,
+        }
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+
+def run_faults(workdir: Path) -> tuple[dict, dict, dict]:
+    """Run tests/reliability; returns (faults, fuzz, pytest summary)."""
+    out = workdir / "faults"
+    env = {**os.environ, "CITI_RELIABILITY_OUT": str(out), "HF_HUB_OFFLINE": "1"}
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    summary = {"command": "pytest -q tests/reliability", "exit_code": proc.returncode,
+               "seconds": round(time.time() - started, 1),
+               "result": (proc.stdout.strip().splitlines() or [""])[-1]}
+    if proc.returncode != 0:
+        print(proc.stdout[-6000:], proc.stderr[-3000:], file=sys.stderr)
+    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")} if out.is_dir() else {}
+    faults = {name: records.get(name, {"jobs": 0, "lost": None, "note": "the test did not run or failed"})
+              for name in FAULTS}
+    fuzz = records.get("fuzz", {"schemathesis_cases": 0, "server_errors": None, "upload_cases": 0,
+                                "upload_server_errors": None})
+    return faults, fuzz, summary
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    """The human-readable companion of reliability.json."""
+    lines = [f"# Reliability ({result['machine']})", "", f"Commit `{result['commit']}`, {result['date']}.", ""]
+    load = result.get("load")
+    if load:
+        lines += ["## Load", "",
+                  f"{load['clients']} concurrent clients for {load['seconds']} s on loopback (asyncio httpx driver, "
+                  "one uvicorn process, private Redis, rate limit raised, no training workers): "
+                  f"{load['requests']} requests ({load['requests_per_s']}/s), **{load['server_errors']} 5xx**, "
+                  f"{load['rate_limited']} 429, {load['other_4xx']} other 4xx, {load['transport_errors']} transport "
+                  f"errors. API RSS {load['api_rss_mb']['before']} MB before, {load['api_rss_mb']['after']} MB after "
+                  f"(during: {', '.join(str(x) for x in load['api_rss_mb'].get('during', []))}); "
+                  f"{load['jobs_created']} jobs created. {load['chat']}.", "",
+                  "| route | requests | p50 ms | p99 ms | statuses |", "|---|---:|---:|---:|---|"]
+        for route in load["p50_ms"]:
+            statuses = ", ".join(f"{s}: {n}" for s, n in load["status_by_route"][route].items())
+            lines.append(f"| {route} | {load['requests_by_route'][route]} | {load['p50_ms'][route]} | "
+                         f"{load['p99_ms'][route]} | {statuses} |")
+        lines += ["", "The driver runs on the same 2 cores as the API, the inference server and Redis (and this dev "
+                  "machine is shared), so the latencies are those of a saturated host: they measure queueing "
+                  "under 200 clients, not the cost of one request. Jobs are listed, read and streamed as JSON "
+                  "pages (`GET /jobs/{id}/events`); with no workers they stay queued, so SSE streams would never end.",
+                  ""]
+    faults = result.get("faults")
+    if faults:
+        lines += ["## Faults", "", f"From `{result['tests']['command']}`: {result['tests']['result']} "
+                  f"({result['tests']['seconds']} s).", "", "| fault | numbers |", "|---|---|"]
+        for name, numbers in faults.items():
+            lines.append(f"| {name} | " + ", ".join(f"{k} {v}" for k, v in numbers.items()) + " |")
+        lines += ["", "Redis restart: the test's own redis-server with `appendonly yes`, `appendfsync always`, "
+                  "killed with SIGKILL (not a graceful restart) while one job trained and one waited in the queue.",
+                  "", "## Fuzz", "", ", ".join(f"{k} {v}" for k, v in result["fuzz"].items()), ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--skip-faults", action="store_true", help="only the load test")
+    parser.add_argument("--skip-load", action="store_true", help="only the fault and fuzz tests")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+
+    result: dict = {"commit": _commit(), "machine": MACHINE, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    previous = args.out / "reliability.json"
+    if previous.is_file():  # a partial run keeps the other sections of the last full one
+        kept = json.loads(previous.read_text())
+        result.update({k: kept[k] for k in ("load", "faults", "fuzz", "tests") if k in kept})
+    with tempfile.TemporaryDirectory(prefix="citi-reliability-") as tmp:
+        if not args.skip_faults:
+            result["faults"], result["fuzz"], result["tests"] = run_faults(Path(tmp))
+        if not args.skip_load:
+            result["load"] = run_load(args.clients, args.seconds, Path(tmp))
+    ordered = {k: result[k] for k in ("commit", "machine", "date", "load", "faults", "fuzz", "tests") if k in result}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "reliability.json").write_text(json.dumps(ordered, indent=2) + "\n")
+    write_markdown(ordered, args.out / "reliability.md")
+    print(json.dumps(ordered, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
