@@ -27,6 +27,7 @@ from torch import nn
 
 from citi_engine.components import MODULE_ORDER, component_info, list_components, select_components
 from citi_engine.errors import Cancelled, CitiError
+from citi_engine.losses import causal_lm_loss
 
 TOOL_SET = "tool"
 
@@ -37,7 +38,8 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Summed rather than averaged so that every answer token weighs the same whatever batch it lands in;
     the constant disappears in the normalisation of M and C.
     """
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
     targets = labels[:, 1:].to(logits.device)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
 
@@ -106,21 +108,28 @@ class ImportanceProbe:
         return hook
 
     def step(self, batch: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> None:
-        """Forward and backward one batch (dict per CONTRACTS), accumulating into ``totals`` and ``n_tokens``."""
+        """Forward and backward one batch, accumulating into ``totals`` and ``n_tokens``.
+
+        A padded batch (dict per CONTRACTS) or a packed one from :mod:`citi_engine.packing` (no attention
+        mask; ``sequence_mask`` marks the real tokens and attention stays inside each sequence).
+        """
         if device is None:
             device = next(self.model.parameters()).device
-        input_ids = batch["input_ids"].to(device, non_blocking=True)
-        attention_mask = batch.get("attention_mask")
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        labels = batch["labels"].to(device, non_blocking=True)
-        kwargs = {}
-        if batch.get("position_ids") is not None:
-            kwargs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
-        self._mask = attention_mask
+        if "cu_seq_lens" in batch:  # packed
+            inputs = dict(batch)
+            mask = batch["sequence_mask"].to(device, non_blocking=True).any(0, keepdim=True)
+        else:
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            attention_mask = batch.get("attention_mask")
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+            inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": batch["labels"]}
+        self._mask = mask
         with torch.enable_grad():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-            answer_loss(out.logits, labels).backward()
-        n = attention_mask.sum()
+            # The output head runs on answer positions only (chunked), so no (batch x length x vocab) fp32 logits
+            # are held: scoring importance needs no more memory than a training step.
+            loss, _ = causal_lm_loss(self.model, inputs, reduction="sum")
+            loss.backward()
+        n = mask.sum()
         self.n_tokens = n if self.n_tokens is None else self.n_tokens + n
         self._mask = None
 
@@ -158,7 +167,9 @@ def compute_importance(
                 if should_cancel is not None and should_cancel():
                     raise Cancelled("the job was cancelled while scoring component importance")
                 probe.step(batch, device=device)
-                examples += int(batch["input_ids"].shape[0])
+                # A packed row holds several examples; task_type has one entry per example either way.
+                tt = batch.get("task_type")
+                examples += int(tt.numel()) if tt is not None else int(batch["input_ids"].shape[0])
                 done += 1
                 if on_progress is not None:
                     on_progress(done, total)

@@ -34,15 +34,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, need_hidden_grad, need_weight_grad):
         dtype = _compute_dtype(hidden)
+        acc = torch.promote_types(dtype, torch.float32)  # fp32 softmax and sums; fp64 stays fp64 (reference checks)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            total = torch.zeros((), dtype=acc, device=hidden.device)
             grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight_grad else None
             for start in range(0, hidden.shape[0], chunk_size):
                 h = hidden[start : start + chunk_size].to(dtype)
                 t = targets[start : start + chunk_size]
-                logits = (h @ w.T).float()
+                logits = (h @ w.T).to(acc)
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 if grad_hidden is None and grad_weight is None:
@@ -55,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk_size] = (g @ w).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight += (g.T @ h).float()
+                    grad_weight += (g.T @ h).to(acc)
         ctx.save_for_backward(
             grad_hidden if grad_hidden is not None else torch.empty(0),
             grad_weight if grad_weight is not None else torch.empty(0),

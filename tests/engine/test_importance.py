@@ -201,3 +201,20 @@ def test_importance_result_normalises_selects_and_saves(tmp_path):
     again = ImportanceResult.load(tmp_path)
     assert again.M == result.M and again.C == result.C and again.molora == result.molora and again.uco == result.uco
     assert again.T == result.T
+
+
+def test_packed_batches_score_the_same_as_padded_ones():
+    """Sequences packed into one row (attention kept inside each) give the same T_h as the same sequences padded."""
+    from citi_engine.packing import pack_examples, pad_batches
+
+    g = torch.Generator().manual_seed(5)
+    examples = []
+    for n in (7, 12, 9):
+        ids = torch.randint(1, VOCAB, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:], "task_type": 1})
+    model = tiny_llama()
+    packed = compute_importance(model, {"tool": pack_examples(examples, max_tokens=64, pad_id=PAD)})
+    padded = compute_importance(model, {"tool": pad_batches(examples, max_tokens=64, pad_id=PAD)})
+    assert packed.n_examples["tool"] == padded.n_examples["tool"] == 3
+    for name, value in padded.T["tool"].items():
+        assert packed.T["tool"][name] == pytest.approx(value, rel=1e-6), name
