@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,9 @@ from tests.service.conftest import (
     KEYS,
     base_env,
     claim_redis_db,
-    free_port,
     release_redis_db,
     start_api,
+    start_uvicorn,
     start_worker,
     stop_process,
     to_jsonl,
@@ -205,25 +204,7 @@ class Stack:
 
 def start_inference(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     """``uvicorn worker.inference:app`` on a free port, once /healthz answers."""
-    port = free_port()
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "worker.inference:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the inference server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    stop_process(proc)
-    raise RuntimeError(f"the inference server did not answer within 90 s:\n{log.read_text()[-3000:]}")
+    return start_uvicorn("worker.inference:app", env, log, name="the inference server", timeout=90)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from tests.service.conftest import (  # noqa: F401  (fixtures re-exported for th
     free_port,
     redis_db,
     service,
+    start_uvicorn,
     stop_process,
     tiny_model,
     uploaded,
@@ -96,26 +97,8 @@ def private_redis(tmp_path):
 
 
 def start_api_on(env: dict, log: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """``uvicorn api.main:app`` on ``port`` (a free one when None); waits for /healthz."""
-    port = port or free_port()
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the API exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_process(proc)
-    raise RuntimeError(f"the API did not answer within 60 s:\n{log.read_text()[-3000:]}")
+    """``uvicorn api.main:app`` on ``port`` (a free one when None; a restart reuses it); waits for /healthz."""
+    return start_uvicorn("api.main:app", env, log, port=port)
 
 
 def start_worker_on(env: dict, name: str, log: Path) -> Worker:

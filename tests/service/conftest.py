@@ -198,26 +198,32 @@ def base_env(db: int, artifact_dir: Path, model_root: Path) -> dict:
     return env
 
 
-def start_api(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_uvicorn(app: str, env: dict, log: Path, *, port: int | None = None, name: str = "the API",
+                  timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """``uvicorn <app>`` on ``port`` (a free one when None), in its own process group; returns once /healthz answers."""
+    port = port or free_port()
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
+            [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the API exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(url + "/healthz", timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the API did not answer within 60 s:\n{log.read_text()[-3000:]}")
+    stop_process(proc)
+    raise RuntimeError(f"{name} did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def start_api(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """The API on a free port, once it answers."""
+    return start_uvicorn("api.main:app", env, log)
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from tests.service.conftest import (
     claim_redis_db,
     free_port,
     start_api,
+    start_uvicorn,
     start_worker,
     stop_process,
 )
@@ -77,23 +76,7 @@ class UIService:
 
 
 def _start_inference(env: dict, port: int, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "worker.inference:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the inference server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    stop_process(proc)
-    raise RuntimeError(f"the inference server did not answer within 120 s:\n{log.read_text()[-3000:]}")
+    return start_uvicorn("worker.inference:app", env, log, port=port, name="the inference server", timeout=120)[0]
 
 
 @pytest.fixture(scope="session")
