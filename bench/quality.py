@@ -45,6 +45,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="any other model spec (HF directory, built-in name)")
     p.add_argument("--method", default="base,lora,full,citi", help="comma list of base, lora, full, citi")
     p.add_argument("--seed", default="0", help="comma list of seeds")
+    p.add_argument("--plan", default=None, help="file of option lines, one set of runs each, laid over the other "
+                   "options (e.g. `--method lora --lr 1e-4,2e-4`); all its runs share the --jobs/--gpus pool")
     p.add_argument("--label", default=None, help="name of the configuration in the merged results (default: the "
                    "method, plus the overridden settings)")
     p.add_argument("--data", default=str(REPO / ".data" / "bfcl"),
@@ -107,8 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "/tmp/citi-quality-work); kept out of --out so adapters are not shipped with the results")
     p.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter after it is evaluated")
     p.add_argument("--force", action="store_true", help="rerun runs whose result file exists")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (one GPU is "
-                   "shared; SmolLM2 runs fit many times over)")
+    p.add_argument("--missing", action="store_true", help="run nothing: list the runs without a result file and "
+                   "exit 1 if there are any (a script's check that a sweep is complete)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time per GPU, each in its own process (SmolLM2 "
+                   "runs share a card; about 4 fit an 80 GB card)")
+    p.add_argument("--gpus", default=None, help="comma list of GPU indices to spread the runs over (each run sees "
+                   "one, through CUDA_VISIBLE_DEVICES; --jobs runs at a time on each); default: leave the "
+                   "visible devices alone")
     p.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when visible)")
     p.add_argument("--dtype", default=None, help="dtype of the frozen model (default: bf16 on GPU, fp32 on CPU)")
@@ -382,34 +390,60 @@ def run_in_process(args: argparse.Namespace, run: dict) -> int:
     return 0
 
 
-def drive(args: argparse.Namespace, runs: list[dict]) -> int:
-    """Run each configuration in its own process, ``--jobs`` at a time; logs go to ``<out>/logs``."""
+def child_env(gpu: str | None, threads: int) -> dict[str, str]:
+    """The environment of one run: its GPU (when runs are spread over several) and its share of the CPU threads.
+
+    Without a thread cap every run's torch takes all cores, and a dozen runs on one host spend their time
+    fighting over them (GGUF dequantisation and the decode loop are CPU-bound).
+    """
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
+
+
+def drive(args: argparse.Namespace, runs: list[tuple[argparse.Namespace, dict]]) -> int:
+    """Run each configuration in its own process, ``--jobs`` at a time per GPU; logs go to ``<out>/logs``.
+
+    ``runs`` pairs each run with its own options (see :func:`planned_runs`); ``args`` (the command line's)
+    says where, how many at once and until when.
+    """
     logs = Path(args.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    pending = list(runs)
-    running: list[tuple[dict, subprocess.Popen, object, float]] = []
+    gpus: list[str | None] = split_list(args.gpus) if args.gpus else [None]
+    slots = max(1, args.jobs) * len(gpus)
+    threads = max(1, (os.cpu_count() or 2) // slots)
+    # Longest first (CITI has three stages, replay and scoring; the base model only evaluates), so the last
+    # wave is short runs and no card waits long on one straggler.
+    pending = sorted(runs, key=lambda item: ("citi", "full", "lora", "base").index(item[1]["method"]))
+    running: list[tuple] = []
     failed = []
     began = time.perf_counter()
     while pending or running:
         if pending and args.deadline is not None and time.perf_counter() - began > args.deadline:
             print(f"deadline reached: {len(pending)} run(s) not started; run the command again", flush=True)
             pending.clear()
-        while pending and len(running) < max(1, args.jobs):
-            run = pending.pop(0)
+        while pending and len(running) < slots:
+            run_args, run = pending.pop(0)
+            load = {g: sum(1 for item in running if item[4] == g) for g in gpus}
+            gpu = min(gpus, key=lambda g: load[g])  # the least busy card
             log = open(logs / f"{run['run_id']}.log", "w")  # noqa: SIM115 - closed when the run ends
-            proc = subprocess.Popen(child_argv(args, run), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-            running.append((run, proc, log, time.perf_counter()))
-            print(f"started {run['run_id']} (pid {proc.pid})", flush=True)
+            proc = subprocess.Popen(child_argv(run_args, run), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                    env=child_env(gpu, threads))
+            running.append((run, proc, log, time.perf_counter(), gpu, run_args))
+            where = "" if gpu is None else f" on GPU {gpu}"
+            print(f"started {run['run_id']}{where} (pid {proc.pid})", flush=True)
         time.sleep(2)
         for item in list(running):
-            run, proc, log, started = item
+            run, proc, log, started, _gpu, run_args = item
             if proc.poll() is None:
                 continue
             log.close()
             running.remove(item)
             took = time.perf_counter() - started
             if proc.returncode == 0:
-                rec = json.loads(result_path(args, run).read_text())
+                rec = json.loads(result_path(run_args, run).read_text())
                 print(f"done {run['run_id']} in {took:.0f}s: tool {rec['tool_accuracy']:.3f}, retention "
                       f"{rec['general_retention']:.4f}", flush=True)
             else:
@@ -421,17 +455,55 @@ def drive(args: argparse.Namespace, runs: list[dict]) -> int:
     return 1 if failed else 0
 
 
+def planned_runs(argv: list[str], args: argparse.Namespace) -> list[tuple[argparse.Namespace, dict]]:
+    """The runs to make, each with its own options: those of the command line, or one set per ``--plan`` line.
+
+    A plan line holds options laid over the command line's (``--method lora --lr 1e-4,2e-4``), so runs of
+    different methods with different sweeps share one pool of workers and the cards stay busy.
+    """
+    if not args.plan:
+        return [(args, run) for run in expand(args)]
+    common = []
+    skip = False
+    for item in argv:  # the command line without its --plan
+        if skip:
+            skip = False
+        elif item == "--plan":
+            skip = True
+        elif not item.startswith("--plan="):
+            common.append(item)
+    out: list[tuple[argparse.Namespace, dict]] = []
+    for number, line in enumerate(Path(args.plan).read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            line_args = build_parser().parse_args(common + shlex.split(line))
+        except SystemExit as exc:
+            raise SystemExit(f"{args.plan} line {number}: bad options {line!r}") from exc
+        out.extend((line_args, run) for run in expand(line_args))
+    ids = [run["run_id"] for _, run in out]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise SystemExit(f"{args.plan}: runs named twice: {', '.join(repeated)} (give them different settings)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    runs = expand(args)
-    todo = [r for r in runs if args.force or not result_path(args, r).is_file()]
+    runs = planned_runs(argv, args)
+    todo = [(a, r) for a, r in runs if args.force or not result_path(a, r).is_file()]
+    if args.missing:
+        for _, run in todo:
+            print(f"missing {run['run_id']}")
+        return 1 if todo else 0
     skipped = len(runs) - len(todo)
     if skipped:
         print(f"{skipped} run(s) already have results in {args.out} (use --force to rerun)", flush=True)
     if not todo:
         return 0
     if len(todo) == 1 and args.jobs <= 1:
-        return run_in_process(args, todo[0])
+        return run_in_process(*todo[0])
     return drive(args, todo)
 
 

@@ -1,6 +1,10 @@
 """Pick each method's best configuration from a validation sweep (by tool accuracy) and print quality.py flags.
 
-    python bench/quality_select.py SWEEP_DIR            # one line per method: "<method> <flags...>"
+    python bench/quality_select.py SWEEP_DIR > plan.txt   # one line per method: "--method M <flags...>"
+    python bench/quality.py --plan plan.txt --seed 0,1,2 --split test ...
+
+The lines are a ``bench/quality.py --plan`` file; the base model's line pins ``--seed 0`` (nothing is trained,
+so other seeds would repeat it).
 
 Ties on tool accuracy go to the higher general retention. The choice and every swept value are written to
 SWEEP_DIR/selection.json, so the merge step can say what was swept.
@@ -30,7 +34,8 @@ def main(argv: list[str]) -> int:
                        "general_retention": r["general_retention"]} for r in rs],
         }
         flags = " ".join(f"--{k.replace('_', '-')} {v!r}" for k, v in best["overrides"].items())
-        print(f"{method} {flags}".strip())
+        seed = " --seed 0" if method == "base" else ""
+        print(f"--method {method} {flags}{seed}".replace("  ", " ").strip())
     (sweep / "selection.json").write_text(json.dumps(selection, indent=1))
     return 0
 
