@@ -218,6 +218,9 @@ def child_argv(args: argparse.Namespace, run: dict) -> list[str]:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout (``+dirty`` with uncommitted changes), or ``CITI_COMMIT`` for a copy without .git."""
+    if os.environ.get("CITI_COMMIT"):
+        return os.environ["CITI_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):

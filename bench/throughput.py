@@ -291,6 +291,9 @@ def peak_flops(card: str) -> tuple[float | None, str]:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout, or ``CITI_COMMIT`` for a copy without .git (a snapshot sent to a GPU machine)."""
+    if os.environ.get("CITI_COMMIT"):
+        return os.environ["CITI_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None
