@@ -12,9 +12,10 @@ and the job's config, so :func:`load_adapter` needs nothing but the directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,35 @@ def _versions() -> dict[str, str]:
             "torch": torch.__version__}
 
 
+@contextlib.contextmanager
+def _gguf_marks_dropped(model: nn.Module) -> Iterator[None]:
+    """Let transformers save a model that was read from a GGUF file, as the plain weights it now holds.
+
+    transformers dequantises GGUF tensors at load time but keeps the model marked as quantized, and then
+    refuses ``save_pretrained``. The weights are ordinary tensors, so the mark is lifted while saving (and
+    the saved ``config.json`` carries no quantization section: the directory loads as a plain HF model).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(model, "config", None)
+    qconfig = getattr(config, "quantization_config", None)
+    method = str(getattr(qconfig, "quant_method", "")).lower()
+    if "gguf" not in type(quantizer).__name__.lower() and "gguf" not in method:
+        yield
+        return
+    flags = {name: getattr(model, name) for name in ("hf_quantizer", "is_quantized") if hasattr(model, name)}
+    try:
+        for name in flags:
+            setattr(model, name, None if name == "hf_quantizer" else False)
+        if qconfig is not None:
+            del config.quantization_config
+        yield
+    finally:
+        for name, value in flags.items():
+            setattr(model, name, value)
+        if qconfig is not None:
+            config.quantization_config = qconfig
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
     """Save a tuned model into ``out_dir`` and return it.
 
@@ -238,7 +268,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, metadata: Mapping
         return sorted(names or [], key=lambda n: order.get(n, len(order)))
 
     if method == "full":
-        model.save_pretrained(out, safe_serialization=True)
+        with _gguf_marks_dropped(model):
+            model.save_pretrained(out, safe_serialization=True)
         components: dict[str, Any] = {}
     else:
         # README.md is the job's model card, written by its caller: keep peft's generated card out of it.
