@@ -1,6 +1,8 @@
 """Merge quality run files (bench/quality.py) into bench/results/quality.{json,md,png}.
 
     python bench/quality_merge.py RUN_DIR [RUN_DIR ...] [--out bench/results] [--bootstrap 10000]
+    # the chosen configuration of each method from a sweep, keyed by method, as quality_val.*:
+    python bench/quality_merge.py SWEEP_DIR --labels base,lora_lr0.001,... --by-method --prefix quality_val
 
 Runs are grouped by label (the method, or the name given with ``--label``). For each label: means
 over seeds and the per-seed values of tool accuracy, irrelevance accuracy, parse rate, general
@@ -123,7 +125,7 @@ def _fmt(x, pct=False, digits=3) -> str:
 
 def render_markdown(merged: dict) -> str:
     lines = [
-        "# Quality: tool-call accuracy vs general retention", "",
+        f"# {merged.get('title') or 'Quality: tool-call accuracy vs general retention'}", "",
         f"Card: {merged['card']}; model: {merged['model']}; split: {merged['split']}; seeds: {merged['seeds']}; "
         f"commit: {merged['commit'] or 'unknown'}.", "",
         "Tool accuracy: AST-judged on the BFCL-derived split (function-disjoint from training). General retention: "
@@ -134,6 +136,8 @@ def render_markdown(merged: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, m in merged["methods"].items():
+        if m.get("label", label) != label:
+            label = f"{label} ({m['label']})"
         lines.append(
             f"| {label} | {_fmt(m['tool_accuracy'], True)} | {_fmt(m['irrelevance_accuracy'], True)} | "
             f"{_fmt(m['parse_rate'], True)} | {_fmt(m['general_retention'], digits=4)} | {_fmt(m['kl'], digits=4)} | "
@@ -162,7 +166,10 @@ def render_markdown(merged: dict) -> str:
                     if ta else "n/a")
             ret = f"{gr['diff']:+.4f} [{gr['ci95'][0]:+.4f}, {gr['ci95'][1]:+.4f}]" if gr else "n/a"
             lines.append(f"| {name} | {c.get('seeds')} | {tool} | {ret} |")
-    lines += ["", "![tool accuracy vs general retention](quality.png)", ""]
+    if merged.get("not_measured"):
+        lines += ["", "## Not measured", ""]
+        lines += [f"- {method}: {why}" for method, why in merged["not_measured"].items()]
+    lines += ["", f"![tool accuracy vs general retention]({merged.get('plot', 'quality.png')})", ""]
     return "\n".join(lines)
 
 
@@ -222,18 +229,45 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of A:B label pairs for paired bootstrap differences A - B")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap iterations")
     p.add_argument("--commit", default=None, help="commit to record (default: the runs')")
+    p.add_argument("--labels", default=None, help="comma list: merge only runs of these labels")
+    p.add_argument("--by-method", action="store_true", help="key the results by method (base, lora, full, citi) "
+                   "instead of by label; each method must then have one label")
+    p.add_argument("--expect", default="base,lora,full,citi", help="with --by-method: methods the results should "
+                   "have; those without runs are listed as not measured")
+    p.add_argument("--missing-note", default="no run finished", help="why an expected method has no runs")
+    p.add_argument("--prefix", default="quality", help="file names: PREFIX.json, PREFIX.md, PREFIX.png")
+    p.add_argument("--title", default=None, help="heading of the markdown file")
     args = p.parse_args(argv)
     runs = load_runs(args.runs)
+    if args.labels:
+        keep = set(args.labels.split(","))
+        runs = [r for r in runs if r["label"] in keep]
     if not runs:
         print(f"no run files found in {args.runs}", file=sys.stderr)
         return 1
+    labels_of: dict[str, set[str]] = defaultdict(set)
+    for r in runs:
+        labels_of[r["method"]].add(r["label"])
+    if args.by_method:
+        several = {m: sorted(ls) for m, ls in labels_of.items() if len(ls) > 1}
+        if several:
+            print(f"--by-method needs one label per method; pick with --labels: {several}", file=sys.stderr)
+            return 2
+        for r in runs:
+            r["label_given"], r["label"] = r["label"], r["method"]
     pairs = [tuple(c.split(":", 1)) for c in args.compare.split(",") if ":" in c]
     merged = merge(runs, pairs, args.bootstrap, args.commit)
+    if args.by_method:
+        for method, m in merged["methods"].items():
+            m["label"] = next(iter(labels_of[method]))
+        merged["not_measured"] = {m: args.missing_note for m in args.expect.split(",") if m and m not in labels_of}
+    merged["title"] = args.title
+    merged["plot"] = f"{args.prefix}.png"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(merged, indent=1))
-    (out / "quality.md").write_text(render_markdown(merged))
-    plot(merged, out / "quality.png")
+    (out / f"{args.prefix}.json").write_text(json.dumps(merged, indent=1))
+    (out / f"{args.prefix}.md").write_text(render_markdown(merged))
+    plot(merged, out / f"{args.prefix}.png")
     print(render_markdown(merged))
     return 0
 

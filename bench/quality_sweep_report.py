@@ -29,20 +29,34 @@ def main(argv: list[str]) -> int:
                                            "parse_rate", "general_retention", "kl", "agreement",
                                            "humaneval_nll_delta", "per_category", "train_seconds", "steps",
                                            "stage_steps", "n_test", "n_probes")})
-    card = runs[0]["card"] if runs else "?"
+    card = " / ".join(sorted({r["card"] for r in runs})) or "?"
+    commits = sorted({r.get("commit") or "?" for r in runs})
+    selection = json.loads((sweep / "selection.json").read_text()) if (sweep / "selection.json").is_file() else {}
+    chosen = {v["label"] for v in selection.values()}
+    for row in rows:
+        row["chosen"] = row["label"] in chosen
+    plan_file = sweep / "sweep_plan.txt"
+    plan = [ln for ln in plan_file.read_text().splitlines() if ln.strip()] if plan_file.is_file() else []
     summary = {"card": card, "model": runs[0]["model"] if runs else None, "split": "val", "seeds": [0],
-               "commit": (argv[1] if len(argv) > 1 else None) or (runs[0]["commit"] if runs else None), "runs": rows, "failed_runs": failed}
+               "commit": (argv[1] if len(argv) > 1 else None) or " / ".join(commits), "plan": plan,
+               "selection": {m: v["label"] for m, v in selection.items()}, "runs": rows, "failed_runs": failed}
     (OUT / "quality_sweep.json").write_text(json.dumps(summary, indent=1))
 
     lines = [f"# Quality sweep on the validation split (one seed), {card}", "",
              f"Model: {summary['model']}. Commit: {summary['commit']}. Validation split: {rows[0]['n_test'] if rows else 0} "
              "BFCL cases whose functions appear in neither train nor test. Retention on "
-             f"{rows[0]['n_probes'] if rows else 0} general probe prompts.", "",
+             f"{rows[0]['n_probes'] if rows else 0} general probe prompts. Each method's chosen configuration "
+             "(highest validation tool accuracy, ties to the higher retention) is in **bold**.", ""]
+    if plan:
+        lines += ["What was swept (`bench/quality.py --plan` lines; comma lists are crossed):", "", "```",
+                  *plan, "```", ""]
+    lines += [
              "| run | tool acc | irrelevance | parses as call | general_retention = exp(-KL) | KL | agreement | HumanEval NLL change | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         he = r["humaneval_nll_delta"]
-        lines.append(f"| {r['label']} | {r['tool_accuracy']:.3f} | {r['irrelevance_accuracy']:.3f} | "
+        name = f"**{r['label']}**" if r["chosen"] else r["label"]
+        lines.append(f"| {name} | {r['tool_accuracy']:.3f} | {r['irrelevance_accuracy']:.3f} | "
                      f"{(r['parse_rate'] or 0):.3f} | {r['general_retention']:.3f} | {r['kl']:.3f} | "
                      f"{r['agreement']:.3f} | {he:+.3f} | {(r['train_seconds'] or 0):.0f} |")
     lines += ["", "Per category:", "", "| run | " + " | ".join(sorted(rows[0]["per_category"])) + " |",
@@ -50,8 +64,7 @@ def main(argv: list[str]) -> int:
     for r in rows:
         lines.append(f"| {r['label']} | " + " | ".join(f"{r['per_category'][c]:.2f}" for c in sorted(r["per_category"])) + " |")
     if failed:
-        lines += ["", "Runs that did not finish (CUDA out of memory: eleven runs shared one 80 GB card): "
-                  + ", ".join(failed) + "."]
+        lines += ["", "Runs that failed (see their logs): " + ", ".join(failed) + "."]
     (OUT / "quality_sweep.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib

@@ -166,6 +166,7 @@ def markdown(doc: dict[str, Any], runs: list[dict], micro: list[dict], ddp: list
         "",
         f"Data: {first.get('data_source', 'n/a')}.",
         "",
+        *[f"Note: {n}" + ("\n" if i == len(doc.get("notes") or []) - 1 else "") for i, n in enumerate(doc.get("notes") or [])],
         "MFU = tokens/s x (4N + 2N_t) / peak (N: every matmul weight incl. the output head, excl. the embedding; "
         f"N_t: trained base weights, stage 3 and full). Peak: {first.get('peak_note', 'n/a')}.",
         "",
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dirs", nargs="+", help="folders (or .tgz files) holding the run JSONs and logs")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     p.add_argument("--allow-mixed-cards", action="store_true", help="merge runs from different cards anyway")
+    p.add_argument("--note", action="append", default=[], help="a line about how the runs were made (repeatable)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         return merge(args, unpack(args.dirs, Path(scratch)))
@@ -241,6 +243,7 @@ def merge(args: argparse.Namespace, dirs: list[Path]) -> int:
         "not_run": [{k: r.get(k) for k in ("shape", "method", "packing", "status", "reason")} for r in not_run],
         "micro_molora": micro,
         "ddp": ddp,
+        "notes": args.note,
     }
     results = Path(args.results)
     raw = results / "throughput_raw"

@@ -11,13 +11,22 @@ reduction in its own ``forward``, and our loss runs the decoder and the output h
 (:func:`citi_engine.losses.causal_lm_loss`), so the whole loss must run inside that forward. DDP
 looks at which parameters require grad when it is built: wrap again after
 :func:`citi_engine.adapter.set_trainable` switches stages.
+
+Every process must make the same decisions at the same moments, or one waits forever in a
+collective the others never join. The trainer keeps them in step with a few helpers here: work done
+on rank 0 alone and its result (or its exception) shared (:func:`run_on_main`), flags that stop
+every process when any one raises them (:func:`any_rank`), and values every process agrees on
+(:func:`max_over_ranks`, :func:`sum_over_ranks`).
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import pickle
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,13 +62,16 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer; start the job with torchrun") from exc
 
 
-def init_distributed(backend: str | None = None, device: str | None = None) -> DistInfo:
+def init_distributed(backend: str | None = None, device: str | None = None,
+                     timeout_s: float | None = None) -> DistInfo:
     """Join the process group that ``torchrun`` set up; return this process's :class:`DistInfo`.
 
     Without torchrun's variables (or with ``WORLD_SIZE=1``) nothing is initialised and the device
     is ``device`` or ``cuda`` when visible. On GPUs the backend is NCCL, each process on GPU
     ``LOCAL_RANK``; ``NCCL_NVLS_ENABLE`` defaults to 0 (NVLink SHARP multicast needs fabric
     support that shared hosts often lack, and a failed multicast setup hangs the first collective).
+    ``device="cpu"`` runs CPU processes over gloo (tests). ``timeout_s`` is how long a collective
+    may wait for the slowest process (torch's default when None).
     """
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -80,8 +92,16 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> D
         device = f"cuda:{local}"
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"))
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"), timeout=timeout)
     return DistInfo(rank=rank, local_rank=local, world_size=world, device=device)
+
+
+def is_initialized() -> bool:
+    """True when this process is already in a process group (its caller set one up)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_main(info: DistInfo | None = None) -> bool:
@@ -148,16 +168,116 @@ def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out
 
 
-class LossModule(nn.Module):
-    """``forward(batch) -> loss``: ``loss_fn(model, batch)`` as a module, so DDP can wrap the whole loss."""
+def _flags_tensor(values: Sequence[float], info: DistInfo) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor]):
+
+def any_rank(flags: Sequence[bool], info: DistInfo) -> list[bool]:
+    """Each flag, true on every process when it is true on any one (one collective for all of them)."""
+    if not info.enabled:
+        return [bool(f) for f in flags]
+    return [v > 0 for v in all_reduce_max(_flags_tensor(flags, info), info).tolist()]
+
+
+def max_over_ranks(values: Sequence[float], info: DistInfo) -> list[float]:
+    """Each value's maximum over all processes: one number every process agrees on (e.g. elapsed time)."""
+    if not info.enabled:
+        return [float(v) for v in values]
+    return all_reduce_max(_flags_tensor(values, info), info).tolist()
+
+
+def sum_over_ranks(values: Sequence[float], info: DistInfo) -> list[float]:
+    """Each value summed over all processes (e.g. the parts of one step's loss)."""
+    if not info.enabled:
+        return [float(v) for v in values]
+    return all_reduce_sum(_flags_tensor(values, info), info).tolist()
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], info: DistInfo) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (every process passes them in the same order)."""
+    if not info.enabled:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every process's ``obj`` (picklable), in rank order, on every process."""
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _shareable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling, else a RuntimeError that carries its type and message."""
+    # An exception pickles as its type and args (BaseException.__reduce__), and comes back through
+    # type(exc)(*args) on the other side: rebuild it that way here, so one that cannot be rebuilt is
+    # sent as a plain copy instead of failing on the receiving process.
+    try:
+        pickle.dumps(exc)
+        type(exc)(*exc.args)
+        return exc
+    except Exception:  # noqa: BLE001 - any problem means "send a plain copy"
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def run_on_main(fn: Callable[[], T], info: DistInfo) -> T:
+    """Run ``fn`` on rank 0 only and return its result on every process.
+
+    An exception raised by ``fn`` (a cancel included) is raised on every process, so none waits
+    for a result that never comes. The result must be picklable. Without several processes this
+    is just ``fn()``.
+    """
+    if not info.enabled:
+        return fn()
+    import torch.distributed as dist
+
+    payload: list[Any] = [None]
+    error: BaseException | None = None
+    if info.rank == 0:
+        try:
+            payload[0] = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - shared with the other processes, then raised here too
+            error = exc
+            payload[0] = ("error", _shareable(exc))
+    dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if error is not None:
+        raise error
+    if kind == "error":
+        raise value
+    return value
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the names and exact bytes of ``tensors`` (sorted by name): equal only for equal weights."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class LossModule(nn.Module):
+    """``forward(batch, **kw) -> loss``: ``loss_fn(model, batch, **kw)`` as a module, so DDP can wrap the whole loss."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Any]):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch: dict[str, Any], **kwargs: Any) -> Any:
+        return self.loss_fn(self.model, batch, **kwargs)
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo, **kwargs: Any) -> nn.Module:
@@ -169,9 +289,14 @@ def wrap_ddp(module: nn.Module, info: DistInfo, **kwargs: Any) -> nn.Module:
     """
     if not info.enabled:
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    options: dict[str, Any] = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+    # No buffer sync in forward: torch 2.13 renamed the switch (the old name still works, with a warning).
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+    options: dict[str, Any] = {"gradient_as_bucket_view": True, no_buffer_sync: False}
     if info.device.startswith("cuda"):
         options["device_ids"] = [info.local_rank]
         options["output_device"] = info.local_rank

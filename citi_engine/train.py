@@ -16,14 +16,32 @@ needs each example's task type, so the mixed data holds tool and general example
 precision: the frozen model may run in bf16 on GPU, but every trained tensor is fp32 and the
 forward runs under ``torch.autocast(bf16)``; on CPU everything is fp32.
 
+Batches: a step is ``batch_size x gradient_accumulation_steps`` examples, padded in micro-batches of
+``batch_size``, or packed into rows of at most ``pack_tokens`` tokens (``packing``; on by default on
+GPUs with a checked variable-length attention kernel). Either way the loss of a step is the same:
+cross-entropy summed over all its answer tokens divided by their number, plus ``beta`` times each
+micro-batch's routing loss weighted by its share of the step's examples (the routing loss sums the
+router weights per example, over ``attention_mask`` when padded and ``sequence_mask`` when packed,
+and takes each example's task type).
+
+Data-parallel: started by ``torchrun`` (``WORLD_SIZE`` > 1), every process runs this recipe on a
+copy of the model. A step keeps its examples; each process trains its share of them
+(:func:`~citi_engine.training.batches.rank_share`) and DDP averages the gradients, so the weights
+follow the same path as in one process and steps and tokens count the whole job. Replay and
+importance run on rank 0 and are shared; cancel, budget ends and the time plan are agreed on by all
+processes every step; only rank 0 writes checkpoints, the adapter and events, and evaluates.
+
 Progress and cancellation reach the recipe as a callback and a flag (``on_event``,
 ``should_cancel``); it knows nothing of queues or HTTP. ``should_cancel`` is checked before every
-step of every phase (scoring, replay, training, evaluation), so a cancel takes effect within one step.
+step of every phase (scoring, replay, training, evaluation), so a cancel takes effect within one step
+(with several processes: on all of them, when any one of them sees it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import json
 import math
 import time
@@ -36,15 +54,28 @@ import torch
 
 from citi_engine.budget import JobClock, StagePlan, check_budget, plan_stages
 from citi_engine.data.schemas import Problem, TaskType, task_type_of
+from citi_engine.distributed import (
+    DistInfo,
+    LossModule,
+    any_rank,
+    broadcast_tensors,
+    gather_objects,
+    max_over_ranks,
+    run_on_main,
+    sum_over_ranks,
+    tensors_sha256,
+    wrap_ddp,
+)
 from citi_engine.errors import Cancelled, DataValidationError
 from citi_engine.training.batches import (
-    IGNORE_INDEX,
     StageOrder,
+    answer_tokens,
     count_tokens,
-    micro_batches,
     natural_steps,
+    rank_share,
     sample_indices,
     split_test,
+    step_batches,
 )
 from citi_engine.training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from citi_engine.training.config import (
@@ -66,10 +97,12 @@ __all__ = [
     "Hyperparameters",
     "JobContext",
     "TrainState",
+    "accumulate_gradients",
     "finetune",
     "lr_factor",
     "run_importance",
     "run_stage",
+    "step_loss_module",
 ]
 
 EventFn = Callable[[dict], None]
@@ -77,6 +110,10 @@ CancelFn = Callable[[], bool]
 
 # Steps timed before a time budget is turned into steps (the first one includes warm-up costs).
 SPEED_PROBE_STEPS = 3
+# How long a data-parallel process waits in a collective for the others before the job fails: rank 0
+# alone builds the replay data, scores importance and writes checkpoints while the others wait
+# (minutes on a large model), and a process stuck for longer will not come back.
+DIST_TIMEOUT_S = 1800.0
 
 
 @dataclass
@@ -90,6 +127,8 @@ class FinetuneResult:
     report_path: str | None = None
     stage_steps: dict[str, int] = field(default_factory=dict)
     final_loss: float | None = None
+    # Data-parallel runs only: SHA-256 of every trained tensor, checked equal on all processes.
+    trained_sha256: str | None = None
 
 
 # ----------------------------------------------------------------------------------------- the recipe
@@ -103,13 +142,21 @@ def finetune(
     Raises :class:`DataValidationError` (every problem listed) for bad data, :class:`BudgetError`
     for a budget too small (before any model is loaded), :class:`Cancelled` when ``should_cancel()``
     turns true, :class:`ModelSpecError` for a model that cannot be loaded.
+
+    Under ``torchrun`` every process calls this; it joins the process group (or uses the caller's),
+    and every process returns the same steps and tokens. Only rank 0 calls ``on_event``, writes
+    files and evaluates (``report_path`` is None elsewhere).
     """
+    from citi_engine.distributed import cleanup, init_distributed, is_initialized
+
+    owns_group = not is_initialized()
+    dist = init_distributed(device=cfg.device, timeout_s=DIST_TIMEOUT_S)
     out_dir = Path(cfg.out_dir)
     ckpt_root = out_dir / "checkpoints"
     resume = latest_checkpoint(ckpt_root)
     if resume is not None:
         _check_same_job(resume, cfg)
-    job = JobContext(on_event, should_cancel, JobClock(resume.meta["elapsed_s"] if resume else 0.0))
+    job = JobContext(on_event, should_cancel, JobClock(resume.meta["elapsed_s"] if resume else 0.0), dist=dist)
     hp = cfg.hyperparameters
     stages = list(cfg.stages)
     if resume is not None:
@@ -130,22 +177,27 @@ def finetune(
     job.check_cancel("loading")
     from citi_engine.models import load_model
 
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, model_dirs=cfg.model_dirs)
+    model, tokenizer = load_model(cfg.model, device=dist.device if dist.enabled else cfg.device, dtype=cfg.dtype,
+                                  model_dirs=cfg.model_dirs)
     device = next(model.parameters()).device
     frozen_dtype = model.get_input_embeddings().weight.dtype
     job.check_cancel("loading")
+    packing, attention_before = _choose_packing(job, cfg, model, device)
 
     # 4. citi: general data (replay when the job brought none), importance, component selection.
-    #    A resumed job reads all three from its checkpoint instead of redoing them.
+    #    A resumed job reads all three from its checkpoint instead of redoing them. With several
+    #    processes rank 0 does both and shares the results (and any error, a cancel included).
     replay, gen_s_per_item, importance = [], None, None
     if resume is not None:
         replay, gen_s_per_item, importance = _restore_prepared(resume, cfg)
     elif cfg.method == "citi" and not general:
-        replay, gen_s_per_item = _build_replay(job, cfg, model, tokenizer)
+        replay, gen_s_per_item = run_on_main(lambda: _build_replay(job, cfg, model, tokenizer), dist)
     if replay:
         general = _encode(tokenizer, replay, None, hp.max_length, "replay")
     if cfg.method == "citi" and importance is None:
-        importance = _score_components(job, cfg, model, tokenizer, tool, general, "replay" if replay else "general")
+        general_name = "replay" if replay else "general"
+        importance = run_on_main(
+            lambda: _score_components(job, cfg, model, tokenizer, tool, general, general_name, packing=packing), dist)
     components = {"molora": list(importance.molora), "uco": list(importance.uco)} if importance else \
         {"molora": [], "uco": []}
 
@@ -176,8 +228,12 @@ def finetune(
     else:
         natural = [natural_steps(len(pool), e, per_step) for e in cfg.stage_epochs()]
         plan = plan_stages(stages, cfg.stage_epochs(), natural, cfg.budget, tokens_per_step=tokens_per_step)
-    saver = _Saver(cfg, ckpt_root, trainable, plan, state, job, components, importance, replay, gen_s_per_item)
-    if resume is None:
+    # Every process starts from rank 0's weights (the same seed made them equal already; this makes sure).
+    broadcast_tensors([trainable["params"][n] for n in trainable["names"]], dist)
+    saver = None
+    if dist.rank == 0:
+        saver = _Saver(cfg, ckpt_root, trainable, plan, state, job, components, importance, replay, gen_s_per_item)
+    if resume is None and saver is not None:
         saver.save(kind="boundary")  # scoring and replay are not redone after a crash
     reserve_s = _time_reserved_after_training(cfg, data, gen_s_per_item)
     stage_losses: dict[str, float | None] = {}
@@ -190,9 +246,24 @@ def finetune(
             routing_loss=routing_loss if cfg.method == "citi" else None,
             device=device, frozen_dtype=frozen_dtype, pad_id=_pad_id(tokenizer),
             optimizer_state=resumed_optimizer if si == first_stage else None, saver=saver, reserve_s=reserve_s,
+            packing=packing, dist=dist,
         )
         state.stage_index, state.stage_step = si + 1, 0
-        saver.save(kind="boundary")
+        if saver is not None:
+            saver.save(kind="boundary")
+    if attention_before is not None:  # the adapter and evaluation see the model as it was loaded
+        _base_model(model).set_attn_implementation(attention_before)
+    stage_steps = dict(zip(plan.names, plan.steps, strict=True))
+    final_loss = next((v for v in reversed(stage_losses.values()) if v is not None), None)
+    trained_sha256 = None
+    if dist.enabled:
+        trained_sha256 = _agreed_weights(trainable, dist)  # the last collective of the run
+        if owns_group:
+            cleanup(dist)
+        if dist.rank != 0:
+            return FinetuneResult(adapter_dir=str(out_dir), trained_tokens=state.tokens, steps=plan.total_steps,
+                                  components=components, stage_steps=stage_steps, final_loss=final_loss,
+                                  trained_sha256=trained_sha256)
 
     # 7. Save the adapter, what chose its components, and how to load it.
     job.stage("saving")
@@ -202,15 +273,13 @@ def finetune(
     save_adapter(model, out_dir, metadata=cfg.to_dict())
     if importance is not None:
         importance.save(out_dir)
-    stage_steps = dict(zip(plan.names, plan.steps, strict=True))
     _write_model_card(out_dir, cfg, components, stage_steps, state.tokens)
 
     # 8. Evaluate on the held-out tool tests (and general probes), within the budget.
     report_path = _evaluate(job, cfg, model, tokenizer, data, gen_s_per_item)
-    final_loss = next((v for v in reversed(stage_losses.values()) if v is not None), None)
     result = FinetuneResult(adapter_dir=str(out_dir), trained_tokens=state.tokens, steps=plan.total_steps,
                             components=components, report_path=report_path, stage_steps=stage_steps,
-                            final_loss=final_loss)
+                            final_loss=final_loss, trained_sha256=trained_sha256)
     job.emit("done", "saving", step=plan.total_steps, total_steps=plan.total_steps, loss=final_loss,
              message=f"adapter saved to {out_dir}")
     return result
@@ -272,14 +341,19 @@ def run_stage(
     optimizer_state: dict | None = None,
     saver: _Saver | None = None,
     reserve_s: float = 0.0,
+    packing: bool = False,
+    dist: DistInfo | None = None,
 ) -> float | None:
     """Train stage ``stage_index`` of ``plan`` from ``state.stage_step`` to its end; return its last loss.
 
     Only the stage's parameters train (``set_trainable``); a fresh AdamW, unless ``optimizer_state``
     resumes one. The stage ends after its planned steps, or earlier when the job's tokens or time
-    reach the stage's share (never before its first step).
+    reach the stage's share (never before its first step). ``packing`` lays each step out in packed
+    rows instead of padded micro-batches; ``dist`` (several processes) trains this process's share of
+    every step under DDP, built here because DDP reduces what requires grad when it is built.
     """
     hp = cfg.hyperparameters
+    dist = dist or DistInfo()
     name = plan.names[stage_index]
     job.stage(name)
     set_trainable(model, name)
@@ -292,29 +366,36 @@ def run_stage(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
-    beta = None
-    if routing_loss is not None:
-        beta = hp.routing_beta / (_count_molora_layers(model) if hp.routing_beta_per_layer else 1)
     order = StageOrder(len(pool), seed=cfg.seed, stage_index=stage_index,
                        examples_per_step=hp.batch_size * hp.gradient_accumulation_steps)
-    autocast = _autocast(device, frozen_dtype)
+    step_module = step_loss_module(model, cfg, routing_loss=routing_loss, device=device, frozen_dtype=frozen_dtype,
+                                   dist=dist)
+    pack_tokens = _pack_tokens(cfg) if packing else None
     model.train()
     loss = None
     timed: list[float] = []
     while state.stage_step < plan.steps[stage_index]:
         examples = [pool[i] for i in order.indices(state.stage_step)]
         n_tokens = count_tokens(examples)
-        if state.stage_step > 0 and _share_spent(plan, stage_index, state.tokens + n_tokens, job.clock.elapsed()):
+        spent = state.stage_step > 0 and _share_spent(plan, stage_index, state.tokens + n_tokens, job.clock.elapsed())
+        # One collective: every process stops at the same step when any one reaches its share or sees a cancel.
+        spent, cancel = any_rank([spent, job.cancel_requested()], dist)
+        if spent:
             plan.steps[stage_index] = state.stage_step  # the budget ended this stage early
             break
-        job.check_cancel(f"stage {name}")
+        if cancel:
+            raise Cancelled(f"the job was cancelled during stage {name}")
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.monotonic()
+        mine = rank_share(examples, rank=dist.rank, world_size=dist.world_size, micro_size=hp.batch_size,
+                          balance_tokens=packing)
+        micro = step_batches(mine, micro_size=hp.batch_size, pad_id=pad_id, pack_tokens=pack_tokens)
         loss, rloss = _optimizer_step(
-            model, micro_batches(examples, hp.batch_size, pad_id), optimizer, scheduler, params,
-            device=device, autocast=autocast, routing_loss=routing_loss, beta=beta, delta=hp.routing_delta,
-            max_grad_norm=hp.max_grad_norm,
+            step_module, micro, optimizer, scheduler, params, n_answer=answer_tokens(examples),
+            n_examples=len(examples), max_grad_norm=hp.max_grad_norm, dist=dist,
         )
+        if routing_loss is None:
+            rloss = None
         step_s = time.monotonic() - t0
         state.stage_step += 1
         state.global_step += 1
@@ -324,9 +405,10 @@ def run_stage(
         if cfg.budget.max_seconds is not None and not plan.time_fitted and (
             state.timed_steps >= SPEED_PROBE_STEPS or state.stage_step >= plan.steps[stage_index]
         ):
+            # Every process fits the same plan: the slowest speed and the latest clock of them all.
+            sps, now_s = max_over_ranks([_seconds_per_step(timed), job.clock.elapsed()], dist)
             plan.fit_to_time(stage_index=stage_index, steps_done_in_stage=state.stage_step,
-                             seconds_per_step=_seconds_per_step(timed), now_s=job.clock.elapsed(),
-                             deadline_s=cfg.budget.max_seconds - reserve_s)
+                             seconds_per_step=sps, now_s=now_s, deadline_s=cfg.budget.max_seconds - reserve_s)
             job.message(name, f"time budget: {plan.total_steps} steps in all "
                               f"({', '.join(f'{n} {s}' for n, s in zip(plan.names, plan.steps, strict=True))})")
         sps = _seconds_per_step(timed)
@@ -338,41 +420,104 @@ def run_stage(
             saver.save(kind="periodic",
                        optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
     optimizer.zero_grad(set_to_none=True)
+    if dist.enabled:
+        # The next stage builds its own DDP: this one's gradient hooks must be gone before it does.
+        del step_module
+        gc.collect()
     return loss
 
 
-def _optimizer_step(
-    model, micro: list[dict], optimizer, scheduler, params, *, device, autocast, routing_loss, beta, delta,
-    max_grad_norm,
-) -> tuple[float, float | None]:
-    """One optimizer step over ``micro`` (gradient accumulation); returns (cross-entropy, routing loss).
+def step_loss_module(
+    model,
+    cfg: FinetuneConfig,
+    *,
+    routing_loss: Callable | None,
+    device: torch.device,
+    frozen_dtype: torch.dtype,
+    dist: DistInfo | None = None,
+) -> torch.nn.Module:
+    """The loss of one micro-batch as a module (in DDP when several processes train), for :func:`accumulate_gradients`.
 
-    The cross-entropy is averaged over all answer tokens of the step, whatever micro-batch they are in.
+    Build it after ``set_trainable``: DDP reduces the gradients of what requires grad when it is built.
+    """
+    hp = cfg.hyperparameters
+    dist = dist or DistInfo()
+    beta = 0.0
+    if routing_loss is not None:
+        beta = hp.routing_beta / (_count_molora_layers(model) if hp.routing_beta_per_layer else 1)
+    loss_fn = functools.partial(_micro_loss, device=device, autocast=_autocast(device, frozen_dtype),
+                                routing_loss=routing_loss, beta=beta, delta=hp.routing_delta,
+                                world_size=dist.world_size)
+    # Every process already holds the same weights (broadcast once after the method is applied).
+    return wrap_ddp(LossModule(model, loss_fn), dist, init_sync=False)
+
+
+def _micro_loss(
+    model, batch: dict, *, n_answer: int, n_examples: int, device, autocast, routing_loss, beta: float, delta: float,
+    world_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss to backpropagate, cross-entropy part, weighted routing part)`` of one micro-batch of a step.
+
+    The cross-entropy is summed over the micro-batch's answer tokens and divided by the step's
+    ``n_answer``, so every answer token of the step weighs the same wherever it lands. The routing
+    loss of the micro-batch (one value per example row: its task type and its tokens' router
+    weights) is weighted by the micro-batch's share of the step's ``n_examples``. DDP averages the
+    gradients over the processes, so the loss is multiplied by their number to get the sum.
     """
     from citi_engine.losses import causal_lm_loss
+    from citi_engine.packing import to_device
 
-    n_answer = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-    ce_total, rl_total = 0.0, 0.0
-    for b in micro:
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        with autocast:
-            # The output head runs on answer positions only: most tokens (prompts, tool schemas) carry no label.
-            ce_sum, _ = causal_lm_loss(model, b, reduction="sum")
-        ce = ce_sum / max(n_answer, 1)
-        loss = ce
-        if routing_loss is not None:
-            rl = routing_loss(model, b["task_type"], b["attention_mask"], delta)
-            loss = loss + beta * rl / len(micro)
-            rl_total += float(rl.detach()) / len(micro)
-        if loss.requires_grad:  # False only for a step without a single answer token
-            loss.backward()
-        ce_total += float(ce.detach())
+    batch = to_device(batch, device)
+    with autocast:
+        # The output head runs on answer positions only: most tokens (prompts, tool schemas) carry no label.
+        ce_sum, _ = causal_lm_loss(model, batch, reduction="sum")
+    ce = ce_sum / max(n_answer, 1)
+    loss = ce
+    rl = torch.zeros((), device=ce.device)
+    if routing_loss is not None:
+        mask = batch["sequence_mask"] if "sequence_mask" in batch else batch["attention_mask"]
+        rl = routing_loss(model, batch["task_type"], mask, delta) * (int(batch["task_type"].numel()) / n_examples)
+        loss = loss + beta * rl
+    return loss * world_size, ce.detach(), rl.detach()
+
+
+def accumulate_gradients(step_module, micro: list[dict], *, n_answer: int, n_examples: int) -> tuple[float, float]:
+    """Forward and backward over this process's ``micro``-batches of one step; return its part of the
+    step's ``(cross-entropy, routing loss)`` (the whole step's in one process).
+
+    ``step_module`` comes from :func:`step_loss_module`; ``n_answer`` and ``n_examples`` count the
+    whole step (:func:`~citi_engine.training.batches.answer_tokens`). Under DDP only the last
+    backward reduces the gradients (the others run in ``no_sync``), so processes may hold different
+    numbers of micro-batches.
+    """
+    ce_total = rl_total = None
+    last = len(micro) - 1
+    for i, b in enumerate(micro):
+        sync = step_module.no_sync() if i < last and hasattr(step_module, "no_sync") else contextlib.nullcontext()
+        with sync:
+            loss, ce, rl = step_module(b, n_answer=n_answer, n_examples=n_examples)
+            if loss.requires_grad:  # False only when nothing trains at all
+                loss.backward()
+        ce_total = ce if ce_total is None else ce_total + ce
+        rl_total = rl if rl_total is None else rl_total + rl
+    if ce_total is None:
+        return 0.0, 0.0
+    return float(ce_total), float(rl_total)  # one host sync per step
+
+
+def _optimizer_step(
+    step_module, micro: list[dict], optimizer, scheduler, params, *, n_answer: int, n_examples: int,
+    max_grad_norm: float, dist: DistInfo,
+) -> tuple[float, float]:
+    """One optimizer step (gradient accumulation over ``micro``); returns the step's (cross-entropy, routing loss)."""
+    ce, rl = accumulate_gradients(step_module, micro, n_answer=n_answer, n_examples=n_examples)
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return ce_total, (rl_total if routing_loss is not None else None)
+    ce, rl = sum_over_ranks([ce, rl], dist)
+    return ce, rl
 
 
 def _share_spent(plan: StagePlan, si: int, tokens_after_step: int, elapsed_s: float) -> bool:
@@ -396,6 +541,56 @@ def _autocast(device: torch.device, frozen_dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+def _pack_tokens(cfg: FinetuneConfig) -> int:
+    hp = cfg.hyperparameters
+    return hp.pack_tokens or hp.batch_size * hp.max_length
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _choose_packing(job: JobContext, cfg: FinetuneConfig, model, device: torch.device) -> tuple[bool, str | None]:
+    """Whether this job packs its rows, and the attention implementation to put back after training.
+
+    Automatic (``packing`` None): packed on CUDA in bf16 when the variable-length flash kernel
+    passes its check on every process; padded otherwise (a packed row under plain SDPA gets a dense
+    block-diagonal mask, whose cost grows with the square of the row, and the flash kernel takes
+    16-bit inputs only). ``true`` packs anyway.
+    """
+    wanted = cfg.hyperparameters.packing
+    half = model.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
+    if wanted is False or (wanted is None and not (device.type == "cuda" and half)):
+        return False, None
+    from citi_engine.packing import VARLEN_ATTENTION, enable_varlen_attention
+
+    base = _base_model(model)
+    before = str(base.config._attn_implementation)
+    attention = enable_varlen_attention(model) if device.type == "cuda" else before
+    varlen = attention.startswith(VARLEN_ATTENTION)
+    restore = before if attention != before else None
+    if wanted is None:
+        (missing,) = any_rank([not varlen], job.dist)  # every process decides alike, or DDP would hang
+        if missing:
+            if restore is not None:
+                base.set_attn_implementation(before)
+            reason = getattr(base, "citi_varlen_skipped", None) or "another process has no usable kernel"
+            job.message("loading", f"padded batches: no checked variable-length attention kernel ({reason})")
+            return False, None
+    job.message("loading", f"packed rows of at most {_pack_tokens(cfg):,} tokens, attention {attention}")
+    return True, restore
+
+
+def _agreed_weights(trainable: dict[str, Any], dist: DistInfo) -> str:
+    """SHA-256 of the trained tensors, after checking every process ended with the very same ones."""
+    digest = tensors_sha256(trainable["params"])
+    digests = gather_objects(digest, dist)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the {dist.world_size} data-parallel processes ended with different weights "
+                           f"(SHA-256 by rank: {', '.join(d[:12] for d in digests)}): a bug, please report it")
+    return digest
+
+
 def _adapter_stage(method: str, stage: str) -> str:
     """The set_trainable stage name for a recipe stage (baselines: their method's name)."""
     return method if stage == "train" else stage
@@ -414,13 +609,14 @@ class JobContext:
     """Events, cancellation and the job clock, shared by every phase."""
 
     def __init__(self, on_event: EventFn | None = None, should_cancel: CancelFn | None = None,
-                 clock: JobClock | None = None):
+                 clock: JobClock | None = None, dist: DistInfo | None = None):
         self.on_event = on_event
         self.should_cancel = should_cancel
         self.clock = clock or JobClock()
+        self.dist = dist or DistInfo()
 
     def emit(self, type_: str, stage: str, **fields: Any) -> None:
-        if self.on_event is None:
+        if self.on_event is None or self.dist.rank != 0:  # one process speaks for a data-parallel job
             return
         event = {"type": type_, "stage": stage, "step": 0, "total_steps": 0, "loss": None, "routing_loss": None,
                  "lr": None, "tokens_per_s": None, "eta_s": None, "message": ""}
@@ -433,8 +629,15 @@ class JobContext:
     def message(self, stage: str, text: str) -> None:
         self.emit("message", stage, message=text)
 
+    def cancel_requested(self) -> bool:
+        """This process's own answer (see :meth:`check_cancel` for the one all processes share)."""
+        return self.should_cancel is not None and bool(self.should_cancel())
+
     def check_cancel(self, where: str) -> None:
-        if self.should_cancel is not None and self.should_cancel():
+        """Raise :class:`Cancelled` when a cancel was asked for (with several processes: on all of them
+        when any one was asked; every process must call it at the same point)."""
+        (cancel,) = any_rank([self.cancel_requested()], self.dist)
+        if cancel:
             raise Cancelled(f"the job was cancelled during {where}")
 
 
@@ -572,7 +775,8 @@ def _build_replay(job: JobContext, cfg: FinetuneConfig, model, tokenizer) -> tup
 
 
 def _score_components(
-    job: JobContext, cfg: FinetuneConfig, model, tokenizer, tool: list[dict], general: list[dict], general_name: str
+    job: JobContext, cfg: FinetuneConfig, model, tokenizer, tool: list[dict], general: list[dict], general_name: str,
+    *, packing: bool = False,
 ):
     """Importance on a sample of each set, then the MOLoRA / UCO selection (method page, sections 1-2)."""
     from citi_engine.importance import ImportanceResult, compute_importance
@@ -581,12 +785,13 @@ def _score_components(
     job.stage("importance")
     pad_id = _pad_id(tokenizer)
     batch_size = hp.importance_batch_size or hp.batch_size
+    pack_tokens = (hp.pack_tokens or batch_size * hp.max_length) if packing else None
     batches = {}
     for salt, (name, encoded) in enumerate((("tool", tool), (general_name, general))):
         chosen = [encoded[i] for i in sample_indices(len(encoded), hp.importance_examples, seed=cfg.seed,
                                                      salt=101 + salt)]
         chosen.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
-        batches[name] = micro_batches(chosen, batch_size, pad_id)
+        batches[name] = step_batches(chosen, micro_size=batch_size, pad_id=pad_id, pack_tokens=pack_tokens)
     scores = compute_importance(
         model, batches, should_cancel=job.should_cancel,
         on_progress=lambda done, total: job.emit("progress", "importance", step=done, total_steps=total or 0),

@@ -5,6 +5,14 @@ relative to it, so a job resumed by another worker (another working root, with S
 very same config and the engine accepts its checkpoints. Engine events go to the store as they happen;
 ``should_cancel`` answers the cancel flag and, every step, whether this process still holds the job's
 lease and its worker is alive; if not, the engine stops and this process exits without touching the job.
+
+Several GPUs (``CITI_GPUS_PER_JOB``, default: every GPU the worker sees): the child fetches the job's
+files, then starts one training process per GPU with ``torch.distributed.run`` (torchrun's
+``--standalone`` launcher, in-process) running ``python -m worker.runner``. Each of them dies with
+the child (PR_SET_PDEATHSIG), which dies with the worker. Rank 0 does everything a single process
+does (events, checkpoint records, the outcome); the other ranks train and watch the cancel flag and
+the lease, and record an outcome only when they fail first. With one GPU (or on CPU) nothing of this
+runs: the child trains in itself, as before.
 """
 
 from __future__ import annotations
@@ -34,6 +42,13 @@ from worker.artifacts import (
 log = logging.getLogger("citi.runner")
 
 EXIT_LEASE_LOST = 3
+# A training process of a data-parallel job that stopped with an error (its outcome is recorded): non-zero,
+# so torchrun stops the other processes at once instead of leaving them waiting for it in a collective.
+EXIT_RANK_FAILED = 4
+# Worker setting: how many GPUs (data-parallel training processes) one job uses.
+GPUS_PER_JOB_ENV = "CITI_GPUS_PER_JOB"
+# What the child passes to the training processes it starts (the token stays out of their command line).
+JOB_ENV, TOKEN_ENV, PARENT_ENV = "CITI_JOB_ID", "CITI_JOB_TOKEN", "CITI_JOB_PARENT_PID"
 # Engine stages during which the job is still `validating_files` (data checks, tokenizer, model load).
 VALIDATING_STAGES = ("validating", "loading")
 PR_SET_PDEATHSIG = 1
@@ -64,12 +79,68 @@ def run_job_process(job_id: str, token: str, parent_pid: int) -> None:
     os._exit(code)
 
 
+def run_rank_process() -> None:
+    """Entry point of one training process of a data-parallel job (``python -m worker.runner`` under torchrun)."""
+    job_id, token, parent_pid = os.environ[JOB_ENV], os.environ[TOKEN_ENV], int(os.environ[PARENT_ENV])
+    rank = int(os.environ.get("RANK", "0"))
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {job_id} rank {rank}: %(message)s")
+    settings = get_settings()
+    code = JobRunner(job_id, token, parent_pid, settings, Store(settings.redis_url, outage_s=REDIS_OUTAGE_S),
+                     make_storage(settings), rank=rank).run()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def gpus_per_job(device: str | None) -> int:
+    """Training processes one job uses: ``CITI_GPUS_PER_JOB``, else every visible GPU.
+
+    One when ``CITI_DEVICE`` is ``cpu`` or names one GPU (``cuda:N``), unless ``CITI_GPUS_PER_JOB``
+    asks for more: then CPU processes train together over gloo (what the tests do), and on GPUs
+    each process takes GPU ``LOCAL_RANK`` of the visible ones. Never more processes than GPUs.
+    """
+    raw = os.environ.get(GPUS_PER_JOB_ENV, "").strip()
+    wanted = None
+    if raw:
+        try:
+            wanted = int(raw)
+        except ValueError:
+            wanted = 0
+        if wanted < 1:
+            raise ValueError(f"{GPUS_PER_JOB_ENV}={raw!r} is not a whole number >= 1: set it to the number of GPUs "
+                             "one job may use, or leave it empty for all the worker sees")
+        if wanted == 1:
+            return 1
+    device = (device or "").strip().lower()
+    if device == "cpu" or device.startswith("cuda:"):
+        return wanted or 1
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        return wanted or 1  # no GPU: CPU processes when asked for, else one
+    if wanted and wanted > visible:
+        log.warning("%s=%d but the worker sees %d GPU(s): using %d", GPUS_PER_JOB_ENV, wanted, visible, visible)
+    return min(wanted or visible, visible)
+
+
+def torchrun_args(nproc: int) -> list[str]:
+    """Arguments of ``torchrun`` (``torch.distributed.run``) that start one job's ``nproc`` training processes.
+
+    ``--standalone``: a rendezvous on this host on a free port (several jobs on one host never meet).
+    No restarts: a failed process fails the job (the lease and the checkpoints resume it elsewhere).
+    """
+    return ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", "worker.runner"]
+
+
 class JobRunner:
     """Runs one job in this process and records its outcome in the store."""
 
-    def __init__(self, job_id: str, token: str, parent_pid: int, settings: Settings, store: Store, storage: Storage):
+    def __init__(self, job_id: str, token: str, parent_pid: int, settings: Settings, store: Store, storage: Storage,
+                 rank: int | None = None):
         self.job_id, self.token, self.parent_pid = job_id, token, parent_pid
         self.settings, self.store, self.storage = settings, store, storage
+        self.rank = rank  # None: the job's only process (or the one that starts the training processes)
         self.lost = False
         self.stage: str | None = None
         self.running = False
@@ -82,9 +153,15 @@ class JobRunner:
     # -- the run ----------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Run the job; returns the process exit code (0 when the outcome is recorded)."""
+        """Run the job; returns the process exit code (0 when the outcome is recorded).
+
+        When the job may use several GPUs, this process fetches its files and starts the training
+        processes (:meth:`_launch`); each of them runs this method again with its ``rank``.
+        """
         from citi_engine.errors import Cancelled, CitiError
 
+        if self.rank is not None and self.rank > 0:
+            return self._follow()
         job = self.store.get_job(self.job_id)
         if job is None:
             return 0
@@ -93,6 +170,9 @@ class JobRunner:
             self.work.mkdir(parents=True, exist_ok=True)
             os.chdir(self.work)
             cfg = self._config(job)
+            nproc = self._processes(cfg)
+            if nproc > 1:
+                return self._launch(nproc)
             watcher = CheckpointWatcher(self)
             watcher.start()
             from citi_engine.train import finetune
@@ -111,6 +191,7 @@ class JobRunner:
             if self.lost:
                 return EXIT_LEASE_LOST
             self._end("failed", f"the job failed: {exc.message}", exc.to_dict(), level="error")
+            return self._failed_exit_code()
         except Exception as exc:
             if self.lost:
                 return EXIT_LEASE_LOST
@@ -118,9 +199,104 @@ class JobRunner:
             error = {"code": "training_error", "param": None,
                      "message": f"training failed: {type(exc).__name__}: {exc}"[:2000]}
             self._end("failed", error["message"], error, level="error")
+            return self._failed_exit_code()
         finally:
             if watcher is not None:
                 watcher.stop()
+        return EXIT_LEASE_LOST if self.lost else 0
+
+    def _failed_exit_code(self) -> int:
+        # A training process of several must not exit 0 after a failure: torchrun would wait for the
+        # others, which may be waiting for it. Its outcome is recorded either way.
+        return EXIT_RANK_FAILED if self.rank is not None else 0
+
+    # -- several GPUs -----------------------------------------------------------------------------
+
+    def _processes(self, cfg) -> int:
+        """How many processes train this job: one inside a training process, else :func:`gpus_per_job`,
+        at most one per example of a step (each process trains a share of every step)."""
+        if self.rank is not None:
+            return 1
+        n = gpus_per_job(self.settings.device)
+        per_step = cfg.hyperparameters.batch_size * cfg.hyperparameters.gradient_accumulation_steps
+        if n > per_step:
+            log.info("job %s: %d examples a step, so %d processes instead of %d", self.job_id, per_step, per_step, n)
+            n = per_step
+        return n
+
+    def _launch(self, nproc: int) -> int:
+        """Train on ``nproc`` processes started by torchrun's launcher; return this process's exit code.
+
+        The training processes record the outcome. Exit codes keep the meaning they have for a single
+        process: 0 outcome recorded, EXIT_LEASE_LOST, or death by the signal that killed the job (a
+        stop of the worker: it is queued again; SIGKILL: most often out of memory).
+        """
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import parse_args
+        from torch.distributed.run import run as torchrun
+
+        os.environ.update({JOB_ENV: self.job_id, TOKEN_ENV: self.token, PARENT_ENV: str(os.getpid())})
+        # The processes start in the job's working directory: they find this package through PYTHONPATH.
+        root = str(Path(__file__).resolve().parents[1])
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        import torch
+
+        on_gpus = torch.cuda.is_available() and (self.settings.device or "cuda").startswith("cuda")
+        what = f"{nproc} GPUs (data-parallel)" if on_gpus else f"{nproc} data-parallel processes"
+        log.info("job %s: training on %s", self.job_id, what)
+        self.store.add_event(self.job_id, "message", f"training on {what}", {"processes": nproc})
+        try:
+            torchrun(parse_args(torchrun_args(nproc)))
+        except SignalException as exc:
+            # The worker is being stopped: torchrun stopped the processes; end as a stopped single process does.
+            signal.signal(exc.sigval, signal.SIG_DFL)
+            os.kill(os.getpid(), exc.sigval)
+            time.sleep(5)
+            return 1
+        except ChildFailedError as exc:
+            return self._after_failure(exc)
+        return 0
+
+    def _after_failure(self, exc) -> int:
+        """Exit code of the launching process when a training process ended with an error."""
+        codes = [f.exitcode for f in exc.failures.values()]
+        if EXIT_LEASE_LOST in codes or not self.store.runner_check(self.job_id, self.token)[1]:
+            return EXIT_LEASE_LOST
+        job = self.store.get_job(self.job_id)
+        if job is None or job.get("status") not in ACTIVE:
+            return 0  # a training process recorded the outcome
+        rank, first = exc.get_first_failure()
+        log.error("job %s: training process %s ended with %s and recorded no outcome", self.job_id, rank, first.exitcode)
+        if first.exitcode < 0:  # killed: die the same way, so the worker reports it as it does for one process
+            signal.signal(-first.exitcode, signal.SIG_DFL)
+            os.kill(os.getpid(), -first.exitcode)
+            time.sleep(5)
+        return 1
+
+    def _follow(self) -> int:
+        """A training process other than rank 0: train its share; no events, checkpoints or adapter."""
+        from citi_engine.errors import Cancelled, CitiError
+        from citi_engine.train import finetune
+
+        job = self.store.get_job(self.job_id)
+        if job is None:
+            return 0
+        try:
+            os.chdir(self.work)
+            finetune(self._config(job), on_event=None, should_cancel=self.should_cancel)
+        except Cancelled:
+            pass
+        except CitiError:
+            pass  # the user's error (data, budget, model): rank 0 meets it too and records it
+        except Exception as exc:
+            if self.lost:
+                return EXIT_LEASE_LOST
+            log.error("job %s failed on rank %s:\n%s", self.job_id, self.rank, traceback.format_exc())
+            error = {"code": "training_error", "param": None,
+                     "message": f"training failed (process {self.rank}): {type(exc).__name__}: {exc}"[:2000]}
+            self._end("failed", error["message"], error, level="error", first_only=True)  # rank 0 may have
+            return EXIT_RANK_FAILED
         return EXIT_LEASE_LOST if self.lost else 0
 
     def _config(self, job: dict):
@@ -133,10 +309,10 @@ class JobRunner:
             file_id = job.get(field)
             if file_id:
                 local = inputs / f"{field}.jsonl"
-                if not local.is_file():  # a resumed job already has its inputs
+                if not local.is_file():  # a resumed job (and a training process started here) already has them
                     self.storage.get_file(f"files/{file_id}.jsonl", local)
                 paths[field] = str(local)
-        if self.settings.storage != "local" and not (self.out_dir / "checkpoints").is_dir():
+        if self.rank is None and self.settings.storage != "local" and not (self.out_dir / "checkpoints").is_dir():
             n = self.storage.download_dir(checkpoints_prefix(self.job_id), self.out_dir / "checkpoints")
             if n:
                 log.info("job %s: fetched %d checkpoint files from storage", self.job_id, n)
@@ -237,7 +413,10 @@ class JobRunner:
         os.chdir("/")
         remove_training_state(self.settings, self.storage, self.job_id)
 
-    def _end(self, status: str, message: str, error: dict | None, level: str = "info") -> None:
+    def _end(self, status: str, message: str, error: dict | None, level: str = "info",
+             first_only: bool = False) -> None:
+        """Record how the job ended and remove its partial files (``first_only``: only when this call
+        recorded it, for a training process that may not be the first to see the job end)."""
         log.warning("job %s %s: %s", self.job_id, status, json.dumps(error) if error else message)
         fields = {"error": error, "estimated_finish": None} if error else {"estimated_finish": None}
         data = {"status": status, **({"error": error} if error else {})}
@@ -245,6 +424,8 @@ class JobRunner:
                                            event=new_event("status", message, data, level=level), **fields)
         if outcome == "lease_lost":
             self.lost = True
+            return
+        if first_only and outcome != "ok":
             return
         os.chdir("/")
         remove_partial_files(self.settings, self.storage, self.job_id)
@@ -355,3 +536,7 @@ def _report_summary(path: Path) -> dict | None:
         return None
     summary = report.get("summary") if isinstance(report.get("summary"), dict) else report
     return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+if __name__ == "__main__":
+    run_rank_process()

@@ -3,6 +3,12 @@
 Order is a pure function of the seed: stage ``s`` walks through the concatenation of its epochs'
 permutations, each drawn from a generator seeded with ``(seed, s, epoch)``. Step ``k`` therefore
 always sees the same examples, so a resumed run needs only its position, not a sampler state.
+
+A step is always the same examples, however they are laid out: padded micro-batches of
+``batch_size`` examples, or packed rows of at most ``pack_tokens`` tokens
+(:mod:`citi_engine.packing`), and, with several data-parallel processes, each process's share of
+them (:func:`rank_share`). Budgets, plans and checkpoints count steps and examples, so none of
+them depends on the layout or on the number of processes.
 """
 
 from __future__ import annotations
@@ -82,6 +88,59 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def micro_batches(examples: Sequence[dict], micro_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """One step's examples as ``ceil(len/micro_size)`` padded micro-batches."""
     return [collate(examples[i:i + micro_size], pad_id) for i in range(0, len(examples), micro_size)]
+
+
+def step_batches(
+    examples: Sequence[dict], *, micro_size: int, pad_id: int, pack_tokens: int | None = None
+) -> list[dict]:
+    """The micro-batches of one step's examples: padded groups of ``micro_size``, or, with
+    ``pack_tokens``, packed rows of at most that many tokens (first-fit decreasing, examples whole)."""
+    if pack_tokens is None:
+        return micro_batches(examples, micro_size, pad_id)
+    from citi_engine.packing import pack_examples
+
+    return pack_examples(examples, max_tokens=pack_tokens, pad_id=pad_id, fixed_length=False)
+
+
+def answer_tokens(examples: Sequence[dict]) -> int:
+    """Tokens the loss trains on: labelled tokens that have a token before them (the first never does)."""
+    return sum(sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX) for e in examples)
+
+
+def rank_share(
+    examples: Sequence[dict], *, rank: int, world_size: int, micro_size: int, balance_tokens: bool = False
+) -> list[dict]:
+    """Process ``rank``'s part of one step's examples when ``world_size`` processes train together.
+
+    Every process computes every share from the same examples, so they agree without talking.
+    Padded (``balance_tokens`` false): the step's micro-batches of ``micro_size`` are dealt out in
+    turn when there are at least ``world_size`` of them, so each process trains exactly the
+    micro-batches one process would; otherwise the examples are split into ``world_size`` runs
+    as equal as possible. Packed (``balance_tokens``): longest example first to the process with
+    the fewest tokens so far, so every process packs about the same number of tokens.
+    Each share keeps the step's order. A step needs at least one example per process.
+    """
+    n = len(examples)
+    if world_size <= 1:
+        return list(examples)
+    if n < world_size:
+        raise ValueError(f"a step of {n} example(s) cannot be shared by {world_size} processes: raise batch_size "
+                         "x gradient_accumulation_steps to at least the number of processes")
+    if balance_tokens:
+        load = [0] * world_size
+        owner = [0] * n
+        for i in sorted(range(n), key=lambda i: (-len(examples[i]["input_ids"]), i)):
+            r = min(range(world_size), key=lambda r: (load[r], r))
+            owner[i] = r
+            load[r] += len(examples[i]["input_ids"])
+        # None is left empty: each of the first world_size examples goes to a process that has none yet.
+        return [examples[i] for i in range(n) if owner[i] == rank]
+    groups = [list(range(i, min(i + micro_size, n))) for i in range(0, n, micro_size)]
+    if len(groups) >= world_size:
+        return [examples[i] for g in groups[rank::world_size] for i in g]
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return list(examples[start:start + base + (1 if rank < extra else 0)])
 
 
 def count_tokens(examples: Sequence[dict]) -> int:

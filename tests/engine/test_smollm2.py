@@ -34,7 +34,28 @@ def test_citi_runs_every_phase_on_smollm2(tmp_path):
     assert result.stage_steps == {"router_pretraining": 1, "molora": 1, "uco": 1}
     importance = json.loads((tmp_path / "out" / "importance.json").read_text())
     assert len(importance["components"]) == 30 * 7  # 30 layers x q,k,v,o,gate,up,down
-    assert len(importance["molora"]) == 42 and len(importance["uco"]) == 21
+    assert len(importance["molora"]) == 63 and len(importance["uco"]) == 21  # default fractions 0.3 and 0.1
     losses = [e["loss"] for e in events if e["type"] == "progress" and e["loss"] is not None]
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)  # a real model: finite, sensible CE
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_full_fine_tuning_of_the_gguf_model_saves_a_plain_model(tmp_path):
+    """transformers marks a GGUF-loaded model as quantized and refuses to save it; ours is plain weights."""
+    import torch
+
+    from citi_engine.adapter import load_adapter
+    from citi_engine.train import finetune
+
+    data = write_jsonl(tmp_path / "train.jsonl", [tool_example(i) for i in range(10)])
+    cfg = small_config(DEFAULT_MODEL, data, tmp_path / "out", method="full", budget={"max_steps": 1},
+                       hyperparameters={"max_length": 256})
+    finetune(cfg)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in saved  # loads as an ordinary HF model, no gguf needed
+    tuned, _ = load_adapter(tmp_path / "out")
+    from citi_engine.models import load_model
+
+    base, _ = load_model(DEFAULT_MODEL)
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert changed  # the trained weights are what was saved, not the base's

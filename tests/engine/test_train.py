@@ -302,7 +302,7 @@ def test_checkpoints_of_another_job_are_not_resumed(tiny_model, data_file, tmp_p
     finetune(small_config(tiny_model, data_file, out, budget={"max_steps": 3}))
     with pytest.raises(ValueError, match="different job.*lr_molora"):
         finetune(small_config(tiny_model, data_file, out, budget={"max_steps": 3},
-                              hyperparameters={"lr_molora": 1e-3}))
+                              hyperparameters={"lr_molora": 2e-3}))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -363,5 +363,5 @@ def test_config_round_trips_through_a_plain_dict():
     cfg = FinetuneConfig(training_file="t.jsonl", out_dir="o", method="lora", budget={"max_tokens": 1000},
                          hyperparameters={"routing_beta_per_layer": True})
     assert FinetuneConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    assert cfg.stages == ("train",) and cfg.stage_lrs() == [2e-4]
-    assert FinetuneConfig(training_file="t", out_dir="o", method="full").stage_lrs() == [2e-5]
+    assert cfg.stages == ("train",) and cfg.stage_lrs() == [1e-3]
+    assert FinetuneConfig(training_file="t", out_dir="o", method="full").stage_lrs() == [1e-4]
