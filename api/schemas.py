@@ -102,12 +102,15 @@ class ComponentsIn(_Strict):
     """Which components get adapted and how big the adapters are (engine defaults where left out)."""
 
     molora_fraction: float | None = Field(None, gt=0, lt=1, description="Fraction of components given MOLoRA.")
-    uco_fraction: float | None = Field(None, gt=0, lt=1, description="Fraction fully fine-tuned in stage 3.")
+    uco_fraction: float | None = Field(None, ge=0, lt=1, description="Fraction fully fine-tuned in stage 3 (0: no "
+                                       "stage 3, an ablation).")
     num_experts: int | None = Field(None, ge=1, description="LoRA experts per MOLoRA component.")
     rank: int | None = Field(None, ge=1, description="Rank of each expert.")
     alpha: float | None = Field(None, gt=0, description="MOLoRA scaling numerator (alpha/rank).")
     lora_rank: int | None = Field(None, ge=1, description="Rank of the LoRA baseline (method lora).")
     lora_alpha: float | None = Field(None, gt=0, description="Alpha of the LoRA baseline.")
+    selection: Literal["importance", "random"] | None = Field(
+        None, description="How components are chosen: importance (the method) or random (an ablation).")
 
 
 class MethodIn(_Strict):

@@ -80,11 +80,12 @@ SWEEP = {
     "experts": ("components", "num_experts", int),
     "molora_fraction": ("components", "molora_fraction", float),
     "uco_fraction": ("components", "uco_fraction", float),
+    "selection": ("components", "selection", str),
 }
 # Short names used in automatic labels.
 SHORT = {"lr": "lr", "lr_router": "lr1", "lr_molora": "lr2", "lr_uco": "lr3", "epochs": "ep", "epochs_router": "ep1",
          "epochs_molora": "ep2", "epochs_uco": "ep3", "beta": "b", "alpha": "a", "rank": "r", "experts": "e",
-         "molora_fraction": "mf", "uco_fraction": "uf"}
+         "molora_fraction": "mf", "uco_fraction": "uf", "selection": "sel-"}
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -181,7 +182,8 @@ def expand(args: argparse.Namespace) -> list[dict]:
         overrides = {k: v for k, v in zip(sweeps, values, strict=True) if v is not None}
         if method == "base":
             overrides = {}  # nothing is trained: settings do not apply
-        label = args.label or "_".join([method] + [f"{SHORT[k]}{v:g}" for k, v in overrides.items()])
+        label = args.label or "_".join([method] + [f"{SHORT[k]}{v:g}" if isinstance(v, int | float) else
+                                                   f"{SHORT[k]}{v}" for k, v in overrides.items()])
         run = {"method": method, "seed": seed, "overrides": overrides, "label": label,
                "run_id": f"{label}_s{seed}"}
         if run not in runs:  # the base model comes once per seed, whatever the sweep
@@ -199,7 +201,7 @@ def child_argv(args: argparse.Namespace, run: dict) -> list[str]:
     argv += ["--gguf", args.gguf] if args.gguf else ["--model", args.model]
     argv += ["--method", run["method"], "--seed", str(run["seed"]), "--label", run["label"], "--jobs", "1"]
     for name, value in run["overrides"].items():
-        argv += ["--" + name.replace("_", "-"), repr(value)]
+        argv += ["--" + name.replace("_", "-"), repr(value) if isinstance(value, int | float) else str(value)]
     for name in ("data", "split", "out", "work", "device", "dtype", "limit_train", "max_steps", "batch_size",
                  "limit_test", "probe_limit", "humaneval", "humaneval_limit", "max_new_tokens",
                  "retention_max_new_tokens", "eval_batch_size", "commit"):

@@ -20,7 +20,8 @@ echo "GPUs $GPUS, $JOBS run(s) at a time on each"
 common=(--gguf "$GGUF" --jobs "$JOBS" --gpus "$GPUS" --eval-batch-size 128)
 
 # 1. Sweep on the validation split (one seed): each method's learning rate, CITI's expert scale, and CITI
-#    variants that double as ablations (no routing loss, other MOLoRA fractions). All in one pool.
+#    variants that double as ablations (no routing loss or a stronger one, other MOLoRA fractions, no UCO stage,
+#    random instead of importance-ranked components). All in one pool.
 mkdir -p "$OUT"
 cat > "$OUT/sweep_plan.txt" <<'PLAN'
 --method base
@@ -29,6 +30,9 @@ cat > "$OUT/sweep_plan.txt" <<'PLAN'
 --method citi --lr 5e-4,1e-3,2e-3 --alpha 16,32
 --method citi --lr 1e-3 --alpha 32 --beta 0
 --method citi --lr 1e-3 --alpha 32 --molora-fraction 0.1,0.3
+--method citi --lr 1e-3 --alpha 32 --molora-fraction 0.3 --uco-fraction 0
+--method citi --lr 1e-3 --alpha 32 --molora-fraction 0.3 --selection random
+--method citi --lr 1e-3 --alpha 32 --molora-fraction 0.3 --beta 1e-3,1e-2
 PLAN
 python3 bench/quality.py "${common[@]}" --plan "$OUT/sweep_plan.txt" --split val --seed 0 \
     --deadline "$(left)" --out "$OUT/sweep" || true   # a failed run is reported; the others still count

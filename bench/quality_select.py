@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
             "tried": [{"overrides": r["overrides"], "tool_accuracy": r["tool_accuracy"],
                        "general_retention": r["general_retention"]} for r in rs],
         }
-        flags = " ".join(f"--{k.replace('_', '-')} {v!r}" for k, v in best["overrides"].items())
+        flags = " ".join(f"--{k.replace('_', '-')} {v!r}" if isinstance(v, int | float) else
+                         f"--{k.replace('_', '-')} {v}" for k, v in best["overrides"].items())
         seed = " --seed 0" if method == "base" else ""
         print(f"--method {method} {flags}{seed}".replace("  ", " ").strip())
     (sweep / "selection.json").write_text(json.dumps(selection, indent=1))

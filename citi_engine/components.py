@@ -8,6 +8,7 @@ A component is named by its full module name in the base model (``model.layers.3
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Mapping
 
@@ -73,8 +74,11 @@ def fraction_to_count(fraction: float, total: int) -> int:
 def select_components(
     M: Mapping[str, float],
     C: Mapping[str, float],
-    molora_fraction: float = 0.20,
+    molora_fraction: float = 0.30,
     uco_fraction: float = 0.10,
+    *,
+    selection: str = "importance",
+    seed: int = 0,
 ) -> tuple[list[str], list[str]]:
     """Pick the MOLoRA set and the UCO set from tool importance ``M`` and general importance ``C``.
 
@@ -83,6 +87,8 @@ def select_components(
       for MOLoRA is skipped and the next-lowest C_h is taken instead.
 
     Ties are broken by model order (the order of ``M``'s keys). Both lists come back in model order.
+    ``selection="random"`` ignores the scores and draws both sets (same sizes, disjoint) with ``seed``:
+    the ablation that shows what the importance ranking is worth.
     """
     names = list(M)
     if set(names) != set(C):
@@ -97,6 +103,12 @@ def select_components(
             f"components, but the model has only {len(names)}: lower one of the fractions"
         )
     order = {name: i for i, name in enumerate(names)}
+    if selection == "random":  # the ablation: the same budget on components drawn without looking at scores
+        drawn = random.Random(seed).sample(names, n_molora + n_uco)
+        molora, uco = set(drawn[:n_molora]), set(drawn[n_molora:])
+        return [n for n in names if n in molora], [n for n in names if n in uco]
+    if selection != "importance":
+        raise ValueError(f"selection must be 'importance' or 'random', got {selection!r}")
     by_tool = sorted(names, key=lambda n: (-M[n], order[n]))
     molora = set(by_tool[:n_molora])
     by_general = sorted(names, key=lambda n: (C[n], order[n]))

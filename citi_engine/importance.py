@@ -224,7 +224,8 @@ class ImportanceResult:
 
     @classmethod
     def from_scores(
-        cls, scores: ImportanceScores, *, molora_fraction: float = 0.20, uco_fraction: float = 0.10
+        cls, scores: ImportanceScores, *, molora_fraction: float = 0.30, uco_fraction: float = 0.10,
+        selection: str = "importance", seed: int = 0,
     ) -> ImportanceResult:
         """Normalise each set, sum the general sets into C, and select the components (see components.py)."""
         general = [s for s in scores.T if s != TOOL_SET]
@@ -239,7 +240,7 @@ class ImportanceResult:
         for set_name in general:
             for name, value in _normalised(scores.T[set_name], set_name).items():
                 C[name] += value
-        molora, uco = select_components(M, C, molora_fraction, uco_fraction)
+        molora, uco = select_components(M, C, molora_fraction, uco_fraction, selection=selection, seed=seed)
         n_general = sum(scores.n_examples.get(s, 0) for s in general)
         return cls(
             components=components,

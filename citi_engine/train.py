@@ -797,7 +797,8 @@ def _score_components(
         on_progress=lambda done, total: job.emit("progress", "importance", step=done, total_steps=total or 0),
     )
     result = ImportanceResult.from_scores(scores, molora_fraction=cfg.components.molora_fraction,
-                                          uco_fraction=cfg.components.uco_fraction)
+                                          uco_fraction=cfg.components.uco_fraction,
+                                          selection=cfg.components.selection, seed=cfg.seed)
     job.emit("importance", "importance", message=f"{len(result.molora)} MOLoRA and {len(result.uco)} UCO components "
              f"chosen out of {len(result.components)}")
     return result

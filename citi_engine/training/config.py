@@ -45,7 +45,8 @@ class ComponentsConfig:
     )
     uco_fraction: float = field(
         default=0.10,
-        metadata=_help("Fraction of components (bottom by general importance) fully fine-tuned in stage 3. Paper: 0.10."),
+        metadata=_help("Fraction of components (bottom by general importance) fully fine-tuned in stage 3. Paper: 0.10. "
+                       "0 runs no stage 3 (an ablation: CITI without UCO)."),
     )
     num_experts: int = field(default=4, metadata=_help("LoRA experts per MOLoRA component. Paper: 4."))
     rank: int = field(default=8, metadata=_help("Rank of each MOLoRA expert. Paper: 8."))
@@ -56,12 +57,21 @@ class ComponentsConfig:
     )
     lora_rank: int = field(default=16, metadata=_help("Rank of the LoRA baseline (method=lora). Paper: 16."))
     lora_alpha: float = field(default=16.0, metadata=_help("Alpha of the LoRA baseline (method=lora). Paper: 16."))
+    selection: str = field(
+        default="importance",
+        metadata=_help("How the MOLoRA and UCO components are chosen: importance (the method) or random (an "
+                       "ablation: sets of the same sizes drawn with the job's seed, scores ignored)."),
+    )
 
     def __post_init__(self) -> None:
-        for name in ("molora_fraction", "uco_fraction"):
-            v = getattr(self, name)
-            if not _is_number(v) or not 0.0 < v < 1.0:
-                raise ValueError(f"components.{name} must be a fraction strictly between 0 and 1, got {v!r}")
+        v = self.molora_fraction
+        if not _is_number(v) or not 0.0 < v < 1.0:
+            raise ValueError(f"components.molora_fraction must be a fraction strictly between 0 and 1, got {v!r}")
+        v = self.uco_fraction
+        if not _is_number(v) or not 0.0 <= v < 1.0:
+            raise ValueError(f"components.uco_fraction must be a fraction from 0 (no stage 3) to below 1, got {v!r}")
+        if self.selection not in ("importance", "random"):
+            raise ValueError(f"components.selection must be 'importance' or 'random', got {self.selection!r}")
         if self.molora_fraction + self.uco_fraction > 1.0:
             raise ValueError(
                 f"components.molora_fraction + uco_fraction = {self.molora_fraction + self.uco_fraction:g} > 1: "
@@ -281,18 +291,20 @@ class FinetuneConfig:
     @property
     def stages(self) -> tuple[str, ...]:
         """The training stages this method runs, in order."""
-        return CITI_STAGES if self.method == "citi" else BASELINE_STAGES
+        if self.method != "citi":
+            return BASELINE_STAGES
+        return CITI_STAGES if self.components.uco_fraction > 0 else CITI_STAGES[:2]
 
     def stage_epochs(self) -> list[float]:
         hp = self.hyperparameters
         if self.method == "citi":
-            return [hp.epochs_router_pretraining, hp.epochs_molora, hp.epochs_uco]
+            return [hp.epochs_router_pretraining, hp.epochs_molora, hp.epochs_uco][: len(self.stages)]
         return [hp.epochs_train]
 
     def stage_lrs(self) -> list[float]:
         hp = self.hyperparameters
         if self.method == "citi":
-            return [hp.lr_router_pretraining, hp.lr_molora, hp.lr_uco]
+            return [hp.lr_router_pretraining, hp.lr_molora, hp.lr_uco][: len(self.stages)]
         if hp.lr_train is not None:
             return [hp.lr_train]
         return [1e-3 if self.method == "lora" else 1e-4]

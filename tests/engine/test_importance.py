@@ -74,6 +74,21 @@ def test_select_components_never_puts_one_component_in_both_sets():
         select_components(M, C, 0.6, 0.5)
 
 
+def test_random_selection_ignores_the_scores_and_follows_the_seed():
+    names = [f"model.layers.{i}.mlp.up_proj" for i in range(40)]
+    M = {n: float(i) for i, n in enumerate(names)}
+    C = {n: float(i) for i, n in enumerate(names)}
+    ranked = select_components(M, C, 0.2, 0.1)
+    drawn = select_components(M, C, 0.2, 0.1, selection="random", seed=3)
+    assert drawn == select_components(M, C, 0.2, 0.1, selection="random", seed=3)  # reproducible
+    assert drawn != select_components(M, C, 0.2, 0.1, selection="random", seed=4)
+    assert drawn != ranked and [len(x) for x in drawn] == [len(x) for x in ranked] == [8, 4]
+    assert not set(drawn[0]) & set(drawn[1])
+    # reversed scores draw the same sets: the scores play no part
+    flipped = {n: -v for n, v in M.items()}
+    assert select_components(flipped, flipped, 0.2, 0.1, selection="random", seed=3) == drawn
+
+
 def test_signed_hook_sum_equals_theta_dot_weight_gradient():
     model = tiny_llama(torch.float64)
     batch = make_batch([7, 5, 9], 9)

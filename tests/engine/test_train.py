@@ -337,12 +337,34 @@ def test_missing_training_file_says_so(tiny_model, tmp_path):
 # ------------------------------------------------------------------------------------------ config
 
 
+def test_ablations_no_uco_stage_and_random_components(tiny_model, data_file, tmp_path):
+    """uco_fraction=0 runs CITI without stage 3; selection=random draws the sets without the scores."""
+    out = tmp_path / "no_uco"
+    result = finetune(small_config(tiny_model, data_file, out, budget={"max_steps": 2},
+                                   components={"uco_fraction": 0.0}))
+    assert result.stage_steps == {"router_pretraining": 1, "molora": 1} and result.components["uco"] == []
+    assert not json.loads((out / "adapter_config.json").read_text()).get("modules_to_save")
+
+    ranked = finetune(small_config(tiny_model, data_file, tmp_path / "ranked", budget={"max_steps": 3},
+                                   components={"molora_fraction": 0.25}))
+    drawn = [finetune(small_config(tiny_model, data_file, tmp_path / f"random{seed}", budget={"max_steps": 3},
+                                   components={"molora_fraction": 0.25, "selection": "random"}, seed=seed))
+             for seed in (0, 1)]
+    for r in drawn:  # the same budget, disjoint sets
+        assert len(r.components["molora"]) == len(ranked.components["molora"])
+        assert len(r.components["uco"]) == len(ranked.components["uco"])
+        assert not set(r.components["molora"]) & set(r.components["uco"])
+    # the seed, not the scores, decides: two seeds draw different sets
+    assert drawn[0].components != drawn[1].components
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
         ({"method": "qlora"}, "unknown method"),
         ({"components": {"molora_fraction": 0.0}}, "strictly between 0 and 1"),
-        ({"components": {"uco_fraction": 1.5}}, "strictly between 0 and 1"),
+        ({"components": {"uco_fraction": 1.5}}, "from 0 \\(no stage 3\\) to below 1"),
+        ({"components": {"selection": "best"}}, "importance' or 'random"),
         ({"components": {"molora_fraction": 0.7, "uco_fraction": 0.4}}, "at most all components"),
         ({"budget": {"max_steps": -1}}, "must be positive"),
         ({"budget": {"max_seconds": 0}}, "must be positive"),
