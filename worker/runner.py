@@ -450,10 +450,14 @@ class CheckpointWatcher(threading.Thread):
                 log.exception("checkpoint scan failed")
 
     def stop(self) -> None:
-        """Stop watching."""
+        """Stop watching, after one last scan: checkpoints written since the previous scan are recorded too."""
         if not self._stop_event.is_set():
             self._stop_event.set()
             self.join(timeout=30)
+            try:
+                self.scan()
+            except Exception:
+                log.exception("checkpoint scan failed")
 
     def scan(self) -> None:
         """Handle checkpoints that appeared (or were rewritten) since the last scan."""

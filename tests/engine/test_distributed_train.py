@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +24,19 @@ def _torchrun(spec: dict, tmp_path: Path, nproc: int = 2) -> list[dict]:
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
+    # Its own process group, so a timeout takes torchrun's workers down with it (no orphan left waiting in a
+    # collective for a peer that is gone).
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
          str(SCRIPT), str(spec_file)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return [json.loads((Path(spec["results"]) / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
