@@ -53,7 +53,9 @@ def test_s3_job_survives_a_killed_worker_and_serves_its_adapter(moto_s3, tiny_mo
         hyper = {**TINY_HYPERPARAMETERS, "eval_examples": 0}
         job = c.post("/jobs", json={"model": tiny_model, "training_file": f["id"], "seed": 3,
                                     "method": {"type": "citi", "hyperparameters": hyper},
-                                    "budget": {"max_steps": 40}, "checkpoint_every": 2}).json()
+                                    "budget": {"max_steps": 200}, "checkpoint_every": 2}).json()
+        # 200 steps: long enough that a periodic checkpoint reaches the bucket (uploads take longer than the
+        # tiny model's steps, and each newer checkpoint prunes the older periodic one) before the job could end.
         prefix = f"jobs/{job['id']}/checkpoints/"
         deadline = time.time() + 120
         while not any(o.key.startswith(prefix + "step-") and o.key.endswith("/meta.json")
@@ -69,7 +71,7 @@ def test_s3_job_survives_a_killed_worker_and_serves_its_adapter(moto_s3, tiny_mo
 
         steps = [e["data"]["step"] for e in c.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
                  if e["type"] == "progress" and e["data"]["stage"] != "importance"]
-        assert max(steps) < 40, "the job was still running when its worker died"
+        assert max(steps) < 200, "the job was still running when its worker died"
 
         w2 = start_worker({**env, "CITI_WORK_DIR": str(tmp_path / "host2")}, "s3w2", tmp_path / "w2.log", db)
         deadline = time.time() + 180
