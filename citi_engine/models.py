@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,10 +34,31 @@ def _as_dtype(dtype: Any, device: str) -> torch.dtype:
     return names[dtype]
 
 
+# Tokenizers already loaded in this process, by source and its files' modification time: a job reads the
+# tokenizer to validate lengths and again with the model (seconds each for a GGUF file, which is parsed whole).
+_TOKENIZERS: dict[tuple, Any] = {}
+
+
+def _tokenizer_key(resolved: ResolvedSpec) -> tuple | None:
+    source = Path(resolved.path) / resolved.gguf_file if resolved.gguf_file else Path(resolved.path)
+    if resolved.kind == "hub" or not source.exists():
+        return None
+    parts = ("token", "vocab", "merges", "template", "spiece", "config")  # what a tokenizer reads, not weights
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir()
+                                                     if p.is_file() and any(w in p.name for w in parts))
+    return (str(source), tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
 def load_tokenizer(resolved: ResolvedSpec):
-    """The tokenizer of a resolved spec, with a pad token set (the EOS token when it has none)."""
+    """The tokenizer of a resolved spec, with a pad token set (the EOS token when it has none).
+
+    Loaded once per process and source (reloaded when its files change); callers must not modify it.
+    """
     from transformers import AutoTokenizer
 
+    key = _tokenizer_key(resolved)
+    if key is not None and key in _TOKENIZERS:
+        return _TOKENIZERS[key]
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
@@ -44,6 +66,8 @@ def load_tokenizer(resolved: ResolvedSpec):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
+    if key is not None:
+        _TOKENIZERS[key] = tok
     return tok
 
 

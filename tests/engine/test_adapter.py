@@ -260,3 +260,23 @@ def test_load_adapter_says_what_is_missing(tmp_path, tiny_dir):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "MOLORA"}))
     with pytest.raises(CitiError, match="pass base="):
         load_adapter(tmp_path)
+
+
+def test_the_tokenizer_is_read_once_per_process_and_again_when_its_files_change(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from citi_engine.models import load_tokenizer
+    from citi_engine.specs import resolve_model_spec
+    from citi_engine.testing import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(str(tmp_path / "m"))
+    spec = resolve_model_spec(model_dir)
+    first = load_tokenizer(spec)
+    assert load_tokenizer(spec) is first  # the validation pass and the model load share one
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(model_dir, copy_dir)
+    assert load_tokenizer(resolve_model_spec(str(copy_dir))) is not first  # another source, another tokenizer
+    config = Path(model_dir) / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")  # changed: read again
+    assert load_tokenizer(spec) is not first
