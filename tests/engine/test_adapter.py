@@ -13,8 +13,9 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peft import PeftModel  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
+from citi_engine import testing  # noqa: E402
 from citi_engine.adapter import (  # noqa: E402
     Fp32MasterLinear,
     apply_method,
@@ -34,10 +35,7 @@ UCO = ["model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return testing.tiny_llama(seed=seed, dtype=dtype, pad_token_id=0)
 
 
 def batch(vocab: int = 96) -> dict:

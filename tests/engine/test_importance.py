@@ -10,8 +10,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
+from citi_engine import testing  # noqa: E402
 from citi_engine.components import component_info, list_components, select_components  # noqa: E402
 from citi_engine.errors import Cancelled  # noqa: E402
 from citi_engine.importance import (  # noqa: E402
@@ -26,11 +27,7 @@ PAD = 0
 
 
 def tiny_llama(dtype: torch.dtype = torch.float64, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=PAD, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return testing.tiny_llama(vocab_size=VOCAB, seed=seed, dtype=dtype, pad_token_id=PAD, tie_word_embeddings=False)
 
 
 def make_batch(lengths: list[int], width: int, *, seed: int = 1, task_type: int = 1, pad_noise: bool = False) -> dict:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from citi_engine.losses import causal_lm_loss, label_positions, linear_cross_entropy
 from citi_engine.packing import IGNORE_INDEX, pack_examples, pad_batches
+from citi_engine.testing import tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,22 +19,8 @@ VOCAB = 300
 
 
 def _tiny_llama(tie=False, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        attn_implementation="sdpa",
-        use_cache=False,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(vocab_size=VOCAB, hidden=64, intermediate=128, max_positions=512, seed=seed,
+                      attn_implementation="sdpa", use_cache=False, tie_word_embeddings=tie).train()
 
 
 def _examples(lengths, seed=0):

@@ -19,17 +19,15 @@ import peft  # noqa: E402
 from packaging.version import Version  # noqa: E402
 from peft import PeftConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils import PeftType, register_peft_method  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 import citi_engine.molora as molora  # noqa: E402
+from citi_engine import testing  # noqa: E402
 from citi_engine.molora import MoloraConfig, MoloraLinear, MoloraModel  # noqa: E402
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return testing.tiny_llama(seed=seed, dtype=dtype, pad_token_id=0)
 
 
 def naive_molora(x, W0, b0, W_r, A, B, n, r, alpha):

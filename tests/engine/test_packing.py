@@ -22,6 +22,7 @@ from citi_engine.packing import (
     reference_varlen_attention,
     varlen_attention_forward,
 )
+from citi_engine.testing import tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,21 +41,8 @@ def _examples(lengths, seed=0, label_tail=0.4):
 
 
 def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        attn_implementation="sdpa",
-        use_cache=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=VOCAB, hidden=64, intermediate=128, max_positions=512, seed=seed,
+                      attn_implementation="sdpa", use_cache=False)
 
 
 def test_plan_packing_fills_rows_without_splitting_or_losing_examples():
