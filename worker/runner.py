@@ -444,20 +444,20 @@ class CheckpointWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
-            try:
-                self.scan()
-            except Exception:
-                log.exception("checkpoint scan failed")
+            self._scan_logged()
 
     def stop(self) -> None:
         """Stop watching, after one last scan: checkpoints written since the previous scan are recorded too."""
         if not self._stop_event.is_set():
             self._stop_event.set()
             self.join(timeout=30)
-            try:
-                self.scan()
-            except Exception:
-                log.exception("checkpoint scan failed")
+            self._scan_logged()
+
+    def _scan_logged(self) -> None:
+        try:
+            self.scan()
+        except Exception:
+            log.exception("checkpoint scan failed")
 
     def scan(self) -> None:
         """Handle checkpoints that appeared (or were rewritten) since the last scan."""
