@@ -254,7 +254,7 @@ def upload(client: httpx.Client, name: str, lines: list[dict]) -> str:
 def weather_model(stack, small_model, tmp_path_factory) -> str:
     """alice's fine-tuned model: a CITI job run by a real Celery worker, to success. Returns its model id."""
     logs = tmp_path_factory.mktemp("worker")
-    worker = start_worker(stack.env, "inference-trainer", logs / "worker.log", int(stack.env["REDIS_URL"].rsplit("/", 1)[1]))
+    worker = start_worker(stack.env, "inference-trainer", logs / "worker.log")
     stack.logs.append(logs / "worker.log")
     try:
         with stack.client("alice") as c:

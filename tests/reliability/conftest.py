@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -99,26 +98,6 @@ def private_redis(tmp_path):
 def start_api_on(env: dict, log: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """``uvicorn api.main:app`` on ``port`` (a free one when None; a restart reuses it); waits for /healthz."""
     return start_uvicorn("api.main:app", env, log, port=port)
-
-
-def start_worker_on(env: dict, name: str, log: Path) -> Worker:
-    """A Celery worker on ``env``'s Redis; ready once its reaper has written its first heartbeat."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-n", f"{name}@test",
-             "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    worker = Worker(name, proc, log)
-    r = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker {name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if r.hexists("citi:workers", f"{name}@test"):
-            return worker
-        time.sleep(0.2)
-    worker.stop()
-    raise RuntimeError(f"worker {name} did not start within 60 s:\n{log.read_text()[-3000:]}")
 
 
 def auth(who: str = "alice") -> dict:

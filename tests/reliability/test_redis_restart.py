@@ -19,11 +19,10 @@ from tests.reliability.conftest import (
     base_env,
     record_fault,
     start_api_on,
-    start_worker_on,
     stop_process,
     wait_terminal,
 )
-from tests.service.conftest import TINY_HYPERPARAMETERS, to_jsonl, training_lines
+from tests.service.conftest import TINY_HYPERPARAMETERS, start_worker, to_jsonl, training_lines
 
 pytestmark = pytest.mark.service
 
@@ -47,7 +46,7 @@ def test_redis_killed_and_restarted_loses_no_job_file_or_event(private_redis, ti
            "CITI_LEASE_SECONDS": "6"}
     api_log = tmp_path / "api.log"
     api, url = start_api_on(env, api_log)
-    worker = start_worker_on(env, "wr", tmp_path / "wr.log")
+    worker = start_worker(env, "wr", tmp_path / "wr.log")
     logs = (api_log, worker.log, private_redis.log)
     try:
         r = httpx.post(f"{url}/v1/files", headers=auth(), files={"file": ("t.jsonl", to_jsonl(training_lines()))},

@@ -236,14 +236,15 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-def start_worker(env: dict, name: str, log: Path, db: int) -> Worker:
+def start_worker(env: dict, name: str, log: Path) -> Worker:
+    """A Celery worker on ``env``'s Redis (``REDIS_URL``); ready once its reaper has written its first heartbeat."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-n", f"{name}@test",
              "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     worker = Worker(name, proc, log)
-    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, decode_responses=True)
+    r = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -302,7 +303,7 @@ def workers(service, tmp_path):
     class _Workers:
         def start(self, name: str, **extra_env: str) -> Worker:
             env = {**service.env, **extra_env}
-            worker = start_worker(env, name, tmp_path / f"{name}.log", service.db)
+            worker = start_worker(env, name, tmp_path / f"{name}.log")
             service.workers.append(worker)
             return worker
 

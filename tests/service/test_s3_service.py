@@ -49,7 +49,7 @@ def test_s3_job_survives_a_killed_worker_and_serves_its_adapter(moto_s3, tiny_mo
         c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=30)
         f = c.post("/v1/files", files={"file": ("t.jsonl", to_jsonl(training_lines()))}).json()
         assert storage.exists(f"files/{f['id']}.jsonl"), "the upload went to the bucket"
-        w1 = start_worker({**env, "CITI_WORK_DIR": str(tmp_path / "host1")}, "s3w1", tmp_path / "w1.log", db)
+        w1 = start_worker({**env, "CITI_WORK_DIR": str(tmp_path / "host1")}, "s3w1", tmp_path / "w1.log")
         hyper = {**TINY_HYPERPARAMETERS, "eval_examples": 0}
         job = c.post("/jobs", json={"model": tiny_model, "training_file": f["id"], "seed": 3,
                                     "method": {"type": "citi", "hyperparameters": hyper},
@@ -73,7 +73,7 @@ def test_s3_job_survives_a_killed_worker_and_serves_its_adapter(moto_s3, tiny_mo
                  if e["type"] == "progress" and e["data"]["stage"] != "importance"]
         assert max(steps) < 200, "the job was still running when its worker died"
 
-        w2 = start_worker({**env, "CITI_WORK_DIR": str(tmp_path / "host2")}, "s3w2", tmp_path / "w2.log", db)
+        w2 = start_worker({**env, "CITI_WORK_DIR": str(tmp_path / "host2")}, "s3w2", tmp_path / "w2.log")
         deadline = time.time() + 180
         while (done := c.get(f"/jobs/{job['id']}").json())["status"] not in ("succeeded", "failed", "cancelled"):
             assert time.time() < deadline, (tmp_path / "w2.log").read_text()[-3000:]

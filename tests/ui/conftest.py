@@ -121,7 +121,7 @@ def ui_service(tmp_path_factory, ui_redis_db) -> UIService:
 @pytest.fixture(scope="session")
 def ui_worker(ui_service):
     """One Celery worker for the session."""
-    worker = start_worker(ui_service.env, "ui1", ui_service.base / "worker-ui1.log", ui_service.db)
+    worker = start_worker(ui_service.env, "ui1", ui_service.base / "worker-ui1.log")
     ui_service.workers.append(worker)
     return worker
 
