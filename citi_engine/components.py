@@ -74,8 +74,8 @@ def fraction_to_count(fraction: float, total: int) -> int:
 def select_components(
     M: Mapping[str, float],
     C: Mapping[str, float],
-    molora_fraction: float = 0.30,
-    uco_fraction: float = 0.10,
+    molora_fraction: float,
+    uco_fraction: float,
     *,
     selection: str = "importance",
     seed: int = 0,

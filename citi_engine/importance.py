@@ -224,7 +224,7 @@ class ImportanceResult:
 
     @classmethod
     def from_scores(
-        cls, scores: ImportanceScores, *, molora_fraction: float = 0.30, uco_fraction: float = 0.10,
+        cls, scores: ImportanceScores, *, molora_fraction: float, uco_fraction: float,
         selection: str = "importance", seed: int = 0,
     ) -> ImportanceResult:
         """Normalise each set, sum the general sets into C, and select the components (see components.py)."""
