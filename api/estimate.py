@@ -7,6 +7,10 @@
 - Seconds: trained tokens over a throughput from :data:`THROUGHPUT` (measured) or, for other models, a
   compute rule (about 6 x parameters FLOPs per trained token at a sustained rate per device), plus model
   loading, importance scoring, replay generation and evaluation.
+- Several GPUs (``CITI_GPUS_PER_JOB``): a job trains data-parallel, every process on its share of each step's
+  examples, so the steps stay the same and the training time divides by the GPUs at the scaling measured on
+  2 H200s (bench/results/throughput.md); importance scoring, replay and evaluation run on one process.
+  Memory is per GPU: every process holds the whole model.
 - Memory: frozen weights in the model dtype, trainable weights with fp32 master copy, gradient and
   AdamW state (16 bytes each), and activations for one batch; compared with ``CITI_GPU_MEMORY_GB``.
 """
@@ -36,6 +40,8 @@ THROUGHPUT: dict[str, dict[str, float]] = {
 SUSTAINED_FLOPS = {"gpu": 3.5e14, "cpu": 1.3e11}
 MAX_SMALL_MODEL_TOKENS_S = {"gpu": 100_000.0, "cpu": 50_000.0}
 DECODE_TOKENS_S = {"gpu": 2_000.0, "cpu": 40.0}  # batched greedy generation, tokens/s over the batch
+# Data-parallel speed-up per GPU: 1.998x on 2 H200s for CITI stage 2 of the 8B shape (bench/results/throughput.md).
+DDP_EFFICIENCY = 0.999
 MESSAGE_OVERHEAD_TOKENS = 4
 MAX_COUNTED_EXAMPLES = 2000
 
@@ -125,8 +131,10 @@ def estimate_job(
     has_validation_file: bool,
     device: str,
     gpu_memory_gb: float,
+    gpus: int | None = None,
 ) -> dict[str, Any]:
-    """The estimate for an engine config ``cfg`` (a ``FinetuneConfig``) over the training ``examples``."""
+    """The estimate for an engine config ``cfg`` (a ``FinetuneConfig``) over the training ``examples``;
+    ``gpus`` is what one job trains on (None: not known here, one assumed)."""
     from citi_engine.budget import plan_stages
     from citi_engine.errors import BudgetError
 
@@ -164,13 +172,19 @@ def estimate_job(
     total_steps = sum(steps)
     trained_tokens = int(total_steps * tokens_per_step)
 
+    n_gpus = (gpus or 1) if device == "gpu" else 1
+    if device == "gpu" and gpus is None:
+        notes.append("assumes one GPU per job: set CITI_GPUS_PER_JOB on the API too when workers train on several")
+    if n_gpus > 2:
+        notes.append(f"the speed-up on {n_gpus} GPUs assumes the scaling measured on 2 (bench/results/throughput.md)")
+
     shape = model_shape(resolved)
     params, linear = parameter_counts(shape) if shape else (None, None)
     tps = tokens_per_second(resolved.spec, params, device)
     breakdown: dict[str, float] = {}
     if tps:
         breakdown["load_model"] = 5.0 + (params or 0) * 2 / 1e9
-        breakdown["training"] = trained_tokens / tps
+        breakdown["training"] = trained_tokens / (tps * (n_gpus * DDP_EFFICIENCY if n_gpus > 1 else 1))
         if cfg.method == "citi":
             scored = min(hp.importance_examples, train_tool) + min(hp.importance_examples, general + replay)
             breakdown["importance"] = scored * mean_tokens * 2 / tps
@@ -230,6 +244,7 @@ def estimate_job(
         "estimated_seconds": seconds,
         "seconds_breakdown": breakdown,
         "device": device,
+        "gpus": n_gpus if device == "gpu" else 0,
         "throughput_tokens_per_s": tps,
         "parameters": params,
         "memory": memory,

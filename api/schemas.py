@@ -270,6 +270,7 @@ class Estimate(BaseModel):
     estimated_seconds: float
     seconds_breakdown: dict[str, float]
     parameters: int | None
+    gpus: int = Field(0, description="GPUs the job trains on, data-parallel (0 on CPU).")
     memory: dict[str, Any]
     budget: dict[str, Any]
     notes: list[str] = Field(default_factory=list)

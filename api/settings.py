@@ -102,10 +102,14 @@ class Settings(BaseSettings):
     gpu_memory_gb: float = Field(
         80.0, gt=0, description="CITI_GPU_MEMORY_GB: memory of the workers' GPUs, for POST /jobs/estimate."
     )
+    gpus_per_job: int | None = Field(
+        None, ge=1, description="CITI_GPUS_PER_JOB: GPUs one job trains on, data-parallel (the workers read it "
+        "too); POST /jobs/estimate divides the training time by it. Unset: the workers use every GPU they see, "
+        "and the estimate assumes one.")
     inference_url: str | None = Field(None, description="CITI_INFERENCE_URL: the inference server.")
 
     @field_validator("work_dir", "s3_endpoint_url", "s3_access_key_id", "s3_secret_access_key", "inference_url",
-                     mode="before")
+                     "gpus_per_job", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -301,7 +301,7 @@ def build_router(prefix: str, tag: str) -> APIRouter:
         device = "cpu" if (settings.device or "").startswith("cpu") else "gpu"
         result = estimate(cfg, resolved=resolved, examples=examples, n_tool=n_tool, n_general=n_general,
                           has_validation_file=body.validation_file is not None, device=device,
-                          gpu_memory_gb=settings.gpu_memory_gb)
+                          gpu_memory_gb=settings.gpu_memory_gb, gpus=settings.gpus_per_job)
         return Estimate(**result)
 
     @router.get("", response_model=JobList, responses=_ERRORS)
