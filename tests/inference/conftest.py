@@ -231,9 +231,11 @@ def stack(tmp_path_factory, model_root, small_model):
 
 # Enough stage-2 steps at a high learning rate for the tiny model to learn both conversations by heart;
 # no evaluation, no held-out split (the point is a real job's adapter that reliably calls the tool).
+# 60 epochs were not enough: with another CPU thread count (float order) or seed the answer came out as
+# "22 22 22 C" in 2 of 5 runs; 100 epochs gave the exact answer in all 8 runs tried (seeds 0-3, 1 and 2 threads).
 TRAINING = {
     "method": {"type": "citi", "hyperparameters": {
-        "batch_size": 4, "lr_router_pretraining": 0.01, "lr_molora": 0.01, "lr_uco": 0.001, "epochs_molora": 60.0,
+        "batch_size": 4, "lr_router_pretraining": 0.01, "lr_molora": 0.01, "lr_uco": 0.001, "epochs_molora": 100.0,
         "epochs_router_pretraining": 1.0, "epochs_uco": 1.0, "warmup_ratio": 0.0, "routing_beta": 0.0,
         "importance_examples": 4, "eval_examples": 0, "eval_probes": 0, "eval_humaneval": 0, "max_length": 512}},
     "components": {"molora_fraction": 0.5, "uco_fraction": 0.3, "alpha": 16.0},
