@@ -299,9 +299,12 @@ def build_router(prefix: str, tag: str) -> APIRouter:
             examples += _read_examples(storage, body.general_file)
             n_general += general["n_examples"]
         device = "cpu" if (settings.device or "").startswith("cpu") else "gpu"
+        gpus = settings.gpus_per_job
+        if gpus is None and (settings.device or "").startswith("cuda:"):
+            gpus = 1  # the workers train on the one GPU CITI_DEVICE names
         result = estimate(cfg, resolved=resolved, examples=examples, n_tool=n_tool, n_general=n_general,
                           has_validation_file=body.validation_file is not None, device=device,
-                          gpu_memory_gb=settings.gpu_memory_gb, gpus=settings.gpus_per_job)
+                          gpu_memory_gb=settings.gpu_memory_gb, gpus=gpus)
         return Estimate(**result)
 
     @router.get("", response_model=JobList, responses=_ERRORS)
