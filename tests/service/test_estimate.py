@@ -50,3 +50,17 @@ def test_more_gpus_than_measured_say_so_and_cpu_ignores_gpus(examples):
     cpu = _estimate(examples, device="cpu", gpus=4)
     assert cpu["gpus"] == 0
     assert cpu["seconds_breakdown"]["training"] == _estimate(examples, device="cpu")["seconds_breakdown"]["training"]
+
+
+def test_the_api_reads_gpus_per_job_like_the_workers(monkeypatch):
+    from pydantic import ValidationError
+
+    from api.settings import Settings
+
+    monkeypatch.setenv("CITI_GPUS_PER_JOB", "")
+    assert Settings().gpus_per_job is None  # empty: every GPU the worker sees; the estimate assumes one
+    monkeypatch.setenv("CITI_GPUS_PER_JOB", "2")
+    assert Settings().gpus_per_job == 2
+    monkeypatch.setenv("CITI_GPUS_PER_JOB", "0")
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        Settings()
