@@ -49,6 +49,32 @@ def _tokenizer_key(resolved: ResolvedSpec) -> tuple | None:
     return (str(source), tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
 
 
+def _load_from(resolved: ResolvedSpec, load):
+    """``load()`` for a resolved spec, every failure to get the files a :class:`ModelSpecError` naming the spec.
+
+    A hub id fails at once when the hub cannot be reached (the hub client would retry for about a minute).
+    """
+    spec = resolved.spec
+    if resolved.kind == "hub" and hub_offline():
+        raise ModelSpecError(
+            f"model '{spec}' is a hub id, but the hub cannot be reached from here (offline, or HF_HUB_OFFLINE=1): "
+            "download it where the hub can be reached and pass its local directory instead",
+            code="model_unavailable_offline",
+            param="model",
+        )
+    try:
+        return load()
+    except OSError as exc:  # hub unreachable, missing files
+        if resolved.kind == "hub":
+            raise ModelSpecError(
+                f"could not download model '{spec}' from the hub ({exc.__class__.__name__}); check the name and the "
+                "network, or pass a local directory",
+                code="model_unavailable_offline",
+                param="model",
+            ) from exc
+        raise ModelSpecError(f"could not load model '{spec}': {exc}", code="model_not_found", param="model") from exc
+
+
 def load_tokenizer(resolved: ResolvedSpec):
     """The tokenizer of a resolved spec, with a pad token set (the EOS token when it has none).
 
@@ -62,7 +88,7 @@ def load_tokenizer(resolved: ResolvedSpec):
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
-    tok = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+    tok = _load_from(resolved, lambda: AutoTokenizer.from_pretrained(resolved.path, **kwargs))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -88,30 +114,11 @@ def load_model(
     resolved = resolve_model_spec(spec, model_dirs=model_dirs)
     device = device or default_device()
     torch_dtype = _as_dtype(dtype, device)
-    if resolved.kind == "hub" and hub_offline():
-        raise ModelSpecError(
-            f"model '{spec}' is a hub id, but the hub cannot be reached from here (offline, or HF_HUB_OFFLINE=1): "
-            "download it where the hub can be reached and pass its local directory instead",
-            code="model_unavailable_offline",
-            param="model",
-        )
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
-    try:
-        tokenizer = load_tokenizer(resolved)
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
-    except ModelSpecError:
-        raise
-    except OSError as exc:  # hub unreachable, missing files
-        if resolved.kind == "hub":
-            raise ModelSpecError(
-                f"could not download model '{spec}' from the hub ({exc.__class__.__name__}); check the name and the "
-                "network, or pass a local directory",
-                code="model_unavailable_offline",
-                param="model",
-            ) from exc
-        raise ModelSpecError(f"could not load model '{spec}': {exc}", code="model_not_found", param="model") from exc
+    tokenizer = load_tokenizer(resolved)
+    model = _load_from(resolved, lambda: AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs))
     model.to(device)
     model.eval()
     if getattr(model.config, "pad_token_id", None) is None:
