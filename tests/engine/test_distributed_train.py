@@ -9,11 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.engine.test_train import small_config, tiny_model, write_data  # noqa: E402, F401
+from tests.engine.test_train import assert_same_adapter, small_config, tiny_model, write_data  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ddp_finetune.py")
@@ -45,7 +43,6 @@ def test_two_processes_train_the_adapter_one_process_trains(tiny_model, tmp_path
     gradients: both processes end with the very same weights, the step and token counts are the whole
     job's, rank 0 alone writes the adapter, and that adapter matches the one-process run's. Replay and
     importance run once (rank 0) and are shared. A cancel seen by rank 1 alone stops both processes."""
-    from safetensors.torch import load_file
 
     from citi_engine.adapter import load_adapter
     from citi_engine.train import finetune
@@ -70,11 +67,7 @@ def test_two_processes_train_the_adapter_one_process_trains(tiny_model, tmp_path
     assert r0["components"] == r1["components"] == single.components
     assert r0["progress"] == [1, 2, 3, 4, 5, 6] and r1["events"] == 0  # one process speaks for the job
 
-    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_adapter(tmp_path / "single", tmp_path / "ddp", rtol=1e-4, atol=1e-6)
     model, _ = load_adapter(tmp_path / "ddp")
     assert any("molora_router" in n for n, _ in model.named_parameters())
 

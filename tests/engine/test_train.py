@@ -262,10 +262,14 @@ def test_cancel_stops_every_phase_within_one_step(tiny_model, tmp_path, phase):
 # ------------------------------------------------------------------------------------------ resume
 
 
-def _adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+def assert_same_adapter(a: Path, b: Path, *, rtol: float, atol: float) -> None:
+    """The adapter weights in directories ``a`` and ``b`` have the same tensors, equal within tolerance."""
     from safetensors.torch import load_file
 
-    return load_file(str(out / "adapter_model.safetensors"))
+    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=rtol, atol=atol, msg=name)
 
 
 def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tiny_model, data_file, tmp_path):
@@ -291,10 +295,7 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tiny_mod
                        on_event=lambda e: resumed_steps.append(e["step"]) if e["type"] == "progress" else None)
     assert resumed_steps == [5, 6, 7, 8]  # from the mid-stage checkpoint at step 4, not from scratch
     assert resumed.steps == straight.steps == 8 and resumed.trained_tokens == straight.trained_tokens
-    a, b = _adapter_tensors(tmp_path / "a"), _adapter_tensors(tmp_path / "b")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_adapter(tmp_path / "a", tmp_path / "b", rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoints_of_another_job_are_not_resumed(tiny_model, data_file, tmp_path):

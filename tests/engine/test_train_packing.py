@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from citi_engine.training.batches import answer_tokens, rank_share, step_batches  # noqa: E402
 from citi_engine.training.config import FinetuneConfig  # noqa: E402
-from tests.engine.test_train import _stage_setup, small_config, tiny_model, write_data  # noqa: E402, F401
+from tests.engine.test_train import _stage_setup, assert_same_adapter, small_config, tiny_model, write_data  # noqa: E402, F401
 
 
 def _step_gradients(model, cfg, micro, examples, routing_loss):
@@ -91,7 +91,6 @@ def test_packed_rows_accumulate_to_the_padded_steps_cross_entropy_and_gradients(
 def test_finetune_citi_with_packing_ends_with_the_padded_runs_adapter(tiny_model, tmp_path):  # noqa: F811
     """Packing changes the layout only: a whole citi job (importance, three stages) ends with the same
     adapter as the padded job, and the adapter loads."""
-    from safetensors.torch import load_file
 
     from citi_engine.adapter import load_adapter
     from citi_engine.train import finetune
@@ -106,11 +105,7 @@ def test_finetune_citi_with_packing_ends_with_the_padded_runs_adapter(tiny_model
     assert packed.steps == padded.steps == 4 and packed.trained_tokens == padded.trained_tokens
     assert packed.components == padded.components
     assert any("packed rows of at most 384 tokens" in e["message"] for e in events)
-    a = load_file(str(tmp_path / "False" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "True" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_adapter(tmp_path / "False", tmp_path / "True", rtol=1e-4, atol=1e-6)
     model, _ = load_adapter(tmp_path / "True")
     assert sum(1 for n, _ in model.named_parameters() if "molora_router" in n) > 0
 
