@@ -153,6 +153,126 @@ def routing_loss(
     return (Z.var(dim=1, unbiased=False) / Z.mean(dim=1).square()).sum()
 
 
+def token_routing_loss(model: nn.Module, backbone_target: torch.Tensor,
+                       counts: tuple[float, float] | None = None) -> torch.Tensor:
+    """The token-level routing objective, from the router weights of the last forward (not in the paper).
+
+    ``backbone_target`` has the shape of the batch's tokens: 1 where the backbone gate G(x)[0] should be
+    1 (tokens of general examples: experts off), 0 where it should be 0 (tokens that write a tool call:
+    experts on), anything else (-1) where no target applies (prompts of tool examples, padding). Per MOLoRA
+    layer: binary cross-entropy of G(x)[0] against the target, averaged over each of the two kinds of token
+    apart and the two means added (so neither kind outweighs the other by its count); then the mean over
+    layers, so the weight of the term does not grow with the number of layers. ``counts`` gives the
+    denominators of the two means (``(backbone, experts)`` tokens of the whole step, so that micro-batches
+    and processes add up to the step's value); by default this batch's own counts.
+    """
+    layers = molora_layers(model)
+    if not layers:
+        raise ValueError("token_routing_loss needs a model with MOLoRA layers: apply_method(model, 'citi', ...) first")
+    total = None
+    n = 0
+    for layer in layers:
+        for adapter in layer.active_adapters:
+            probs = layer.router_probs.get(adapter)
+            if probs is None:
+                raise RuntimeError("token_routing_loss reads the router weights of the last forward: run the model first")
+            target = backbone_target.to(probs.device).reshape(probs.shape[:-1])
+            p0 = probs[..., 0].clamp(1e-6, 1.0 - 1e-6)
+            loss = p0.new_zeros(())
+            for k, (value, log_p) in enumerate(((1.0, torch.log(p0)), (0.0, torch.log1p(-p0)))):
+                mask = (target == value).to(p0.dtype)
+                denominator = mask.sum().clamp(min=1.0) if counts is None else max(float(counts[k]), 1.0)
+                loss = loss - (log_p * mask).sum() / denominator
+            total = loss if total is None else total + loss
+            n += 1
+    return total / max(n, 1)
+
+
+def backbone_targets(token_kind: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """The targets of :func:`token_routing_loss` for a batch: 1 on every token of a GENERAL example, 0 on the
+    positions (flat ``positions``, of kinds ``kinds``) whose next token is part of a tool call, -1 elsewhere."""
+    from citi_engine.data.schemas import ExampleKind
+
+    target = torch.full(token_kind.shape, -1.0, device=token_kind.device)
+    target[token_kind == int(ExampleKind.GENERAL)] = 1.0
+    calls = positions[kinds == int(ExampleKind.TOOL)]
+    target.view(-1)[calls] = 0.0
+    return target
+
+
+class AdaptersOff:
+    """``with AdaptersOff(model)():`` runs the block on the base model inside a peft model: every adapter layer
+    and every ``modules_to_save`` copy (UCO) switched off, then on again, and nothing else touched (peft's own
+    ``disable_adapter`` marks every adapter parameter trainable on the way out, which would undo a stage's
+    choice of what trains). Cheap enough for every training step: the modules are found once."""
+
+    def __init__(self, model: nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        kinds: tuple[type, ...] = (BaseTunerLayer,)
+        try:
+            from peft.utils.other import AuxiliaryTrainingWrapper
+
+            kinds = (*kinds, AuxiliaryTrainingWrapper)
+        except ImportError:  # pragma: no cover - older peft
+            from peft.utils.other import ModulesToSaveWrapper
+
+            kinds = (*kinds, ModulesToSaveWrapper)
+        self.modules = [m for m in model.modules() if isinstance(m, kinds)]
+        if not self.modules:
+            raise TypeError(f"{type(model).__name__} has no adapter layers to switch off")
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        before = [m._disable_adapters for m in self.modules]
+        try:
+            for m in self.modules:
+                m._disable_adapters = True
+            yield
+        finally:
+            for m, b in zip(self.modules, before, strict=True):
+                m._disable_adapters = b
+
+
+class GateMeter:
+    """Mean backbone gate G(x)[0] of every MOLoRA layer over chosen tokens, accumulated over forwards.
+
+    After each forward call :meth:`add` with a mask of the tokens to count (same shape as the batch's
+    tokens); :meth:`result` gives ``{"mean", "per_layer", "tokens"}``: the mean over layers of each layer's
+    mean over the counted tokens, each layer's mean by component name, and how many tokens were counted.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [(_component_name(name), m) for name, m in model.named_modules() if isinstance(m, MoloraLayer)]
+        self.sums = [0.0] * len(self.layers)
+        self.tokens = 0
+
+    def add(self, mask: torch.Tensor) -> None:
+        count = None
+        for k, (_, layer) in enumerate(self.layers):
+            for adapter in layer.active_adapters:
+                probs = layer.router_probs.get(adapter)
+                if probs is None:
+                    continue
+                m = mask.to(device=probs.device, dtype=probs.dtype).reshape(probs.shape[:-1])
+                self.sums[k] += float((probs[..., 0] * m).sum())
+                count = float(m.sum())
+        if count is not None:
+            self.tokens += int(count)
+
+    def result(self) -> dict[str, Any]:
+        if not self.layers or not self.tokens:
+            return {"mean": None, "per_layer": {}, "tokens": self.tokens}
+        per_layer = {name: s / self.tokens for (name, _), s in zip(self.layers, self.sums, strict=True)}
+        return {"mean": sum(per_layer.values()) / len(per_layer), "per_layer": per_layer, "tokens": self.tokens}
+
+
+def _component_name(module_name: str) -> str:
+    # peft nests the base model as base_model.model.<name>; components are named as in the plain model.
+    prefix = "base_model.model."
+    return module_name[len(prefix):] if module_name.startswith(prefix) else module_name
+
+
 def _stage_parameters(model: nn.Module, stage: str) -> list[nn.Parameter]:
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper

@@ -53,3 +53,12 @@ class Cancelled(CitiError):
 
     def __init__(self, message: str = "the job was cancelled"):
         super().__init__(message)
+
+
+class TrainingDiverged(CitiError):
+    """The training loss became NaN or infinite: the run stops before the weights are poisoned."""
+
+    code = "training_diverged"
+
+    def __init__(self, message: str):
+        super().__init__(message, param="hyperparameters")

@@ -11,6 +11,7 @@ backward pass needs no recomputation. The value and the gradients equal
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -71,6 +72,67 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.has[0] else None
         gw = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.has[1] else None
         return gh, gw, None, None, None, None
+
+
+class _LinearKL(torch.autograd.Function):
+    """Sum over rows of KL(softmax(t_hidden @ t_weight.T) || softmax(hidden @ weight.T)), gradients in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, t_weight, chunk_size, need_hidden_grad, need_weight_grad):
+        dtype = _compute_dtype(hidden)
+        acc = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, tw = weight.to(dtype), t_weight.to(dtype)
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight_grad else None
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start : start + chunk_size].to(dtype)
+                log_p = torch.log_softmax((t_hidden[start : start + chunk_size].to(dtype) @ tw.T).to(acc), dim=-1)
+                log_q = torch.log_softmax((h @ w.T).to(acc), dim=-1)
+                p = log_p.exp()
+                total += (p * (log_p - log_q)).sum()
+                if grad_hidden is None and grad_weight is None:
+                    continue
+                # d KL / d student logits = softmax(student) - teacher probabilities
+                g = (log_q.exp_() - p).to(dtype)
+                del log_p, log_q, p
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_size] = (g @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (g.T @ h).to(acc)
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else torch.empty(0),
+            grad_weight if grad_weight is not None else torch.empty(0),
+        )
+        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.has[0] else None
+        gw = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.has[1] else None
+        return gh, gw, None, None, None, None, None
+
+
+def linear_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Summed KL(teacher || student) of the next-token distributions ``softmax(teacher_hidden @ teacher_weight.T)``
+    and ``softmax(hidden @ weight.T)``, row by row, chunked like :func:`linear_cross_entropy` (no logits outlive
+    their chunk). Only the student side (``hidden``, ``weight``) gets gradients."""
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    grad_on = torch.is_grad_enabled()
+    return _LinearKL.apply(hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), int(chunk_size),
+                           grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
 
 
 def linear_cross_entropy(
@@ -135,6 +197,128 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = shifted.reshape(-1)
     positions = (flat != IGNORE_INDEX).nonzero().reshape(-1)
     return positions, flat[positions]
+
+
+class Teacher:
+    """The frozen base model that gives a step's soft targets (method issue: retention by soft targets).
+
+    ``model`` is the model being trained: a peft model is its own teacher with every adapter switched off
+    (:class:`citi_engine.adapter.AdaptersOff`), computed in the same step on the same inputs. ``frozen``, a
+    separate untouched copy of the base, is the teacher of a full fine-tune, which has no adapters to switch off.
+    """
+
+    def __init__(self, model: nn.Module, frozen: nn.Module | None = None):
+        if frozen is not None:
+            self.base = frozen
+            self.context: Any = contextlib.nullcontext
+        else:
+            from citi_engine.adapter import AdaptersOff
+
+            self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            self.context = AdaptersOff(model)
+
+    def hidden_at(self, batch: dict[str, Any], inputs: dict[str, Any], positions: torch.Tensor) -> torch.Tensor:
+        """The teacher's last hidden states at the flat ``positions`` of ``batch`` (no grad). The decoder runs
+        only on what holds such positions: those rows of a padded batch, those examples of a packed row (their
+        segments gathered into a shorter packed row), so its cost follows the general examples alone."""
+        if "cu_seq_lens_q" in inputs:
+            sub_inputs, sub_positions = _packed_segments(inputs, positions)
+        else:
+            sub_inputs, sub_positions = _padded_rows(inputs, positions)
+        with torch.no_grad(), self.context():
+            hidden = self.base.get_decoder()(**sub_inputs).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, sub_positions)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.base.get_output_embeddings().weight
+
+
+def _padded_rows(inputs: dict[str, Any], positions: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    rows_n, width = inputs["input_ids"].shape
+    rows = torch.unique(positions // width)
+    if rows.numel() == rows_n:
+        return inputs, positions
+    sub = {k: (v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in inputs.items()}
+    return sub, torch.searchsorted(rows, positions // width) * width + positions % width
+
+
+def _packed_segments(inputs: dict[str, Any], positions: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    """A packed row of only the segments (examples) that hold ``positions``, and their positions in it."""
+    cu = inputs["cu_seq_lens_q"].to(torch.long)
+    segments = torch.unique(torch.searchsorted(cu[1:], positions, right=True))
+    if segments.numel() == cu.numel() - 1:
+        return inputs, positions
+    starts, lengths = cu[segments], cu[segments + 1] - cu[segments]
+    offsets = torch.cumsum(lengths, 0) - lengths  # where each kept segment starts in the new row
+    total = int(lengths.sum())  # one host sync
+    index = torch.arange(total, device=cu.device) + torch.repeat_interleave(starts - offsets, lengths,
+                                                                            output_size=total)
+    new_cu = torch.cat([cu.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int32)
+    sub = dict(inputs)
+    sub["input_ids"] = inputs["input_ids"].index_select(1, index)
+    sub["position_ids"] = inputs["position_ids"].index_select(1, index)
+    sub["cu_seq_lens_q"] = sub["cu_seq_lens_k"] = new_cu
+    sub["max_length_q"] = sub["max_length_k"] = int(lengths.max())
+    return sub, torch.searchsorted(index, positions)
+
+
+def loss_positions_of(batch: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flat positions whose next token is trained, their targets and their count (precomputed by the batchers,
+    or found here at the cost of one host sync)."""
+    if "loss_positions" in batch:
+        positions = batch["loss_positions"].to(device, non_blocking=True)
+        targets = batch["loss_targets"].to(device, non_blocking=True)
+        return positions, targets, int(batch["num_label_tokens"])
+    positions, targets = label_positions(batch["labels"].to(device))
+    return positions, targets, int(positions.numel())
+
+
+def answer_losses(
+    model: nn.Module,
+    batch: dict[str, Any],
+    *,
+    teacher: Teacher | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The summed losses of one micro-batch's answer tokens: ``(ce_sum, kl_sum, positions, kinds)``.
+
+    Without a ``teacher`` every labelled token gets cross-entropy (``kl_sum`` is 0). With one, the answer
+    tokens of GENERAL examples (``batch["token_kind"]``) get KL(teacher || model) of the next-token
+    distributions instead, and all others cross-entropy. ``positions`` are the flat positions whose next token
+    is trained and ``kinds`` their examples' kinds (None when the batch carries no ``token_kind``).
+    """
+    from citi_engine.data.schemas import ExampleKind
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(base.parameters()).device
+    inputs = model_inputs(batch, device)
+    positions, targets, _ = loss_positions_of(batch, device)
+    kinds = None
+    if "token_kind" in batch:
+        kinds = batch["token_kind"].to(device, non_blocking=True).reshape(-1).index_select(0, positions)
+    head = base.get_output_embeddings()
+    weight = _plain_linear_weight(head)
+    if weight is None:
+        raise ValueError("answer_losses needs a plain linear output head; use causal_lm_loss for other heads")
+    hidden = base.get_decoder()(**inputs).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    zero = flat.new_zeros((), dtype=torch.float32)
+    if teacher is None or kinds is None:
+        ce = linear_cross_entropy(flat.index_select(0, positions), weight, targets, chunk_size=chunk_size)
+        return ce, zero, positions, kinds
+    general = kinds == int(ExampleKind.GENERAL)
+    kl_idx = general.nonzero().reshape(-1)  # one host sync per micro-batch
+    ce_idx = (~general).nonzero().reshape(-1)
+    ce = linear_cross_entropy(flat.index_select(0, positions[ce_idx]), weight, targets[ce_idx],
+                              chunk_size=chunk_size) if ce_idx.numel() else zero
+    kl = zero
+    if kl_idx.numel():
+        kl_positions = positions[kl_idx]
+        t_hidden = teacher.hidden_at(batch, inputs, kl_positions)
+        kl = linear_kl(flat.index_select(0, kl_positions), weight, t_hidden, teacher.head_weight,
+                       chunk_size=chunk_size)
+    return ce, kl, positions, kinds
 
 
 def causal_lm_loss(

@@ -17,7 +17,8 @@ between the examples sharing a row:
   example.
 
 A packed batch is a dict of tensors: ``input_ids``, ``labels``, ``position_ids`` (1, T) long,
-``task_type`` (S,) (one per example in the row), ``sequence_mask`` (S, T) bool (the tokens of each
+``task_type`` (S,) (one per example in the row), ``token_kind`` (1, T) (each token's example kind,
+-1 on padding), ``sequence_mask`` (S, T) bool (the tokens of each
 example; the packed counterpart of a padded batch's ``attention_mask`` when a quantity is summed per
 example), ``cu_seq_lens`` (S'+1,) int32 (example boundaries, the padding tail as its own segment),
 plus plain ints ``max_seq_len``, ``num_tokens`` (real tokens) and ``num_label_tokens``, and
@@ -40,6 +41,11 @@ IGNORE_INDEX = -100
 VARLEN_ATTENTION = "citi_varlen"
 
 Example = dict[str, Any]  # {"input_ids": list[int], "labels": list[int], "task_type": int}
+
+
+def example_kind(example: Example) -> int:
+    """An encoded example's :class:`~citi_engine.data.schemas.ExampleKind`, from its task type when it has none."""
+    return int(example.get("kind", example.get("task_type", 1)))
 
 
 def _check_example(example: Example, index: int, max_tokens: int) -> int:
@@ -114,8 +120,10 @@ def collate_packed(
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
+    kinds: list[int] = []
     for e in examples:
         ids.extend(e["input_ids"])
+        kinds.extend([example_kind(e)] * len(e["input_ids"]))
         lab = list(e["labels"])
         lab[0] = IGNORE_INDEX  # no target across an example boundary
         labels.extend(lab)
@@ -126,6 +134,7 @@ def collate_packed(
         ids.extend([pad_id] * tail)
         labels.extend([IGNORE_INDEX] * tail)
         positions.extend(range(tail))
+        kinds.extend([-1] * tail)
         segments.append(tail)
     cu = [0]
     for n in segments:
@@ -140,6 +149,7 @@ def collate_packed(
         "labels": labels_t,
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "task_type": torch.tensor([int(e.get("task_type", 1)) for e in examples], dtype=torch.long),
+        "token_kind": torch.tensor([kinds], dtype=torch.long),
         "sequence_mask": sequence_mask,
         "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
         "max_seq_len": max(segments),
@@ -187,17 +197,20 @@ def collate_padded(examples: Sequence[Example], *, pad_id: int, pad_to_multiple_
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    kinds = torch.full((len(examples), width), -1, dtype=torch.long)
     for b, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[b, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
         labels[b, :n] = torch.tensor(e["labels"], dtype=torch.long)
         mask[b, :n] = 1
+        kinds[b, :n] = example_kind(e)
     loss_positions, loss_targets = _loss_targets(labels)
     return {
         "input_ids": ids,
         "attention_mask": mask,
         "labels": labels,
         "task_type": torch.tensor([int(e.get("task_type", 1)) for e in examples], dtype=torch.long),
+        "token_kind": kinds,
         "num_tokens": int(mask.sum()),
         "num_label_tokens": int(loss_positions.numel()),
         "loss_positions": loss_positions,

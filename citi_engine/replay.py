@@ -34,6 +34,7 @@ def build_replay(
     batch_size: int = 16,
     should_cancel: Callable[[], bool] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    tool_lists: Sequence[list[dict]] = (),
 ) -> list[dict]:
     """Let ``model`` answer ``count`` general prompts greedily; return them as training examples.
 
@@ -42,7 +43,14 @@ def build_replay(
     ``{"messages": [user, assistant]}`` (task type 0). Answers the model left empty are dropped.
     ``should_cancel`` is checked before every batch and every generated token (raises
     :class:`~citi_engine.errors.Cancelled`); ``on_progress(done, total)`` follows each batch.
+
+    ``tool_lists`` offers the k-th list of tools with the k-th chosen prompt (the prompts are in a seeded random
+    order, so which prompts get tools is random too): the model answers with those tools in its prompt, and the
+    example keeps them, marked general (``citi_kind``) since no tool is called. An answer that calls a tool
+    anyway is not a general answer: that example is left out.
     """
+    from citi_engine.data.chat_format import parse_tool_calls
+    from citi_engine.data.schemas import KIND_KEY
     from citi_engine.generate import generate_chat
 
     if prompts is None:
@@ -56,14 +64,22 @@ def build_replay(
         if should_cancel is not None and should_cancel():
             raise Cancelled("the job was cancelled while building general replay data")
         batch = chosen[start:start + batch_size]
-        conversations = [{"messages": [{"role": "user", "content": p}]} for p in batch]
+        tools = [tool_lists[k] if k < len(tool_lists) else None for k in range(start, start + len(batch))]
+        conversations = [{"messages": [{"role": "user", "content": p}], "tools": t} for p, t in zip(batch, tools,
+                                                                                                 strict=True)]
         replies = generate_chat(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, temperature=0.0, should_cancel=should_cancel)
-        for prompt, reply in zip(batch, replies, strict=True):
+        for prompt, offered, reply in zip(batch, tools, replies, strict=True):
             answer = (reply.text or "").strip()
-            if answer:
-                examples.append({"messages": [{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": answer}]})
+            if not answer:
+                continue
+            example: dict = {"messages": [{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": answer}]}
+            if offered:
+                if parse_tool_calls(answer)[1]:
+                    continue
+                example.update({"tools": offered, KIND_KEY: "general"})
+            examples.append(example)
         if on_progress is not None:
             on_progress(min(start + batch_size, total), total)
     if not examples:

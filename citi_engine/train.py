@@ -53,7 +53,8 @@ from typing import Any
 import torch
 
 from citi_engine.budget import JobClock, StagePlan, check_budget, plan_stages
-from citi_engine.data.schemas import Problem, TaskType, task_type_of
+from citi_engine.data.augment import build_negatives, mask_some, unrelated_tool_lists
+from citi_engine.data.schemas import ExampleKind, Problem, TaskType, task_type_of
 from citi_engine.distributed import (
     DistInfo,
     LossModule,
@@ -66,13 +67,14 @@ from citi_engine.distributed import (
     tensors_sha256,
     wrap_ddp,
 )
-from citi_engine.errors import Cancelled, DataValidationError
+from citi_engine.errors import Cancelled, DataValidationError, TrainingDiverged
 from citi_engine.training.batches import (
     StageOrder,
     answer_tokens,
     count_tokens,
     natural_steps,
     rank_share,
+    routing_token_counts,
     sample_indices,
     split_test,
     step_batches,
@@ -108,6 +110,8 @@ __all__ = [
 EventFn = Callable[[dict], None]
 CancelFn = Callable[[], bool]
 
+# Example sets the engine builds itself (a too-long one is dropped or cut, never reported to the user).
+BUILT_SETS = ("replay", "negatives")
 # Steps timed before a time budget is turned into steps (the first one includes warm-up costs).
 SPEED_PROBE_STEPS = 3
 # How long a data-parallel process waits in a collective for the others before the job fails: rank 0
@@ -190,26 +194,33 @@ def finetune(
     replay, gen_s_per_item, importance = [], None, None
     if resume is not None:
         replay, gen_s_per_item, importance = _restore_prepared(resume, cfg)
-    elif cfg.method == "citi" and not general:
-        replay, gen_s_per_item = run_on_main(lambda: _build_replay(job, cfg, model, tokenizer), dist)
+    elif cfg.uses_general_data and not general:
+        replay, gen_s_per_item = run_on_main(lambda: _build_replay(job, cfg, model, tokenizer, data.tool), dist)
     if replay:
         general = _encode(tokenizer, replay, None, hp.max_length, "replay")
     if cfg.method == "citi" and importance is None:
         general_name = "replay" if replay else "general"
         importance = run_on_main(
-            lambda: _score_components(job, cfg, model, tokenizer, tool, general, general_name, packing=packing), dist)
+            lambda: _score_components(job, cfg, model, tokenizer, _calls_only(tool), general, general_name,
+                                      packing=packing), dist)
     components = {"molora": list(importance.molora), "uco": list(importance.uco)} if importance else \
         {"molora": [], "uco": []}
 
-    # 5. Method: adapters on the chosen components; every tensor any stage trains kept in fp32.
+    # 5. Method: adapters on the chosen components; every tensor any stage trains kept in fp32. General answers
+    #    trained towards the frozen base (general_loss kl) need a teacher: the model itself with its adapters
+    #    off, or for full fine-tuning an untouched copy of the base taken now.
     from citi_engine.adapter import apply_method, routing_loss, set_trainable
+    from citi_engine.losses import Teacher
 
+    soft_targets = hp.general_loss == "kl" and use_general and bool(general)
+    frozen = _frozen_copy(model) if soft_targets and cfg.method == "full" else None
     torch.manual_seed(cfg.seed)
     c = cfg.components
     model = apply_method(model, cfg.method, molora=components["molora"], uco=components["uco"],
                          num_experts=c.num_experts, rank=c.rank, alpha=c.alpha, lora_rank=c.lora_rank,
                          lora_alpha=c.lora_alpha)
     trainable = _fp32_trainables(model, cfg)
+    teacher = Teacher(model, frozen) if soft_targets else None
     for stage in stages:
         n = sum(trainable["params"][name].numel() for name in trainable["by_stage"][stage])
         job.message(stage, f"stage {stage} trains {n:,} parameters in {len(trainable['by_stage'][stage])} tensors")
@@ -246,7 +257,7 @@ def finetune(
             routing_loss=routing_loss if cfg.method == "citi" else None,
             device=device, frozen_dtype=frozen_dtype, pad_id=_pad_id(tokenizer),
             optimizer_state=resumed_optimizer if si == first_stage else None, saver=saver, reserve_s=reserve_s,
-            packing=packing, dist=dist,
+            packing=packing, dist=dist, teacher=teacher,
         )
         state.stage_index, state.stage_step = si + 1, 0
         if saver is not None:
@@ -299,9 +310,9 @@ def run_importance(cfg: FinetuneConfig, on_event: EventFn | None = None, should_
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, model_dirs=cfg.model_dirs)
     general_set = "general" if general else "replay"
     if not general:
-        replay, _ = _build_replay(job, cfg, model, tokenizer)
+        replay, _ = _build_replay(job, cfg, model, tokenizer, data.tool)
         general = _encode(tokenizer, replay, None, cfg.hyperparameters.max_length, "replay")
-    result = _score_components(job, cfg, model, tokenizer, tool, general, general_set)
+    result = _score_components(job, cfg, model, tokenizer, _calls_only(tool), general, general_set)
     result.save(cfg.out_dir)
     job.emit("done", "importance", message=f"importance written to {Path(cfg.out_dir) / 'importance.json'}")
     return result
@@ -343,6 +354,7 @@ def run_stage(
     reserve_s: float = 0.0,
     packing: bool = False,
     dist: DistInfo | None = None,
+    teacher=None,
 ) -> float | None:
     """Train stage ``stage_index`` of ``plan`` from ``state.stage_step`` to its end; return its last loss.
 
@@ -350,7 +362,8 @@ def run_stage(
     resumes one. The stage ends after its planned steps, or earlier when the job's tokens or time
     reach the stage's share (never before its first step). ``packing`` lays each step out in packed
     rows instead of padded micro-batches; ``dist`` (several processes) trains this process's share of
-    every step under DDP, built here because DDP reduces what requires grad when it is built.
+    every step under DDP, built here because DDP reduces what requires grad when it is built. ``teacher``
+    gives the soft targets of general answers.
     """
     hp = cfg.hyperparameters
     dist = dist or DistInfo()
@@ -369,7 +382,7 @@ def run_stage(
     order = StageOrder(len(pool), seed=cfg.seed, stage_index=stage_index,
                        examples_per_step=hp.batch_size * hp.gradient_accumulation_steps)
     step_module = step_loss_module(model, cfg, routing_loss=routing_loss, device=device, frozen_dtype=frozen_dtype,
-                                   dist=dist)
+                                   dist=dist, teacher=teacher)
     pack_tokens = _pack_tokens(cfg) if packing else None
     model.train()
     loss = None
@@ -392,7 +405,8 @@ def run_stage(
         micro = step_batches(mine, micro_size=hp.batch_size, pad_id=pad_id, pack_tokens=pack_tokens)
         loss, rloss = _optimizer_step(
             step_module, micro, optimizer, scheduler, params, n_answer=answer_tokens(examples),
-            n_examples=len(examples), max_grad_norm=hp.max_grad_norm, dist=dist,
+            n_examples=len(examples), n_route=routing_token_counts(examples), max_grad_norm=hp.max_grad_norm,
+            dist=dist,
         )
         if routing_loss is None:
             rloss = None
@@ -435,58 +449,72 @@ def step_loss_module(
     device: torch.device,
     frozen_dtype: torch.dtype,
     dist: DistInfo | None = None,
+    teacher=None,
 ) -> torch.nn.Module:
     """The loss of one micro-batch as a module (in DDP when several processes train), for :func:`accumulate_gradients`.
 
+    ``routing_loss`` (citi) adds the routing terms: the paper's balancing loss at ``routing_beta`` and the
+    token-level objective at ``routing_token_weight``. ``teacher`` (a :class:`~citi_engine.losses.Teacher`)
+    turns the loss on general answers into KL to the frozen base (``general_loss: kl``).
     Build it after ``set_trainable``: DDP reduces the gradients of what requires grad when it is built.
     """
     hp = cfg.hyperparameters
     dist = dist or DistInfo()
-    beta = 0.0
+    beta = token_weight = 0.0
     if routing_loss is not None:
         beta = hp.routing_beta / (_count_molora_layers(model) if hp.routing_beta_per_layer else 1)
+        token_weight = hp.routing_token_weight
     loss_fn = functools.partial(_micro_loss, device=device, autocast=_autocast(device, frozen_dtype),
-                                routing_loss=routing_loss, beta=beta, delta=hp.routing_delta,
-                                world_size=dist.world_size)
+                                beta=beta, token_weight=token_weight, delta=hp.routing_delta,
+                                world_size=dist.world_size, teacher=teacher)
     # Every process already holds the same weights (broadcast once after the method is applied).
     return wrap_ddp(LossModule(model, loss_fn), dist, init_sync=False)
 
 
 def _micro_loss(
-    model, batch: dict, *, n_answer: int, n_examples: int, device, autocast, routing_loss, beta: float, delta: float,
-    world_size: int,
+    model, batch: dict, *, n_answer: int, n_examples: int, n_route: tuple[int, int] | None = None, device, autocast,
+    beta: float, token_weight: float, delta: float, world_size: int, teacher=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss to backpropagate, cross-entropy part, weighted routing part)`` of one micro-batch of a step.
+    """``(loss to backpropagate, answer part, weighted routing part)`` of one micro-batch of a step.
 
-    The cross-entropy is summed over the micro-batch's answer tokens and divided by the step's
-    ``n_answer``, so every answer token of the step weighs the same wherever it lands. The routing
-    loss of the micro-batch (one value per example row: its task type and its tokens' router
-    weights) is weighted by the micro-batch's share of the step's ``n_examples``. DDP averages the
-    gradients over the processes, so the loss is multiplied by their number to get the sum.
+    The answer loss (cross-entropy, and KL to the teacher on general answers when there is a teacher) is
+    summed over the micro-batch's answer tokens and divided by the step's ``n_answer``, so every answer token
+    of the step weighs the same wherever it lands. The balancing loss of the micro-batch (one value per
+    example row from its task type and its tokens' router weights) is weighted by the micro-batch's share of
+    the step's ``n_examples``; the token-level objective is summed over its tokens and divided by the step's
+    ``n_route`` counts, like the answer loss. DDP
+    averages the gradients over the processes, so the loss is multiplied by their number to get the sum.
     """
-    from citi_engine.losses import causal_lm_loss
+    from citi_engine.adapter import backbone_targets, routing_loss, token_routing_loss
+    from citi_engine.losses import answer_losses
     from citi_engine.packing import to_device
 
     batch = to_device(batch, device)
     with autocast:
         # The output head runs on answer positions only: most tokens (prompts, tool schemas) carry no label.
-        ce_sum, _ = causal_lm_loss(model, batch, reduction="sum")
-    ce = ce_sum / max(n_answer, 1)
-    loss = ce
-    rl = torch.zeros((), device=ce.device)
-    if routing_loss is not None:
+        ce_sum, kl_sum, positions, kinds = answer_losses(model, batch, teacher=teacher)
+    answer = (ce_sum + kl_sum) / max(n_answer, 1)
+    loss = answer
+    routing = torch.zeros((), device=answer.device)
+    share = int(batch["task_type"].numel()) / n_examples
+    if beta > 0:
         mask = batch["sequence_mask"] if "sequence_mask" in batch else batch["attention_mask"]
-        rl = routing_loss(model, batch["task_type"], mask, delta) * (int(batch["task_type"].numel()) / n_examples)
-        loss = loss + beta * rl
-    return loss * world_size, ce.detach(), rl.detach()
+        routing = routing + beta * routing_loss(model, batch["task_type"], mask, delta) * share
+    if token_weight > 0:
+        target = backbone_targets(batch["token_kind"], positions, kinds)
+        routing = routing + token_weight * token_routing_loss(model, target, n_route)
+    loss = loss + routing
+    return loss * world_size, answer.detach(), routing.detach()
 
 
-def accumulate_gradients(step_module, micro: list[dict], *, n_answer: int, n_examples: int) -> tuple[float, float]:
+def accumulate_gradients(step_module, micro: list[dict], *, n_answer: int, n_examples: int,
+                         n_route: tuple[int, int] | None = None) -> tuple[float, float]:
     """Forward and backward over this process's ``micro``-batches of one step; return its part of the
-    step's ``(cross-entropy, routing loss)`` (the whole step's in one process).
+    step's ``(answer loss, weighted routing terms)`` (the whole step's in one process).
 
     ``step_module`` comes from :func:`step_loss_module`; ``n_answer`` and ``n_examples`` count the
-    whole step (:func:`~citi_engine.training.batches.answer_tokens`). Under DDP only the last
+    whole step (:func:`~citi_engine.training.batches.answer_tokens`), and so does ``n_route``
+    (:func:`~citi_engine.training.batches.routing_token_counts`, for the token-level routing objective). Under DDP only the last
     backward reduces the gradients (the others run in ``no_sync``), so processes may hold different
     numbers of micro-batches.
     """
@@ -495,7 +523,7 @@ def accumulate_gradients(step_module, micro: list[dict], *, n_answer: int, n_exa
     for i, b in enumerate(micro):
         sync = step_module.no_sync() if i < last and hasattr(step_module, "no_sync") else contextlib.nullcontext()
         with sync:
-            loss, ce, rl = step_module(b, n_answer=n_answer, n_examples=n_examples)
+            loss, ce, rl = step_module(b, n_answer=n_answer, n_examples=n_examples, n_route=n_route)
             if loss.requires_grad:  # False only when nothing trains at all
                 loss.backward()
         ce_total = ce if ce_total is None else ce_total + ce
@@ -507,16 +535,20 @@ def accumulate_gradients(step_module, micro: list[dict], *, n_answer: int, n_exa
 
 def _optimizer_step(
     step_module, micro: list[dict], optimizer, scheduler, params, *, n_answer: int, n_examples: int,
-    max_grad_norm: float, dist: DistInfo,
+    n_route: tuple[int, int], max_grad_norm: float, dist: DistInfo,
 ) -> tuple[float, float]:
-    """One optimizer step (gradient accumulation over ``micro``); returns the step's (cross-entropy, routing loss)."""
-    ce, rl = accumulate_gradients(step_module, micro, n_answer=n_answer, n_examples=n_examples)
+    """One optimizer step (gradient accumulation over ``micro``); returns the step's (answer loss, routing terms)."""
+    ce, rl = accumulate_gradients(step_module, micro, n_answer=n_answer, n_examples=n_examples, n_route=n_route)
+    ce, rl = sum_over_ranks([ce, rl], dist)  # every process sees the same sums, so all stop together
+    if not math.isfinite(ce) or not math.isfinite(rl):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"the training loss became {ce if not math.isfinite(ce) else rl} (not a finite "
+                               "number), so the weights would be poisoned: lower the learning rate and run again")
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    ce, rl = sum_over_ranks([ce, rl], dist)
     return ce, rl
 
 
@@ -669,8 +701,12 @@ def _prepare_data(cfg: FinetuneConfig, job: JobContext) -> tuple[_Data, list[dic
     data = _load_data(cfg)
     job.check_cancel("validation")
     tokenizer = _load_tokenizer(cfg)
-    tool = _encode(tokenizer, data.tool, data.tool_lines, hp.max_length, "training_file")
+    tool = _encode(tokenizer, mask_some(data.tool, hp.function_masking, seed=cfg.seed), data.tool_lines,
+                   hp.max_length, "training_file")
     general = _encode(tokenizer, data.general, data.general_lines, hp.max_length, data.general_param)
+    # Built from the job's own tool examples; one cut to max_length would lose its answer, so it is left out.
+    negatives = [e for e in _encode(tokenizer, build_negatives(data.tool, hp.negatives_ratio, seed=cfg.seed),
+                                    None, hp.max_length, "negatives") if not e.pop("truncated")]
     if not tool:
         raise DataValidationError(
             "the training file holds no tool examples (examples with 'tools' or tool calls) to train on once the "
@@ -678,8 +714,9 @@ def _prepare_data(cfg: FinetuneConfig, job: JobContext) -> tuple[_Data, list[dic
             [Problem(0, "too_few_examples", "no tool examples left for training")],
         )
     job.message("validating", f"{len(tool)} tool and {len(general)} general training examples, "
+                              f"{len(negatives)} irrelevance negatives built from the tool examples, "
                               f"{len(data.test)} tool examples held out for testing")
-    return data, tool, general
+    return data, tool + negatives, general
 
 
 def _load_data(cfg: FinetuneConfig) -> _Data:
@@ -741,36 +778,49 @@ def _encode(tokenizer, examples: list[dict], lines: list[int] | None, max_length
     """Token ids and labels of every example; every example longer than ``max_length`` is a problem."""
     from citi_engine.data.chat_format import encode_example
 
+    from citi_engine.data.schemas import kind_of, task_type_for_kind
+
     encoded = [encode_example(tokenizer, e, max_length) for e in examples]
     too_long = [i for i, e in enumerate(encoded) if e["truncated"]]
-    if too_long and param != "replay":
+    if param in BUILT_SETS:  # data the engine made itself: nothing for the user to fix
+        return [{"input_ids": e["input_ids"], "labels": e["labels"], "kind": int(kind_of(x)),
+                 "task_type": int(task_type_for_kind(kind_of(x))), "truncated": e["truncated"]}
+                for e, x in zip(encoded, examples, strict=True)]
+    if too_long:
         from citi_engine.data.validate import check_lengths
 
         problems = check_lengths([examples[i] for i in too_long], tokenizer, max_length,
                                  lines=[lines[i] if lines else 0 for i in too_long])
         raise DataValidationError(f"{param} has {len(problems)} example(s) longer than max_length={max_length}: "
                                   f"{problems[0]}", problems, param=param)
-    return [{"input_ids": e["input_ids"], "labels": e["labels"], "task_type": e["task_type"]} for e in encoded]
+    return [{"input_ids": e["input_ids"], "labels": e["labels"], "kind": int(kind_of(x)),
+             "task_type": int(task_type_for_kind(kind_of(x)))} for e, x in zip(encoded, examples, strict=True)]
 
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _build_replay(job: JobContext, cfg: FinetuneConfig, model, tokenizer) -> tuple[list[dict], float]:
-    """General examples answered by the base model; also returns seconds per answer (for the time budget)."""
+def _build_replay(job: JobContext, cfg: FinetuneConfig, model, tokenizer, tool_examples: list[dict]
+                  ) -> tuple[list[dict], float]:
+    """General examples answered by the base model (``replay_tools_fraction`` of them with an unrelated tool
+    list from ``tool_examples`` offered); also returns seconds per answer (for the time budget)."""
     from citi_engine.replay import build_replay
 
     hp = cfg.hyperparameters
     job.stage("replay")
     t0 = time.monotonic()
+    n_tools = round(hp.replay_tools_fraction * hp.replay_examples)
     examples = build_replay(
         model, tokenizer, count=hp.replay_examples, seed=cfg.seed, max_new_tokens=hp.replay_max_new_tokens,
         batch_size=hp.batch_size, should_cancel=job.should_cancel,
+        tool_lists=unrelated_tool_lists(tool_examples, n_tools, seed=cfg.seed),
         on_progress=lambda done, total: job.emit("progress", "replay", step=done, total_steps=total),
     )
     per_item = (time.monotonic() - t0) / max(hp.replay_examples, 1)
-    job.message("replay", f"the base model answered {len(examples)} general prompts for replay")
+    with_tools = sum(1 for e in examples if e.get("tools"))
+    job.message("replay", f"the base model answered {len(examples)} general prompts for replay "
+                          f"({with_tools} of them with unrelated tools offered)")
     return examples, per_item
 
 
@@ -802,6 +852,21 @@ def _score_components(
     job.emit("importance", "importance", message=f"{len(result.molora)} MOLoRA and {len(result.uco)} UCO components "
              f"chosen out of {len(result.components)}")
     return result
+
+
+def _calls_only(examples: list[dict]) -> list[dict]:
+    """The examples that call tools (tool importance is scored on these, not on irrelevance negatives)."""
+    calls = [e for e in examples if e.get("kind", ExampleKind.TOOL) == ExampleKind.TOOL]
+    return calls or examples
+
+
+def _frozen_copy(model):
+    """An untouched copy of the base model, frozen, in its loaded dtype: the teacher of a full fine-tune."""
+    import copy
+
+    frozen = copy.deepcopy(model)
+    frozen.requires_grad_(False)
+    return frozen.eval()
 
 
 def _fp32_trainables(model, cfg: FinetuneConfig) -> dict[str, Any]:

@@ -583,3 +583,43 @@ PROMPT_KINDS: tuple[str, ...] = (
 def prompt_kind(index: int) -> str:
     """The kind of request of prompt ``index`` of either pool (both are laid out in blocks of 20 per kind)."""
     return PROMPT_KINDS[index // 20]
+
+
+def _tool(name: str, description: str, **params: tuple[str, str]) -> dict:
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": {p: {"type": t, "description": d} for p, (t, d) in params.items()},
+                       "required": list(params)}}}
+
+
+PROBE_TOOLS: list[dict] = [
+    _tool("get_stock_price", "Latest trading price of a listed company's share.",
+          ticker=("string", "stock ticker symbol, e.g. ACME")),
+    _tool("track_package", "Where a parcel is now and when it will arrive.",
+          tracking_number=("string", "the carrier's tracking number"), carrier=("string", "the carrier's name")),
+    _tool("set_thermostat", "Set the target temperature of a room's smart thermostat.",
+          room=("string", "room name"), temperature_c=("number", "target temperature in degrees Celsius")),
+    _tool("check_flight_status", "Departure and arrival status of a scheduled flight.",
+          flight_number=("string", "airline code and number, e.g. XY123"), date=("string", "date, YYYY-MM-DD")),
+    _tool("reserve_tennis_court", "Book a tennis court at a club for one hour.",
+          club=("string", "club name"), date=("string", "date, YYYY-MM-DD"), hour=("integer", "start hour, 0-23")),
+    _tool("get_parking_availability", "Free spaces in a parking garage right now.",
+          garage_id=("string", "the garage's identifier")),
+    _tool("renew_library_book", "Extend the loan of a borrowed library book.",
+          card_number=("string", "library card number"), book_id=("string", "the book's barcode")),
+    _tool("order_pizza", "Place a delivery order at the pizzeria.",
+          size=("string", "small, medium or large"), toppings=("array", "list of toppings")),
+    _tool("get_bus_arrivals", "Next bus arrivals at a stop.", stop_id=("string", "the stop's identifier")),
+    _tool("lock_smart_door", "Lock or unlock a smart door lock.",
+          door_id=("string", "the lock's identifier"), locked=("boolean", "true to lock, false to unlock")),
+]
+"""Tools that no probe prompt needs: retention is also measured with some of them offered (an agent that is
+asked a general question), where the tuned model should answer as the base model does, and call nothing."""
+
+
+def probes_with_tools(prompts: list[str] | None = None, per_probe: int = 3) -> list[dict]:
+    """Each probe as a conversation offering ``per_probe`` of :data:`PROBE_TOOLS` (a fixed rotation)."""
+    prompts = PROBE_PROMPTS if prompts is None else prompts
+    n = len(PROBE_TOOLS)
+    return [{"messages": [{"role": "user", "content": p}],
+             "tools": [PROBE_TOOLS[(i * 7 + k) % n] for k in range(per_probe)]} for i, p in enumerate(prompts)]

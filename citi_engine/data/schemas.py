@@ -86,6 +86,41 @@ def task_type_of(example: dict[str, Any]) -> TaskType:
     return TaskType.GENERAL
 
 
+class ExampleKind(enum.IntEnum):
+    """What an example's answer is, finer than :class:`TaskType`; batches carry it per token as ``token_kind``.
+
+    - GENERAL: a general answer (no tool call), with or without tools in the prompt: its answer tokens are
+      trained towards the base model (soft targets) and its tokens routed to the backbone;
+    - TOOL: an answer that calls tools: its answer tokens are routed to the experts;
+    - NEGATIVE: tools offered, none fits, answered in plain text (learned, so cross-entropy; routed freely).
+    """
+
+    GENERAL = 0
+    TOOL = 1
+    NEGATIVE = 2
+
+
+# An example built by the engine itself (replay with tools in its prompt) says it is general under this key;
+# user data never needs it: their kinds follow from the messages.
+KIND_KEY = "citi_kind"
+
+
+def kind_of(example: dict[str, Any]) -> ExampleKind:
+    """GENERAL without tools and calls, TOOL with a tool call, NEGATIVE with tools but no call (an irrelevance
+    answer); ``example[KIND_KEY] == "general"`` makes an example with tools GENERAL (engine replay)."""
+    if example.get(KIND_KEY) == "general":
+        return ExampleKind.GENERAL
+    for msg in example.get("messages") or []:
+        if isinstance(msg, dict) and msg.get("tool_calls"):
+            return ExampleKind.TOOL
+    return ExampleKind.NEGATIVE if example.get("tools") else ExampleKind.GENERAL
+
+
+def task_type_for_kind(kind: ExampleKind) -> TaskType:
+    """The routing loss's task type of a kind: only GENERAL examples are general."""
+    return TaskType.GENERAL if kind == ExampleKind.GENERAL else TaskType.TOOL
+
+
 @dataclass
 class Example:
     """One parsed training example; ``line`` is where it came from in its file (1-based, 0 if unknown)."""

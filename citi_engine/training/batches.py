@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from citi_engine.packing import example_kind
+
 IGNORE_INDEX = -100
 
 
@@ -82,7 +84,16 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
         attention_mask[i, :n] = 1
     task_type = torch.tensor([int(e["task_type"]) for e in examples], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_type": task_type}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_type": task_type,
+            "token_kind": token_kinds(examples, longest)}
+
+
+def token_kinds(examples: Sequence[dict], width: int) -> torch.Tensor:
+    """(B, width) long: each real token's example kind, -1 on padding (right-padded rows)."""
+    out = torch.full((len(examples), width), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        out[i, : len(e["input_ids"])] = example_kind(e)
+    return out
 
 
 def micro_batches(examples: Sequence[dict], micro_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -141,6 +152,19 @@ def rank_share(
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return list(examples[start:start + base + (1 if rank < extra else 0)])
+
+
+def routing_token_counts(examples: Sequence[dict]) -> tuple[int, int]:
+    """Tokens the token-level routing objective counts in a step: ``(backbone, experts)``, i.e. every token of
+    the GENERAL examples and the positions that write the TOOL examples' answers (whose next token is labelled)."""
+    backbone = experts = 0
+    for e in examples:
+        kind = example_kind(e)
+        if kind == 0:
+            backbone += len(e["input_ids"])
+        elif kind == 1:
+            experts += sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX)
+    return backbone, experts
 
 
 def count_tokens(examples: Sequence[dict]) -> int:

@@ -23,6 +23,7 @@ from citi_engine import DEFAULT_MODEL
 from citi_engine.budget import Budget
 
 METHODS = ("citi", "lora", "full")
+GENERAL_LOSSES = ("kl", "ce")
 DTYPES = ("auto", "bf16", "bfloat16", "fp32", "float32")
 
 # Stage names as the events and the checkpoints spell them.
@@ -136,6 +137,40 @@ class Hyperparameters:
     routing_delta: float = field(
         default=0.95, metadata=_help("delta of the localized balancing constraint (0 < delta < 1). Paper: 0.95.")
     )
+    routing_token_weight: float = field(
+        default=0.1,
+        metadata=_help("Weight of the token-level routing objective (not in the paper): on every MOLoRA layer, the "
+                       "backbone gate G(x)[0] is trained towards 1 on the tokens of general examples and towards 0 "
+                       "on the tokens that write a tool call (binary cross-entropy, the two kinds averaged "
+                       "apart, then over layers). 0 turns it off; routing_beta is the paper's batch-level loss, "
+                       "which can be used beside it."),
+    )
+    general_loss: str = field(
+        default="kl",
+        metadata=_help("Loss on the answers of general examples: kl (soft targets, not in the paper: the KL from "
+                       "the frozen base model's next-token distribution, computed in the same step with the "
+                       "adapters switched off, or from a frozen copy for full fine-tuning) or ce (cross-entropy on "
+                       "the answer text, the paper's way)."),
+    )
+    negatives_ratio: float = field(
+        default=0.25,
+        metadata=_help("Irrelevance negatives built from the job's own tool examples, per tool example: a request "
+                       "paired with a tool list that lacks the function it needs (the called functions dropped, or "
+                       "tools taken from another example), answered in plain text that no tool fits. 0 turns "
+                       "them off."),
+    )
+    function_masking: float = field(
+        default=0.0,
+        metadata=_help("Fraction of tool examples whose function and parameter names are replaced by neutral ones "
+                       "(func_1, param_1, ...) in the tools and the calls, so the model learns to read the "
+                       "descriptions rather than the names (as in the Hammer paper). 0 turns it off."),
+    )
+    replay_tools_fraction: float = field(
+        default=0.5,
+        metadata=_help("Share of the replay prompts (general data the base model answers itself) asked with an "
+                       "unrelated tool list from the job's own data in the system turn, so the tuned model keeps "
+                       "answering general questions as before when tools are offered. 0: no tools in replay."),
+    )
     max_length: int = field(
         default=2048, metadata=_help("Longest example in tokens; longer examples are refused by the validator.")
     )
@@ -210,6 +245,16 @@ class Hyperparameters:
             v = getattr(self, name)
             if not _is_number(v) or v < 0:
                 raise ValueError(f"hyperparameters.{name} must be a number >= 0, got {v!r}")
+        if not _is_number(self.routing_token_weight) or self.routing_token_weight < 0:
+            raise ValueError(f"hyperparameters.routing_token_weight must be a number >= 0, got "
+                             f"{self.routing_token_weight!r}")
+        if self.general_loss not in GENERAL_LOSSES:
+            raise ValueError(f"hyperparameters.general_loss must be one of {', '.join(GENERAL_LOSSES)}, got "
+                             f"{self.general_loss!r}")
+        for name, top in (("negatives_ratio", 4.0), ("function_masking", 1.0), ("replay_tools_fraction", 1.0)):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0.0 <= v <= top:
+                raise ValueError(f"hyperparameters.{name} must be a number from 0 to {top:g}, got {v!r}")
         if not _is_number(self.routing_delta) or not 0.0 < self.routing_delta < 1.0:
             raise ValueError(f"hyperparameters.routing_delta must be strictly between 0 and 1, got "
                              f"{self.routing_delta!r}")
@@ -242,10 +287,15 @@ class FinetuneConfig:
     method: str = field(default="citi", metadata=_help(
         "citi (importance-guided MOLoRA + UCO, 3 stages), lora (peft LoRA on all linear layers) or full."))
     seed: int = field(default=0, metadata=_help("Seed for data order, sampling, splits and initialisation."))
-    budget: Budget = field(default_factory=Budget, metadata=_help("Caps on steps, tokens and seconds."))
-    components: ComponentsConfig = field(default_factory=ComponentsConfig, metadata=_help(
+    preset: str | None = field(default=None, metadata=_help(
+        "A named set of settings laid under the ones given: 'paper' runs the method as the CITI paper states it "
+        "(alpha 2, routing loss 0.01 and no token-level routing, cross-entropy on general answers, no "
+        "irrelevance negatives, stage learning rates 2e-4/2e-4/2e-5, epochs 1/2/1, MOLoRA on 20%; the "
+        "baselines at lr 2e-4 (lora) and 2e-5 (full) on tool data only). Settings given explicitly win."))
+    budget: Budget | dict | None = field(default=None, metadata=_help("Caps on steps, tokens and seconds."))
+    components: ComponentsConfig | dict | None = field(default=None, metadata=_help(
         "Component selection and adapter sizes."))
-    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters, metadata=_help(
+    hyperparameters: Hyperparameters | dict | None = field(default=None, metadata=_help(
         "Optimisation settings."))
     test_fraction: float = field(default=0.1, metadata=_help(
         "Without a validation_file: the fraction of tool examples held out as a test set (at least 3; "
@@ -259,6 +309,8 @@ class FinetuneConfig:
         "When set, a local model path must lie inside one of these directories."))
 
     def __post_init__(self) -> None:
+        if self.preset is not None:
+            self._lay_preset_under()
         for name, cls in (("budget", Budget), ("components", ComponentsConfig), ("hyperparameters", Hyperparameters)):
             value = getattr(self, name)
             if value is None:
@@ -285,6 +337,19 @@ class FinetuneConfig:
             raise ValueError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+
+    def _lay_preset_under(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)} (or leave it out "
+                             "for our defaults)")
+        for section, values in preset_values(self.preset, self.method).items():
+            given = getattr(self, section)
+            if given is None:
+                given = {}
+            if not isinstance(given, dict):
+                raise ValueError(f"preset {self.preset!r} fills in the settings not given, so pass {section} as a "
+                                 f"dict of the settings you set (got a {type(given).__name__})")
+            setattr(self, section, {**values, **given})
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -323,6 +388,34 @@ class FinetuneConfig:
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
         """Build from a (possibly nested) dict; unknown keys are refused by name."""
         return _from_dict(cls, d, "config")
+
+
+# The CITI paper's settings (method page): what `preset: paper` lays under a job's own settings.
+_PAPER_CITI = {
+    "components": {"molora_fraction": 0.20, "uco_fraction": 0.10, "num_experts": 4, "rank": 8, "alpha": 2.0},
+    "hyperparameters": {
+        "lr_router_pretraining": 2e-4, "lr_molora": 2e-4, "lr_uco": 2e-5,
+        "epochs_router_pretraining": 1.0, "epochs_molora": 2.0, "epochs_uco": 1.0,
+        "routing_beta": 0.01, "routing_token_weight": 0.0, "general_loss": "ce", "negatives_ratio": 0.0,
+        "function_masking": 0.0, "replay_tools_fraction": 0.0,
+    },
+}
+_PAPER_BASELINES = {
+    "lora": {"lr_train": 2e-4, "epochs_train": 2.0},
+    "full": {"lr_train": 2e-5, "epochs_train": 2.0},
+}
+PRESETS = ("paper",)
+
+
+def preset_values(name: str, method: str) -> dict[str, dict[str, Any]]:
+    """The settings a preset lays under a job's own, by section, for ``method``."""
+    if name != "paper":
+        raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    values = {k: dict(v) for k, v in _PAPER_CITI.items()}
+    if method in _PAPER_BASELINES:
+        values["hyperparameters"].update(_PAPER_BASELINES[method], baselines_use_general=False)
+        values["components"].update(lora_rank=16, lora_alpha=16.0)
+    return values
 
 
 def _from_dict(cls, d: dict, where: str):
