@@ -54,10 +54,6 @@ class Budget:
                     raise ValueError(f"budget.{name} must be a whole number, got {value}")
                 setattr(self, name, int(value))
 
-    @property
-    def is_capped(self) -> bool:
-        return any(v is not None for v in (self.max_steps, self.max_tokens, self.max_seconds))
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -130,9 +126,6 @@ class StagePlan:
     @property
     def total_steps(self) -> int:
         return sum(self.steps)
-
-    def steps_before(self, stage_index: int) -> int:
-        return sum(self.steps[:stage_index])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -440,7 +440,3 @@ def _positive_int(obj: Any, name: str, where: str) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{where}.{name} must be a whole number >= 1, got {v!r}")
 
-
-def config_fields(cls) -> list[dataclasses.Field]:
-    """The fields of one config dataclass (the CLI builds its flags from these)."""
-    return list(dataclasses.fields(cls))
