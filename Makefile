@@ -20,7 +20,7 @@ BOOTSTRAP_PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; d
 	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; \
 	then echo $$p; break; fi; done)
 
-.PHONY: help setup venv torch deps redis demo test lint deploy-tools compose-check docker-lint docker-lock docker-build clean-run
+.PHONY: help setup venv torch deps redis demo test lint deploy-tools compose-check docker-lint docker-lock docker-build docker-local-base clean-run
 
 help:
 	@echo "make setup          virtual environment in $(VENV)/, dependencies (CPU torch without a GPU), Redis if missing"
@@ -96,7 +96,8 @@ deploy-tools: $(PY)
 		$(PIP) install -q "$$tool" 2>/dev/null || echo "WARNING: could not install $$tool"; done
 
 # `docker compose config` resolves and validates the file against the Compose specification,
-# with .env.example as the .env (CITI_API_KEYS must be set, as a real deployment must).
+# with .env.example as the .env (CITI_API_KEYS must be set, as a real deployment must), alone and
+# with the local override (docker-compose.local.yml, what `make docker-smoke` runs).
 compose-check: deploy-tools
 	@if docker compose version >/dev/null 2>&1; then compose="docker compose"; \
 	elif [ -x $(VENV)/bin/docker-compose ]; then compose="$(VENV)/bin/docker-compose"; \
@@ -106,16 +107,20 @@ compose-check: deploy-tools
 		CITI_API_KEYS=compose-check $$compose --env-file .env.example -f docker-compose.yml \
 			$${profile:+--profile $$profile} config --quiet \
 		&& echo "docker-compose.yml: valid$${profile:+ (profile $$profile)}" || exit 1; \
-	done
+	done; \
+	[ -z "$$compose" ] || { CITI_API_KEYS=compose-check $$compose --env-file .env.example -f docker-compose.yml \
+		-f docker-compose.local.yml config --quiet \
+		&& echo "docker-compose.yml + docker-compose.local.yml (local CPU runs): valid" || exit 1; }
 	$(PY) scripts/check_compose.py
 
 docker-lint: deploy-tools
 	@if [ -x $(VENV)/bin/hadolint ]; then \
 		$(VENV)/bin/hadolint --config docker/hadolint.yaml docker/api.Dockerfile docker/worker.Dockerfile \
+			docker/redis-local.Dockerfile \
 		&& echo "hadolint: Dockerfiles clean"; \
 	else echo "SKIPPED hadolint: not installable here"; fi
 	@if [ -x $(VENV)/bin/shellcheck ]; then \
-		$(VENV)/bin/shellcheck docker/gpu-entrypoint.sh .ci/run && echo "shellcheck: shell scripts clean"; \
+		$(VENV)/bin/shellcheck docker/gpu-entrypoint.sh docker/local-base.sh .ci/run && echo "shellcheck: shell scripts clean"; \
 	else echo "SKIPPED shellcheck: not installable here"; fi
 
 docker-lock: $(PY)
@@ -123,6 +128,12 @@ docker-lock: $(PY)
 
 docker-build:
 	docker compose build
+
+# The base image for local builds without an image registry: Debian bookworm from Debian's packages.
+docker-local-base:
+	@command -v mmdebstrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null; }
+	bash docker/local-base.sh
 
 clean-run:
 	rm -rf .run
