@@ -12,7 +12,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 
-from api.storage import Storage, StoredObject
+from citi_service.storage import Storage, StoredObject
 
 _BLOCK = 512
 

@@ -18,10 +18,10 @@ from functools import lru_cache
 
 from fastapi import Depends, Request
 
-from api.errors import APIError
-from api.settings import Settings, get_settings
-from api.storage import Storage, make_storage
-from api.store import Store
+from citi_service.errors import APIError
+from citi_service.settings import Settings, get_settings
+from citi_service.storage import Storage, make_storage
+from citi_service.store import Store
 
 
 class KeyRing:

@@ -1,7 +1,9 @@
 """The FastAPI application: ``uvicorn api.main:app``.
 
-Assembled from one router per resource. The API never imports torch: it validates with the engine's
-torch-free modules and leaves everything that needs a model to the workers.
+Assembled here from one router per resource (the job routes twice: at ``/jobs`` and at OpenAI's
+``/v1/fine_tuning/jobs``). The API never imports torch: it validates with the engine's torch-free
+modules and leaves everything that needs a model to the workers, reached through the queue and the
+store of :mod:`citi_service`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import metrics
 from api.deps import get_store, set_session_resolver
-from api.errors import APIError, error_body, install_error_handlers
-from api.routers import files, health, jobs, ui
-from api.settings import get_settings
+from api.routers import chat, files, health, jobs, models, ui
 from api.ui_session import resolve_session
 from citi_engine import __version__
+from citi_service.errors import APIError, error_body, install_error_handlers
+from citi_service.settings import get_settings
 
 log = logging.getLogger("citi.api")
 
@@ -71,18 +73,6 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def _include_optional_routers(app: FastAPI) -> None:
-    """Chat completions and models (the inference routes) live in modules that may not be installed."""
-    for name in ("chat", "models"):
-        try:
-            module = __import__(f"api.routers.{name}", fromlist=["router"])
-        except ImportError as exc:
-            if exc.name != f"api.routers.{name}":
-                raise  # the module exists but is broken: fail loudly
-            continue
-        app.include_router(module.router)
-
-
 def _openapi(app: FastAPI) -> dict:
     """FastAPI's schema, told the truth: validation errors are 400 in our error shape (never 422), every
     route but the health check needs a bearer key and may answer 401."""
@@ -128,9 +118,10 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(files.router)
-    app.include_router(jobs.jobs_router)
-    app.include_router(jobs.openai_jobs_router)
-    _include_optional_routers(app)
+    app.include_router(jobs.router, prefix="/jobs", tags=["jobs"])
+    app.include_router(jobs.router, prefix="/v1/fine_tuning/jobs", tags=["fine_tuning (OpenAI paths)"])
+    app.include_router(chat.router)
+    app.include_router(models.router)
     app.include_router(ui.router)
     set_session_resolver(resolve_session)
     app.add_middleware(BodyLimitMiddleware)

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.store import Store
+from citi_service.store import Store
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -59,6 +59,26 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
+def route_template(scope: Scope) -> str:
+    """The path template of the route that answered (``/jobs/{job_id}/events``), or ``unmatched``.
+
+    FastAPI puts the route itself in the scope, whose path lacks the prefix its router was included
+    under (the job routes are included twice, at ``/jobs`` and ``/v1/fine_tuning/jobs``); that prefix
+    is the part of the request path in front of what the route's own pattern matches.
+    """
+    route = scope.get("route")
+    template, pattern = getattr(route, "path", None), getattr(route, "path_regex", None)
+    if template is None:
+        return "unmatched"
+    path = scope.get("path", "")
+    if pattern is None or pattern.match(path):
+        return template
+    for cut in [i for i, ch in enumerate(path) if ch == "/"] + [len(path)]:
+        if pattern.match(path[cut:]):
+            return path[:cut] + template
+    return template
+
+
 class LatencyMiddleware:
     """Observe each HTTP request's time to response headers, labelled by its route template."""
 
@@ -73,9 +93,7 @@ class LatencyMiddleware:
 
         async def timed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                route = scope.get("route")
-                template = getattr(route, "path", None) or "unmatched"
-                REQUEST_LATENCY.labels(template, scope["method"], str(message["status"])).observe(
+                REQUEST_LATENCY.labels(route_template(scope), scope["method"], str(message["status"])).observe(
                     time.perf_counter() - start)
             await send(message)
 

@@ -159,7 +159,8 @@ class Progress(BaseModel):
     model_config = ConfigDict(extra="allow")
     step: int = 0
     total_steps: int | None = None
-    stage: str | None = None
+    stage: str | None = Field(None, description="The job's phase these numbers belong to (a training stage while "
+                              "training).")
     loss: float | None = None
     tokens_per_s: float | None = None
     eta_s: float | None = None
@@ -191,7 +192,9 @@ class Job(BaseModel):
     result_files: list[str] = Field(default_factory=list)
     budget: dict[str, Any] = Field(default_factory=dict)
     components: dict[str, Any] = Field(default_factory=dict)
-    stage: str | None = None
+    stage: str | None = Field(None, description="The job's phase: validating, loading, importance, replay, a "
+                              "training stage (router_pretraining, molora, uco; train for lora and full), eval, "
+                              "saving, done.")
     progress: Progress | None = None
     selected_components: dict[str, Any] | None = Field(
         None, description="Chosen MOLoRA and UCO components, once importance scoring is done.")
@@ -242,7 +245,7 @@ class Checkpoint(BaseModel):
     created_at: int
     fine_tuning_job_id: str
     step_number: int
-    stage: str | None = None
+    stage: str | None = Field(None, description="The training stage it was taken in (done after the last).")
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -36,8 +36,8 @@ from fastapi import Request, Response
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from api.errors import APIError
-from api.store import Store
+from citi_service.errors import APIError
+from citi_service.store import Store
 
 SESSION_COOKIE = "citi_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -70,7 +70,7 @@ def get_session_settings() -> SessionSettings:
 @lru_cache(maxsize=1)
 def signing_secret() -> bytes:
     """The key sessions are signed with (see the module docstring for how it is derived)."""
-    from api.settings import get_settings
+    from citi_service.settings import get_settings
 
     extra = get_session_settings().session_secret
     key = extra.get_secret_value().encode() if extra is not None else b""

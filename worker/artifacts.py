@@ -1,11 +1,6 @@
-"""Where a job's files live on the worker side, and how they are removed.
+"""How a job's files are removed on the worker side: after a failure, after success, after retention.
 
-- ``<work root>/<job id>/``: the job's working directory (the child process runs in it):
-  ``inputs/`` (its files, fetched from storage) and ``<job id>/`` (the engine's ``out_dir``, with
-  ``checkpoints/``). With local storage the work root is under the artifact directory, shared by
-  the workers of one host, so a job resumes in place; with S3 it is local scratch and checkpoints
-  are copied to ``jobs/<job id>/checkpoints/`` in the bucket.
-- ``jobs/<job id>/adapter/`` in storage: the finished adapter.
+Where they live (the working directory, the adapter and checkpoint keys) is :mod:`citi_service.keys`.
 """
 
 from __future__ import annotations
@@ -13,35 +8,20 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from pathlib import Path
 
-from api.settings import Settings
-from api.storage import Storage
-from api.store import Store
+from citi_service.keys import checkpoints_prefix, job_prefix, work_dir
+from citi_service.settings import Settings
+from citi_service.storage import Storage
+from citi_service.store import Store
 
 log = logging.getLogger("citi.worker")
-
-
-def work_dir(settings: Settings, job_id: str) -> Path:
-    """The job's working directory."""
-    return settings.job_work_root / job_id
-
-
-def checkpoints_prefix(job_id: str) -> str:
-    """Storage prefix of a job's checkpoints (S3 workers only)."""
-    return f"jobs/{job_id}/checkpoints/"
-
-
-def adapter_prefix(job_id: str) -> str:
-    """Storage prefix of a job's adapter directory."""
-    return f"jobs/{job_id}/adapter/"
 
 
 def remove_partial_files(settings: Settings, storage: Storage, job_id: str) -> None:
     """Delete everything a job that did not succeed left behind: working directory and stored artifacts."""
     shutil.rmtree(work_dir(settings, job_id), ignore_errors=True)
     try:
-        storage.delete_prefix(f"jobs/{job_id}/")
+        storage.delete_prefix(job_prefix(job_id))
     except Exception:  # storage down: the retention sweep finds nothing to keep anyway
         log.exception("job %s: could not remove its stored files", job_id)
 

@@ -30,7 +30,7 @@ Configuration (environment): ``CITI_ADAPTER_CACHE_SIZE`` (8), ``CITI_INFERENCE_M
 sets none, 1024), ``CITI_INFERENCE_MAX_CONTEXT`` (cap on the model's context), ``CITI_INFERENCE_PRELOAD``
 (base specs loaded at start), ``CITI_INFERENCE_CACHE_DIR`` (where adapters from S3 are unpacked),
 ``CITI_INFERENCE_TOKEN`` (shared secret the API must present), plus the service's storage settings and
-``CITI_MODEL_DIRS`` (see :mod:`api.settings`).
+``CITI_MODEL_DIRS`` (see :mod:`citi_service.settings`).
 """
 
 from __future__ import annotations
@@ -52,11 +52,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from api.errors import APIError, error_body, install_error_handlers
-from api.routers.chat import ChatCompletionRequest, check_request, inference_token
-from api.settings import get_settings
 from citi_engine.data.chat_format import TOOL_CALL_OPEN, format_tool_calls, parse_tool_calls, render_prompt
 from citi_engine.errors import CitiError, ModelSpecError
+from citi_service.chat import ChatCompletionRequest, check_request, inference_token
+from citi_service.errors import APIError, error_body, install_error_handlers
+from citi_service.keys import adapter_prefix
+from citi_service.settings import get_settings
+from citi_service.storage import check_prefix, make_storage
 from worker.inference_cache import BatchScheduler, GenerationRequest, ModelCache, ServedModel
 
 log = logging.getLogger("citi.inference")
@@ -107,8 +109,6 @@ class InferenceService:
     def storage(self):
         """The artifact store adapters come from (the service's, per ``CITI_STORAGE``)."""
         if self._storage is None:
-            from api.storage import make_storage
-
             self._storage = make_storage(get_settings())
         return self._storage
 
@@ -116,9 +116,6 @@ class InferenceService:
 
     def _fetch_adapter(self, adapter: dict[str, Any]) -> Path:
         """The local directory of an adapter: in place for local storage, else downloaded once."""
-        from api.storage import check_prefix
-        from worker.artifacts import adapter_prefix
-
         prefix = check_prefix(adapter_prefix(adapter["job_id"]))
         local = self.storage.local_path(prefix.rstrip("/"))
         if local is not None:

@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 import redis
 
-from api.settings import Settings, get_settings
-from api.storage import Storage, make_storage
-from api.store import Store
+from citi_service.queue import enqueue
+from citi_service.settings import Settings, get_settings
+from citi_service.storage import Storage, make_storage
+from citi_service.store import Store
 from worker.artifacts import remove_partial_files, sweep_expired
 
 log = logging.getLogger("citi.worker")
@@ -66,7 +67,7 @@ class Reaper(threading.Thread):
         settings: Settings | None = None,
         store: Store | None = None,
         storage: Storage | None = None,
-        enqueue: Callable[[str], None] | None = None,
+        enqueue: Callable[[str], None] = enqueue,
     ):
         super().__init__(name="citi-reaper", daemon=True)
         self.settings = settings or get_settings()
@@ -84,14 +85,6 @@ class Reaper(threading.Thread):
             self._storage = make_storage(self.settings)
         return self._storage
 
-    def enqueue(self, job_id: str) -> None:
-        if self._enqueue is not None:
-            self._enqueue(job_id)
-            return
-        from worker.celery_app import enqueue
-
-        enqueue(job_id)
-
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
@@ -108,7 +101,7 @@ class Reaper(threading.Thread):
             outcome = self.store.requeue(job_id, self.settings.max_attempts)
             if outcome == "requeued":
                 log.warning("job %s: its worker was lost; queued again to resume from its last checkpoint", job_id)
-                self.enqueue(job_id)
+                self._enqueue(job_id)
             elif outcome in ("failed", "cancelled"):
                 log.warning("job %s: its worker was lost; job %s", job_id, outcome)
                 remove_partial_files(self.settings, self.storage, job_id)

@@ -1,6 +1,6 @@
 """The job's child process: build the engine config from the job record, run ``finetune``, store the adapter.
 
-It runs in the job's working directory (see :mod:`worker.artifacts`) and gives the engine paths
+It runs in the job's working directory (see :mod:`citi_service.keys`) and gives the engine paths
 relative to it, so a job resumed by another worker (another working root, with S3 storage) builds the
 very same config and the engine accepts its checkpoints. Engine events go to the store as they happen;
 ``should_cancel`` answers the cancel flag and, every step, whether this process still holds the job's
@@ -28,16 +28,12 @@ import time
 import traceback
 from pathlib import Path
 
-from api.settings import Settings, get_settings
-from api.storage import Storage, make_storage
-from api.store import ACTIVE, Store, fine_tuned_model_id, new_event
-from worker.artifacts import (
-    adapter_prefix,
-    checkpoints_prefix,
-    remove_partial_files,
-    remove_training_state,
-    work_dir,
-)
+from citi_service.keys import adapter_prefix, checkpoints_prefix, file_key, out_dir, work_dir
+from citi_service.records import ACTIVE, fine_tuned_model_id, status_event
+from citi_service.settings import Settings, get_settings
+from citi_service.storage import Storage, make_storage
+from citi_service.store import Store
+from worker.artifacts import remove_partial_files, remove_training_state
 
 log = logging.getLogger("citi.runner")
 
@@ -49,8 +45,13 @@ EXIT_RANK_FAILED = 4
 GPUS_PER_JOB_ENV = "CITI_GPUS_PER_JOB"
 # What the child passes to the training processes it starts (the token stays out of their command line).
 JOB_ENV, TOKEN_ENV, PARENT_ENV = "CITI_JOB_ID", "CITI_JOB_TOKEN", "CITI_JOB_PARENT_PID"
-# Engine stages during which the job is still `validating_files` (data checks, tokenizer, model load).
-VALIDATING_STAGES = ("validating", "loading")
+# A job's phase is what the engine reports in an event's `stage` field, and what the job record (and the
+# API's JSON) keeps in its `stage` field: `validating`, `loading`, `importance`, `replay`, a training stage,
+# `eval`, `saving`, then `done`. Phases during which the job is still `validating_files` (data checks,
+# tokenizer, model load):
+VALIDATING_PHASES = ("validating", "loading")
+# The training stages: their progress events carry the loss that checkpoint records show.
+TRAINING_STAGES = ("router_pretraining", "molora", "uco", "train")
 PR_SET_PDEATHSIG = 1
 CANCEL_CHECK_S = 0.05
 # A training process waits this long for Redis to come back (a restart) instead of failing its job.
@@ -142,13 +143,13 @@ class JobRunner:
         self.settings, self.store, self.storage = settings, store, storage
         self.rank = rank  # None: the job's only process (or the one that starts the training processes)
         self.lost = False
-        self.stage: str | None = None
+        self.phase: str | None = None
         self.running = False
         self.last_metrics: dict = {}
         self._checked_at = float("-inf")
         self._cancel = False
         self.work = work_dir(settings, job_id)
-        self.out_dir = Path(job_id)  # relative to self.work, the process's working directory
+        self.out_dir = out_dir(job_id)  # relative to self.work, the process's working directory
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -310,7 +311,7 @@ class JobRunner:
             if file_id:
                 local = inputs / f"{field}.jsonl"
                 if not local.is_file():  # a resumed job (and a training process started here) already has them
-                    self.storage.get_file(f"files/{file_id}.jsonl", local)
+                    self.storage.get_file(file_key(file_id), local)
                 paths[field] = str(local)
         if self.rank is None and self.settings.storage != "local" and not (self.out_dir / "checkpoints").is_dir():
             n = self.storage.download_dir(checkpoints_prefix(self.job_id), self.out_dir / "checkpoints")
@@ -339,26 +340,26 @@ class JobRunner:
         return self._cancel or self.lost
 
     def on_event(self, event: dict) -> None:
-        """Store an engine event and keep the job record's stage, status and progress current."""
+        """Store an engine event and keep the job record's phase, status and progress current."""
         if self.lost:
             return
-        kind, stage = event.get("type", "message"), event.get("stage")
+        kind, phase = event.get("type", "message"), event.get("stage")
         message = event.get("message") or _describe(event)
         self.store.add_event(self.job_id, kind, message, event)
         updates: dict = {}
-        if stage and stage != self.stage:
-            self.stage = stage
-            updates["stage"] = stage
-            if stage not in VALIDATING_STAGES and not self.running:
+        if phase and phase != self.phase:
+            self.phase = phase
+            updates["stage"] = phase
+            if phase not in VALIDATING_PHASES and not self.running:
                 self.running = True
                 self.store.transition(self.job_id, "running", from_=["validating_files"], token=self.token,
-                                      event=new_event("status", "training started", {"status": "running"}))
+                                      event=status_event("running", "training started"))
         if kind == "progress":
             progress = {k: event.get(k) for k in ("step", "total_steps", "loss", "routing_loss", "lr",
                                                  "tokens_per_s", "eta_s")}
-            progress["stage"] = stage
+            progress["stage"] = phase
             updates["progress"] = progress
-            if stage in ("router_pretraining", "molora", "uco", "train") and event.get("loss") is not None:
+            if phase in TRAINING_STAGES and event.get("loss") is not None:
                 self.last_metrics = {"loss": event.get("loss"), "routing_loss": event.get("routing_loss"),
                                      "step": event.get("step")}
                 if event.get("eta_s") is not None:
@@ -398,8 +399,8 @@ class JobRunner:
             "estimated_finish": None,
             "stage": "done",
         }
-        event = new_event("status", f"succeeded: {model_id}", {"status": "succeeded", "fine_tuned_model": model_id,
-                                                              "trained_tokens": int(result.trained_tokens)})
+        event = status_event("succeeded", f"succeeded: {model_id}", fine_tuned_model=model_id,
+                             trained_tokens=int(result.trained_tokens))
         outcome, _ = self.store.transition(self.job_id, "succeeded", from_=["validating_files", "running"],
                                            token=self.token, event=event, **fields)
         if outcome == "lease_lost":
@@ -419,9 +420,8 @@ class JobRunner:
         recorded it, for a training process that may not be the first to see the job end)."""
         log.warning("job %s %s: %s", self.job_id, status, json.dumps(error) if error else message)
         fields = {"error": error, "estimated_finish": None} if error else {"estimated_finish": None}
-        data = {"status": status, **({"error": error} if error else {})}
         outcome, _ = self.store.transition(self.job_id, status, from_=ACTIVE, token=self.token,
-                                           event=new_event("status", message, data, level=level), **fields)
+                                           event=status_event(status, message, error=error, level=level), **fields)
         if outcome == "lease_lost":
             self.lost = True
             return

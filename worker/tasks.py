@@ -15,11 +15,12 @@ import secrets
 import signal
 from functools import lru_cache
 
-from api.settings import get_settings
-from api.storage import Storage, make_storage
-from api.store import Store, new_event
+from citi_service.queue import TASK_NAME, celery_app, enqueue
+from citi_service.records import TERMINAL, status_event
+from citi_service.settings import get_settings
+from citi_service.storage import Storage, make_storage
+from citi_service.store import Store
 from worker.artifacts import remove_partial_files
-from worker.celery_app import TASK_NAME, celery_app, enqueue
 from worker.lease import Heartbeat, set_current_job
 from worker.runner import EXIT_LEASE_LOST, REDIS_OUTAGE_S, run_job_process
 
@@ -52,7 +53,7 @@ def execute(job_id: str, *, worker: str) -> dict:
     if outcome == "cancelling":
         # Cancelled while its last worker was lost: nothing left to stop.
         store.transition(job_id, "cancelled", from_=["cancelling"],
-                         event=new_event("status", "cancelled", {"status": "cancelled"}))
+                         event=status_event("cancelled", "cancelled"))
         remove_partial_files(settings, _storage(), job_id)
         return {"job_id": job_id, "outcome": "cancelled"}
     if outcome != "claimed":
@@ -95,12 +96,12 @@ def execute(job_id: str, *, worker: str) -> dict:
             enqueue(job_id)
         return {"job_id": job_id, "outcome": "requeued"}
     job = store.get_job(job_id) or {}
-    if code != 0 or timed_out or job.get("status") not in ("succeeded", "failed", "cancelled"):
+    if code != 0 or timed_out or job.get("status") not in TERMINAL:
         error = _crash_error(code, timed_out, settings.job_timeout_seconds)
         log.error("job %s: %s", job_id, error["message"])
         result, _ = store.transition(
             job_id, "failed", token=token, error=error,
-            event=new_event("status", error["message"], {"status": "failed", "error": error}, level="error"))
+            event=status_event("failed", error["message"], error=error, level="error"))
         if result == "ok":
             remove_partial_files(settings, _storage(), job_id)
     store.release_lease(job_id, token)

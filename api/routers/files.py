@@ -13,22 +13,18 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api.deps import get_storage, get_store, get_tenant, settings_dep
-from api.errors import APIError, not_found
 from api.schemas import Deleted, ErrorResponse, FileList, FileObject
-from api.settings import Settings
-from api.storage import Storage
-from api.store import Store
+from citi_service.errors import APIError, not_found
+from citi_service.keys import file_key
+from citi_service.settings import Settings
+from citi_service.storage import Storage
+from citi_service.store import Store
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 PURPOSES = ("fine-tune",)
 MAX_DETAILS = 1000
 _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
-
-
-def file_key(file_id: str) -> str:
-    """Where a file's bytes are stored."""
-    return f"files/{file_id}.jsonl"
 
 
 def public_file(record: dict) -> FileObject:

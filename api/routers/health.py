@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse, Response
 from api import metrics
 from api.deps import get_store, get_tenant
 from api.schemas import Health
-from api.store import Store
 from citi_engine import __version__
+from citi_service.store import Store
 
 router = APIRouter(tags=["health"])
 

@@ -1,9 +1,9 @@
-"""Fine-tuning jobs, at ``/jobs`` and (same routes, OpenAI's path) ``/v1/fine_tuning/jobs``.
+"""Fine-tuning jobs: one router, which ``api/main.py`` mounts at ``/jobs`` and at OpenAI's ``/v1/fine_tuning/jobs``.
 
 A job is checked completely at submit time with the engine's own torch-free rules (model spec, files,
 budget, components, hyperparameters), stored as ``queued`` and sent to the workers as one task carrying
-only its id. Everything after that (status, stage, progress, events, the adapter) comes from the store
-and the artifact storage, written by the worker.
+only its id (:func:`citi_service.queue.enqueue`). Everything after that (status, phase, progress,
+events, the adapter) comes from the store and the artifact storage, written by the worker.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import logging
 import secrets
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -23,8 +22,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from api.archive import stream_tar_gz
 from api.deps import get_storage, get_store, get_tenant, settings_dep
-from api.errors import APIError, not_found
-from api.routers.files import file_key
+from api.model_access import check_model
 from api.schemas import (
     CheckpointList,
     Deleted,
@@ -35,9 +33,13 @@ from api.schemas import (
     JobCreate,
     JobList,
 )
-from api.settings import Settings
-from api.storage import Storage
-from api.store import TERMINAL, IdempotencyConflict, LimitExceeded, Store
+from citi_service.errors import APIError, not_found
+from citi_service.keys import adapter_prefix, file_key, job_prefix, work_dir
+from citi_service.queue import enqueue
+from citi_service.records import TERMINAL, status_event
+from citi_service.settings import Settings
+from citi_service.storage import Storage
+from citi_service.store import IdempotencyConflict, LimitExceeded, Store
 
 log = logging.getLogger("citi.api")
 
@@ -46,42 +48,7 @@ _SSE_BLOCK_MS = 5000
 _METADATA_MAX = (16, 64, 512)
 
 
-def adapter_prefix(job_id: str) -> str:
-    """Storage prefix of a job's adapter directory."""
-    return f"jobs/{job_id}/adapter/"
-
-
-def job_prefix(job_id: str) -> str:
-    """Storage prefix of everything a job stored."""
-    return f"jobs/{job_id}/"
-
-
 # -- checking a request ----------------------------------------------------------------------------
-
-
-def check_model(spec: str, settings: Settings):
-    """Resolve a model spec the way the worker will, and apply CITI_ALLOWED_MODELS; returns the resolved spec."""
-    from citi_engine.errors import ModelSpecError
-    from citi_engine.specs import BUILTIN_MODELS, resolve_model_spec
-
-    try:
-        resolved = resolve_model_spec(spec, model_dirs=settings.model_dirs_list)
-    except ModelSpecError as exc:
-        raise APIError(400, exc.code, exc.message, param="model") from exc
-    allowed = settings.allowed_models_list
-    if allowed:
-        real = Path(spec).expanduser().resolve() if resolved.kind in ("hf_dir", "gguf") else None
-        ok = spec in allowed or (real is not None and any(
-            Path(a).expanduser().resolve() == real for a in allowed if a.startswith(("/", ".", "~"))))
-        if not ok:
-            raise APIError(400, "model_not_allowed",
-                           f"model '{spec}' is not allowed on this server; allowed: {', '.join(allowed)}",
-                           param="model")
-    elif resolved.kind == "hub":
-        raise APIError(400, "model_not_allowed",
-                       f"hub model '{spec}' is not allowed here: use {', '.join(BUILTIN_MODELS)} or a model under "
-                       "CITI_MODEL_DIRS, or ask the operator to list it in CITI_ALLOWED_MODELS", param="model")
-    return resolved
 
 
 def _param_of(message: str) -> str | None:
@@ -188,260 +155,258 @@ def _owned_job(store: Store, tenant: str, job_id: str) -> dict:
     return job
 
 
-def _enqueue(job_id: str) -> None:
-    from worker.celery_app import enqueue
-
-    enqueue(job_id)
-
-
 # -- routes ----------------------------------------------------------------------------------------
 
+router = APIRouter()
 
-def build_router(prefix: str, tag: str) -> APIRouter:
-    """The job routes under ``prefix`` (mounted twice: ``/jobs`` and ``/v1/fine_tuning/jobs``)."""
-    router = APIRouter(prefix=prefix, tags=[tag])
 
-    @router.post("", response_model=Job, responses={**_ERRORS, 409: {"model": ErrorResponse},
-                                                    429: {"model": ErrorResponse}})
-    def create_job(
-        body: JobCreate,
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255),
-        tenant: str = Depends(get_tenant),
-        store: Store = Depends(get_store),
-        settings: Settings = Depends(settings_dep),
-    ) -> Job:
-        """Create a fine-tuning job. With an ``Idempotency-Key`` header a retried request returns the same job."""
-        check_model(body.model, settings)
-        _check_file(store, tenant, body.training_file, "training_file", training=True)
-        _check_file(store, tenant, body.validation_file, "validation_file", training=False)
-        _check_file(store, tenant, body.general_file, "general_file", training=True)
-        _check_metadata(body.metadata)
-        body_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - 1)
-        cfg = engine_config(body, settings, seed=seed)
+@router.post("", response_model=Job, responses={**_ERRORS, 409: {"model": ErrorResponse},
+                                                429: {"model": ErrorResponse}})
+def create_job(
+    body: JobCreate,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255),
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+    settings: Settings = Depends(settings_dep),
+) -> Job:
+    """Create a fine-tuning job. With an ``Idempotency-Key`` header a retried request returns the same job."""
+    check_model(body.model, settings)
+    _check_file(store, tenant, body.training_file, "training_file", training=True)
+    _check_file(store, tenant, body.validation_file, "validation_file", training=False)
+    _check_file(store, tenant, body.general_file, "general_file", training=True)
+    _check_metadata(body.metadata)
+    body_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - 1)
+    cfg = engine_config(body, settings, seed=seed)
 
-        job_id = "ftjob-" + secrets.token_hex(12)
-        record = {
-            "id": job_id,
-            "tenant": tenant,
-            "created_at": int(time.time()),
-            "model": body.model,
-            "training_file": body.training_file,
-            "validation_file": body.validation_file,
-            "general_file": body.general_file,
-            "suffix": body.suffix,
-            "seed": seed,
-            "metadata": body.metadata,
-            "method": {"type": cfg.method, "hyperparameters": asdict(cfg.hyperparameters)},
-            "hyperparameters": asdict(cfg.hyperparameters),
-            "budget": asdict(cfg.budget),
-            "components": asdict(cfg.components),
-            "engine": {"model": cfg.model, "method": cfg.method, "seed": cfg.seed, "budget": asdict(cfg.budget),
-                       "components": asdict(cfg.components), "hyperparameters": asdict(cfg.hyperparameters),
-                       "test_fraction": cfg.test_fraction, "checkpoint_every": cfg.checkpoint_every},
-            "fine_tuned_model": None,
-            "error": None,
-            "trained_tokens": None,
-            "estimated_finish": None,
-            "finished_at": None,
-            "started_at": None,
-            "stage": None,
-            "progress": None,
-            "selected_components": None,
-            "attempts": 0,
-            "result_files": [],
-            "artifacts_deleted": False,
-        }
+    job_id = "ftjob-" + secrets.token_hex(12)
+    record = {
+        "id": job_id,
+        "tenant": tenant,
+        "created_at": int(time.time()),
+        "model": body.model,
+        "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "general_file": body.general_file,
+        "suffix": body.suffix,
+        "seed": seed,
+        "metadata": body.metadata,
+        "method": {"type": cfg.method, "hyperparameters": asdict(cfg.hyperparameters)},
+        "hyperparameters": asdict(cfg.hyperparameters),
+        "budget": asdict(cfg.budget),
+        "components": asdict(cfg.components),
+        "engine": {"model": cfg.model, "method": cfg.method, "seed": cfg.seed, "budget": asdict(cfg.budget),
+                   "components": asdict(cfg.components), "hyperparameters": asdict(cfg.hyperparameters),
+                   "test_fraction": cfg.test_fraction, "checkpoint_every": cfg.checkpoint_every},
+        "fine_tuned_model": None,
+        "error": None,
+        "trained_tokens": None,
+        "estimated_finish": None,
+        "finished_at": None,
+        "started_at": None,
+        "stage": None,  # the job's phase, written by the worker (citi_service.records)
+        "progress": None,
+        "selected_components": None,
+        "attempts": 0,
+        "result_files": [],
+        "artifacts_deleted": False,
+    }
+    try:
+        job, created = store.create_job(record, max_active=settings.max_active_jobs_per_tenant,
+                                        idempotency_key=idempotency_key, body_hash=body_hash)
+    except LimitExceeded as exc:
+        raise APIError(429, "too_many_active_jobs",
+                       f"this key has {exc.active} unfinished jobs, the most it may run at once; wait for one "
+                       "to end or cancel one", headers={"Retry-After": "60"}) from exc
+    except IdempotencyConflict as exc:
+        raise APIError(409, "idempotency_key_reused",
+                       f"this Idempotency-Key was used for job {exc.job_id} with a different request; use a new "
+                       "key for a new job", param="Idempotency-Key") from exc
+    if created:
         try:
-            job, created = store.create_job(record, max_active=settings.max_active_jobs_per_tenant,
-                                            idempotency_key=idempotency_key, body_hash=body_hash)
-        except LimitExceeded as exc:
-            raise APIError(429, "too_many_active_jobs",
-                           f"this key has {exc.active} unfinished jobs, the most it may run at once; wait for one "
-                           "to end or cancel one", headers={"Retry-After": "60"}) from exc
-        except IdempotencyConflict as exc:
-            raise APIError(409, "idempotency_key_reused",
-                           f"this Idempotency-Key was used for job {exc.job_id} with a different request; use a new "
-                           "key for a new job", param="Idempotency-Key") from exc
-        if created:
-            try:
-                _enqueue(job_id)
-            except Exception as exc:
-                log.exception("job %s: could not send its task", job_id)
-                error = {"code": "queue_unavailable", "param": None,
-                         "message": "the job could not be queued (the broker did not answer); submit it again"}
-                store.transition(job_id, "failed", from_=["queued"], error=error,
-                                 event={"created_at": int(time.time()), "type": "status", "level": "error",
-                                        "message": error["message"], "data": {"status": "failed", "error": error}})
-                raise APIError(503, "queue_unavailable", error["message"]) from exc
-            job = store.get_job(job_id) or job
-        return public_job(job, store)
+            enqueue(job_id)
+        except Exception as exc:
+            log.exception("job %s: could not send its task", job_id)
+            error = {"code": "queue_unavailable", "param": None,
+                     "message": "the job could not be queued (the broker did not answer); submit it again"}
+            store.transition(job_id, "failed", from_=["queued"], error=error,
+                             event=status_event("failed", error["message"], error=error, level="error"))
+            raise APIError(503, "queue_unavailable", error["message"]) from exc
+        job = store.get_job(job_id) or job
+    return public_job(job, store)
 
-    @router.post("/estimate", response_model=Estimate, responses=_ERRORS)
-    def estimate_job(
-        body: JobCreate,
-        tenant: str = Depends(get_tenant),
-        store: Store = Depends(get_store),
-        storage: Storage = Depends(get_storage),
-        settings: Settings = Depends(settings_dep),
-    ) -> Estimate:
-        """Tokens, steps, time and GPU memory a job would need, and whether that fits its budget."""
-        from api.estimate import estimate_job as estimate
 
-        resolved = check_model(body.model, settings)
-        record = _check_file(store, tenant, body.training_file, "training_file", training=True)
-        _check_file(store, tenant, body.validation_file, "validation_file", training=False)
-        general = _check_file(store, tenant, body.general_file, "general_file", training=True)
-        cfg = engine_config(body, settings, seed=body.seed or 0)
-        examples = _read_examples(storage, body.training_file)
-        n_tool, n_general = record["n_tool"], record["n_general"]
-        if general is not None:
-            examples += _read_examples(storage, body.general_file)
-            n_general += general["n_examples"]
-        device = "cpu" if (settings.device or "").startswith("cpu") else "gpu"
-        gpus = settings.gpus_per_job
-        if gpus is None and (settings.device or "").startswith("cuda:"):
-            gpus = 1  # the workers train on the one GPU CITI_DEVICE names
-        result = estimate(cfg, resolved=resolved, examples=examples, n_tool=n_tool, n_general=n_general,
-                          has_validation_file=body.validation_file is not None, device=device,
-                          gpu_memory_gb=settings.gpu_memory_gb, gpus=gpus)
-        return Estimate(**result)
+@router.post("/estimate", response_model=Estimate, responses=_ERRORS)
+def estimate_job(
+    body: JobCreate,
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+    storage: Storage = Depends(get_storage),
+    settings: Settings = Depends(settings_dep),
+) -> Estimate:
+    """Tokens, steps, time and GPU memory a job would need, and whether that fits its budget."""
+    from api.estimate import estimate_job as estimate
 
-    @router.get("", response_model=JobList, responses=_ERRORS)
-    def list_jobs(
-        after: str | None = Query(None, description="A job id: list the jobs after it."),
-        limit: int = Query(20, ge=1, le=100),
-        status: str | None = Query(None, description="Only jobs in this status."),
-        tenant: str = Depends(get_tenant),
-        store: Store = Depends(get_store),
-    ) -> JobList:
-        """The caller's jobs, newest first."""
-        jobs, has_more = store.list_jobs(tenant, after=after, limit=limit, status=status)
-        return JobList(data=[public_job(j, store) for j in jobs], has_more=has_more)
+    resolved = check_model(body.model, settings)
+    record = _check_file(store, tenant, body.training_file, "training_file", training=True)
+    _check_file(store, tenant, body.validation_file, "validation_file", training=False)
+    general = _check_file(store, tenant, body.general_file, "general_file", training=True)
+    cfg = engine_config(body, settings, seed=body.seed or 0)
+    examples = _read_examples(storage, body.training_file)
+    n_tool, n_general = record["n_tool"], record["n_general"]
+    if general is not None:
+        examples += _read_examples(storage, body.general_file)
+        n_general += general["n_examples"]
+    device = "cpu" if (settings.device or "").startswith("cpu") else "gpu"
+    gpus = settings.gpus_per_job
+    if gpus is None and (settings.device or "").startswith("cuda:"):
+        gpus = 1  # the workers train on the one GPU CITI_DEVICE names
+    result = estimate(cfg, resolved=resolved, examples=examples, n_tool=n_tool, n_general=n_general,
+                      has_validation_file=body.validation_file is not None, device=device,
+                      gpu_memory_gb=settings.gpu_memory_gb, gpus=gpus)
+    return Estimate(**result)
 
-    @router.get("/{job_id}", response_model=Job, responses=_ERRORS)
-    def get_job(job_id: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store)) -> Job:
-        """One job, with its place in the queue while it waits."""
-        return public_job(_owned_job(store, tenant, job_id), store)
 
-    @router.post("/{job_id}/cancel", response_model=Job, responses={**_ERRORS, 409: {"model": ErrorResponse}})
-    def cancel_job(job_id: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store)) -> Job:
-        """Cancel a job: a queued one at once, a running one within one training step."""
-        _owned_job(store, tenant, job_id)
-        outcome, previous = store.request_cancel(job_id)
-        if outcome == "missing":
-            raise not_found("job", job_id, "job_id")
-        if outcome == "finished":
-            raise APIError(409, "job_not_cancellable", f"the job has already {previous}; there is nothing to cancel",
-                           param="job_id")
-        return public_job(_owned_job(store, tenant, job_id), store)
+@router.get("", response_model=JobList, responses=_ERRORS)
+def list_jobs(
+    after: str | None = Query(None, description="A job id: list the jobs after it."),
+    limit: int = Query(20, ge=1, le=100),
+    status: str | None = Query(None, description="Only jobs in this status."),
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+) -> JobList:
+    """The caller's jobs, newest first."""
+    jobs, has_more = store.list_jobs(tenant, after=after, limit=limit, status=status)
+    return JobList(data=[public_job(j, store) for j in jobs], has_more=has_more)
 
-    @router.delete("/{job_id}", response_model=Deleted, responses={**_ERRORS, 409: {"model": ErrorResponse}})
-    def delete_job(
-        job_id: str,
-        tenant: str = Depends(get_tenant),
-        store: Store = Depends(get_store),
-        storage: Storage = Depends(get_storage),
-        settings: Settings = Depends(settings_dep),
-    ) -> Deleted:
-        """Delete a finished job with its adapter, report and events."""
-        job = _owned_job(store, tenant, job_id)
-        if job["status"] not in TERMINAL:
-            raise APIError(409, "job_not_finished",
-                           f"the job is {job['status']}; cancel it (POST /jobs/{job_id}/cancel) and delete it once it "
-                           "has stopped", param="job_id")
-        storage.delete_prefix(job_prefix(job_id))
-        if settings.storage == "local":
-            import shutil
 
-            shutil.rmtree(settings.job_work_root / job_id, ignore_errors=True)
-        if not job.get("artifacts_deleted") and job.get("adapter_bytes"):
-            store.add_usage(tenant, -int(job["adapter_bytes"]))
-        store.delete_job(job_id)
-        return Deleted(id=job_id, object="fine_tuning.job", deleted=True)
+@router.get("/{job_id}", response_model=Job, responses=_ERRORS)
+def get_job(job_id: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store)) -> Job:
+    """One job, with its place in the queue while it waits."""
+    return public_job(_owned_job(store, tenant, job_id), store)
 
-    @router.get("/{job_id}/events", response_model=EventList, responses={
-        **_ERRORS, 200: {"content": {"application/json": {}, "text/event-stream": {}},
-                         "description": "JSON page of events, or with Accept: text/event-stream a live stream"}})
-    async def list_events(
-        job_id: str,
-        request: Request,
-        after: int = Query(0, ge=0, description="Only events with seq above this."),
-        limit: int = Query(100, ge=1, le=1000),
-        stream: bool = Query(False, description="Stream as server-sent events (same as Accept: text/event-stream)."),
-        last_event_id: str | None = Header(None, alias="Last-Event-ID"),
-        tenant: str = Depends(get_tenant),
-        store: Store = Depends(get_store),
-    ):
-        """The job's events, oldest first; a live SSE stream (ending when the job ends) when asked for."""
-        await run_in_threadpool(_owned_job, store, tenant, job_id)
-        if stream or "text/event-stream" in request.headers.get("accept", ""):
-            start = after
-            if last_event_id and last_event_id.strip().isdigit():
-                start = max(start, int(last_event_id.strip()))
-            return StreamingResponse(_sse(store, job_id, start), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        events, has_more = await run_in_threadpool(store.list_events, job_id, after=after, limit=limit)
-        return EventList(data=events, has_more=has_more)
 
-    @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=_ERRORS)
-    def list_checkpoints(
-        job_id: str,
-        after: str | None = Query(None, description="A checkpoint id: list the ones after it."),
-        limit: int = Query(10, ge=1, le=100),
-        tenant: str = Depends(get_tenant),
-        store: Store = Depends(get_store),
-    ) -> CheckpointList:
-        """Checkpoints the job wrote, newest first (they are resume state, removed when the job ends)."""
-        _owned_job(store, tenant, job_id)
-        records = list(reversed(store.list_checkpoints(job_id)))
-        if after:
-            ids = [r["id"] for r in records]
-            records = records[ids.index(after) + 1:] if after in ids else []
-        return CheckpointList(data=records[:limit], has_more=len(records) > limit)
+@router.post("/{job_id}/cancel", response_model=Job, responses={**_ERRORS, 409: {"model": ErrorResponse}})
+def cancel_job(job_id: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store)) -> Job:
+    """Cancel a job: a queued one at once, a running one within one training step."""
+    _owned_job(store, tenant, job_id)
+    outcome, previous = store.request_cancel(job_id)
+    if outcome == "missing":
+        raise not_found("job", job_id, "job_id")
+    if outcome == "finished":
+        raise APIError(409, "job_not_cancellable", f"the job has already {previous}; there is nothing to cancel",
+                       param="job_id")
+    return public_job(_owned_job(store, tenant, job_id), store)
 
-    @router.get("/{job_id}/adapter", response_class=StreamingResponse, responses={
-        **_ERRORS, 409: {"model": ErrorResponse}, 410: {"model": ErrorResponse},
-        200: {"content": {"application/gzip": {}}, "description": "the adapter directory as .tar.gz"}})
-    def download_adapter(
-        job_id: str,
-        tenant: str = Depends(get_tenant),
-        store: Store = Depends(get_store),
-        storage: Storage = Depends(get_storage),
-    ) -> StreamingResponse:
-        """The adapter directory as a streamed ``.tar.gz`` (weights, config, importance, report, model card)."""
-        job = _ready_job(store, tenant, job_id)
-        prefix = adapter_prefix(job_id)
-        objects = [o for o in storage.list(prefix) if "checkpoints" not in o.key[len(prefix):].split("/")]
-        # The archive's top directory is named like the job's out_dir, so the model card's paths hold.
-        root = job["id"]
-        return StreamingResponse(
-            stream_tar_gz(storage, objects, prefix, root),
-            media_type="application/gzip",
-            headers={"Content-Disposition": f'attachment; filename="{root}.tar.gz"'},
-        )
 
-    @router.get("/{job_id}/report", responses={**_ERRORS, 409: {"model": ErrorResponse}, 200: {
-        "content": {"application/json": {}, "text/markdown": {}}, "description": "the evaluation report"}})
-    def get_report(
-        job_id: str,
-        format: str = Query("json", pattern="^(json|md)$"),
-        tenant: str = Depends(get_tenant),
-        store: Store = Depends(get_store),
-        storage: Storage = Depends(get_storage),
-    ):
-        """The job's evaluation report (tool accuracy, general retention) as JSON or Markdown."""
-        _ready_job(store, tenant, job_id)
-        key = adapter_prefix(job_id) + ("report.json" if format == "json" else "report.md")
-        if not storage.exists(key):
-            raise APIError(404, "report_not_found", "this job has no evaluation report (its evaluation was turned "
-                           "off or it had no test examples)", param="job_id")
-        data = storage.get_bytes(key)
-        if format == "md":
-            return PlainTextResponse(data.decode("utf-8", "replace"), media_type="text/markdown")
-        return json.loads(data)
+@router.delete("/{job_id}", response_model=Deleted, responses={**_ERRORS, 409: {"model": ErrorResponse}})
+def delete_job(
+    job_id: str,
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+    storage: Storage = Depends(get_storage),
+    settings: Settings = Depends(settings_dep),
+) -> Deleted:
+    """Delete a finished job with its adapter, report and events."""
+    job = _owned_job(store, tenant, job_id)
+    if job["status"] not in TERMINAL:
+        raise APIError(409, "job_not_finished",
+                       f"the job is {job['status']}; cancel it (POST /jobs/{job_id}/cancel) and delete it once it "
+                       "has stopped", param="job_id")
+    storage.delete_prefix(job_prefix(job_id))
+    if settings.storage == "local":
+        import shutil
 
-    return router
+        shutil.rmtree(work_dir(settings, job_id), ignore_errors=True)
+    if not job.get("artifacts_deleted") and job.get("adapter_bytes"):
+        store.add_usage(tenant, -int(job["adapter_bytes"]))
+    store.delete_job(job_id)
+    return Deleted(id=job_id, object="fine_tuning.job", deleted=True)
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses={
+    **_ERRORS, 200: {"content": {"application/json": {}, "text/event-stream": {}},
+                     "description": "JSON page of events, or with Accept: text/event-stream a live stream"}})
+async def list_events(
+    job_id: str,
+    request: Request,
+    after: int = Query(0, ge=0, description="Only events with seq above this."),
+    limit: int = Query(100, ge=1, le=1000),
+    stream: bool = Query(False, description="Stream as server-sent events (same as Accept: text/event-stream)."),
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+):
+    """The job's events, oldest first; a live SSE stream (ending when the job ends) when asked for."""
+    await run_in_threadpool(_owned_job, store, tenant, job_id)
+    if stream or "text/event-stream" in request.headers.get("accept", ""):
+        start = after
+        if last_event_id and last_event_id.strip().isdigit():
+            start = max(start, int(last_event_id.strip()))
+        return StreamingResponse(_sse(store, job_id, start), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    events, has_more = await run_in_threadpool(store.list_events, job_id, after=after, limit=limit)
+    return EventList(data=events, has_more=has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=_ERRORS)
+def list_checkpoints(
+    job_id: str,
+    after: str | None = Query(None, description="A checkpoint id: list the ones after it."),
+    limit: int = Query(10, ge=1, le=100),
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+) -> CheckpointList:
+    """Checkpoints the job wrote, newest first (they are resume state, removed when the job ends)."""
+    _owned_job(store, tenant, job_id)
+    records = list(reversed(store.list_checkpoints(job_id)))
+    if after:
+        ids = [r["id"] for r in records]
+        records = records[ids.index(after) + 1:] if after in ids else []
+    return CheckpointList(data=records[:limit], has_more=len(records) > limit)
+
+
+@router.get("/{job_id}/adapter", response_class=StreamingResponse, responses={
+    **_ERRORS, 409: {"model": ErrorResponse}, 410: {"model": ErrorResponse},
+    200: {"content": {"application/gzip": {}}, "description": "the adapter directory as .tar.gz"}})
+def download_adapter(
+    job_id: str,
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+    storage: Storage = Depends(get_storage),
+) -> StreamingResponse:
+    """The adapter directory as a streamed ``.tar.gz`` (weights, config, importance, report, model card)."""
+    job = _ready_job(store, tenant, job_id)
+    prefix = adapter_prefix(job_id)
+    objects = [o for o in storage.list(prefix) if "checkpoints" not in o.key[len(prefix):].split("/")]
+    # The archive's top directory is named like the job's out_dir, so the model card's paths hold.
+    root = job["id"]
+    return StreamingResponse(
+        stream_tar_gz(storage, objects, prefix, root),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{root}.tar.gz"'},
+    )
+
+
+@router.get("/{job_id}/report", responses={**_ERRORS, 409: {"model": ErrorResponse}, 200: {
+    "content": {"application/json": {}, "text/markdown": {}}, "description": "the evaluation report"}})
+def get_report(
+    job_id: str,
+    format: str = Query("json", pattern="^(json|md)$"),
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+    storage: Storage = Depends(get_storage),
+):
+    """The job's evaluation report (tool accuracy, general retention) as JSON or Markdown."""
+    _ready_job(store, tenant, job_id)
+    key = adapter_prefix(job_id) + ("report.json" if format == "json" else "report.md")
+    if not storage.exists(key):
+        raise APIError(404, "report_not_found", "this job has no evaluation report (its evaluation was turned "
+                       "off or it had no test examples)", param="job_id")
+    data = storage.get_bytes(key)
+    if format == "md":
+        return PlainTextResponse(data.decode("utf-8", "replace"), media_type="text/markdown")
+    return json.loads(data)
 
 
 def _ready_job(store: Store, tenant: str, job_id: str) -> dict:
@@ -497,6 +462,3 @@ async def _sse(store: Store, job_id: str, after: int):
             if event["type"] == "status" and event.get("data", {}).get("status") in TERMINAL:
                 return
 
-
-jobs_router = build_router("/jobs", "jobs")
-openai_jobs_router = build_router("/v1/fine_tuning/jobs", "fine_tuning (OpenAI paths)")

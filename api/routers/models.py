@@ -7,47 +7,16 @@ Shapes follow OpenAI's models API (``{"object": "list", "data": [{"id", "object"
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter, Depends
 
 from api.deps import get_store, get_tenant, settings_dep
-from api.errors import APIError
-from api.settings import Settings
-from api.store import Store
-from citi_engine import DEFAULT_MODEL
+from api.model_access import allowed_base_models, base_model_allowed, model_not_found
+from citi_service.settings import Settings
+from citi_service.store import Store
 
 router = APIRouter(tags=["models"])
 
 BASE_OWNER = "citi"
-
-
-def base_model_allowed(spec: str, settings: Settings) -> bool:
-    """Whether ``spec`` names a base model callers may use: by the same rule as job creation
-    (``CITI_ALLOWED_MODELS``, else the built-in default or a model under ``CITI_MODEL_DIRS``)."""
-    from api.routers.jobs import check_model
-
-    try:
-        check_model(spec, settings)
-    except APIError:
-        return False
-    return True
-
-
-def allowed_base_models(settings: Settings) -> list[str]:
-    """The base model specs to list: ``CITI_ALLOWED_MODELS``, else the default plus what lies in ``CITI_MODEL_DIRS``
-    (each model directory or ``.gguf`` file directly inside one of them)."""
-    if settings.allowed_models_list:
-        return list(settings.allowed_models_list)
-    found = [DEFAULT_MODEL]
-    for root in settings.model_dirs_list:
-        root_path = Path(root)
-        if not root_path.is_dir():
-            continue
-        for child in sorted(root_path.iterdir()):
-            if (child.is_dir() and (child / "config.json").is_file()) or child.suffix == ".gguf":
-                found.append(str(child))
-    return found
 
 
 def _base_entry(spec: str) -> dict:
@@ -97,13 +66,3 @@ def retrieve_model(model: str, tenant: str = Depends(get_tenant), store: Store =
     if base_model_allowed(model, settings):
         return _base_entry(model)
     raise model_not_found(model)
-
-
-def model_not_found(model: str) -> APIError:
-    """OpenAI's answer for a model that does not exist or belongs to someone else (the two look alike)."""
-    return APIError(
-        404, "model_not_found",
-        f"The model '{model}' does not exist or you do not have access to it. GET /v1/models lists the models "
-        "your key can use.",
-        param="model",
-    )

@@ -26,11 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import get_keyring, get_storage, get_store, get_tenant, settings_dep
-from api.errors import APIError, not_found
 from api.schemas import ErrorResponse
-from api.settings import Settings
-from api.storage import Storage
-from api.store import TERMINAL, Store
 from api.ui_session import (
     CSRF_HEADER,
     check_csrf,
@@ -40,6 +36,12 @@ from api.ui_session import (
     session_from_request,
     set_session_cookie,
 )
+from citi_service.errors import APIError, not_found
+from citi_service.keys import adapter_prefix, checkpoints_prefix, work_checkpoints_dir
+from citi_service.records import TERMINAL
+from citi_service.settings import Settings
+from citi_service.storage import Storage
+from citi_service.store import Store
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
 PAGES = ("/ui", "/ui/", "/ui/jobs", "/ui/jobs/{job_id}", "/ui/new", "/ui/chat")
@@ -166,15 +168,15 @@ def form_options(tenant: str = Depends(get_tenant)) -> dict:
 
 def _latest_checkpoint_importance(job_id: str, storage: Storage, settings: Settings) -> bytes | None:
     """``importance.json`` from a running job's checkpoints: in the bucket (S3 workers copy them there) or in
-    the job's working directory under the artifact dir (local workers; see ``worker/artifacts.py``)."""
-    found = [o.key for o in storage.list(f"jobs/{job_id}/checkpoints/") if o.key.endswith("/importance.json")]
+    the job's working directory under the artifact dir (local workers; see :mod:`citi_service.keys`)."""
+    found = [o.key for o in storage.list(checkpoints_prefix(job_id)) if o.key.endswith("/importance.json")]
     if found:
         try:
             return storage.get_bytes(sorted(found)[-1])
         except FileNotFoundError:
             pass  # pruned meanwhile; the working directory may still have one
     if settings.storage == "local":
-        root = settings.job_work_root / job_id / job_id / "checkpoints"
+        root = work_checkpoints_dir(settings, job_id)
         for path in sorted(root.glob("*/importance.json")):
             if path.parent.name.startswith("."):
                 continue  # a checkpoint being written or replaced
@@ -200,7 +202,7 @@ def job_importance(
     data = None
     finished = job["status"] in TERMINAL
     if job["status"] == "succeeded" and not job.get("artifacts_deleted"):
-        key = f"jobs/{job_id}/adapter/importance.json"
+        key = adapter_prefix(job_id) + "importance.json"
         data = storage.get_bytes(key) if storage.exists(key) else None
     elif not finished:
         data = _latest_checkpoint_importance(job_id, storage, settings)

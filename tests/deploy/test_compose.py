@@ -226,13 +226,17 @@ def _constant(node: ast.expr) -> object:
     return eval(compile(tree, "<default>", "eval"), {"__builtins__": {}})  # noqa: S307 - constants only
 
 
+def _product_sources() -> list[Path]:
+    return [p for package in ("citi_service", "api", "worker", "citi_engine") for p in ROOT.glob(f"{package}/**/*.py")]
+
+
 def settings_fields() -> dict[str, object]:
     """Environment variable -> default for every field of every pydantic-settings class in our code.
 
     Read from the source (no import), so modules that import torch are covered too.
     """
     fields: dict[str, object] = {}
-    for path in [*ROOT.glob("api/**/*.py"), *ROOT.glob("worker/**/*.py"), *ROOT.glob("citi_engine/**/*.py")]:
+    for path in _product_sources():
         tree = ast.parse(path.read_text())
         for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
             if not any("BaseSettings" in ast.unparse(b) for b in cls.bases):
@@ -282,7 +286,7 @@ def test_env_example_documents_every_setting_with_its_default():
 
 def test_env_example_documents_every_variable_the_code_or_compose_reads():
     documented = set(_env_example())
-    sources = [*ROOT.glob("api/**/*.py"), *ROOT.glob("worker/**/*.py"), *ROOT.glob("citi_engine/**/*.py")]
+    sources = _product_sources()
     read_by_code = set()
     for path in sources:
         read_by_code |= set(re.findall(r"""environ(?:\.get)?\s*[\[(]\s*["'](CITI_[A-Z0-9_]+)["']""", path.read_text()))

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from api.errors import APIError
-from api.routers.chat import ChatCompletionRequest
-from api.storage import LocalStorage
+from citi_service.chat import ChatCompletionRequest
+from citi_service.errors import APIError
+from citi_service.keys import adapter_prefix
+from citi_service.storage import LocalStorage
 from tests.inference.conftest import ASK
 from tests.service.conftest import moto_s3, s3_storage  # noqa: F401  (moto_s3 is a fixture)
-from worker.artifacts import adapter_prefix
 
 
 def _files(root: Path) -> list[str]:

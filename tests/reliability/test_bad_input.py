@@ -176,7 +176,7 @@ def test_model_specs_outside_the_model_dirs_are_refused(service, uploaded, tmp_p
 
 # -- no pickle ------------------------------------------------------------------------------------
 
-_PRODUCT_DIRS = ("citi_engine", "api", "worker", "bench", "scripts")
+_PRODUCT_DIRS = ("citi_engine", "citi_service", "api", "worker", "bench", "scripts")
 
 
 def _product_sources():

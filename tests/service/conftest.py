@@ -354,7 +354,7 @@ S3_CREDENTIALS = {"CITI_S3_ACCESS_KEY_ID": "testing", "CITI_S3_SECRET_ACCESS_KEY
 
 
 def s3_storage(endpoint: str, bucket: str, prefix: str = ""):
-    from api.storage import S3Storage
+    from citi_service.storage import S3Storage
 
     return S3Storage(bucket, prefix=prefix, endpoint_url=endpoint, region="us-east-1", access_key_id="testing",
                      secret_access_key="testing", create_bucket=True)

@@ -55,7 +55,7 @@ def test_more_gpus_than_measured_say_so_and_cpu_ignores_gpus(examples):
 def test_the_api_reads_gpus_per_job_like_the_workers(monkeypatch):
     from pydantic import ValidationError
 
-    from api.settings import Settings
+    from citi_service.settings import Settings
 
     monkeypatch.setenv("CITI_GPUS_PER_JOB", "")
     assert Settings().gpus_per_job is None  # empty: every GPU the worker sees; the estimate assumes one

@@ -13,9 +13,9 @@ import uuid
 
 import pytest
 
-from api.settings import Settings
-from api.storage import LocalStorage
-from api.store import Store
+from citi_service.settings import Settings
+from citi_service.storage import LocalStorage
+from citi_service.store import Store
 from tests.service.conftest import REDIS_HOST, REDIS_PORT
 from worker.artifacts import sweep_expired
 from worker.lease import Reaper

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from api.archive import stream_tar_gz
-from api.storage import LocalStorage, StorageKeyError
+from citi_service.storage import LocalStorage, StorageKeyError
 from tests.service.conftest import s3_storage
 
 pytestmark = pytest.mark.service

@@ -5,11 +5,7 @@ they are checked so no key can leave its root. :class:`LocalStorage` keeps objec
 (one host: mount it into the API and the workers); :class:`S3Storage` keeps them in an S3-compatible
 bucket (several hosts).
 
-Layout used by the service:
-- ``files/<file id>.jsonl``: uploaded training and test files;
-- ``jobs/<job id>/adapter/...``: a finished job's adapter directory (no checkpoints);
-- ``jobs/<job id>/checkpoints/...``: training checkpoints, copied here by S3 workers only (local
-  workers train in a shared directory under the artifact dir and resume in place).
+The keys the service uses (files, adapters, checkpoints) are spelled in :mod:`citi_service.keys`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,54 @@
+"""What the API and the workers write to each other through the store: job statuses, events, model ids.
+
+A job record is a plain dict (the hash ``job:<id>`` in Redis, one JSON value per field); the API builds
+it in ``api/routers/jobs.py`` and serves it almost as stored. Its ``stage`` field holds the job's
+*phase* (the engine's ``validating``, ``loading``, ``importance``, ..., a training stage, then ``done``):
+the JSON keeps the name ``stage``, the service code says phase.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import PurePath
+from typing import Any, Literal, TypedDict
+
+STATUSES = ("validating_files", "queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ("validating_files", "queued", "running", "cancelling")
+
+EventLevel = Literal["info", "warning", "error"]
+
+
+class Event(TypedDict):
+    """One job event as written to the store (the store adds ``object``, ``id`` and ``seq`` when read).
+
+    ``type`` is the engine's (``stage``, ``progress``, ``message``, ``importance``, ``eval``, ``done``)
+    or the service's (``status``, ``checkpoint``); ``data`` carries the details (for ``status`` events
+    the new ``status`` and, when failed, the ``error``).
+    """
+
+    created_at: int
+    type: str
+    level: EventLevel
+    message: str
+    data: dict[str, Any]
+
+
+def new_event(type_: str, message: str, data: dict | None = None, level: EventLevel = "info") -> Event:
+    """An event (its ``seq`` is assigned when it is stored). Every event the service writes is built here."""
+    return {"created_at": int(time.time()), "type": type_, "level": level, "message": message, "data": data or {}}
+
+
+def status_event(status: str, message: str, *, error: dict | None = None, level: EventLevel = "info",
+                 **data: Any) -> Event:
+    """The event that reports a change of the job's ``status`` (with its ``error`` when it failed)."""
+    assert status in STATUSES
+    return new_event("status", message, {"status": status, **({"error": error} if error else {}), **data},
+                     level=level)
+
+
+def fine_tuned_model_id(model: str, suffix: str | None, job_id: str) -> str:
+    """``ft:<base model name>:<suffix or citi>:<short job id>``, unique per job."""
+    base = re.sub(r"[^A-Za-z0-9_.\-]", "-", PurePath(model.rstrip("/")).name or model)[:64]
+    return f"ft:{base}:{suffix or 'citi'}:{job_id.removeprefix('ftjob-')[:12]}"
