@@ -1,4 +1,5 @@
-"""The ``citi`` command: one argparse parser, one module per command group.
+"""The ``citi`` command: one argparse parser, one module per command (``progress`` holds what the training
+commands share).
 
     citi finetune   --model SPEC --data FILE --out DIR [--method citi|lora|full] [budget, hyperparameters]
     citi importance --model SPEC --data FILE --out DIR
@@ -23,7 +24,7 @@ from citi_engine import __version__
 
 # Command modules, in help order. The first ones ship with the engine; the others are optional
 # (written separately) and must not break the CLI when absent or broken.
-CORE_MODULES = ("finetune", "export")
+CORE_MODULES = ("finetune", "importance", "chat", "validate", "export")
 OPTIONAL_MODULES = ("eval", "client")
 
 
