@@ -20,7 +20,7 @@ BOOTSTRAP_PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; d
 	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; \
 	then echo $$p; break; fi; done)
 
-.PHONY: help setup venv torch deps redis demo test lint deploy-tools compose-check docker-lint docker-lock docker-build docker-local-base clean-run
+.PHONY: help setup venv torch deps redis demo test lint deploy-tools compose-check docker-lint docker-lock docker-build docker-local-base docker-smoke clean-run
 
 help:
 	@echo "make setup          virtual environment in $(VENV)/, dependencies (CPU torch without a GPU), Redis if missing"
@@ -31,6 +31,8 @@ help:
 	@echo "make docker-lint    lint the Dockerfiles (hadolint) and shell scripts (shellcheck)"
 	@echo "make docker-lock    regenerate docker/requirements-*.txt from the tested $(VENV)"
 	@echo "make docker-build   build the images (needs a Docker engine)"
+	@echo "make docker-local-base  the base image for builds without a registry (Debian bookworm via mmdebstrap)"
+	@echo "make docker-smoke   build the CPU images and run the demo's job on the compose stack (host network; not in CI)"
 
 setup: venv torch deps redis
 	@echo "setup done: $$($(PY) --version), torch $$($(PY) -c 'import torch; print(torch.__version__)')"
@@ -134,6 +136,18 @@ docker-local-base:
 	@command -v mmdebstrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] \
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null; }
 	bash docker/local-base.sh
+
+# The images built and the stack run for real on this CPU machine (docker/smoke.py says how). Slow
+# (a cold build and the demo's job: about half an hour on 2 cores), so not part of CI.
+docker-smoke: deploy-tools
+	$(SETUP_DONE)
+	@if ! command -v dockerd >/dev/null 2>&1 || ! command -v mmdebstrap >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing docker.io and mmdebstrap (apt)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io mmdebstrap >/dev/null; \
+		else echo "make docker-smoke needs dockerd (apt-get install docker.io) and mmdebstrap" >&2; exit 1; fi; fi
+	@mkdir -p .run
+	set -o pipefail; TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) $(PY) docker/smoke.py 2>&1 | tee .run/docker-smoke.log
 
 clean-run:
 	rm -rf .run
