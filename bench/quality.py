@@ -81,11 +81,21 @@ SWEEP = {
     "molora_fraction": ("components", "molora_fraction", float),
     "uco_fraction": ("components", "uco_fraction", float),
     "selection": ("components", "selection", str),
+    "token_weight": ("hyperparameters", "routing_token_weight", float),
+    "general_loss": ("hyperparameters", "general_loss", str),
+    "negatives": ("hyperparameters", "negatives_ratio", float),
+    "masking": ("hyperparameters", "function_masking", float),
+    "replay_tools": ("hyperparameters", "replay_tools_fraction", float),
+    "replay": ("hyperparameters", "replay_examples", int),
+    "preset": (None, "preset", str),
+    "same_data": ("hyperparameters", "baselines_use_general", str),
 }
 # Short names used in automatic labels.
 SHORT = {"lr": "lr", "lr_router": "lr1", "lr_molora": "lr2", "lr_uco": "lr3", "epochs": "ep", "epochs_router": "ep1",
          "epochs_molora": "ep2", "epochs_uco": "ep3", "beta": "b", "alpha": "a", "rank": "r", "experts": "e",
-         "molora_fraction": "mf", "uco_fraction": "uf", "selection": "sel-"}
+         "molora_fraction": "mf", "uco_fraction": "uf", "selection": "sel-", "token_weight": "tw",
+         "general_loss": "gl-", "negatives": "neg", "masking": "fm", "replay_tools": "rt", "replay": "rp", "preset": "preset-",
+         "same_data": "data-"}
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -261,15 +271,21 @@ def finetune_config(args: argparse.Namespace, run: dict, train_path: Path, out_d
         hp["batch_size"] = args.batch_size
     if args.max_steps is not None:
         budget["max_steps"] = args.max_steps
+    preset = None
     for name, value in run["overrides"].items():
         section, field_name, _ = SWEEP[name]
         if name == "lr":
             field_name = "lr_molora" if run["method"] == "citi" else "lr_train"
-        (hp if section == "hyperparameters" else comp)[field_name] = value
+        if name == "same_data":  # the baselines train on the general examples too (replay, soft targets)
+            value = str(value).lower() in ("1", "true", "yes")
+        if section is None:
+            preset = value
+        else:
+            (hp if section == "hyperparameters" else comp)[field_name] = value
     return FinetuneConfig(
         model=args.gguf or args.model, training_file=str(train_path), out_dir=str(out_dir), method=run["method"],
         seed=run["seed"], test_fraction=0.0, budget=budget, components=comp, hyperparameters=hp,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, preset=preset,
     )
 
 
@@ -290,8 +306,9 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     import torch
 
     from citi_engine.adapter import load_adapter
-    from citi_engine.data.prompts import PROBE_PROMPTS
+    from citi_engine.data.prompts import PROBE_PROMPTS, probes_with_tools
     from citi_engine.evaluate.retention import general_retention
+    from citi_engine.evaluate.routing import separation, tool_call_gates
     from citi_engine.evaluate.tool_eval import evaluate_tool_calls, load_tool_cases
     from citi_engine.models import load_model
 
@@ -363,6 +380,25 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         humaneval=not args.no_humaneval, humaneval_file=args.humaneval, humaneval_limit=args.humaneval_limit,
     )
     record["retention_seconds"] = time.perf_counter() - start
+
+    print(f"[{run['run_id']}] general retention with unrelated tools offered", flush=True)
+    start = time.perf_counter()
+    with_tools = general_retention(
+        base, tuned, tokenizer, probes_with_tools(PROBE_PROMPTS), limit=args.probe_limit,
+        max_new_tokens=args.retention_max_new_tokens, batch_size=args.eval_batch_size, humaneval=False,
+    )
+    record["retention_with_tools_seconds"] = time.perf_counter() - start
+    router = separation(retention.get("router_gates"), with_tools.get("router_gates"),
+                        tool_call_gates(tuned, tokenizer, cases, batch_size=args.eval_batch_size))
+    record.update(
+        retention_with_tools=with_tools["general_retention"], kl_with_tools=with_tools["kl"],
+        agreement_with_tools=with_tools["agreement"], per_probe_with_tools=with_tools["per_probe"],
+        headline_retention=min(retention["general_retention"], with_tools["general_retention"]),
+        router=router,
+        backbone_gate_general=(router or {}).get("backbone_gate_general"),
+        backbone_gate_general_with_tools=(router or {}).get("backbone_gate_general_with_tools"),
+        backbone_gate_tool_call=(router or {}).get("backbone_gate_tool_call"),
+    )
     he = retention.get("humaneval") or {}
     record.update(
         general_retention=retention["general_retention"], kl=retention["kl"], agreement=retention["agreement"],
@@ -391,7 +427,9 @@ def run_in_process(args: argparse.Namespace, run: dict) -> int:
     os.replace(tmp, path)
     print(f"[{run['run_id']}] tool accuracy {record['tool_accuracy']:.3f}, irrelevance "
           f"{record['irrelevance_accuracy']}, general retention {record['general_retention']:.4f} "
-          f"(KL {record['kl']:.4f}), HumanEval NLL change {record['humaneval_nll_delta']} -> {path}", flush=True)
+          f"(KL {record['kl']:.4f}), with tools {record['retention_with_tools']:.4f}, backbone gate general "
+          f"{record['backbone_gate_general']} / tool call {record['backbone_gate_tool_call']}, HumanEval NLL "
+          f"change {record['humaneval_nll_delta']} -> {path}", flush=True)
     return 0
 
 
@@ -449,8 +487,10 @@ def drive(args: argparse.Namespace, runs: list[tuple[argparse.Namespace, dict]])
             took = time.perf_counter() - started
             if proc.returncode == 0:
                 rec = json.loads(result_path(run_args, run).read_text())
-                print(f"done {run['run_id']} in {took:.0f}s: tool {rec['tool_accuracy']:.3f}, retention "
-                      f"{rec['general_retention']:.4f}", flush=True)
+                print(f"done {run['run_id']} in {took:.0f}s: tool {rec['tool_accuracy']:.3f}, irrelevance "
+                      f"{rec['irrelevance_accuracy']}, retention {rec['general_retention']:.4f} / with tools "
+                      f"{rec['retention_with_tools']:.4f}, gates {rec['backbone_gate_general']} / "
+                      f"{rec['backbone_gate_tool_call']}", flush=True)
             else:
                 failed.append(run["run_id"])
                 print(f"FAILED {run['run_id']} (exit {proc.returncode}); see {logs / (run['run_id'] + '.log')}",

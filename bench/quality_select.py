@@ -1,12 +1,13 @@
 """Pick each method's best configuration from a validation sweep (by tool accuracy) and print quality.py flags.
 
-    python bench/quality_select.py SWEEP_DIR > plan.txt   # one line per method: "--method M <flags...>"
+    python bench/quality_select.py [--rule=tool|retention-band] SWEEP_DIR > plan.txt   # "--method M <flags...>"
     python bench/quality.py --plan plan.txt --seed 0,1,2 --split test ...
 
 The lines are a ``bench/quality.py --plan`` file; the base model's line pins ``--seed 0`` (nothing is trained,
 so other seeds would repeat it).
 
-Ties on tool accuracy go to the higher general retention. The choice and every swept value are written to
+Rule ``tool`` (default): the highest tool accuracy. Rule ``retention-band``: the highest tool accuracy among the
+runs within RETENTION_BAND of the method's best headline retention. Ties go to the higher retention. The choice and every swept value are written to
 SWEEP_DIR/selection.json, so the merge step can say what was swept.
 """
 
@@ -17,21 +18,45 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+# --rule retention-band: the product's promise is both numbers at once, so a configuration is first required to
+# keep within this much of the best headline retention (the lower of retention without and with tools offered)
+# any configuration of its method reached; among those, the highest tool accuracy wins.
+RETENTION_BAND = 0.02
+
+
+def _retention(r: dict) -> float:
+    return r.get("headline_retention", r["general_retention"])
+
+
+def choose(rs: list[dict], rule: str) -> dict:
+    """The chosen run of one method's sweep under ``rule`` (``tool`` or ``retention-band``)."""
+    if rule == "retention-band":
+        best_kept = max(_retention(r) for r in rs)
+        rs = [r for r in rs if _retention(r) >= best_kept - RETENTION_BAND]
+    return max(rs, key=lambda r: (r["tool_accuracy"], _retention(r)))
+
 
 def main(argv: list[str]) -> int:
+    rule = "tool"
+    if argv and argv[0].startswith("--rule="):
+        rule = argv.pop(0).split("=", 1)[1]
+    if rule not in ("tool", "retention-band"):
+        raise SystemExit("--rule must be tool or retention-band")
     sweep = Path(argv[0])
     runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*.json")) if p.name != "selection.json"]
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         by_method[r["method"]].append(r)
-    selection = {}
+    selection = {"rule": rule, "retention_band": RETENTION_BAND if rule == "retention-band" else None}
     for method, rs in sorted(by_method.items()):
-        best = max(rs, key=lambda r: (r["tool_accuracy"], r["general_retention"]))
+        best = choose(rs, rule)
         selection[method] = {
             "chosen": best["overrides"],
             "label": best["label"],
             "tried": [{"overrides": r["overrides"], "tool_accuracy": r["tool_accuracy"],
-                       "general_retention": r["general_retention"]} for r in rs],
+                       "irrelevance_accuracy": r.get("irrelevance_accuracy"),
+                       "general_retention": r["general_retention"], "headline_retention": _retention(r)}
+                      for r in rs],
         }
         flags = " ".join(f"--{k.replace('_', '-')} {v!r}" if isinstance(v, int | float) else
                          f"--{k.replace('_', '-')} {v}" for k, v in best["overrides"].items())

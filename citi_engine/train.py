@@ -777,7 +777,6 @@ def _load_tokenizer(cfg: FinetuneConfig):
 def _encode(tokenizer, examples: list[dict], lines: list[int] | None, max_length: int, param: str) -> list[dict]:
     """Token ids and labels of every example; every example longer than ``max_length`` is a problem."""
     from citi_engine.data.chat_format import encode_example
-
     from citi_engine.data.schemas import kind_of, task_type_for_kind
 
     encoded = [encode_example(tokenizer, e, max_length) for e in examples]

@@ -11,6 +11,7 @@ the command line. Importing this package does not import torch (the API uses the
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -126,15 +127,30 @@ def evaluate_adapter(
         kwargs = dict(limit=probe_limit, max_new_tokens=retention_max_new_tokens, batch_size=batch_size,
                       humaneval=humaneval, humaneval_file=humaneval_file, humaneval_limit=humaneval_limit,
                       pass_at_1=pass_at_1, should_cancel=should_cancel)
-        if base_model is not None:
-            report["retention"] = ret.general_retention(base_model, model, tokenizer, probes, **kwargs)
-        else:
-            report["retention"] = ret.general_retention_from_peft(model, tokenizer, probes, **kwargs)
+        measure = (functools.partial(ret.general_retention, base_model) if base_model is not None
+                   else ret.general_retention_from_peft)
+        report["retention"] = measure(model, tokenizer, probes, **kwargs)
         report["seconds"]["retention"] = time.perf_counter() - start
+        # The same probes asked by an agent that offers tools none of them needs.
+        from citi_engine.data.prompts import probes_with_tools
+
+        emit(f"measuring general retention on {n} probe prompts with unrelated tools offered")
+        start = time.perf_counter()
+        report["retention_with_tools"] = measure(
+            model, tokenizer, probes_with_tools([_probe_text(p) for p in probes]), **{**kwargs, "humaneval": False})
+        report["seconds"]["retention_with_tools"] = time.perf_counter() - start
     elif probes:
         report["retention_skipped"] = "no base model to compare with: pass base_model (needed for method 'full')"
 
-    report["summary"] = summarize(report["tool"], report["retention"])
+    from citi_engine.evaluate.routing import separation, tool_call_gates
+
+    report["router"] = separation(
+        (report["retention"] or {}).get("router_gates"),
+        (report.get("retention_with_tools") or {}).get("router_gates"),
+        tool_call_gates(model, tokenizer, cases, batch_size=batch_size) if cases else None,
+    )
+    report["summary"] = summarize(report["tool"], report["retention"], report.get("retention_with_tools"),
+                                  report["router"])
     if out_dir is not None:
         write_report(out_dir, report)
     s = report["summary"]
@@ -143,8 +159,25 @@ def evaluate_adapter(
         parts.append(f"tool accuracy {s['tool_accuracy']:.3f}")
     if s["general_retention"] is not None:
         parts.append(f"general retention {s['general_retention']:.3f} (KL {s['kl']:.4f})")
+    if s.get("retention_with_tools") is not None:
+        parts.append(f"with tools offered {s['retention_with_tools']:.3f}")
+    if s.get("backbone_gate_general") is not None:
+        parts.append(f"backbone gate general {s['backbone_gate_general']:.2f}, tool calls "
+                     f"{_fmt(s.get('backbone_gate_tool_call'))}")
     emit(", ".join(parts) or "nothing to evaluate", type="eval", summary=s)
     return report
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _probe_text(probe) -> str:
+    """The user text of a probe given as a string or a one-turn conversation."""
+    if isinstance(probe, str):
+        return probe
+    messages = probe.get("messages", probe) if isinstance(probe, dict) else probe
+    return messages[-1].get("content", "")
 
 
 def __getattr__(name: str):

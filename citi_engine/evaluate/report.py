@@ -25,10 +25,25 @@ def _num(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def summarize(tool: dict | None, retention: dict | None) -> dict:
-    """The headline numbers of a report from its ``tool`` and ``retention`` sections (either may be None)."""
+def summarize(tool: dict | None, retention: dict | None, retention_with_tools: dict | None = None,
+              router: dict | None = None) -> dict:
+    """The headline numbers of a report from its sections (any may be None).
+
+    ``headline_retention`` is the lower of the retention without tools and with unrelated tools offered:
+    what a user keeps is bounded by the worse of the two.
+    """
     he = (retention or {}).get("humaneval") or {}
+    plain = retention["general_retention"] if retention else None
+    with_tools = retention_with_tools["general_retention"] if retention_with_tools else None
+    known = [v for v in (plain, with_tools) if v is not None]
+    router = router or {}
     return {
+        "headline_retention": min(known) if known else None,
+        "retention_with_tools": with_tools,
+        "kl_with_tools": retention_with_tools["kl"] if retention_with_tools else None,
+        "backbone_gate_general": router.get("backbone_gate_general"),
+        "backbone_gate_general_with_tools": router.get("backbone_gate_general_with_tools"),
+        "backbone_gate_tool_call": router.get("backbone_gate_tool_call"),
         "tool_accuracy": tool["accuracy"] if tool else None,
         "irrelevance_accuracy": tool.get("irrelevance_accuracy") if tool else None,
         "parse_rate": tool.get("parse_rate") if tool else None,
@@ -45,7 +60,8 @@ def summarize(tool: dict | None, retention: dict | None) -> dict:
 
 def render_markdown(report: dict, *, max_failures: int = 30) -> str:
     """``report`` as Markdown: headline table, per-category accuracy, failure reasons and examples, retention."""
-    s = report.get("summary") or summarize(report.get("tool"), report.get("retention"))
+    s = report.get("summary") or summarize(report.get("tool"), report.get("retention"),
+                                           report.get("retention_with_tools"), report.get("router"))
     lines = ["# Evaluation report", ""]
     if report.get("model"):
         lines.append(f"Base model: `{report['model']}`" + (f", method: {report['method']}" if report.get("method")
@@ -56,7 +72,9 @@ def render_markdown(report: dict, *, max_failures: int = 30) -> str:
         f"| tool-call accuracy | {_pct(s['tool_accuracy'])} ({s['n_test']} cases) |",
         f"| irrelevance accuracy (no call when none fits) | {_pct(s['irrelevance_accuracy'])} |",
         f"| replies that parse as calls (cases expecting calls) | {_pct(s['parse_rate'])} |",
+        f"| headline retention (lower of the two below) | {_num(s.get('headline_retention'))} |",
         f"| general retention exp(-KL) | {_num(s['general_retention'])} ({s['n_probes']} probes) |",
+        f"| general retention with unrelated tools offered | {_num(s.get('retention_with_tools'))} |",
         f"| mean per-token KL(base \\|\\| tuned) | {_num(s['kl'])} |",
         f"| exact agreement with base answers | {_pct(s['agreement'])} |",
         f"| HumanEval canonical NLL base / tuned (delta) | {_num(s['humaneval_base_nll'])} / "
@@ -100,6 +118,27 @@ def render_markdown(report: dict, *, max_failures: int = 30) -> str:
                 lines.append(f"- prompt: {clip(d['prompt'])}  \n  base: `{clip(d['base'])}`  \n"
                              f"  tuned: `{clip(d['tuned'])}`")
             lines.append("")
+    router = report.get("router")
+    if router:
+        lines += ["## Router separation", "",
+                  "Mean backbone gate G(x)[0] of the MOLoRA routers (1: experts off, 0: experts fully on), "
+                  "teacher-forced. A router that does its job is near 1 on general tokens and near 0 on the "
+                  "tokens that write a tool call.", "",
+                  "| tokens | mean backbone gate | tokens counted |", "|---|---|---|"]
+        for key, label in (("general", "general probes (prompt + base answer)"),
+                           ("general_with_tools", "general probes, unrelated tools offered"),
+                           ("tool_call", "ground-truth tool calls of the test cases")):
+            d = router.get(key) or {}
+            lines.append(f"| {label} | {_num(d.get('mean'), 3)} | {d.get('tokens', 0)} |")
+        layers = sorted({*((router.get("general") or {}).get("per_layer") or {}),
+                         *((router.get("tool_call") or {}).get("per_layer") or {})})
+        if layers:
+            lines += ["", "| component | general | with tools | tool call |", "|---|---|---|---|"]
+            for name in layers:
+                row = [_num(((router.get(k) or {}).get("per_layer") or {}).get(name), 3)
+                       for k in ("general", "general_with_tools", "tool_call")]
+                lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append("")
     plots = report.get("plots") or {}
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
@@ -180,7 +219,8 @@ def write_report(adapter_dir: str | os.PathLike, report: dict) -> dict[str, Path
     """
     out = Path(adapter_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report.setdefault("summary", summarize(report.get("tool"), report.get("retention")))
+    report.setdefault("summary", summarize(report.get("tool"), report.get("retention"),
+                                           report.get("retention_with_tools"), report.get("router")))
     try:
         report["plots"] = write_plots(out, report)
     except ImportError as exc:

@@ -119,9 +119,11 @@ def as_conversation(prompt) -> dict:
     raise TypeError(f"a probe must be a string, a message list or a conversation dict, got {type(prompt).__name__}")
 
 
-def _answer_log_probs(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+def _answer_log_probs(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                      gate_meter=None) -> list[torch.Tensor]:
     """Teacher-forced log-probabilities (float32, one row per answer token, over the vocabulary) of each
-    answer after its prompt, one batch (right padding: no grads here, and it keeps the indices simple)."""
+    answer after its prompt, one batch (right padding: no grads here, and it keeps the indices simple).
+    ``gate_meter`` (a :class:`~citi_engine.adapter.GateMeter`) counts the router gates of every real token."""
     device = model_device(model)
     seqs = [list(p) + list(a) for p, a in zip(prompts, answers, strict=True)]
     width = max(len(s) for s in seqs)
@@ -132,6 +134,8 @@ def _answer_log_probs(model, prompts: Sequence[Sequence[int]], answers: Sequence
         mask[i, : len(s)] = 1
     with torch.inference_mode():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        if gate_meter is not None:
+            gate_meter.add(mask)
         out = []
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
             # Position t predicts token t+1: the answer's tokens are predicted from len(p)-1 on.
@@ -261,6 +265,14 @@ def _humaneval_nll(
 # -------------------------------------------------------------------------------------- retention
 
 
+def _gate_meter(model):
+    """A :class:`~citi_engine.adapter.GateMeter` for a model with MOLoRA layers, else None."""
+    from citi_engine.adapter import GateMeter
+
+    meter = GateMeter(model)
+    return meter if meter.layers else None
+
+
 def _retention(
     base: _Side,
     tuned: _Side,
@@ -291,6 +303,7 @@ def _retention(
 
     prompt_ids = [encode_prompt(tokenizer, c["messages"], c.get("tools")) for c in probes]
     answer_ids = [g.completion_ids for g in answers["base"]]
+    meter = _gate_meter(tuned.model)
     per_probe = []
     for idx in _batches(len(probes), kl_batch_size):
         _check_cancel(should_cancel)
@@ -299,7 +312,8 @@ def _retention(
         for label, side in (("base", base), ("tuned", tuned)):
             with side.context(), eval_mode(side.model):
                 logps[label] = _answer_log_probs(
-                    side.model, [prompt_ids[i] for i in scored], [answer_ids[i] for i in scored]
+                    side.model, [prompt_ids[i] for i in scored], [answer_ids[i] for i in scored],
+                    gate_meter=meter if label == "tuned" else None,
                 ) if scored else []
         kl_sum = {i: 0.0 for i in idx}
         for i, lb, lt in zip(scored, logps["base"], logps["tuned"], strict=True):
@@ -330,6 +344,9 @@ def _retention(
         "per_probe": per_probe,
         "disagreements": disagreements,
         "humaneval": None,
+        # Mean backbone gate of the tuned model over every token of prompt + base answer (MOLoRA only).
+        "router_gates": meter.result() if meter is not None else None,
+        "with_tools": any(p.get("tools") for p in probes),
     }
     if humaneval:
         try:

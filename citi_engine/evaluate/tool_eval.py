@@ -49,8 +49,31 @@ class ToolCase:
         """The ``{"messages", "tools"}`` that :func:`citi_engine.generate.generate_chat` takes."""
         return {"messages": self.messages, "tools": self.tools}
 
+    def gold_example(self) -> dict | None:
+        """The conversation answered with the ground truth's calls, in the training format (each parameter at
+        its first accepted value; one that may be omitted left out), or None when no call is right."""
+        if not self.ground_truth:
+            return None
+        calls = []
+        for k, expected in enumerate(self.ground_truth):
+            (name, params), = expected.items()
+            args = {p: _first_accepted(values) for p, values in params.items()
+                    if not (isinstance(values, list) and "" in values)}
+            calls.append({"id": f"call_{k}", "type": "function",
+                          "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
+        return {"messages": [*self.messages, {"role": "assistant", "content": None, "tool_calls": calls}],
+                "tools": self.tools}
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _first_accepted(values):
+    """One value that BFCL's accepted-values shape accepts (objects hold accepted values per key)."""
+    value = values[0] if isinstance(values, list) and values else values
+    if isinstance(value, dict):
+        return {k: _first_accepted(v) for k, v in value.items()}
+    return value
 
 
 # ------------------------------------------------------------------------------------------ loading

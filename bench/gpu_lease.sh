@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One GPU lease, several calls of the device tool: each call is given back 30 s after it returns, so a long
+# benchmark runs in the background on the held machine and every call waits for it a while, then copies what
+# exists into $OUT. The built-in model's GGUF (98 MB) is too big for one call's 64 MiB, so it travels in two
+# halves (.m1/, .m2/: `split -b 48M`), one per call, joined on the machine.
+#   bench/gpu_lease.sh stage          call 1: keep the first half in ~/stage, install the carried wheels
+#   bench/gpu_lease.sh start CMD...   call 2: join the halves, copy the tree to ~/run, start CMD there (GGUF and
+#                                     RESULTS in its environment), then wait
+#   bench/gpu_lease.sh wait           later calls: wait, then copy results
+# Waiting ends when RESULTS/DONE exists or after WAIT_S seconds (default 540); results go to $OUT as one tarball.
+set -uo pipefail
+STAGE=~/stage RUN=~/run RESULTS=~/results
+WAIT_S=${WAIT_S:-540}
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+collect() {
+    local waited=0
+    while [ ! -f "$RESULTS/DONE" ] && [ "$waited" -lt "$WAIT_S" ]; do sleep 10; waited=$((waited + 10)); done
+    nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv > "$RESULTS/gpu.csv" 2>&1
+    tar -czf "$OUT/results.tgz" -C "$RESULTS" --exclude='work' . 2>/dev/null
+    echo "result files: $(find "$RESULTS" -mindepth 2 -maxdepth 2 -name '*.json' | wc -l)"
+    tail -n 3 "$RESULTS"/*.log 2>/dev/null
+}
+
+case "${1:-}" in
+stage)
+    mkdir -p "$STAGE" && cp .m1/* "$STAGE"/
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$STAGE/site" .whl/*.whl
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    ls -la "$STAGE"
+    ;;
+start)
+    shift
+    cat "$STAGE"/gg.aa .m2/gg.ab > "$STAGE/smollm2.gguf"
+    echo "$SHA  $STAGE/smollm2.gguf" | sha256sum -c - || exit 1
+    rm -rf "$RUN" && mkdir -p "$RUN" "$RESULTS"
+    tar -cf - --exclude=.m1 --exclude=.m2 --exclude=.git . | tar -xf - -C "$RUN"
+    CITI_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    [ -z "$(git status --porcelain -- citi_engine bench 2>/dev/null)" ] || CITI_COMMIT="$CITI_COMMIT+dirty"
+    echo "$CITI_COMMIT" > "$RESULTS/commit.txt"
+    cd "$RUN" || exit 1
+    export PYTHONPATH="$STAGE/site" GGUF="$STAGE/smollm2.gguf" RESULTS PYTHONUNBUFFERED=1 CITI_COMMIT
+    setsid nohup "$@" > "$RESULTS/driver.log" 2>&1 < /dev/null &
+    sleep 5
+    collect
+    ;;
+wait)
+    collect
+    ;;
+*)
+    echo "usage: bench/gpu_lease.sh stage | start CMD... | wait" >&2; exit 2
+    ;;
+esac
