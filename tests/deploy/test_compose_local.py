@@ -49,6 +49,7 @@ def test_local_workers_are_cpu_builds_on_the_local_base_without_a_gpu_reservatio
     for name in ("worker", "inference"):
         service = services[name]
         assert "deploy" not in service or not service["deploy"].get("resources"), name
+        assert "memlock" not in service.get("ulimits", {}), f"{name}: memlock is for pinned GPU memory"
         args = service["build"]["args"]
         assert args["BASE_IMAGE"] == "citi-local/python:3.11-bookworm"
         assert args["PYTHON"] == "python3.11"
