@@ -48,6 +48,7 @@ DAEMON_JSON = Path("/etc/docker/daemon.json")
 DAEMON_SETTINGS = {"bridge": "none", "iptables": False, "ip-forward": False, "ip-masq": False}
 LOCAL_BASE = os.environ.get("CITI_LOCAL_BASE", "citi-local/python:3.11-bookworm")
 TORCH_VERSION = "2.13.0"
+WHEELS_PORT = int(os.environ.get("CITI_SMOKE_WHEELS_PORT", "38765"))
 IMAGES = {
     "base": LOCAL_BASE,
     "api": "citi-api:0.1.0-local",
@@ -171,9 +172,16 @@ def pip_find_links() -> list[str]:
 
 
 def serve_directory(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    """Serve ``directory`` read-only on 127.0.0.1 (a find-links page for pip inside the build)."""
+    """Serve ``directory`` read-only on 127.0.0.1 (a find-links page for pip inside the build).
+
+    On a fixed port where it is free: the URL is a build argument, and a build argument that
+    changes between runs makes the builder run the torch layer again instead of taking its cache.
+    """
     handler = functools.partial(QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEELS_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
