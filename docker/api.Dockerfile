@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The API image: FastAPI, the Celery client and the artifact storage, plus the torch-free parts of
-# the engine (model specs, the JSONL validator). No torch, no CUDA: it starts in about a second.
+# The API image: FastAPI and the service core (citi_service: store, storage, queue), plus the
+# torch-free parts of the engine (model specs, the JSONL validator). No torch, no CUDA: it starts in about a second.
 #
 #   docker build -f docker/api.Dockerfile -t citi-api .
 #
@@ -29,6 +29,7 @@ RUN pip install -r /tmp/requirements-api.txt
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY citi_engine ./citi_engine
+COPY citi_service ./citi_service
 COPY api ./api
 COPY worker ./worker
 # --no-deps: everything the API needs is already pinned above; the engine extra (torch) is not wanted.

@@ -65,6 +65,7 @@ RUN pip install -c /tmp/requirements-worker.txt \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY citi_engine ./citi_engine
+COPY citi_service ./citi_service
 COPY api ./api
 COPY worker ./worker
 RUN pip install --no-deps .

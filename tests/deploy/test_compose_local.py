@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,16 @@ def test_dockerfiles_keep_the_public_base_images_as_the_default():
         bases = re.findall(r"^FROM \$\{BASE_IMAGE:-([^}]+)\}", text, re.MULTILINE)
         assert bases and set(bases) == {image}, name
         assert re.search(r"^ARG BASE_IMAGE$", text, re.MULTILINE), name
+
+
+def test_both_images_copy_every_package_the_project_installs():
+    """A package pyproject.toml installs but an image lacks fails only at import time in a container."""
+    includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted(pattern.rstrip("*") for pattern in includes)
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    for package in packages:
+        assert (ROOT / package / "__init__.py").exists(), package
+        assert f"!{package}/" in ignore, f".dockerignore keeps {package}/ out of the build context"
+        for name in ("api.Dockerfile", "worker.Dockerfile"):
+            text = (ROOT / "docker" / name).read_text()
+            assert f"COPY {package} ./{package}" in text, f"docker/{name} does not copy {package}/"
