@@ -274,12 +274,15 @@ def main() -> int:
         build_vars, server, where = torch_source(args.cpu_index)
         env.update(build_vars)
         console.print(f"  local base {LOCAL_BASE} ready in {summary['base_s']:.0f} s; CPU torch from {where}")
+        # Cold or not: whether our images were there before (the builder reuses their layers). "Using
+        # cache" in the log says nothing, since the worker's stages share their first layers.
+        summary["images_before_build"] = [n for n in ("api", "worker (CPU)", "redis") if image_size_mb(IMAGES[n])]
         step = time.monotonic()
         run([*compose, "build", "redis", "api", "worker"], log=build_log, env=env)
         summary["build_s"] = round(time.monotonic() - step, 1)
-        summary["build_cached"] = "Using cache" in build_log.read_text()
+        before = summary["images_before_build"]
         console.print(f"  built redis, api and worker in {summary['build_s']:.0f} s "
-                      f"({'some layers from cache' if summary['build_cached'] else 'no layer from cache'}); "
+                      f"({'over existing images: ' + ', '.join(before) if before else 'cold: none of them existed'}); "
                       f"log {build_log.relative_to(ROOT)}")
         if server is not None:
             server.shutdown()
