@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,11 +216,28 @@ def image_size_mb(image: str) -> float | None:
     return int(result.stdout.strip()) / 1e6 if result.returncode == 0 else None
 
 
+def remove_build_leftovers(since: float) -> list[str]:
+    """Remove the stopped containers a failed build step left (the classic builder keeps them).
+
+    Only unlabelled ones (compose labels its own) created after ``since``: on an engine this run
+    started, they can only be this run's.
+    """
+    removed = []
+    listing = run(["docker", "ps", "-a", "--filter", "status=exited", "--filter", "status=created", "--format",
+                   '{{.ID}}|{{.Label "com.docker.compose.project"}}|{{.CreatedAt}}']).stdout
+    for line in listing.splitlines():
+        container, project, created = line.split("|", 2)
+        created_s = datetime.strptime(created[:25], "%Y-%m-%d %H:%M:%S %z").timestamp()  # "... +0000 UTC"
+        if not project and created_s >= since - 1:
+            run(["docker", "rm", container])
+            removed.append(container)
+    return removed
+
+
 def leftovers() -> list[str]:
-    """Containers of this project and networks other than Docker's built-in host and none."""
+    """Every container of the engine and networks other than Docker's built-in host and none."""
     found = []
-    containers = run(["docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={PROJECT}",
-                      "--format", "{{.Names}}"]).stdout.split()
+    containers = run(["docker", "ps", "-a", "--format", "{{.Names}}"]).stdout.split()
     found += [f"container {c}" for c in containers]
     networks = run(["docker", "network", "ls", "--format", "{{.Name}}"]).stdout.split()
     found += [f"network {n}" for n in networks if n not in ("host", "none")]
@@ -254,6 +272,7 @@ def main() -> int:
         "DOCKER_BUILDKIT": "0",
     })
     engine: subprocess.Popen | None = None
+    engine_started = time.time()
     server = None
     status = 1
     started_up = False
@@ -262,6 +281,7 @@ def main() -> int:
         if engine_answers():
             console.print("  a Docker engine answers: using it (it is left running)")
         else:
+            engine_started = time.time()
             engine = start_engine(RUN_DIR / "dockerd.log")
         console.print(f"  {run(['docker', 'version', '--format', 'server {{.Server.Version}}']).stdout.strip()}, "
                       f"{run([*compose_bin, 'version']).stdout.strip()}")
@@ -340,6 +360,10 @@ def main() -> int:
             run([*compose, "down", "-v", "--remove-orphans", "--timeout", "30"], log=RUN_DIR / "compose.log",
                 env=env, check=False)
             console.print(f"  compose down -v; container logs in {(RUN_DIR / 'containers.log').relative_to(ROOT)}")
+        if engine is not None and engine_answers():
+            removed = remove_build_leftovers(engine_started)
+            if removed:
+                console.print(f"  removed {len(removed)} container(s) a failed build step left: {', '.join(removed)}")
         if engine_answers():
             left = leftovers()
             summary["left_behind"] = left
