@@ -19,6 +19,8 @@ RUN apt-get update \
     && mkdir -p /data \
     && chown redis:redis /data
 
+# Debian's redis user; its uid is allocated when the package installs, hence the name.
+# hadolint ignore=DL3066
 USER redis
 WORKDIR /data
 EXPOSE 6379
