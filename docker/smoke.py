@@ -234,10 +234,12 @@ def remove_build_leftovers(since: float) -> list[str]:
     return removed
 
 
-def leftovers() -> list[str]:
-    """Every container of the engine and networks other than Docker's built-in host and none."""
+def leftovers(every_container: bool) -> list[str]:
+    """Containers (of this project, or every one on an engine this run started) and networks other
+    than Docker's built-in host and none."""
     found = []
-    containers = run(["docker", "ps", "-a", "--format", "{{.Names}}"]).stdout.split()
+    only_ours = [] if every_container else ["--filter", f"label=com.docker.compose.project={PROJECT}"]
+    containers = run(["docker", "ps", "-a", *only_ours, "--format", "{{.Names}}"]).stdout.split()
     found += [f"container {c}" for c in containers]
     networks = run(["docker", "network", "ls", "--format", "{{.Name}}"]).stdout.split()
     found += [f"network {n}" for n in networks if n not in ("host", "none")]
@@ -365,7 +367,7 @@ def main() -> int:
             if removed:
                 console.print(f"  removed {len(removed)} container(s) a failed build step left: {', '.join(removed)}")
         if engine_answers():
-            left = leftovers()
+            left = leftovers(every_container=engine is not None)
             summary["left_behind"] = left
             console.print(f"  left behind: {', '.join(left) if left else 'no container, no network'}")
             if left:
