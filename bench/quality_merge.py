@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("tool_accuracy", "irrelevance_accuracy", "parse_rate", "general_retention", "kl", "agreement",
-           "humaneval_nll_delta", "train_seconds")
+           "humaneval_nll_delta", "train_seconds", "retention_with_tools", "kl_with_tools", "headline_retention",
+           "backbone_gate_general", "backbone_gate_general_with_tools", "backbone_gate_tool_call")
 
 
 def load_runs(dirs: list[str]) -> list[dict]:
@@ -114,6 +115,22 @@ def paired_bootstrap(a_runs: dict[int, dict], b_runs: dict[int, dict], *, iterat
         diffs = (_retention(ka[:, draws], ta[:, draws]) - _retention(kb[:, draws], tb[:, draws])).mean(0)
         out["general_retention"] = {"diff": observed, "ci95": [float(np.percentile(diffs, 2.5)),
                                                                float(np.percentile(diffs, 97.5))], "n": n_probes}
+        # Headline retention: the lower of retention without and with unrelated tools offered (the same probes
+        # asked both ways, resampled together), where both were measured.
+        if all(runs[s].get("per_probe_with_tools") for runs in (a_runs, b_runs) for s in seeds):
+            def headline(runs, idx):
+                plain = _retention(*arrays(runs)) if idx is None else _retention(*(x[:, idx] for x in arrays(runs)))
+                kl = np.array([[p["kl"] for p in runs[s]["per_probe_with_tools"][:n_probes]] for s in seeds])
+                tok = np.array([[p["tokens"] for p in runs[s]["per_probe_with_tools"][:n_probes]] for s in seeds],
+                               dtype=float)
+                tools = _retention(kl, tok) if idx is None else _retention(kl[:, idx], tok[:, idx])
+                return np.minimum(plain, tools)
+
+            observed = float((headline(a_runs, None) - headline(b_runs, None)).mean())
+            diffs = (headline(a_runs, draws) - headline(b_runs, draws)).mean(0)
+            out["headline_retention"] = {"diff": observed, "ci95": [float(np.percentile(diffs, 2.5)),
+                                                                    float(np.percentile(diffs, 97.5))],
+                                         "n": n_probes}
     return out
 
 
@@ -130,26 +147,34 @@ def render_markdown(merged: dict) -> str:
         f"commit: {merged['commit'] or 'unknown'}.", "",
         "Tool accuracy: AST-judged on the BFCL-derived split (function-disjoint from training). General retention: "
         "exp(-KL), KL = mean per-token KL(base || tuned) on the base model's greedy answers to the probe prompts. "
-        "Agreement: exact match of greedy answers. HumanEval: change in mean NLL of canonical solutions.", "",
-        "| label | tool acc % | irrelevance % | parse % | retention | KL | agreement % | HumanEval NLL change | "
-        "train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Agreement: exact match of greedy answers. HumanEval: change in mean NLL of canonical solutions. With tools: "
+        "the same probes asked with unrelated tools offered in the system turn; headline: the lower of the two. "
+        "Gates: mean backbone gate G(x)[0] of CITI's routers (1 = experts off) on general tokens and on the tokens "
+        "that write a tool call.", "",
+        "| label | seeds | tool acc % | irrelevance % | parse % | retention | with tools | headline | KL | "
+        "agreement % | HumanEval NLL change | gate general | gate tool call | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, m in merged["methods"].items():
         if m.get("label", label) != label:
             label = f"{label} ({m['label']})"
         lines.append(
-            f"| {label} | {_fmt(m['tool_accuracy'], True)} | {_fmt(m['irrelevance_accuracy'], True)} | "
-            f"{_fmt(m['parse_rate'], True)} | {_fmt(m['general_retention'], digits=4)} | {_fmt(m['kl'], digits=4)} | "
+            f"| {label} | {len(m['seeds'])} | {_fmt(m['tool_accuracy'], True)} | "
+            f"{_fmt(m['irrelevance_accuracy'], True)} | {_fmt(m['parse_rate'], True)} | "
+            f"{_fmt(m['general_retention'], digits=4)} | {_fmt(m.get('retention_with_tools'), digits=4)} | "
+            f"{_fmt(m.get('headline_retention'), digits=4)} | {_fmt(m['kl'], digits=4)} | "
             f"{_fmt(m['agreement'], True)} | {_fmt(m['humaneval_nll_delta'], digits=4)} | "
+            f"{_fmt(m.get('backbone_gate_general'), digits=3)} | {_fmt(m.get('backbone_gate_tool_call'), digits=3)} | "
             f"{_fmt(m['train_seconds'], digits=0)} |")
-    lines += ["", "## Per seed", "", "| label | seed | tool acc % | retention | KL | HumanEval NLL change |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Per seed", "", "| label | seed | tool acc % | irrelevance % | retention | with tools | KL | "
+              "HumanEval NLL change |", "|---|---|---|---|---|---|---|---|"]
     for label, m in merged["methods"].items():
         for i, s in enumerate(m["seeds"]):
             ps = m["per_seed"]
             lines.append(f"| {label} | {s} | {_fmt(ps['tool_accuracy'][i], True)} | "
-                         f"{_fmt(ps['general_retention'][i], digits=4)} | {_fmt(ps['kl'][i], digits=4)} | "
+                         f"{_fmt(ps['irrelevance_accuracy'][i], True)} | "
+                         f"{_fmt(ps['general_retention'][i], digits=4)} | "
+                         f"{_fmt(ps['retention_with_tools'][i], digits=4)} | {_fmt(ps['kl'][i], digits=4)} | "
                          f"{_fmt(ps['humaneval_nll_delta'][i], digits=4)} |")
     cats = sorted({c for m in merged["methods"].values() for c in m["per_category"]})
     if cats:
@@ -159,17 +184,21 @@ def render_markdown(merged: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(_fmt(m["per_category"].get(c), True) for c in cats) + " |")
     if merged["comparisons"]:
         lines += ["", "## Paired differences (bootstrap 95% intervals)", "",
-                  "| comparison | seeds | tool accuracy (points) | general retention |", "|---|---|---|---|"]
+                  "| comparison | seeds | tool accuracy (points) | general retention | headline retention |",
+                  "|---|---|---|---|---|"]
         for name, c in merged["comparisons"].items():
-            ta, gr = c.get("tool_accuracy"), c.get("general_retention")
+            ta, gr, hr = c.get("tool_accuracy"), c.get("general_retention"), c.get("headline_retention")
             tool = (f"{100 * ta['diff']:+.1f} [{100 * ta['ci95'][0]:+.1f}, {100 * ta['ci95'][1]:+.1f}]"
                     if ta else "n/a")
             ret = f"{gr['diff']:+.4f} [{gr['ci95'][0]:+.4f}, {gr['ci95'][1]:+.4f}]" if gr else "n/a"
-            lines.append(f"| {name} | {c.get('seeds')} | {tool} | {ret} |")
+            head = f"{hr['diff']:+.4f} [{hr['ci95'][0]:+.4f}, {hr['ci95'][1]:+.4f}]" if hr else "n/a"
+            lines.append(f"| {name} | {c.get('seeds')} | {tool} | {ret} | {head} |")
     if merged.get("not_measured"):
         lines += ["", "## Not measured", ""]
         lines += [f"- {method}: {why}" for method, why in merged["not_measured"].items()]
     lines += ["", f"![tool accuracy vs general retention]({merged.get('plot', 'quality.png')})", ""]
+    if merged.get("notes"):
+        lines += [merged["notes"].rstrip(), ""]
     return "\n".join(lines)
 
 
@@ -181,12 +210,12 @@ def plot(merged: dict, path: Path) -> None:
     colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
     for i, (label, m) in enumerate(merged["methods"].items()):
         color = colors[i % len(colors)]
-        xs, ys = m["per_seed"]["tool_accuracy"], m["per_seed"]["general_retention"]
+        key = "headline_retention" if m.get("headline_retention") is not None else "general_retention"
+        xs, ys = m["per_seed"]["tool_accuracy"], m["per_seed"][key]
         ax.scatter(xs, ys, s=18, color=color, alpha=0.5)
-        ax.scatter([m["tool_accuracy"]], [m["general_retention"]], s=90, color=color, edgecolor="black",
-                   label=label, zorder=3)
+        ax.scatter([m["tool_accuracy"]], [m[key]], s=90, color=color, edgecolor="black", label=label, zorder=3)
     ax.set_xlabel("tool-call accuracy (AST)")
-    ax.set_ylabel("general retention exp(-KL)")
+    ax.set_ylabel("headline retention: lower of exp(-KL) without and with tools")
     ax.set_title(f"{merged['model']} on {merged['card']} (small: seeds, large: mean)", fontsize=9)
     ax.ticklabel_format(useOffset=False)
     ax.grid(alpha=0.3)
@@ -237,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--missing-note", default="no run finished", help="why an expected method has no runs")
     p.add_argument("--prefix", default="quality", help="file names: PREFIX.json, PREFIX.md, PREFIX.png")
     p.add_argument("--title", default=None, help="heading of the markdown file")
+    p.add_argument("--notes", default=None, help="a markdown file appended to the results (what the numbers say, "
+                   "what was not measured and why)")
     args = p.parse_args(argv)
     runs = load_runs(args.runs)
     if args.labels:
@@ -263,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         merged["not_measured"] = {m: args.missing_note for m in args.expect.split(",") if m and m not in labels_of}
     merged["title"] = args.title
     merged["plot"] = f"{args.prefix}.png"
+    if args.notes:
+        merged["notes"] = Path(args.notes).read_text()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.prefix}.json").write_text(json.dumps(merged, indent=1))

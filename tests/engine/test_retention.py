@@ -166,3 +166,53 @@ def test_evaluate_adapter_writes_a_report(base, tmp_path):
     assert saved["method"] == "lora" and saved["summary"]["n_test"] == 2
     assert (tmp_path / "report.md").is_file() and (tmp_path / "eval_tool_accuracy.png").is_file()
     assert events[-1]["type"] == "eval" and events[-1]["stage"] == "eval"
+
+
+def test_base_against_itself_with_unrelated_tools_offered_retains_everything(base):
+    from citi_engine.data.prompts import probes_with_tools
+
+    model, tok = base
+    probes = probes_with_tools(PROBES)
+    assert all(p["tools"] for p in probes)
+    r = general_retention(model, model, tok, probes, **{**FAST, "humaneval_limit": None}, humaneval=False)
+    assert r["general_retention"] == 1.0 and r["kl"] == 0.0 and r["agreement"] == 1.0
+    assert r["with_tools"] is True and r["answer_tokens"] > 0
+
+
+def test_citi_report_gives_router_separation_and_the_lower_retention_as_headline(base, tmp_path):
+    from citi_engine.adapter import apply_method, molora_layers
+
+    model, tok = base
+    tuned = apply_method(copy.deepcopy(model), "citi", molora=["model.layers.0.self_attn.q_proj",
+                                                               "model.layers.1.mlp.down_proj"],
+                         num_experts=2, rank=2, alpha=4)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in molora_layers(tuned):
+            for name, p in layer.named_parameters():
+                if not name.startswith("base_layer"):
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    cases = [{"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather],
+              "category": "simple", "ground_truth": [{"get_weather": {"city": ["Paris"]}}]}]
+    report = evaluate_adapter(tuned, tok, None, cases, PROBES, tmp_path, max_new_tokens=4,
+                              retention_max_new_tokens=4, humaneval=False)
+    s = report["summary"]
+    assert s["headline_retention"] == min(s["general_retention"], s["retention_with_tools"])
+    router = report["router"]
+    for key in ("general", "general_with_tools", "tool_call"):
+        d = router[key]
+        assert d["tokens"] > 0 and 0.0 < d["mean"] < 1.0
+        assert set(d["per_layer"]) == {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+        assert d["mean"] == pytest.approx(sum(d["per_layer"].values()) / 2)
+    assert s["backbone_gate_general"] == router["general"]["mean"]
+    assert s["backbone_gate_tool_call"] == router["tool_call"]["mean"]
+    text = (tmp_path / "report.md").read_text()
+    assert "Router separation" in text and "model.layers.1.mlp.down_proj" in text
+
+
+def test_a_model_without_molora_reports_no_router():
+    from citi_engine.evaluate.routing import separation
+
+    assert separation(None, None, None) is None

@@ -195,6 +195,10 @@ export async function renderJob(main, { params }) {
         fact('Replies that parse as calls', pct(s.parse_rate)),
         fact('General retention exp(−KL)', s.general_retention === null || s.general_retention === undefined
           ? 'not measured' : `${num(s.general_retention)} (${s.n_probes} probes)`, 'report-retention'),
+        s.retention_with_tools !== null && s.retention_with_tools !== undefined
+          ? fact('General retention with unrelated tools offered', num(s.retention_with_tools), 'report-retention-tools') : null,
+        s.headline_retention !== null && s.headline_retention !== undefined
+          ? fact('Headline retention (the lower of the two)', num(s.headline_retention), 'report-retention-headline') : null,
         fact('Mean KL(base ‖ tuned) per token', num(s.kl)),
         fact('Agreement with the base model', pct(s.agreement)),
         s.humaneval_nll_delta !== null && s.humaneval_nll_delta !== undefined
@@ -212,6 +216,7 @@ export async function renderJob(main, { params }) {
             el('td', { class: 'num' }, pct(c.accuracy)))))));
       requestAnimationFrame(() => accuracyChart(canvas, tool));
     }
+    if (report.router) parts.push(...routerSeparation(report.router));
     if (tool && tool.failures && tool.failures.length) {
       parts.push(el('h3', {}, `Failures (${tool.failures.length})`),
         el('table', { id: 'failure-reasons' },
@@ -231,6 +236,33 @@ export async function renderJob(main, { params }) {
           el('p', {}, el('strong', {}, 'Tuned: '), d.tuned))))));
     }
     setChildren(reportBox, parts);
+  }
+
+  // The router's diagnostic: mean backbone gate G(x)[0] (1: experts off) on general tokens and on tool-call tokens.
+  function routerSeparation(router) {
+    const kinds = [['general', 'General prompts'], ['general_with_tools', 'General prompts, unrelated tools offered'],
+      ['tool_call', 'Tokens that write a tool call']];
+    const mean = (k) => (router[k] && router[k].mean !== null && router[k].mean !== undefined ? num(router[k].mean) : 'n/a');
+    const layers = Object.keys((router.general && router.general.per_layer) || (router.tool_call && router.tool_call.per_layer) || {});
+    const perLayer = (k, name) => {
+      const v = router[k] && router[k].per_layer ? router[k].per_layer[name] : undefined;
+      return v === undefined || v === null ? 'n/a' : num(v);
+    };
+    return [
+      el('h3', {}, 'Router separation'),
+      el('p', { class: 'muted' }, 'Mean backbone gate of the MOLoRA routers: near 1 the experts are off (base behaviour), ' +
+        'near 0 they are on. A router that does its job is high on general tokens and low on tool calls.'),
+      el('table', { id: 'router-separation' },
+        el('thead', {}, el('tr', {}, ['Tokens', 'Backbone gate', 'Tokens counted'].map((h) => el('th', { scope: 'col' }, h)))),
+        el('tbody', {}, kinds.map(([k, label]) => el('tr', {},
+          el('th', { scope: 'row' }, label), el('td', { class: 'num' }, mean(k)),
+          el('td', { class: 'num' }, String((router[k] && router[k].tokens) || 0)))))),
+      layers.length ? el('details', {}, el('summary', {}, `Per component (${layers.length})`),
+        el('table', { id: 'router-per-layer' },
+          el('thead', {}, el('tr', {}, ['Component', 'General', 'With tools', 'Tool call'].map((h) => el('th', { scope: 'col' }, h)))),
+          el('tbody', {}, layers.map((name) => el('tr', {}, el('th', { scope: 'row' }, name),
+            ...kinds.map(([k]) => el('td', { class: 'num' }, perLayer(k, name)))))))) : null,
+    ];
   }
 
   // -- the live event stream -----------------------------------------------------------------------

@@ -1,0 +1,213 @@
+"""The method's retention and routing pieces on tiny real models: soft targets, token-level routing, negatives,
+retention with tools offered."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from citi_engine.adapter import AdaptersOff, apply_method, backbone_targets, molora_layers, token_routing_loss
+from citi_engine.components import list_components
+from citi_engine.data.schemas import ExampleKind
+from citi_engine.losses import Teacher, answer_losses
+from citi_engine.packing import IGNORE_INDEX, pack_examples, pad_batches
+from citi_engine.testing import tiny_llama
+
+VOCAB = 300
+
+
+def _citi_model(seed=0):
+    model = tiny_llama(vocab_size=VOCAB, hidden=64, intermediate=128, max_positions=512, seed=seed,
+                       attn_implementation="sdpa", use_cache=False).train()
+    names = list_components(model)
+    return apply_method(model, "citi", molora=names[::3], uco=names[1:2], num_experts=2, rank=4, alpha=8)
+
+
+def _examples(kinds, seed=0):
+    """Random token examples of the given kinds, each with a prompt and a labelled answer."""
+    rng = random.Random(seed)
+    out = []
+    for kind in kinds:
+        n = rng.randrange(14, 40)
+        ids = [rng.randrange(3, VOCAB) for _ in range(n)]
+        cut = rng.randrange(4, n - 4)
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * cut + ids[cut:], "kind": int(kind),
+                    "task_type": 0 if kind == ExampleKind.GENERAL else 1})
+    return out
+
+
+def _move_adapters(model, scale=0.5, seed=1):
+    """Give every expert and UCO copy a non-zero change, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "molora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale * (0.1 if "modules_to_save" in name else 1.0))
+
+
+def _reference_kl_sum(model, batch):
+    """sum over the answer positions of general examples of KL(base || tuned), from full logits."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    with torch.no_grad():
+        tuned = model(**inputs).logits.float()
+        with AdaptersOff(model)():
+            base = model(**inputs).logits.float()
+    shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
+    shifted[:, :-1] = batch["labels"][:, 1:]
+    general_rows = batch["token_kind"] == int(ExampleKind.GENERAL)
+    keep = (shifted != IGNORE_INDEX) & general_rows
+    log_p = F.log_softmax(base[keep], -1)
+    log_q = F.log_softmax(tuned[keep], -1)
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+def test_soft_target_loss_equals_kl_to_the_adapter_disabled_model():
+    model = _citi_model()
+    _move_adapters(model)
+    kinds = [ExampleKind.GENERAL, ExampleKind.TOOL, ExampleKind.GENERAL, ExampleKind.NEGATIVE]
+    batch = pad_batches(_examples(kinds, seed=3), max_tokens=10_000)[0]
+    ce, kl, positions, batch_kinds = answer_losses(model, batch, teacher=Teacher(model))
+    expected = _reference_kl_sum(model, batch)
+    assert expected > 1e-3  # the moved adapters change the general answers' distributions
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-5)
+    # cross-entropy covers exactly the answers of the other kinds
+    assert int((batch_kinds != int(ExampleKind.GENERAL)).sum()) > 0
+    assert ce > 0
+
+
+def test_soft_target_loss_of_packed_rows_equals_that_of_padded_batches():
+    model = _citi_model(seed=2)
+    _move_adapters(model, seed=4)
+    examples = _examples([ExampleKind.TOOL, ExampleKind.GENERAL, ExampleKind.GENERAL, ExampleKind.TOOL], seed=5)
+    teacher = Teacher(model)
+    _, kl_padded, _, _ = answer_losses(model, pad_batches(examples, max_tokens=10_000)[0], teacher=teacher)
+    _, kl_packed, _, _ = answer_losses(model, pack_examples(examples, max_tokens=512)[0], teacher=teacher)
+    torch.testing.assert_close(kl_packed, kl_padded, rtol=1e-4, atol=1e-5)
+
+
+def test_soft_target_loss_is_zero_for_an_untouched_adapter_and_its_gradient_reaches_the_experts():
+    model = _citi_model(seed=1)  # fresh: every B is zero and the UCO copies equal the base weights
+    batch = pad_batches(_examples([ExampleKind.GENERAL] * 3, seed=2), max_tokens=10_000)[0]
+    ce, kl, _, _ = answer_losses(model, batch, teacher=Teacher(model))
+    assert float(kl) == pytest.approx(0.0, abs=1e-6)
+    assert float(ce) == 0.0  # no tool answers in the batch
+    _move_adapters(model, seed=9)
+    _, kl, _, _ = answer_losses(model, batch, teacher=Teacher(model))
+    kl.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "molora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_teacher_pass_leaves_what_trains_unchanged():
+    model = _citi_model()
+    for n, p in model.named_parameters():
+        p.requires_grad_("molora_router" in n)
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    batch = pad_batches(_examples([ExampleKind.GENERAL, ExampleKind.TOOL], seed=1), max_tokens=10_000)[0]
+    answer_losses(model, batch, teacher=Teacher(model))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == before
+
+
+def _mean_backbone_gate(model, batch, where):
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    gates = [layer.router_probs["default"][..., 0] for layer in molora_layers(model)]
+    return float(torch.stack([g[where] .mean() for g in gates]).mean())
+
+
+def test_token_routing_objective_moves_the_backbone_gate_up_on_general_and_down_on_tool_call_tokens():
+    torch.manual_seed(0)
+    model = _citi_model(seed=3)
+    kinds = [ExampleKind.GENERAL, ExampleKind.TOOL] * 3
+    batch = pad_batches(_examples(kinds, seed=7), max_tokens=10_000)[0]
+    from citi_engine.losses import label_positions
+
+    positions, _ = label_positions(batch["labels"])
+    token_kinds = batch["token_kind"].reshape(-1)[positions]
+    target = backbone_targets(batch["token_kind"], positions, token_kinds)
+    general, tool_call = target == 1.0, target == 0.0
+    assert general.any() and tool_call.any()
+    with torch.no_grad():
+        g0, t0 = _mean_backbone_gate(model, batch, general), _mean_backbone_gate(model, batch, tool_call)
+    routers = [p for n, p in model.named_parameters() if "molora_router" in n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in routers:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(routers, lr=0.05)
+    for _ in range(8):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = token_routing_loss(model, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        g1, t1 = _mean_backbone_gate(model, batch, general), _mean_backbone_gate(model, batch, tool_call)
+    assert g1 > g0 + 0.2 and t1 < t0 - 0.1, (g0, g1, t0, t1)
+
+
+def test_backbone_targets_mark_general_tokens_one_tool_call_writers_zero_and_the_rest_unset():
+    kinds = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2]])
+    positions = torch.tensor([1, 4, 5, 6])
+    target = backbone_targets(kinds, positions, kinds.reshape(-1)[positions])
+    assert target.tolist() == [[1, 1, 1, -1, 0, 0, -1, -1]]
+
+
+# ----------------------------------------------------------------------------------------- negatives
+
+
+def _tool_examples():
+    lines = [json.loads(line) for line in open("examples/tools_train.jsonl", encoding="utf-8")]
+    return [e for e in lines if any(m.get("tool_calls") for m in e["messages"])]
+
+
+def test_negatives_never_offer_the_called_function_and_validate():
+    from citi_engine.data.augment import build_negatives
+    from citi_engine.data.validate import validate_jsonl
+
+    examples = _tool_examples()
+    assert len(examples) >= 10
+    negatives = build_negatives(examples, 1.0, seed=0)
+    assert len(negatives) >= len(examples) // 2
+    by_request = {json.dumps(e["messages"][:1]): e for e in examples}
+    for neg in negatives:
+        offered = {t["function"]["name"] for t in neg["tools"]}
+        assert neg["tools"], "a negative offers tools (else it teaches nothing about irrelevance)"
+        answer = neg["messages"][-1]
+        assert answer["role"] == "assistant" and not answer.get("tool_calls") and answer["content"]
+        source = next((e for k, e in by_request.items() if json.loads(k) == neg["messages"][:1]), None)
+        assert source is not None, "a negative keeps a request of the user's own data"
+        called = {c["function"]["name"] for m in source["messages"] for c in m.get("tool_calls") or []}
+        assert not offered & called
+    text = "\n".join(json.dumps(n) for n in negatives).encode()
+    report = validate_jsonl(text, min_examples=1)
+    assert report.ok, report.problems[:3]
+
+
+def test_negatives_are_the_same_for_the_same_seed_and_none_at_ratio_zero():
+    from citi_engine.data.augment import build_negatives
+
+    examples = _tool_examples()
+    assert build_negatives(examples, 0.5, seed=3) == build_negatives(examples, 0.5, seed=3)
+    assert build_negatives(examples, 0.0, seed=3) == []
+
+
+def test_function_masking_renames_functions_and_parameters_consistently():
+    from citi_engine.data.augment import mask_functions
+    from citi_engine.data.validate import validate_jsonl
+
+    example = next(e for e in _tool_examples() if any(t["function"].get("parameters", {}).get("properties")
+                                                        for t in e["tools"]))
+    masked = mask_functions(example, random.Random(0))
+    tools = {t["function"]["name"]: t["function"] for t in masked["tools"]}
+    original = {t["function"]["name"] for t in example["tools"]}
+    assert not set(tools) & original
+    for m in masked["messages"]:
+        for call in m.get("tool_calls") or []:
+            fn = tools[call["function"]["name"]]  # every call names a masked tool
+            args = json.loads(call["function"]["arguments"])
+            assert set(args) <= set(fn["parameters"]["properties"])
+    assert validate_jsonl(json.dumps(masked).encode(), min_examples=1).ok
