@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -18,7 +20,11 @@ def register(subparsers) -> None:
         "full fine-tune is copied.",
     )
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory written by citi finetune")
-    p.add_argument("--out", required=True, metavar="DIR", help="where the plain model goes")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where the plain model goes: a new or empty folder (see --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even when it exists and is not empty (its old contents are removed once "
+                   "the export has succeeded)")
     p.add_argument("--base", default=None, metavar="SPEC", help="base model (default: from citi_job.json)")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="dtype of the exported weights")
     p.add_argument("--device", default="cpu", help="where to do the merge (default: cpu)")
@@ -30,10 +36,34 @@ def run_export(args: argparse.Namespace) -> int:
     from citi_engine.errors import CitiError
     from citi_engine.export import export_model
 
-    try:
-        out = export_model(args.adapter, args.out, base=args.base, device=args.device, dtype=args.dtype)
-    except CitiError as exc:
-        print(f"citi export: {exc.message}", file=sys.stderr)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"citi export: --out {out} is a file, not a folder; choose another path", file=sys.stderr)
         return 2
-    print(f"exported to {out}")
+    adapter = Path(args.adapter).resolve()
+    if out.resolve() == adapter or out.resolve() in adapter.parents:
+        print(f"citi export: --out {out} holds the adapter itself; choose another folder", file=sys.stderr)
+        return 2
+    replacing = out.is_dir() and any(out.iterdir())
+    if replacing and not args.force:
+        print(f"citi export: --out {out} exists and is not empty; choose a new folder or pass --force to replace "
+              "it", file=sys.stderr)
+        return 2
+    # Written beside --out and swapped in at the end, so a failed export leaves the old folder as it was and
+    # a replaced one keeps none of its old files (stale weight shards would load as part of the model).
+    staging = out.with_name(f".{out.name}.citi-export") if replacing else out
+    if replacing:
+        shutil.rmtree(staging, ignore_errors=True)  # left by an earlier export that was killed
+    try:
+        export_model(args.adapter, staging, base=args.base, device=args.device, dtype=args.dtype)
+    except (CitiError, OSError) as exc:
+        if replacing:
+            shutil.rmtree(staging, ignore_errors=True)
+        message = exc.message if isinstance(exc, CitiError) else f"cannot write {out}: {exc.strerror or exc}"
+        print(f"citi export: {message}", file=sys.stderr)
+        return 2
+    if replacing:
+        shutil.rmtree(out)
+        staging.rename(out)
+    print(f"exported to {out}" + (" (replaced what was there)" if replacing else ""))
     return 0

@@ -17,7 +17,8 @@ def register(subparsers) -> None:
         "validate",
         help="check a training (or tool test) JSONL file and list every problem",
         description="Check a JSONL file as a job would, printing every problem as 'line N: CODE: message'. "
-        "Exit code 0 when the file is fine, 1 when it has problems. With --model, also check lengths in tokens.",
+        "Exit code 0 when the file is fine, 2 when it has problems (or is missing), as for every problem "
+        "the user can fix. With --model, also check lengths in tokens.",
     )
     p.add_argument("file", help="the JSONL file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -61,4 +62,4 @@ def run_validate(args: argparse.Namespace) -> int:
         verdict = "ok" if not problems else f"{len(problems)} problem(s)"
         print(f"{path}: {verdict}: {report.n_examples} examples ({report.n_tool} tool, {report.n_general} general), "
               f"checked in {time.monotonic() - started:.1f}s", file=sys.stderr if problems else sys.stdout)
-    return 0 if not problems else 1
+    return 0 if not problems else 2

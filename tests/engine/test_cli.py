@@ -39,7 +39,7 @@ def test_validate_prints_each_problem_as_line_code_message(tmp_path, capsys):
     rows[1] = "[1, 2]"
     rows[5]["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{not json"
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
-    assert main(["validate", bad]) == 1
+    assert main(["validate", bad]) == 2  # bad data is a problem the user can fix: 2, as the help says
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("line 2: not_an_object: ") for line in out)
     assert any(line.startswith("line 6: invalid_arguments_json: ") for line in out)
@@ -133,6 +133,30 @@ def test_export_merges_uco_and_drops_molora(adapter_dir, tiny_model, tmp_path, c
     for name in plain.keys() - uco:  # ...and everything else is the base model, MOLoRA dropped
         assert torch.equal(plain[name].data, base[name].data), name
     assert "dropped" in (out / "README.md").read_text()
+
+
+def test_export_refuses_a_non_empty_folder_unless_forced_and_force_replaces_it(adapter_dir, tmp_path,
+                                                                                 capsys):
+    out = tmp_path / "plain"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", "--adapter", str(adapter_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # untouched
+    assert main(["export", "--adapter", str(adapter_dir), "--out", str(adapter_dir), "--force"]) == 2
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+
+    assert main(["export", "--adapter", str(adapter_dir), "--out", str(out), "--force"]) == 0
+    assert "replaced" in capsys.readouterr().out
+    names = {p.name for p in out.iterdir()}
+    assert "notes.txt" not in names and {"config.json", "model.safetensors", "citi_export.json"} <= names
+    assert [p.name for p in tmp_path.iterdir()] == ["plain"]  # no staging folder left beside it
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", "--adapter", str(adapter_dir), "--out", str(empty)]) == 0  # an empty folder is fine
+    assert (empty / "model.safetensors").is_file()
 
 
 def test_importance_command_writes_scores_and_heat_map(tiny_model, tmp_path, capsys):  # noqa: F811
