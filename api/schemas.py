@@ -11,6 +11,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from citi_engine import DEFAULT_MODEL
+from citi_engine.budget import Budget
+from citi_engine.ranges import range_of
+from citi_engine.training.config import ComponentsConfig, FinetuneConfig
 
 JobStatus = Literal["validating_files", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
@@ -90,25 +93,35 @@ class Deleted(BaseModel):
 # -- jobs ------------------------------------------------------------------------------------------
 
 
+def _bounded(cls: type, name: str, description: str) -> Any:
+    """An optional number field with the engine's range for ``cls.name`` (documented in the schema too)."""
+    rng = range_of(cls, name)
+    bounds = {"gt" if rng.lo_open else "ge": rng.lo, "lt" if rng.hi_open else "le": rng.hi}
+    if rng.whole:
+        bounds = {k: int(v) for k, v in bounds.items()}
+    return Field(None, **bounds, allow_inf_nan=False, description=f"{description} Range: {rng}.")
+
+
 class BudgetIn(_Strict):
     """Caps on what a job may spend; the run stops at the first it reaches. Leave one out for no cap."""
 
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps, summed over all stages.")
-    max_tokens: int | None = Field(None, gt=0, description="Trained tokens (padding excluded).")
-    max_seconds: float | None = Field(None, gt=0, description="Wall-clock seconds for the whole job.")
+    max_steps: int | None = _bounded(Budget, "max_steps", "Optimizer steps, summed over all stages.")
+    max_tokens: int | None = _bounded(Budget, "max_tokens", "Trained tokens (padding excluded).")
+    max_seconds: float | None = _bounded(Budget, "max_seconds", "Wall-clock seconds for the whole job.")
 
 
 class ComponentsIn(_Strict):
     """Which components get adapted and how big the adapters are (engine defaults where left out)."""
 
-    molora_fraction: float | None = Field(None, gt=0, lt=1, description="Fraction of components given MOLoRA.")
-    uco_fraction: float | None = Field(None, ge=0, lt=1, description="Fraction fully fine-tuned in stage 3 (0: no "
-                                       "stage 3, an ablation).")
-    num_experts: int | None = Field(None, ge=1, description="LoRA experts per MOLoRA component.")
-    rank: int | None = Field(None, ge=1, description="Rank of each expert.")
-    alpha: float | None = Field(None, gt=0, description="MOLoRA scaling numerator (alpha/rank).")
-    lora_rank: int | None = Field(None, ge=1, description="Rank of the LoRA baseline (method lora).")
-    lora_alpha: float | None = Field(None, gt=0, description="Alpha of the LoRA baseline.")
+    molora_fraction: float | None = _bounded(ComponentsConfig, "molora_fraction", "Fraction of components given "
+                                             "MOLoRA.")
+    uco_fraction: float | None = _bounded(ComponentsConfig, "uco_fraction", "Fraction fully fine-tuned in stage 3 "
+                                          "(0: no stage 3, an ablation).")
+    num_experts: int | None = _bounded(ComponentsConfig, "num_experts", "LoRA experts per MOLoRA component.")
+    rank: int | None = _bounded(ComponentsConfig, "rank", "Rank of each expert.")
+    alpha: float | None = _bounded(ComponentsConfig, "alpha", "MOLoRA scaling numerator (alpha/rank).")
+    lora_rank: int | None = _bounded(ComponentsConfig, "lora_rank", "Rank of the LoRA baseline (method lora).")
+    lora_alpha: float | None = _bounded(ComponentsConfig, "lora_alpha", "Alpha of the LoRA baseline.")
     selection: Literal["importance", "random"] | None = Field(
         None, description="How components are chosen: importance (the method) or random (an ablation).")
 
@@ -117,7 +130,9 @@ class MethodIn(_Strict):
     """The training method and its hyperparameters (see ``citi_engine.training.config.Hyperparameters``)."""
 
     type: Literal["citi", "lora", "full"] = "citi"
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, description="Any field of the engine's Hyperparameters; each number has a finite "
+        "range (GET /ui/api/options lists them with their help), checked at submit time.")
 
 
 class JobCreate(_Strict):
@@ -139,9 +154,10 @@ class JobCreate(_Strict):
         None, description="Same as method.hyperparameters (OpenAI's older place for them); method's win.")
     budget: BudgetIn | None = None
     components: ComponentsIn | None = None
-    test_fraction: float | None = Field(None, ge=0, le=0.5,
+    test_fraction: float | None = Field(None, ge=0, le=0.5, allow_inf_nan=False,
                                         description="Without validation_file: share of tool examples held out.")
-    checkpoint_every: int | None = Field(None, ge=0, description="Checkpoint every N steps (0: stage ends only).")
+    checkpoint_every: int | None = Field(None, ge=0, le=range_of(FinetuneConfig, "checkpoint_every").hi,
+                                         description="Checkpoint every N steps (0: stage ends only).")
 
 
 class JobError(BaseModel):

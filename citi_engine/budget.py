@@ -17,42 +17,39 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 
 from citi_engine.errors import BudgetError
+from citi_engine.ranges import Range, check_ranges, is_finite_number, setting
+
+# The largest caps a job may set: far beyond any real job, small enough that no plan overflows or loops.
+MAX_STEPS = 10_000_000
+MAX_TOKENS = 10**12
+MAX_SECONDS = 30 * 24 * 3600.0
 
 
 @dataclass
 class Budget:
     """The most a job may spend. ``None`` means no cap of that kind."""
 
-    max_steps: int | None = field(
-        default=None, metadata={"help": "Stop after this many optimizer steps, summed over all stages."}
+    max_steps: int | None = setting(
+        None, "Stop after this many optimizer steps, summed over all stages.", Range(1, MAX_STEPS, whole=True)
     )
-    max_tokens: int | None = field(
-        default=None,
-        metadata={"help": "Stop once this many tokens (prompt and answer, padding excluded) have been trained on."},
+    max_tokens: int | None = setting(
+        None, "Stop once this many tokens (prompt and answer, padding excluded) have been trained on.",
+        Range(1, MAX_TOKENS, whole=True),
     )
-    max_seconds: float | None = field(
-        default=None,
-        metadata={
-            "help": "Wall-clock limit for the whole job: loading, scoring, replay, training and evaluation. "
-            "Turned into a number of steps from the speed of the first steps."
-        },
+    max_seconds: float | None = setting(
+        None, "Wall-clock limit for the whole job: loading, scoring, replay, training and evaluation. "
+        "Turned into a number of steps from the speed of the first steps.", Range(0.0, MAX_SECONDS, lo_open=True),
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "max_tokens", "max_seconds"):
+        for name in ("max_steps", "max_tokens"):
             value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"budget.{name} must be a number, got {value!r}")
-            if value <= 0:
-                raise ValueError(f"budget.{name} must be positive (or left out for no cap), got {value}")
-            if name != "max_seconds":
-                if value != int(value):
-                    raise ValueError(f"budget.{name} must be a whole number, got {value}")
-                setattr(self, name, int(value))
+            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+                setattr(self, name, int(value))  # 1e6 from JSON is a whole number
+        check_ranges(self, "budget")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,21 +58,31 @@ class Budget:
 def split_in_proportion(total: int, weights: list[float]) -> list[int]:
     """Split ``total`` whole steps over stages in proportion to ``weights``, each stage getting at least one.
 
-    Each stage gets the floor of its exact share (at least 1); the steps left over go, one at a
-    time, to the stage furthest below its exact share. The parts always add up to ``total``.
+    Exact rational arithmetic (whatever the size of ``total``): each stage gets the floor of its exact
+    share (at least 1); the steps left over go, one at a time, to the stage furthest below its exact
+    share. The parts always add up to ``total``; each correction loop runs fewer than ``len(weights)`` times.
     """
     n = len(weights)
+    total = int(total)
     if total < n:
         raise ValueError(f"cannot give each of {n} stages a step out of {total}")
-    wsum = float(sum(weights))
-    exact = [total * w / wsum for w in weights]
+    if any(not is_finite_number(w) or w <= 0 for w in weights):
+        raise ValueError(f"stage weights must be positive finite numbers, got {weights}")
+    fractions = [Fraction(w) for w in weights]
+    wsum = sum(fractions)
+    exact = [total * w / wsum for w in fractions]
     parts = [max(1, math.floor(x)) for x in exact]
-    while sum(parts) > total:  # the minimum of one pushed the sum over: take from the most over-served
+    for _ in range(n):  # the minimum of one pushed the sum over: take from the most over-served
+        if sum(parts) <= total:
+            break
         i = max((i for i in range(n) if parts[i] > 1), key=lambda i: parts[i] - exact[i])
         parts[i] -= 1
-    while sum(parts) < total:
+    for _ in range(n):
+        if sum(parts) >= total:
+            break
         i = max(range(n), key=lambda i: exact[i] - parts[i])
         parts[i] += 1
+    assert sum(parts) == total, (total, weights, parts)
     return parts
 
 

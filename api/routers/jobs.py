@@ -61,6 +61,7 @@ def _param_of(message: str) -> str | None:
 def engine_config(body: JobCreate, settings: Settings, *, seed: int):
     """The engine's ``FinetuneConfig`` for a request (placeholder paths), or a 400 saying what is wrong."""
     from citi_engine.errors import BudgetError
+    from citi_engine.ranges import SettingError
     from citi_engine.training.config import FinetuneConfig
 
     hyper = {**(body.hyperparameters or {}), **(body.method.hyperparameters if body.method else {})}
@@ -91,6 +92,11 @@ def engine_config(body: JobCreate, settings: Settings, *, seed: int):
         kwargs["checkpoint_every"] = body.checkpoint_every
     try:
         cfg = FinetuneConfig(**kwargs)
+    except SettingError as exc:  # one setting out of its range, named as the request spells it
+        param = exc.param or _param_of(str(exc))
+        if param and param.startswith("hyperparameters."):
+            param = "method." + param
+        raise APIError(400, "invalid_parameters", str(exc), param=param) from exc
     except ValueError as exc:
         raise APIError(400, "invalid_parameters", str(exc), param=_param_of(str(exc))) from exc
     except BudgetError as exc:
@@ -175,9 +181,9 @@ def create_job(
     _check_file(store, tenant, body.validation_file, "validation_file", training=False)
     _check_file(store, tenant, body.general_file, "general_file", training=True)
     _check_metadata(body.metadata)
-    body_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - 1)
-    cfg = engine_config(body, settings, seed=seed)
+    cfg = engine_config(body, settings, seed=seed)  # every setting finite and in range before anything else
+    body_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
     job_id = "ftjob-" + secrets.token_hex(12)
     record = {

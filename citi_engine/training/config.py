@@ -21,6 +21,7 @@ from typing import Any
 
 from citi_engine import DEFAULT_MODEL
 from citi_engine.budget import Budget
+from citi_engine.ranges import Range, SettingError, check_ranges, setting
 
 METHODS = ("citi", "lora", "full")
 GENERAL_LOSSES = ("kl", "ce")
@@ -31,6 +32,12 @@ CITI_STAGES = ("router_pretraining", "molora", "uco")
 BASELINE_STAGES = ("train",)
 
 
+# Ranges several settings share.
+_LR = Range(0.0, 1.0, lo_open=True)
+_EPOCHS = Range(0.0, 1000.0, lo_open=True)
+_NEW_TOKENS = Range(1, 8192, whole=True)
+
+
 def _help(text: str) -> dict:
     return {"help": text}
 
@@ -39,236 +46,271 @@ def _help(text: str) -> dict:
 class ComponentsConfig:
     """Which components get adapted and how big the adapters are (the parameter budget)."""
 
-    molora_fraction: float = field(
-        default=0.30,
-        metadata=_help("Fraction of components (top by tool importance) that get MOLoRA. Paper: 0.20; 0.30 led our "
-                       "sweep (0.10 / 0.20 / 0.30: validation tool accuracy 0.33 / 0.44 / 0.47)."),
+    molora_fraction: float = setting(
+        0.30,
+        "Fraction of components (top by tool importance) that get MOLoRA. Paper: 0.20; 0.30 led our "
+        "sweep (0.10 / 0.20 / 0.30: validation tool accuracy 0.33 / 0.44 / 0.47).",
+        Range(0.0, 1.0, lo_open=True, hi_open=True),
     )
-    uco_fraction: float = field(
-        default=0.10,
-        metadata=_help("Fraction of components (bottom by general importance) fully fine-tuned in stage 3. Paper: 0.10. "
-                       "0 runs no stage 3 (an ablation: CITI without UCO)."),
+    uco_fraction: float = setting(
+        0.10,
+        "Fraction of components (bottom by general importance) fully fine-tuned in stage 3. Paper: 0.10. "
+        "0 runs no stage 3 (an ablation: CITI without UCO).",
+        Range(0.0, 1.0, hi_open=True),
     )
-    num_experts: int = field(default=4, metadata=_help("LoRA experts per MOLoRA component. Paper: 4."))
-    rank: int = field(default=8, metadata=_help("Rank of each MOLoRA expert. Paper: 8."))
-    alpha: float = field(
-        default=32.0,
-        metadata=_help("MOLoRA scaling numerator: experts are scaled by alpha/rank. Paper: 2 (scale 0.25), which "
-                       "learned almost nothing at small data sizes; 32 (scale 4) led our sweep over 16 and 32."),
+    num_experts: int = setting(
+        4,
+        "LoRA experts per MOLoRA component. Paper: 4.",
+        Range(1, 64, whole=True),
     )
-    lora_rank: int = field(default=16, metadata=_help("Rank of the LoRA baseline (method=lora). Paper: 16."))
-    lora_alpha: float = field(default=16.0, metadata=_help("Alpha of the LoRA baseline (method=lora). Paper: 16."))
-    selection: str = field(
-        default="importance",
-        metadata=_help("How the MOLoRA and UCO components are chosen: importance (the method) or random (an "
-                       "ablation: sets of the same sizes drawn with the job's seed, scores ignored)."),
+    rank: int = setting(
+        8,
+        "Rank of each MOLoRA expert. Paper: 8.",
+        Range(1, 1024, whole=True),
+    )
+    alpha: float = setting(
+        32.0,
+        "MOLoRA scaling numerator: experts are scaled by alpha/rank. Paper: 2 (scale 0.25), which "
+        "learned almost nothing at small data sizes; 32 (scale 4) led our sweep over 16 and 32.",
+        Range(0.0, 10_000.0, lo_open=True),
+    )
+    lora_rank: int = setting(
+        16,
+        "Rank of the LoRA baseline (method=lora). Paper: 16.",
+        Range(1, 1024, whole=True),
+    )
+    lora_alpha: float = setting(
+        16.0,
+        "Alpha of the LoRA baseline (method=lora). Paper: 16.",
+        Range(0.0, 10_000.0, lo_open=True),
+    )
+    selection: str = setting(
+        "importance",
+        "How the MOLoRA and UCO components are chosen: importance (the method) or random (an "
+        "ablation: sets of the same sizes drawn with the job's seed, scores ignored).",
     )
 
     def __post_init__(self) -> None:
-        v = self.molora_fraction
-        if not _is_number(v) or not 0.0 < v < 1.0:
-            raise ValueError(f"components.molora_fraction must be a fraction strictly between 0 and 1, got {v!r}")
-        v = self.uco_fraction
-        if not _is_number(v) or not 0.0 <= v < 1.0:
-            raise ValueError(f"components.uco_fraction must be a fraction from 0 (no stage 3) to below 1, got {v!r}")
+        check_ranges(self, "components")
         if self.selection not in ("importance", "random"):
-            raise ValueError(f"components.selection must be 'importance' or 'random', got {self.selection!r}")
+            raise SettingError(f"components.selection must be 'importance' or 'random', got {self.selection!r}",
+                               param="components.selection")
         if self.molora_fraction + self.uco_fraction > 1.0:
-            raise ValueError(
+            raise SettingError(
                 f"components.molora_fraction + uco_fraction = {self.molora_fraction + self.uco_fraction:g} > 1: "
-                "a component is never both MOLoRA and UCO, so together they can cover at most all components"
+                "a component is never both MOLoRA and UCO, so together they can cover at most all components",
+                param="components.uco_fraction",
             )
-        for name in ("num_experts", "rank", "lora_rank"):
-            _positive_int(self, name, "components")
-        for name in ("alpha", "lora_alpha"):
-            v = getattr(self, name)
-            if not _is_number(v) or v <= 0:
-                raise ValueError(f"components.{name} must be a positive number, got {v!r}")
 
 
 @dataclass
 class Hyperparameters:
     """Optimisation settings. Learning rates and epochs are per stage."""
 
-    batch_size: int = field(default=16, metadata=_help("Examples per optimizer step (before accumulation). Paper: 4x4."))
-    gradient_accumulation_steps: int = field(
-        default=1, metadata=_help("Micro-batches summed into one optimizer step; the step sees batch_size x this.")
+    batch_size: int = setting(
+        16,
+        "Examples per optimizer step (before accumulation). Paper: 4x4.",
+        Range(1, 4096, whole=True),
     )
-    lr_router_pretraining: float = field(
-        default=2e-4, metadata=_help("Peak learning rate of stage 1, router pre-training (citi). Paper: 2e-4.")
+    gradient_accumulation_steps: int = setting(
+        1,
+        "Micro-batches summed into one optimizer step; the step sees batch_size x this.",
+        Range(1, 1024, whole=True),
     )
-    lr_molora: float = field(
-        default=1e-3,
-        metadata=_help("Peak learning rate of stage 2, MOLoRA improvement (citi). Paper: 2e-4; 1e-3 led our sweep "
-                       "over 5e-4, 1e-3 and 2e-3 (2e-3 tied on tool accuracy with lower retention)."),
+    lr_router_pretraining: float = setting(
+        2e-4,
+        "Peak learning rate of stage 1, router pre-training (citi). Paper: 2e-4.",
+        _LR,
     )
-    lr_uco: float = field(
-        default=2e-5, metadata=_help("Peak learning rate of stage 3, UCO full-weight training (citi). Paper: 2e-5.")
+    lr_molora: float = setting(
+        1e-3,
+        "Peak learning rate of stage 2, MOLoRA improvement (citi). Paper: 2e-4; 1e-3 led our sweep "
+        "over 5e-4, 1e-3 and 2e-3 (2e-3 tied on tool accuracy with lower retention).",
+        _LR,
     )
-    lr_train: float | None = field(
-        default=None,
-        metadata=_help("Peak learning rate of the single stage of the lora/full baselines. Default by method: "
-                       "lora 1e-3, full 1e-4, the winners of our sweep (the paper's baselines: 2e-4 and 2e-5, which "
-                       "underfit at our data sizes)."),
+    lr_uco: float = setting(
+        2e-5,
+        "Peak learning rate of stage 3, UCO full-weight training (citi). Paper: 2e-5.",
+        _LR,
     )
-    epochs_router_pretraining: float = field(
-        default=1.0, metadata=_help("Epochs of stage 1 over the mixed data (citi). Paper: 1.")
+    lr_train: float | None = setting(
+        None,
+        "Peak learning rate of the single stage of the lora/full baselines. Default by method: "
+        "lora 1e-3, full 1e-4, the winners of our sweep (the paper's baselines: 2e-4 and 2e-5, which "
+        "underfit at our data sizes).",
+        _LR,
     )
-    epochs_molora: float = field(default=3.0, metadata=_help("Epochs of stage 2 over the mixed data (citi). Paper: 2."))
-    epochs_uco: float = field(default=1.0, metadata=_help("Epochs of stage 3 over the mixed data (citi). Paper: 1."))
-    epochs_train: float = field(default=2.0, metadata=_help("Epochs of the lora/full baselines. Paper: 2."))
-    warmup_ratio: float = field(
-        default=0.1,
-        metadata=_help("Fraction of each stage's steps spent warming up (cosine schedule after). The first step "
-                       "already uses a nonzero learning rate. Paper: 0.1."),
+    epochs_router_pretraining: float = setting(
+        1.0,
+        "Epochs of stage 1 over the mixed data (citi). Paper: 1.",
+        _EPOCHS,
     )
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Clip gradients to this norm; 0 turns clipping off."))
-    routing_beta: float = field(
-        default=5e-4,
-        metadata=_help("Weight of the routing loss added to the cross-entropy (summed over MOLoRA layers). "
-                       "Paper: 0.01, which dominated the cross-entropy at small data sizes."),
+    epochs_molora: float = setting(
+        3.0,
+        "Epochs of stage 2 over the mixed data (citi). Paper: 2.",
+        _EPOCHS,
     )
-    routing_beta_per_layer: bool = field(
-        default=False,
-        metadata=_help("Treat routing_beta as a total spread over the layers: divide it by the number of MOLoRA "
-                       "layers, so the routing term's weight does not grow with model depth."),
+    epochs_uco: float = setting(
+        1.0,
+        "Epochs of stage 3 over the mixed data (citi). Paper: 1.",
+        _EPOCHS,
     )
-    routing_delta: float = field(
-        default=0.95, metadata=_help("delta of the localized balancing constraint (0 < delta < 1). Paper: 0.95.")
+    epochs_train: float = setting(
+        2.0,
+        "Epochs of the lora/full baselines. Paper: 2.",
+        _EPOCHS,
     )
-    routing_token_weight: float = field(
-        default=0.1,
-        metadata=_help("Weight of the token-level routing objective (not in the paper): on every MOLoRA layer, the "
-                       "backbone gate G(x)[0] is trained towards 1 on the tokens of general examples and towards 0 "
-                       "on the tokens that write a tool call (binary cross-entropy, the two kinds averaged "
-                       "apart, then over layers). 0 turns it off; routing_beta is the paper's batch-level loss, "
-                       "which can be used beside it."),
+    warmup_ratio: float = setting(
+        0.1,
+        "Fraction of each stage's steps spent warming up (cosine schedule after). The first step "
+        "already uses a nonzero learning rate. Paper: 0.1.",
+        Range(0.0, 1.0, hi_open=True),
     )
-    general_loss: str = field(
-        default="kl",
-        metadata=_help("Loss on the answers of general examples: kl (soft targets, not in the paper: the KL from "
-                       "the frozen base model's next-token distribution, computed in the same step with the "
-                       "adapters switched off, or from a frozen copy for full fine-tuning) or ce (cross-entropy on "
-                       "the answer text, the paper's way)."),
+    weight_decay: float = setting(
+        0.0,
+        "AdamW weight decay.",
+        Range(0.0, 10.0),
     )
-    negatives_ratio: float = field(
-        default=0.25,
-        metadata=_help("Irrelevance negatives built from the job's own tool examples, per tool example: a request "
-                       "paired with a tool list that lacks the function it needs (the called functions dropped, or "
-                       "tools taken from another example), answered in plain text that no tool fits. 0 turns "
-                       "them off."),
+    max_grad_norm: float = setting(
+        1.0,
+        "Clip gradients to this norm; 0 turns clipping off.",
+        Range(0.0, 10_000.0),
     )
-    function_masking: float = field(
-        default=0.0,
-        metadata=_help("Fraction of tool examples whose function and parameter names are replaced by neutral ones "
-                       "(func_1, param_1, ...) in the tools and the calls, so the model learns to read the "
-                       "descriptions rather than the names (as in the Hammer paper). 0 turns it off."),
+    routing_beta: float = setting(
+        5e-4,
+        "Weight of the routing loss added to the cross-entropy (summed over MOLoRA layers). "
+        "Paper: 0.01, which dominated the cross-entropy at small data sizes.",
+        Range(0.0, 100.0),
     )
-    replay_tools_fraction: float = field(
-        default=0.5,
-        metadata=_help("Share of the replay prompts (general data the base model answers itself) asked with an "
-                       "unrelated tool list from the job's own data in the system turn, so the tuned model keeps "
-                       "answering general questions as before when tools are offered. 0: no tools in replay."),
+    routing_beta_per_layer: bool = setting(
+        False,
+        "Treat routing_beta as a total spread over the layers: divide it by the number of MOLoRA "
+        "layers, so the routing term's weight does not grow with model depth.",
     )
-    max_length: int = field(
-        default=2048, metadata=_help("Longest example in tokens; longer examples are refused by the validator.")
+    routing_delta: float = setting(
+        0.95,
+        "delta of the localized balancing constraint (0 < delta < 1). Paper: 0.95.",
+        Range(0.0, 1.0, lo_open=True, hi_open=True),
     )
-    importance_examples: int = field(
-        default=512, metadata=_help("Examples sampled per set (tool, general) to score component importance. "
-                                    "Paper: up to 3000.")
+    routing_token_weight: float = setting(
+        0.1,
+        "Weight of the token-level routing objective (not in the paper): on every MOLoRA layer, the "
+        "backbone gate G(x)[0] is trained towards 1 on the tokens of general examples and towards 0 "
+        "on the tokens that write a tool call (binary cross-entropy, the two kinds averaged "
+        "apart, then over layers). 0 turns it off; routing_beta is the paper's batch-level loss, "
+        "which can be used beside it.",
+        Range(0.0, 100.0),
     )
-    importance_batch_size: int | None = field(
-        default=None, metadata=_help("Batch size while scoring importance; default: batch_size.")
+    general_loss: str = setting(
+        "kl",
+        "Loss on the answers of general examples: kl (soft targets, not in the paper: the KL from "
+        "the frozen base model's next-token distribution, computed in the same step with the "
+        "adapters switched off, or from a frozen copy for full fine-tuning) or ce (cross-entropy on "
+        "the answer text, the paper's way).",
     )
-    replay_examples: int = field(
-        default=128,
-        metadata=_help("General examples built by letting the base model answer built-in prompts, when the "
-                       "job brings no general data (citi needs both task types)."),
+    negatives_ratio: float = setting(
+        0.25,
+        "Irrelevance negatives built from the job's own tool examples, per tool example: a request "
+        "paired with a tool list that lacks the function it needs (the called functions dropped, or "
+        "tools taken from another example), answered in plain text that no tool fits. 0 turns "
+        "them off.",
+        Range(0.0, 4.0),
     )
-    replay_max_new_tokens: int = field(
-        default=256, metadata=_help("Longest replay answer the base model may write, in tokens.")
+    function_masking: float = setting(
+        0.0,
+        "Fraction of tool examples whose function and parameter names are replaced by neutral ones "
+        "(func_1, param_1, ...) in the tools and the calls, so the model learns to read the "
+        "descriptions rather than the names (as in the Hammer paper). 0 turns it off.",
+        Range(0.0, 1.0),
     )
-    eval_examples: int = field(
-        default=200, metadata=_help("Most tool test examples evaluated at the end (0: no evaluation).")
+    replay_tools_fraction: float = setting(
+        0.5,
+        "Share of the replay prompts (general data the base model answers itself) asked with an "
+        "unrelated tool list from the job's own data in the system turn, so the tuned model keeps "
+        "answering general questions as before when tools are offered. 0: no tools in replay.",
+        Range(0.0, 1.0),
     )
-    eval_probes: int = field(
-        default=64, metadata=_help("Most general probe prompts used to measure retention at the end.")
+    max_length: int = setting(
+        2048,
+        "Longest example in tokens; longer examples are refused by the validator.",
+        Range(16, 131_072, whole=True),
     )
-    eval_max_new_tokens: int = field(
-        default=256, metadata=_help("Longest reply generated per test case during evaluation, in tokens.")
+    importance_examples: int = setting(
+        512,
+        "Examples sampled per set (tool, general) to score component importance. "
+        "Paper: up to 3000.",
+        Range(1, 100_000, whole=True),
     )
-    eval_humaneval: int = field(
-        default=32, metadata=_help("HumanEval problems whose canonical solutions' NLL measures code retention at "
-                                   "the end (0: skip).")
+    importance_batch_size: int | None = setting(
+        None,
+        "Batch size while scoring importance; default: batch_size.",
+        Range(1, 4096, whole=True),
     )
-    baselines_use_general: bool = field(
-        default=False,
-        metadata=_help("Let the lora/full baselines train on the general examples too. Off by default: the "
-                       "paper's baselines train on tool data only."),
+    replay_examples: int = setting(
+        128,
+        "General examples built by letting the base model answer built-in prompts, when the "
+        "job brings no general data (citi needs both task types).",
+        Range(1, 100_000, whole=True),
     )
-    packing: bool | None = field(
-        default=None,
-        metadata=_help("Pack several examples into each micro-batch row (positions restart and attention stays "
-                       "inside each example), so no compute goes to padding; the loss and the gradients are those "
-                       "of padded batches. Default: on when training in bf16 on a GPU whose variable-length attention "
-                       "kernel passes its self-check at start, off otherwise (on CPU). true packs anyway (SDPA "
-                       "with a block-diagonal mask where that kernel is missing); false pads."),
+    replay_max_new_tokens: int = setting(
+        256,
+        "Longest replay answer the base model may write, in tokens.",
+        _NEW_TOKENS,
     )
-    pack_tokens: int | None = field(
-        default=None,
-        metadata=_help("Most tokens in one packed row (when packing). Default: batch_size x max_length, the most "
-                       "a padded micro-batch can hold, so packing never needs more memory than padding. Also the "
-                       "row size while scoring importance (default there: importance_batch_size x max_length)."),
+    eval_examples: int = setting(
+        200,
+        "Most tool test examples evaluated at the end (0: no evaluation).",
+        Range(0, 100_000, whole=True),
+    )
+    eval_probes: int = setting(
+        64,
+        "Most general probe prompts used to measure retention at the end.",
+        Range(0, 10_000, whole=True),
+    )
+    eval_max_new_tokens: int = setting(
+        256,
+        "Longest reply generated per test case during evaluation, in tokens.",
+        _NEW_TOKENS,
+    )
+    eval_humaneval: int = setting(
+        32,
+        "HumanEval problems whose canonical solutions' NLL measures code retention at "
+        "the end (0: skip).",
+        Range(0, 1000, whole=True),
+    )
+    baselines_use_general: bool = setting(
+        False,
+        "Let the lora/full baselines train on the general examples too. Off by default: the "
+        "paper's baselines train on tool data only.",
+    )
+    packing: bool | None = setting(
+        None,
+        "Pack several examples into each micro-batch row (positions restart and attention stays "
+        "inside each example), so no compute goes to padding; the loss and the gradients are those "
+        "of padded batches. Default: on when training in bf16 on a GPU whose variable-length attention "
+        "kernel passes its self-check at start, off otherwise (on CPU). true packs anyway (SDPA "
+        "with a block-diagonal mask where that kernel is missing); false pads.",
+    )
+    pack_tokens: int | None = setting(
+        None,
+        "Most tokens in one packed row (when packing). Default: batch_size x max_length, the most "
+        "a padded micro-batch can hold, so packing never needs more memory than padding. Also the "
+        "row size while scoring importance (default there: importance_batch_size x max_length).",
+        Range(16, 1_048_576, whole=True),
     )
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "importance_examples",
-                     "replay_examples", "replay_max_new_tokens", "eval_max_new_tokens"):
-            _positive_int(self, name, "hyperparameters")
-        if self.importance_batch_size is not None:
-            _positive_int(self, "importance_batch_size", "hyperparameters")
-        for name in ("eval_examples", "eval_probes", "eval_humaneval"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"hyperparameters.{name} must be a whole number >= 0, got {v!r}")
-        for name in ("lr_router_pretraining", "lr_molora", "lr_uco", "epochs_router_pretraining",
-                     "epochs_molora", "epochs_uco", "epochs_train"):
-            v = getattr(self, name)
-            if not _is_number(v) or v <= 0:
-                raise ValueError(f"hyperparameters.{name} must be a positive number, got {v!r}")
-        if self.lr_train is not None and (not _is_number(self.lr_train) or self.lr_train <= 0):
-            raise ValueError(f"hyperparameters.lr_train must be a positive number, got {self.lr_train!r}")
-        if not _is_number(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"hyperparameters.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        for name in ("weight_decay", "max_grad_norm", "routing_beta"):
-            v = getattr(self, name)
-            if not _is_number(v) or v < 0:
-                raise ValueError(f"hyperparameters.{name} must be a number >= 0, got {v!r}")
-        if not _is_number(self.routing_token_weight) or self.routing_token_weight < 0:
-            raise ValueError(f"hyperparameters.routing_token_weight must be a number >= 0, got "
-                             f"{self.routing_token_weight!r}")
+        check_ranges(self, "hyperparameters")
         if self.general_loss not in GENERAL_LOSSES:
-            raise ValueError(f"hyperparameters.general_loss must be one of {', '.join(GENERAL_LOSSES)}, got "
-                             f"{self.general_loss!r}")
-        for name, top in (("negatives_ratio", 4.0), ("function_masking", 1.0), ("replay_tools_fraction", 1.0)):
-            v = getattr(self, name)
-            if not _is_number(v) or not 0.0 <= v <= top:
-                raise ValueError(f"hyperparameters.{name} must be a number from 0 to {top:g}, got {v!r}")
-        if not _is_number(self.routing_delta) or not 0.0 < self.routing_delta < 1.0:
-            raise ValueError(f"hyperparameters.routing_delta must be strictly between 0 and 1, got "
-                             f"{self.routing_delta!r}")
-        if self.max_length < 16:
-            raise ValueError(f"hyperparameters.max_length={self.max_length} is too short for any chat example; "
-                             "use 256 or more")
+            raise SettingError(f"hyperparameters.general_loss must be one of {', '.join(GENERAL_LOSSES)}, got "
+                               f"{self.general_loss!r}", param="hyperparameters.general_loss")
         if self.packing is not None and not isinstance(self.packing, bool):
-            raise ValueError(f"hyperparameters.packing must be true, false or null (automatic), got {self.packing!r}")
-        if self.pack_tokens is not None:
-            _positive_int(self, "pack_tokens", "hyperparameters")
-            if self.pack_tokens < self.max_length:
-                raise ValueError(f"hyperparameters.pack_tokens={self.pack_tokens} is less than max_length="
-                                 f"{self.max_length}: a packed row must hold the longest example; raise pack_tokens "
-                                 "or lower max_length")
+            raise SettingError(f"hyperparameters.packing must be true, false or null (automatic), got "
+                               f"{self.packing!r}", param="hyperparameters.packing")
+        if self.pack_tokens is not None and self.pack_tokens < self.max_length:
+            raise SettingError(f"hyperparameters.pack_tokens={self.pack_tokens} is less than max_length="
+                               f"{self.max_length}: a packed row must hold the longest example; raise pack_tokens "
+                               "or lower max_length", param="hyperparameters.pack_tokens")
 
 
 @dataclass(kw_only=True)
@@ -286,7 +328,11 @@ class FinetuneConfig:
         "General (non-tool) examples to mix in (JSONL). Without any general data, citi builds replay data."))
     method: str = field(default="citi", metadata=_help(
         "citi (importance-guided MOLoRA + UCO, 3 stages), lora (peft LoRA on all linear layers) or full."))
-    seed: int = field(default=0, metadata=_help("Seed for data order, sampling, splits and initialisation."))
+    seed: int = setting(
+        0,
+        "Seed for data order, sampling, splits and initialisation.",
+        Range(0, 2**31 - 1, whole=True),
+    )
     preset: str | None = field(default=None, metadata=_help(
         "A named set of settings laid under the ones given: 'paper' runs the method as the CITI paper states it "
         "(alpha 2, routing loss 0.01 and no token-level routing, cross-entropy on general answers, no "
@@ -297,11 +343,17 @@ class FinetuneConfig:
         "Component selection and adapter sizes."))
     hyperparameters: Hyperparameters | dict | None = field(default=None, metadata=_help(
         "Optimisation settings."))
-    test_fraction: float = field(default=0.1, metadata=_help(
+    test_fraction: float = setting(
+        0.1,
         "Without a validation_file: the fraction of tool examples held out as a test set (at least 3; "
-        "0 turns the split and the evaluation off)."))
-    checkpoint_every: int = field(default=200, metadata=_help(
-        "Write a checkpoint every this many steps, besides each stage boundary (0: stage boundaries only)."))
+        "0 turns the split and the evaluation off).",
+        Range(0.0, 0.5),
+    )
+    checkpoint_every: int = setting(
+        200,
+        "Write a checkpoint every this many steps, besides each stage boundary (0: stage boundaries only).",
+        Range(0, 10_000_000, whole=True),
+    )
     device: str | None = field(default=None, metadata=_help("cuda, cuda:N or cpu; default: cuda when visible."))
     dtype: str | None = field(default=None, metadata=_help(
         "Dtype of the frozen model: bf16 on GPU, fp32 on CPU by default. Trained weights stay fp32."))
@@ -325,14 +377,7 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not isinstance(v, str) or not v.strip():
                 raise ValueError(f"{name} is required: give a path" + (" or model spec" if name == "model" else ""))
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be a whole number, got {self.seed!r}")
-        if not _is_number(self.test_fraction) or not 0.0 <= self.test_fraction <= 0.5:
-            raise ValueError(f"test_fraction must be between 0 and 0.5, got {self.test_fraction!r}; "
-                             "pass a validation_file to test on separate data")
-        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) \
-                or self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be a whole number >= 0, got {self.checkpoint_every!r}")
+        check_ranges(self, "")
         if self.dtype in ("fp16", "float16"):
             raise ValueError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -429,14 +474,3 @@ def _from_dict(cls, d: dict, where: str):
         return cls(**d)
     except TypeError as exc:  # a required field is missing
         raise ValueError(f"{where}: {exc}") from exc
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _positive_int(obj: Any, name: str, where: str) -> None:
-    v = getattr(obj, name)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{where}.{name} must be a whole number >= 1, got {v!r}")
-

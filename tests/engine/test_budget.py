@@ -65,12 +65,30 @@ def test_a_time_budget_shrinks_the_remaining_steps_from_the_measured_speed():
 
 
 def test_budget_fields_refuse_nonsense():
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="must be a whole number from 1 to"):
         Budget(max_tokens=0)
     with pytest.raises(ValueError, match="whole number"):
         Budget(max_steps=2.5)
     with pytest.raises(ValueError, match="must be a number"):
         Budget(max_seconds="soon")
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_steps", 1e30), ("max_steps", 2**63), ("max_tokens", 10**13),
+                                              ("max_seconds", float("inf")), ("max_seconds", float("nan")),
+                                              ("max_seconds", 1e9)])
+def test_budgets_are_finite_and_bounded(field, value):
+    with pytest.raises(ValueError, match=f"budget.{field} must be"):
+        Budget(**{field: value})
+    assert Budget(max_steps=1e6).max_steps == 1_000_000  # a whole float from JSON is a whole number
+
+
+@pytest.mark.parametrize("total", [10**7, 2**63, 10**30])
+def test_huge_totals_split_exactly_and_at_once(total):
+    start = time.monotonic()
+    parts = split_in_proportion(total, [1.0, 3.0, 1.0])
+    assert sum(parts) == total and min(parts) >= 1
+    assert abs(parts[1] - 3 * total // 5) <= 1
+    assert time.monotonic() - start < 0.1
 
 
 # ------------------------------------------------------------------------------------------ real runs

@@ -240,10 +240,11 @@ def test_job_requests_are_checked_completely_at_submit_time(service, uploaded, t
         ({"method": {"type": "citi", "hyperparameters": {"learning_rate": 1}}}, 400, "invalid_parameters",
          "method.hyperparameters"),
         ({"method": {"type": "citi", "hyperparameters": {"batch_size": 0}}}, 400, "invalid_parameters",
-         "method.hyperparameters"),
+         "method.hyperparameters.batch_size"),
         ({"method": {"type": "dpo"}}, 400, "invalid_request", "method.type"),
         ({"components": {"molora_fraction": 1.5}}, 400, "invalid_request", "components.molora_fraction"),
-        ({"components": {"molora_fraction": 0.7, "uco_fraction": 0.5}}, 400, "invalid_parameters", "components"),
+        ({"components": {"molora_fraction": 0.7, "uco_fraction": 0.5}}, 400, "invalid_parameters",
+         "components.uco_fraction"),
         ({"budget": {"max_steps": 2}}, 400, "invalid_budget", "budget.max_steps"),
         ({"budget": {"max_steps": -1}}, 400, "invalid_request", "budget.max_steps"),
         ({"suffix": "no spaces please"}, 400, "invalid_request", "suffix"),
@@ -256,6 +257,57 @@ def test_job_requests_are_checked_completely_at_submit_time(service, uploaded, t
             err = assert_error(c.post("/jobs", json=body), status, code, param)
             assert len(err["message"]) > 20, err
         assert c.get("/jobs", params={"status": "queued"}).json()["data"] == []
+
+
+def _hyper(**values) -> dict:
+    return {"method": {"type": "citi", "hyperparameters": {**values}}}
+
+
+# JSON numbers that are not finite in Python: 1e400 overflows to inf, NaN and Infinity are JSON5 literals that
+# Python's json (and so the API) reads. The raw text is sent, since JSON encoders refuse to write them.
+NON_FINITE = [
+    ('"budget": {"max_seconds": Infinity}', "budget.max_seconds"),
+    ('"budget": {"max_steps": 1e400}', "budget.max_steps"),
+    ('"method": {"type": "citi", "hyperparameters": {"lr_molora": 1e400}}', "method.hyperparameters.lr_molora"),
+    ('"method": {"type": "citi", "hyperparameters": {"routing_beta": NaN}}', "method.hyperparameters.routing_beta"),
+    ('"hyperparameters": {"lr_train": -Infinity}', "method.hyperparameters.lr_train"),
+    ('"components": {"alpha": NaN}', "components.alpha"),
+    ('"test_fraction": NaN', "test_fraction"),
+]
+
+
+def test_every_numeric_setting_is_finite_and_bounded_at_submit_time(service, uploaded):
+    huge = [
+        ({"budget": {"max_steps": 1e30}}, "budget.max_steps"),
+        ({"budget": {"max_steps": 2**63}}, "budget.max_steps"),
+        ({"budget": {"max_tokens": 10**13}}, "budget.max_tokens"),
+        ({"budget": {"max_seconds": 1e12}}, "budget.max_seconds"),
+        (_hyper(batch_size=10**12), "method.hyperparameters.batch_size"),
+        (_hyper(pack_tokens=2**40), "method.hyperparameters.pack_tokens"),
+        (_hyper(replay_examples=10**9), "method.hyperparameters.replay_examples"),
+        (_hyper(gradient_accumulation_steps=10**6), "method.hyperparameters.gradient_accumulation_steps"),
+        (_hyper(epochs_molora=1e9), "method.hyperparameters.epochs_molora"),
+        (_hyper(lr_molora=5.0), "method.hyperparameters.lr_molora"),
+        ({"components": {"num_experts": 10**6}}, "components.num_experts"),
+        ({"components": {"rank": 2**20}}, "components.rank"),
+        ({"checkpoint_every": 2**63}, "checkpoint_every"),
+    ]
+    with service.client("alice") as c:
+        before = len(c.get("/jobs", params={"limit": 100}).json()["data"])
+        for override, param in huge:
+            err = assert_error(c.post("/jobs", json={**service.job_body(uploaded), **override}), 400, param=param)
+            assert err["code"] in ("invalid_request", "invalid_parameters"), err
+        body = service.job_body(uploaded)
+        del body["method"], body["budget"]
+        for fragment, param in NON_FINITE:
+            raw = json.dumps(body)[:-1] + ", " + fragment + "}"
+            r = c.post("/jobs", content=raw.encode(), headers={"content-type": "application/json"})
+            err = assert_error(r, 400, param=param)
+            assert "finite" in err["message"], err
+        assert len(c.get("/jobs", params={"limit": 100}).json()["data"]) == before  # nothing was created
+        # the ranges are documented in the schema
+        spec = httpx.get(service.url + "/openapi.json").json()["components"]["schemas"]
+        assert spec["BudgetIn"]["properties"]["max_steps"]["anyOf"][0]["maximum"] == 10_000_000
 
 
 def test_idempotency_key_returns_the_same_job_and_refuses_a_different_body(service, uploaded):

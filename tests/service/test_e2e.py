@@ -259,3 +259,42 @@ def test_examples_too_long_for_the_model_fail_the_job_while_validating_files(ser
         assert [e["data"]["status"] for e in events if e["type"] == "status"] == \
             ["queued", "validating_files", "failed"]
     assert not (service.artifact_dir / "work" / job["id"]).exists()
+
+
+def _poisoned_copy(model_dir: str) -> str:
+    """A sibling of the tiny model (so under CITI_MODEL_DIRS) whose final norm is NaN: every loss is NaN."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = Path(model_dir).parent / "poisoned-llama"
+    if not target.exists():
+        shutil.copytree(model_dir, target)
+        weights = target / "model.safetensors"
+        tensors = load_file(str(weights))
+        tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    return str(target)
+
+
+def test_a_job_whose_loss_is_not_finite_fails_as_training_diverged_and_keeps_no_adapter(service, workers, uploaded):
+    workers.start("w1")
+    model = _poisoned_copy(service.model_dir)
+    hyper = {**service.job_body(uploaded)["method"]["hyperparameters"], "eval_examples": 0}
+    with service.client("alice") as c:
+        body = service.job_body(uploaded, model=model, method={"type": "lora", "hyperparameters": hyper},
+                                checkpoint_every=1)
+        job = c.post("/jobs", json=body).json()
+        done = service.wait_status(job["id"], ("failed", "succeeded", "cancelled"), timeout=180)
+        assert done["status"] == "failed", done
+        assert done["error"]["code"] == "training_diverged", done["error"]
+        assert "lower the learning rate" in done["error"]["message"]
+        assert done["fine_tuned_model"] is None and done["adapter_url"] is None
+        assert c.get(f"/jobs/{job['id']}/adapter").status_code == 409
+        events = c.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        assert [e["data"]["status"] for e in events if e["type"] == "status"][-1] == "failed"
+    # no poisoned weights kept anywhere: not in storage, not in the working directory (no checkpoint either)
+    assert not (service.artifact_dir / "jobs" / job["id"]).exists()
+    assert not (service.artifact_dir / "work" / job["id"]).exists()
