@@ -32,6 +32,7 @@ from api.schemas import (
     Job,
     JobCreate,
     JobList,
+    JobStatus,
 )
 from citi_service.errors import APIError, not_found
 from citi_service.keys import adapter_prefix, file_key, job_prefix, work_dir
@@ -45,6 +46,7 @@ log = logging.getLogger("citi.api")
 
 _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
 _SSE_BLOCK_MS = 5000
+MAX_EVENT_SEQ = 2**63 - 1  # event seqs are Redis stream ids' first part; larger values are no event's
 _METADATA_MAX = (16, 64, 512)
 
 
@@ -277,7 +279,7 @@ def estimate_job(
 def list_jobs(
     after: str | None = Query(None, description="A job id: list the jobs after it."),
     limit: int = Query(20, ge=1, le=100),
-    status: str | None = Query(None, description="Only jobs in this status."),
+    status: JobStatus | None = Query(None, description="Only jobs in this status."),
     tenant: str = Depends(get_tenant),
     store: Store = Depends(get_store),
 ) -> JobList:
@@ -336,7 +338,7 @@ def delete_job(
 async def list_events(
     job_id: str,
     request: Request,
-    after: int = Query(0, ge=0, description="Only events with seq above this."),
+    after: int = Query(0, ge=0, le=MAX_EVENT_SEQ, description="Only events with seq above this."),
     limit: int = Query(100, ge=1, le=1000),
     stream: bool = Query(False, description="Stream as server-sent events (same as Accept: text/event-stream)."),
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
@@ -348,7 +350,12 @@ async def list_events(
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         start = after
         if last_event_id and last_event_id.strip().isdigit():
-            start = max(start, int(last_event_id.strip()))
+            resume = int(last_event_id.strip())
+            if resume > MAX_EVENT_SEQ:
+                raise APIError(400, "invalid_request", f"Last-Event-ID {last_event_id.strip()[:40]} is not the seq of "
+                               "an event (event ids are whole numbers up to 2^63-1); send the id of the last event "
+                               "received, or none to start from the first", param="Last-Event-ID")
+            start = max(start, resume)
         return StreamingResponse(_sse(store, job_id, start), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     events, has_more = await run_in_threadpool(store.list_events, job_id, after=after, limit=limit)

@@ -310,6 +310,26 @@ def test_every_numeric_setting_is_finite_and_bounded_at_submit_time(service, upl
         assert spec["BudgetIn"]["properties"]["max_steps"]["anyOf"][0]["maximum"] == 10_000_000
 
 
+def test_out_of_range_query_values_headers_and_seeds_are_400_naming_the_param(service, uploaded):
+    with service.client("alice") as c:
+        job_id = c.post("/jobs", json=service.job_body(uploaded)).json()["id"]
+        c.post(f"/jobs/{job_id}/cancel")
+        assert_error(c.get("/jobs", params={"status": "bogus"}), 400, "invalid_request", "status")
+        assert [j["id"] for j in c.get("/jobs", params={"status": "cancelled"}).json()["data"]][:1] == [job_id]
+        for after in (str(2**63), "1" + "0" * 30):
+            assert_error(c.get(f"/jobs/{job_id}/events", params={"after": after}), 400, "invalid_request", "after")
+            assert_error(c.get(f"/jobs/{job_id}/events", params={"after": after, "stream": "true"}), 400,
+                         "invalid_request", "after")
+        stream = {"Accept": "text/event-stream"}
+        assert_error(c.get(f"/jobs/{job_id}/events", headers={**stream, "Last-Event-ID": "9" * 40}), 400,
+                     "invalid_request", "Last-Event-ID")
+        with c.stream("GET", f"/jobs/{job_id}/events", headers={**stream, "Last-Event-ID": str(2**63 - 1)}) as r:
+            assert r.status_code == 200 and "retry" in r.read().decode()  # the largest seq: a stream with nothing after
+        chat = {"model": service.model_dir, "messages": [{"role": "user", "content": "hi"}]}
+        for seed in (2**63, -(2**63) - 1, 10**30):
+            assert_error(c.post("/v1/chat/completions", json={**chat, "seed": seed}), 400, "invalid_request", "seed")
+
+
 def test_idempotency_key_returns_the_same_job_and_refuses_a_different_body(service, uploaded):
     with service.client("alice") as c:
         body = service.job_body(uploaded)
