@@ -18,13 +18,16 @@ from packaging.version import Version
 from peft.utils import PeftType, register_peft_method
 
 from .config import PEFT_TYPE_NAME, MoloraConfig
-from .layer import MoloraLayer, MoloraLinear
+from .layer import FrozenMoloraLinear, MoloraLayer, MoloraLinear, molora_mix
 from .model import MoloraModel
 
 # The peft versions the enum extension and registration are tested against (GPU: 0.21.0, CPU: 0.21.2).
 TESTED_PEFT = (Version("0.21.0"), Version("0.22.0"))
 
-__all__ = ["PEFT_TYPE_NAME", "TESTED_PEFT", "MoloraConfig", "MoloraLayer", "MoloraLinear", "MoloraModel", "register"]
+__all__ = [
+    "PEFT_TYPE_NAME", "TESTED_PEFT", "FrozenMoloraLinear", "MoloraConfig", "MoloraLayer", "MoloraLinear", "MoloraModel",
+    "molora_mix", "register",
+]
 
 
 def _add_peft_type_member(name: str) -> PeftType:

@@ -7,6 +7,13 @@ G(x)[0] is the backbone neuron: it has no expert and only takes probability mass
 The experts are computed fused, like one LoRA of rank N*r: A = [A_1; ...; A_N] is (N*r x d_in),
 B = [B_1 ... B_N] is (d_out x N*r), and the N*r intermediate is scaled by each expert's gate
 (repeated over its r rows). No Python loop over experts, no per-expert tensors.
+
+One formula, two layers: :func:`molora_mix` (G(x) and the gated expert inputs) is the method's math,
+and both layers below compute through it. :class:`MoloraLinear` is the peft layer that trains and
+saves (fp32 adapter weights, dropout, router probabilities kept for the routing loss);
+:class:`FrozenMoloraLinear` is the same adapter frozen for serving (``citi_engine.serving``), laid
+out for few kernels: the router and A share one matmul, B carries alpha/r and adds onto the base
+output in place.
 """
 
 from __future__ import annotations
@@ -20,6 +27,31 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import MoloraConfig
+
+
+def molora_mix(
+    logits: torch.Tensor,
+    h: torch.Tensor,
+    num_experts: int,
+    r: int,
+    scaling: float = 1.0,
+    probs_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G(x) = softmax(W_r x) and each expert's A_i x times scaling * G(x)[i]; the caller applies B.
+
+    ``logits`` is W_r x (..., N+1), ``h`` is A x (..., N*r). Returns ``(mixed, gates)``: ``mixed``
+    (..., N*r), so that ``B mixed`` is the MOLoRA delta, and ``gates`` = G(x) computed in at least
+    ``probs_dtype`` (fp32 for the routing loss; serving passes the logits' dtype: the softmax kernel
+    accumulates in fp32 either way). ``dtype`` is the dtype of the gate factors (default: ``h``'s).
+    """
+    gates = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, probs_dtype))  # G(x): (..., N+1)
+    expert_gates = gates[..., 1:]  # drop the backbone neuron G(x)[0]
+    if scaling != 1.0:
+        expert_gates = expert_gates * scaling
+    expert_gates = expert_gates.to(dtype or h.dtype)
+    mixed = (h.unflatten(-1, (num_experts, r)) * expert_gates.unsqueeze(-1)).flatten(-2)  # expert i's r rows times G(x)[i]
+    return mixed, gates
 
 
 class MoloraLayer(BaseTunerLayer):
@@ -102,13 +134,9 @@ class MoloraLinear(nn.Module, MoloraLayer):
         n, r = self.num_experts[adapter], self.r[adapter]
         if not torch.is_autocast_enabled(x.device.type):
             x = self._cast_input_dtype(x, A.dtype)  # compute in the adapter's fp32 unless autocast decides
-        logits = F.linear(x, W_r)
-        gates = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # G(x): (..., N+1)
-        self.router_probs[adapter] = gates
-        expert_gates = (gates[..., 1:] * self.scaling[adapter]).to(x.dtype)  # drop the backbone neuron G(x)[0]
         h = F.linear(self.molora_dropout[adapter](x), A)  # all A_i x at once: (..., N*r)
-        h = (h.unflatten(-1, (n, r)) * expert_gates.unsqueeze(-1)).flatten(-2)  # expert i's r rows times G(x)[i]
-        return F.linear(h, B)  # sum over experts of B_i (...): (..., d_out)
+        mixed, self.router_probs[adapter] = molora_mix(F.linear(x, W_r), h, n, r, self.scaling[adapter], dtype=x.dtype)
+        return F.linear(mixed, B)  # sum over experts of B_i (...): (..., d_out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # W0 x
@@ -129,3 +157,36 @@ class MoloraLinear(nn.Module, MoloraLayer):
 
     def __repr__(self) -> str:
         return "molora." + super().__repr__()
+
+
+class FrozenMoloraLinear(nn.Module):
+    """A trained MOLoRA adapter on a shared, frozen ``nn.Linear``, for serving: ``W0 x + B molora_mix(W_r x, A x)``.
+
+    Built from the tensors :class:`MoloraLinear` saves. The base layer is shared with the base model and
+    never written to. The router and the stacked ``A`` are one weight (one matmul), ``B`` is stored
+    transposed and pre-scaled by alpha/r so ``addmm`` adds it onto the base output in place: at batch 1
+    decoding is bound by kernel launches, so the component costs the base matmul plus four kernels
+    (router-and-A matmul, softmax, gate multiply, B matmul). Weights take the base layer's dtype.
+    """
+
+    def __init__(self, base: nn.Linear, router: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 num_experts: int, r: int, scaling: float) -> None:
+        super().__init__()
+        if router.shape != (num_experts + 1, base.in_features):
+            raise ValueError(f"router weight has shape {tuple(router.shape)}, expected {(num_experts + 1, base.in_features)}")
+        if a.shape != (num_experts * r, base.in_features) or b.shape != (base.out_features, num_experts * r):
+            raise ValueError(f"expert weights have shapes {tuple(a.shape)} and {tuple(b.shape)}, which do not fit "
+                             f"{num_experts} experts of rank {r} on a {base.in_features}->{base.out_features} layer")
+        self.base = base
+        self.num_experts, self.r = num_experts, r
+        w = base.weight
+        self.router_a = nn.Parameter(torch.cat([router, a], 0).to(w.device, w.dtype), requires_grad=False)
+        b_scaled = b.to(torch.promote_types(b.dtype, torch.float32)) * scaling  # scaled in fp32 or finer, then cast
+        self.b_scaled_t = nn.Parameter(b_scaled.t().contiguous().to(w.device, w.dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.num_experts
+        out = F.linear(x, self.base.weight, self.base.bias)
+        ra = F.linear(x, self.router_a)
+        mixed, _ = molora_mix(ra[..., : n + 1], ra[..., n + 1:], n, self.r, probs_dtype=ra.dtype)
+        return torch.addmm(out.view(-1, out.shape[-1]), mixed.view(-1, mixed.shape[-1]), self.b_scaled_t).view(out.shape)

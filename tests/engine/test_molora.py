@@ -23,7 +23,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 import citi_engine.molora as molora  # noqa: E402
 from citi_engine import testing  # noqa: E402
-from citi_engine.molora import MoloraConfig, MoloraLinear, MoloraModel  # noqa: E402
+from citi_engine.molora import FrozenMoloraLinear, MoloraConfig, MoloraLinear, MoloraModel  # noqa: E402
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -67,6 +67,25 @@ def test_fused_layer_equals_per_expert_reference_in_outputs_and_gradients(bias):
                          (*ref_params, x_ref), strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
         assert want.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_serving_layer_computes_what_the_training_layer_computes(bias):
+    torch.manual_seed(1)
+    n, r, alpha = 3, 4, 3.0
+    base = nn.Linear(12, 10, bias=bias).double()
+    layer = MoloraLinear(base, "default", MoloraConfig(target_modules=["x"], num_experts=n, r=r, alpha=alpha,
+                                                       init_weights=False)).double()
+    frozen = FrozenMoloraLinear(base, layer.molora_router["default"].detach(), layer.molora_A["default"].detach(),
+                                layer.molora_B["default"].detach(), n, r, alpha / r)
+    assert frozen.base is base and not any(p.requires_grad for p in frozen.parameters(recurse=False))
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        ref, _ = naive_molora(x, base.weight, base.bias, layer.molora_router["default"], layer.molora_A["default"],
+                              layer.molora_B["default"], n, r, alpha)
+        torch.testing.assert_close(frozen(x), layer(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(frozen(x), ref, rtol=1e-12, atol=1e-12)
+        assert (ref - base(x)).abs().max() > 1e-3  # the experts really contribute
 
 
 def test_fresh_layer_is_the_identity_and_keeps_fp32_masters_on_a_bf16_base():
