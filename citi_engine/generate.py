@@ -1,10 +1,13 @@
-"""Generate chat replies, batched or streamed, with the same prompt rendering that training uses.
+"""Generate chat replies, batched, with the same prompt rendering that training uses.
 
-One small decoding loop serves evaluation, replay, retention and the inference server:
+One small decoding loop serves evaluation, replay and retention:
 left-padded prompts (padding on the left keeps every row's last token at the end, so one forward
 per step serves the whole batch), a KV cache, greedy decoding at temperature 0, else temperature and
 nucleus (top-p) sampling from a seeded generator. A row ends at the tokenizer's end-of-turn / EOS
-token, at a stop string, or after ``max_new_tokens``.
+token, at a stop string, or after ``max_new_tokens``. The inference server's loop
+(:mod:`citi_engine.serving`: per-request sampling settings, finished rows leaving the batch, text
+streamed as it comes) is built on the same pieces: ``pad_left``, ``forward_last_logits``,
+``sample_tokens`` and ``stop_token_ids``.
 
 Why our own loop and not ``model.generate``: the same code must behave the same under the
 transformers versions of the CPU and GPU machines; stop strings, per-step cancellation and text
@@ -89,7 +92,8 @@ def encode_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = No
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``rows`` padded on the left to one width, on ``device``."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -138,8 +142,8 @@ def _forward_names(model) -> tuple[str, bool]:
     return names
 
 
-def _forward_last_logits(model, cache=None, **inputs) -> tuple[torch.Tensor, object]:
-    """Logits of the last position and the KV cache; asks the model for the last position only when it can."""
+def forward_last_logits(model, cache=None, **inputs) -> tuple[torch.Tensor, object]:
+    """Logits of the last position (fp32) and the KV cache; asks the model for the last position only when it can."""
     cache_name, keeps_logits = _forward_names(model)
     if cache is not None:
         inputs[cache_name] = cache
@@ -150,7 +154,8 @@ def _forward_last_logits(model, cache=None, **inputs) -> tuple[torch.Tensor, obj
     return out.logits[:, -1, :].float(), new_cache
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row of ``logits`` (B, V): argmax at temperature 0, else a nucleus sample."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -185,17 +190,17 @@ def _token_steps(
     # Grad mode is thread state: hold inference mode only around the compute, never across a yield,
     # so a caller iterating a stream does not run its own code in inference mode.
     with torch.inference_mode():
-        input_ids, attention_mask = _pad_left(prompt_ids, pad_id, device)
+        input_ids, attention_mask = pad_left(prompt_ids, pad_id, device)
         # Positions count real tokens only, so a left-padded row sees the same positions as alone.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         generator = None
         if temperature > 0 and seed is not None:
             generator = torch.Generator(device=device).manual_seed(int(seed))
-        logits, cache = _forward_last_logits(
+        logits, cache = forward_last_logits(
             model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         )
         next_position = position_ids[:, -1:] + 1
-        tokens = _pick(logits, temperature, top_p, generator)
+        tokens = sample_tokens(logits, temperature, top_p, generator)
     for step in range(max_new_tokens):
         yield tokens.tolist()
         if all(done) or step == max_new_tokens - 1:
@@ -205,12 +210,12 @@ def _token_steps(
         with torch.inference_mode():
             feed = tokens.masked_fill(torch.tensor(done, device=device), pad_id).unsqueeze(-1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(done), 1))], dim=-1)
-            logits, cache = _forward_last_logits(
+            logits, cache = forward_last_logits(
                 model, input_ids=feed, attention_mask=attention_mask, position_ids=next_position,
                 cache=cache,
             )
             next_position = next_position + 1
-            tokens = _pick(logits, temperature, top_p, generator)
+            tokens = sample_tokens(logits, temperature, top_p, generator)
 
 
 class _Row:
@@ -348,60 +353,3 @@ def generate_chat(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
         top_p=top_p, seed=seed, stop=stop, should_cancel=should_cancel,
     )
-
-
-def _held_back(text: str, stop: Sequence[str]) -> int:
-    """How many characters at the end of ``text`` could still become a stop string or a UTF-8 character."""
-    hold = 0
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if s.startswith(text[-k:]):
-                hold = max(hold, k)
-                break
-    if text.endswith("\ufffd"):  # the token ends inside a multi-byte character
-        hold = max(hold, 1)
-    return hold
-
-
-def stream_chat(
-    model,
-    tokenizer,
-    conversation: dict,
-    *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: Sequence[str] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> Iterator[str]:
-    """Yield the reply to one conversation as text deltas while it is generated.
-
-    The deltas join to the same text :func:`generate_chat` returns; text that might begin a stop
-    string is held back until it is known not to. The generator's return value (``StopIteration.value``,
-    or the result of ``yield from``) is the finished :class:`Generation`, with its tool calls parsed.
-    """
-    _check_sampling(max_new_tokens, 1, temperature, top_p)
-    stop = [s for s in (stop or []) if s]
-    stop_ids = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids, default=0)
-    prompt = encode_prompt(tokenizer, conversation["messages"], conversation.get("tools"))
-    row = _Row(len(prompt))
-    done = [False]
-    sent = 0
-    with eval_mode(model):
-        for (token,) in _token_steps(
-            model, [prompt], pad_id=pad_id, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, done=done, should_cancel=should_cancel,
-        ):
-            row.add(token, stop_ids, tokenizer, stop)
-            done[0] = row.ended_by is not None
-            text = row.text(tokenizer)
-            ready = len(text) if done[0] else len(text) - _held_back(text, stop)
-            if ready > sent:
-                yield text[sent:ready]
-                sent = ready
-    text = row.text(tokenizer)
-    if len(text) > sent:
-        yield text[sent:]
-    return _finish(row, tokenizer, parse=True)

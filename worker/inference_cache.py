@@ -1,24 +1,19 @@
-"""The torch side of the inference server: models loaded once, adapters hot-swapped, batched generation.
+"""The inference server's model policy: which models and adapters stay loaded, and which requests share a batch.
 
-No web framework here, so ``bench/inference.py`` runs this on a GPU host that has torch alone.
+The compute is the engine's serving runtime (:mod:`citi_engine.serving`); no web framework here, so
+``bench/inference.py`` runs this on a GPU host that has torch alone.
 
 - :class:`ModelCache` keeps each base model loaded once and an LRU cache of adapters
-  (``CITI_ADAPTER_CACHE_SIZE``). An adapter is read from its directory into a :class:`ServedAdapter`:
-  replacement modules for just the components it changes.
-
-  * UCO components were fully fine-tuned, so their weights replace the base weights: the adapter keeps
-    its own copy of just those modules (a plain ``nn.Linear``); the shared base is never written to.
-  * MOLoRA components stay unmerged (:class:`MOLoRALinear`): the router decides per token how much
-    of the experts to add, so there is no single weight to merge.
-  * plain LoRA adapters (the ``lora`` baseline) become :class:`LoRALinear`.
-  * anything else (a full fine-tune, an unknown peft type) is loaded as a model of its own.
+  (``CITI_ADAPTER_CACHE_SIZE``). An adapter is read from its directory by
+  :func:`citi_engine.serving.read_adapter_modules` into a :class:`ServedAdapter`: replacement modules
+  for just the components it changes (MOLoRA unmerged, UCO as the adapter's own copy of the layer, LoRA
+  unmerged); the shared base is never written to. Anything the runtime does not split into modules (a
+  full fine-tune, another peft method) is loaded as a model of its own.
 
   Activating an adapter swaps its modules into the base model (and back out for the next group):
   a few hundred attribute assignments, no copy of weights.
 
-- :class:`Generator` runs batched generation for one group: left-padded prefill, then a decode loop
-  with a KV cache, each request with its own sampling settings, stop strings, token budget and
-  optional forced prefix, text deltas reported as they come (streaming).
+- :class:`Generator` activates a group's adapter and runs :func:`citi_engine.serving.generate` on it.
 
 - :class:`BatchScheduler` is the asyncio batching loop: it collects requests for a few milliseconds,
   groups them by (base model, adapter), and runs one group at a time in a single generation thread.
@@ -35,87 +30,32 @@ first, so no adapter starves. Base-model requests form their own groups on the u
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
+from citi_engine.molora import PEFT_TYPE_NAME
+from citi_engine.serving import (
+    GenerationRequest,
+    adapter_base_spec,
+    generate,
+    read_adapter_modules,
+    swap_modules,
+)
+
+__all__ = ["BatchScheduler", "GenerationRequest", "Generator", "ModelCache", "ServedAdapter", "ServedModel",
+           "adapter_base_spec"]
+
 log = logging.getLogger("citi.inference")
-
-
-# --------------------------------------------------------------------------------------------------
-# Served adapter modules
-# --------------------------------------------------------------------------------------------------
-
-
-class MOLoRALinear(nn.Module):
-    """A MOLoRA component for inference, unmerged.
-
-    ``h = W0 x + sum_i G(x)[i] * (alpha/r) * B_i A_i x`` with ``G(x) = softmax(W_r x)`` and ``G(x)[0]``
-    the backbone neuron (no expert). The router and the stacked ``A`` share one matmul; ``B`` carries the
-    ``alpha/r`` scale already and its matmul adds onto the base output in place (``addmm``). A MOLoRA
-    component thus costs the base matmul plus four kernels: router-and-A matmul, softmax, gate multiply,
-    B matmul. At batch 1 decoding is bound by kernel launches and Python, not by arithmetic, so the
-    forward is written with as few operations as possible.
-    """
-
-    def __init__(self, base: nn.Linear, router: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 num_experts: int, rank: int, scale: float):
-        super().__init__()
-        if router.shape != (num_experts + 1, base.in_features):
-            raise ValueError(f"router weight has shape {tuple(router.shape)}, expected {(num_experts + 1, base.in_features)}")
-        if a.shape != (num_experts * rank, base.in_features) or b.shape != (base.out_features, num_experts * rank):
-            raise ValueError(f"expert weights have shapes {tuple(a.shape)} and {tuple(b.shape)}, which do not fit "
-                             f"{num_experts} experts of rank {rank} on a {base.in_features}->{base.out_features} layer")
-        self.base = base  # shared with the base model, never written to
-        self.num_experts, self.rank = num_experts, rank
-        w = base.weight
-        self.router_a = nn.Parameter(torch.cat([router, a], 0).to(w.device, w.dtype), requires_grad=False)
-        # stored transposed (d_in' x d_out) so addmm takes it as it is
-        self.b_scaled_t = nn.Parameter((b.float() * scale).t().contiguous().to(w.device, w.dtype), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, r = self.num_experts, self.rank
-        out = F.linear(x, self.base.weight, self.base.bias)
-        ra = F.linear(x, self.router_a)
-        # softmax of bf16 logits accumulates in fp32 inside the kernel; its bf16 output keeps 3 digits of each gate
-        gates = ra[..., : n + 1].softmax(-1)
-        mixed = ra[..., n + 1:].unflatten(-1, (n, r)) * gates[..., 1:, None]
-        return torch.addmm(out.view(-1, out.shape[-1]), mixed.view(-1, n * r), self.b_scaled_t).view(out.shape)
-
-
-class LoRALinear(nn.Module):
-    """A plain LoRA component for inference, unmerged: ``W0 x + (alpha/r) B A x`` (``B`` pre-scaled)."""
-
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float):
-        super().__init__()
-        self.base = base
-        w = base.weight
-        self.a = nn.Parameter(a.to(w.device, w.dtype), requires_grad=False)
-        self.b_scaled_t = nn.Parameter((b.float() * scale).t().contiguous().to(w.device, w.dtype), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.base.weight, self.base.bias)
-        low = F.linear(x, self.a)
-        return torch.addmm(out.view(-1, out.shape[-1]), low.view(-1, low.shape[-1]), self.b_scaled_t).view(out.shape)
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,12 +238,11 @@ class ModelCache:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         peft_type = str(config.get("peft_type", "")).upper()
         adapter: ServedAdapter | None = None
-        if peft_type in CITI_PEFT_TYPES or peft_type == "LORA":
-            base = self.base(base_spec)
-            modules = _read_adapter_modules(adapter_dir, config, base.linears)
-            if modules is not None:
-                adapter = ServedAdapter(id=adapter_id, base_spec=base_spec,
-                                        kind="lora" if peft_type == "LORA" else "citi", modules=modules)
+        if peft_type in (PEFT_TYPE_NAME, "LORA"):
+            read = read_adapter_modules(adapter_dir, self.base(base_spec).linears)
+            if read is not None:
+                kind, modules = read
+                adapter = ServedAdapter(id=adapter_id, base_spec=base_spec, kind=kind, modules=modules)
         if adapter is None:
             adapter = ServedAdapter(id=adapter_id, base_spec=base_spec, kind="separate",
                                     own=self._load_separate(adapter_dir, base_spec))
@@ -337,182 +276,19 @@ class ModelCache:
         if base.active is adapter:
             return
         if base.active is not None:
-            for name in base.active.modules:
-                _set_module(base.model, name, base.linears[name])
+            swap_modules(base.model, {name: base.linears[name] for name in base.active.modules})
         if adapter is not None:
-            for name, module in adapter.modules.items():
-                _set_module(base.model, name, module)
+            swap_modules(base.model, adapter.modules)
         base.active = adapter
 
 
-CITI_PEFT_TYPES = {"MOLORA"}  # citi_engine.molora.PEFT_TYPE_NAME, without importing peft
-
-
-def adapter_base_spec(adapter_dir: str | os.PathLike) -> str:
-    """The base model an adapter was trained on, as recorded in its directory."""
-    adapter_dir = Path(adapter_dir)
-    job = adapter_dir / "citi_job.json"
-    if job.is_file():
-        data = json.loads(job.read_text())
-        spec = data.get("base_model") or (data.get("config") or {}).get("model")
-        if spec:
-            return spec
-    config = adapter_dir / "adapter_config.json"
-    if config.is_file():
-        spec = json.loads(config.read_text()).get("base_model_name_or_path")
-        if spec:
-            return spec
-    raise ValueError(f"adapter directory {adapter_dir} does not say which base model it belongs to "
-                     "(no citi_job.json 'model' and no adapter_config.json 'base_model_name_or_path')")
-
-
-_ADAPTER_PARAMS = (".molora_router", ".molora_A", ".molora_B", ".lora_A.", ".lora_B.")
-
-
-def _peft_module_name(key: str) -> tuple[str, str]:
-    """Split a peft state-dict key into (base module name, parameter name inside the adapter layer)."""
-    key = key.removeprefix("base_model.model.")
-    for marker in _ADAPTER_PARAMS:
-        i = key.find(marker)
-        if i >= 0:
-            return key[:i], key[i + 1:]
-    name, _, param = key.rpartition(".")
-    return name, param
-
-
-def _read_adapter_modules(adapter_dir: Path, config: dict, linears: dict[str, nn.Linear]) -> dict[str, nn.Module] | None:
-    """Build the replacement modules of a CITI or LoRA adapter, or None when its format is not one we split.
-
-    The names follow what peft saves for :mod:`citi_engine.molora` (``<module>.molora_router|A|B``), for
-    peft LoRA (``<module>.lora_A.weight``/``lora_B.weight``) and for ``modules_to_save`` (the UCO
-    components: ``<module>.weight``/``bias``, the whole trained layer).
-    """
-    from safetensors.torch import load_file
-
-    weights_path = adapter_dir / "adapter_model.safetensors"
-    if not weights_path.is_file():
-        return None
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(weights_path), device="cpu").items():
-        name, param = _peft_module_name(key)
-        grouped.setdefault(name, {})[param] = tensor
-    lora = str(config.get("peft_type", "")).upper() == "LORA"
-    if lora and (config.get("use_dora") or config.get("rank_pattern")):
-        return None  # variants the plain LoRALinear does not compute
-    modules: dict[str, nn.Module] = {}
-    for name, params in grouped.items():
-        base = linears.get(name)
-        if base is None:
-            log.warning("adapter %s names module %s, which is not a linear layer of the base model", adapter_dir, name)
-            return None
-        if set(params) <= {"weight", "bias"}:
-            modules[name] = _full_copy(base, params)
-        elif lora and set(params) == {"lora_A.weight", "lora_B.weight"}:
-            a, b = params["lora_A.weight"], params["lora_B.weight"]
-            r = a.shape[0]
-            alpha = float(config.get("lora_alpha", r))
-            for pattern, value in (config.get("alpha_pattern") or {}).items():
-                if name == pattern or name.endswith("." + pattern):
-                    alpha = float(value)
-            modules[name] = LoRALinear(base, a, b, alpha / r**0.5 if config.get("use_rslora") else alpha / r)
-        elif not lora and set(params) == {"molora_router", "molora_A", "molora_B"}:
-            n, r = int(config["num_experts"]), int(config["r"])
-            modules[name] = MOLoRALinear(base, params["molora_router"], params["molora_A"], params["molora_B"],
-                                         n, r, float(config["alpha"]) / r)
-        else:
-            log.warning("adapter %s: unexpected tensors %s for %s", adapter_dir, sorted(params), name)
-            return None
-    return modules
-
-
-def _full_copy(base: nn.Linear, params: dict[str, torch.Tensor]) -> nn.Linear:
-    """A UCO component: the adapter's own copy of the whole layer, in the base's dtype and device."""
-    w = base.weight
-    copy = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        copy.weight.copy_(params["weight"])
-        if base.bias is not None:
-            copy.bias.copy_(params.get("bias", base.bias))
-    copy.requires_grad_(False)
-    return copy
-
-
 # --------------------------------------------------------------------------------------------------
-# Batched generation
+# Generation
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerationRequest:
-    """One request's generation settings and, once run, its outcome.
-
-    ``prefix_options`` are forced starts of the assistant's text, as token ids: with one, generation
-    continues from it; with several, the one the model finds most likely (summed log-probability) is
-    used. ``on_text`` receives text deltas from the generation thread (the forced prefix first); text
-    that might be the start of a stop string is held back until it is clear.
-    """
-
-    prompt_ids: list[int]
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    prefix_options: list[list[int]] = field(default_factory=list)
-    ignore_eos: bool = False
-    on_text: Callable[[str], None] | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    # outcome
-    text: str = ""
-    prefix_text: str = ""
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    time_to_first_token: float | None = None  # seconds from submitted_at
-    finished_at: float | None = None  # time.perf_counter() when the last token came
-    submitted_at: float = field(default_factory=time.perf_counter)
-
-
-class _Row:
-    """Decode state of one request inside a batch."""
-
-    def __init__(self, req: GenerationRequest, prefix: list[int], tokenizer, device: str):
-        self.req = req
-        self.prefix = prefix
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of the generated text already sent through on_text
-        self.done = False
-        self.ended_by_eos = False
-        self.tokenizer = tokenizer
-        self.generator = None
-        if req.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little"))
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=False)
-
-
-def _forward_kwarg(model: Any) -> str:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes kwargs on
-    params = inspect.signature(inner.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.2x
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters of ``text`` could still grow into a stop string (or finish a character)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    if text.endswith("\ufffd"):  # a multi-byte character split across tokens
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
-    return hold
 
 
 class Generator:
-    """Runs one group of requests on one served model: prefill, then token-by-token decoding.
+    """Runs one group of requests on one served model (see :func:`citi_engine.serving.generate`).
 
     Used from a single thread: it activates the group's adapter on the shared base before running.
     """
@@ -520,149 +296,10 @@ class Generator:
     def __init__(self, cache: ModelCache):
         self.cache = cache
 
-    @torch.inference_mode()
     def run(self, served: ServedModel, requests: list[GenerationRequest]) -> None:
         """Generate for every request in ``requests`` (filling in their outcome fields)."""
-        from citi_engine.generate import stop_token_ids
-
         self.cache.activate(served)
-        model, tok = served.base.model, served.base.tokenizer
-        device = served.base.device
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        eos = stop_token_ids(model, tok)
-        cache_kw = _forward_kwarg(model)
-        rows = []
-        for req in requests:
-            prefix = req.prefix_options[0] if len(req.prefix_options) == 1 else []
-            if len(req.prefix_options) > 1:
-                prefix = self._most_likely(model, req.prompt_ids, req.prefix_options, pad, device)
-            rows.append(_Row(req, prefix, tok, device))
-        for row in rows:
-            row.req.prefix_text = tok.decode(row.prefix, skip_special_tokens=False) if row.prefix else ""
-            if row.req.prefix_text and row.req.on_text:
-                row.req.on_text(row.req.prefix_text)
-
-        seqs = [r.req.prompt_ids + r.prefix for r in rows]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, s in enumerate(seqs):  # left padding: every row's next token lands in the last column
-            input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
-        kv = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **{cache_kw: kv})
-        next_pos = mask.sum(-1, keepdim=True)
-        live = list(range(len(rows)))  # batch row -> index into rows
-        budget = max(r.req.max_new_tokens for r in rows)
-        for _ in range(budget):
-            logits = out.logits[:, -1, :]
-            tokens = self._sample(logits, [rows[i] for i in live])
-            now = time.perf_counter()
-            keep = []
-            for b, i in enumerate(live):
-                row = rows[i]
-                self._advance(row, tokens[b], eos, now)
-                if not row.done:
-                    keep.append(b)
-            if not keep:
-                break
-            if len(keep) < len(live):  # drop finished rows from the batch and its KV cache
-                idx = torch.tensor(keep, device=device)
-                kv.batch_select_indices(idx)
-                mask, next_pos = mask[idx], next_pos[idx]
-                tokens = [tokens[b] for b in keep]
-                live = [live[b] for b in keep]
-            step = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(-1)
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
-            out = model(input_ids=step, attention_mask=mask, position_ids=next_pos, use_cache=True,
-                        **{cache_kw: kv})
-            next_pos = next_pos + 1
-        for row in rows:  # rows cut by the shared loop bound (cannot happen, but never leave one open)
-            if not row.done:
-                self._finish(row, "length")
-
-    def _most_likely(self, model, prompt: list[int], options: list[list[int]], pad: int, device: str) -> list[int]:
-        seqs = [prompt + o for o in options]
-        width, keep = max(len(s) for s in seqs), max(len(o) for o in options)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1).logits
-        logp = logits.float().log_softmax(-1)
-        scores = []
-        for i, o in enumerate(options):
-            # logits at column c predict the token at column c+1; the option fills the last len(o) columns
-            preds = logp[i, -(len(o) + 1):-1]
-            scores.append(preds.gather(-1, torch.tensor(o, device=device).unsqueeze(-1)).sum().item())
-        return options[max(range(len(options)), key=scores.__getitem__)]
-
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        chosen = logits.argmax(-1)
-        sampled = [b for b, row in enumerate(rows) if row.req.temperature > 0]
-        if not sampled:
-            return chosen.tolist()
-        chosen = chosen.tolist()
-        for b in sampled:
-            req = rows[b].req
-            probs = (logits[b].float() / req.temperature).softmax(-1)
-            if req.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                # keep the smallest head whose mass reaches top_p (the top token always stays)
-                cut = (sorted_p.cumsum(-1) - sorted_p) >= req.top_p
-                sorted_p = sorted_p.masked_fill(cut, 0.0)
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            chosen[b] = int(torch.multinomial(probs, 1, generator=rows[b].generator).item())
-        return chosen
-
-    def _advance(self, row: _Row, token: int, eos: set[int], now: float) -> None:
-        req = row.req
-        if req.cancelled.is_set():
-            self._finish(row, "cancelled")
-            return
-        if req.time_to_first_token is None:
-            req.time_to_first_token = now - req.submitted_at
-        if token in eos and not req.ignore_eos:
-            row.ended_by_eos = True  # counted as a completion token, never shown as text
-            self._finish(row, "stop")
-            return
-        row.ids.append(token)
-        text = row.text()
-        for s in req.stop:
-            at = text.find(s)
-            if at >= 0:
-                self._finish(row, "stop", text[:at])
-                return
-        if len(row.ids) >= req.max_new_tokens:
-            self._finish(row, "length", text)
-            return
-        if req.on_text:
-            upto = len(text) - _held_back(text, req.stop)
-            if upto > row.emitted:
-                req.on_text(text[row.emitted:upto])
-                row.emitted = upto
-
-    def _finish(self, row: _Row, reason: str, text: str | None = None) -> None:
-        req = row.req
-        text = row.text() if text is None else text
-        text = text.rstrip("\ufffd") if reason != "length" else text
-        if req.on_text and len(text) > row.emitted and reason != "cancelled":
-            req.on_text(text[row.emitted:])
-        row.emitted = len(text)
-        req.text = req.prefix_text + text
-        req.completion_tokens = len(row.prefix) + len(row.ids) + int(row.ended_by_eos)
-        req.finish_reason = reason
-        req.finished_at = time.perf_counter()
-        row.done = True
-
+        generate(served.base.model, served.base.tokenizer, requests)
 
 # --------------------------------------------------------------------------------------------------
 # The batching loop

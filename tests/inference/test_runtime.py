@@ -11,13 +11,13 @@ import torch
 from citi_engine.adapter import load_adapter
 from citi_engine.components import list_components
 from citi_engine.generate import encode_prompt, generate_chat
+from citi_engine.molora import FrozenMoloraLinear
 from tests.inference.conftest import ASK, GENERAL, WEATHER_TOOL
 from worker.inference_cache import (
     BatchScheduler,
     GenerationRequest,
     Generator,
     ModelCache,
-    MOLoRALinear,
     ServedModel,
 )
 
@@ -51,7 +51,7 @@ def test_citi_adapter_is_served_as_copies_of_its_modules_with_the_logits_of_peft
         assert not torch.equal(copy.weight, original.weight)
     for name in job_components.target_modules:  # MOLoRA: unmerged, over the shared base layer
         module = served.adapter.modules[name]
-        assert isinstance(module, MOLoRALinear)
+        assert isinstance(module, FrozenMoloraLinear)
         assert module.base is served.base.model.get_submodule(name)
 
     cache.activate(served)

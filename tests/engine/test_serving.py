@@ -1,0 +1,81 @@
+"""The serving runtime on its own (no server): a saved CITI adapter read into modules over a shared base gives
+the logits of peft, and batched serving generation gives generate_chat's greedy text, streamed in deltas."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from citi_engine import testing  # noqa: E402
+from citi_engine.adapter import apply_method, save_adapter  # noqa: E402
+from citi_engine.generate import encode_prompt, generate_chat  # noqa: E402
+from citi_engine.models import load_model  # noqa: E402
+from citi_engine.molora import FrozenMoloraLinear  # noqa: E402
+from citi_engine.serving import GenerationRequest, generate, read_adapter_modules, swap_modules  # noqa: E402
+
+MOLORA = ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj", "model.layers.1.self_attn.q_proj"]
+UCO = ["model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "Hi"}]},
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Write a long story about a dragon who learns to cook soup."}]},
+    {"messages": [{"role": "user", "content": "2+2?"}]},
+]
+
+
+def test_citi_adapter_read_into_modules_on_a_shared_base_gives_the_logits_of_peft(tmp_path):
+    base = testing.tiny_llama(seed=0, pad_token_id=0)
+    served = copy.deepcopy(base)
+    peft_model = apply_method(base, "citi", molora=MOLORA, uco=UCO, num_experts=3, rank=4, alpha=8.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".molora_B." in name or ".molora_router." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    save_adapter(peft_model, tmp_path / "adapter", {"model": "tiny"})
+
+    linears = {n: m for n, m in served.named_modules() if isinstance(m, torch.nn.Linear)}
+    kind, modules = read_adapter_modules(tmp_path / "adapter", linears)
+    assert kind == "citi" and set(modules) == set(MOLORA) | set(UCO)
+    assert all(isinstance(modules[n], FrozenMoloraLinear) and modules[n].base is linears[n] for n in MOLORA)
+    ids = torch.randint(1, 96, (2, 7), generator=g)
+    with torch.no_grad():
+        before = served(input_ids=ids).logits
+        swap_modules(served, modules)
+        got, want = served(input_ids=ids).logits, peft_model(input_ids=ids).logits
+        swap_modules(served, {n: linears[n] for n in modules})
+        assert torch.equal(served(input_ids=ids).logits, before), "swapping back restores the base bit for bit"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - before).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, tok = load_model(testing.make_tiny_model_dir(tmp_path_factory.mktemp("tiny")), device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger weights than the init's give varied, prompt-dependent text
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return model, tok
+
+
+def test_batched_serving_gives_generate_chats_greedy_text_in_streamed_deltas(tiny):
+    model, tok = tiny
+    expected = generate_chat(model, tok, CONVERSATIONS, max_new_tokens=12, batch_size=1)
+    deltas: list[list[str]] = [[] for _ in CONVERSATIONS]
+    reqs = [GenerationRequest(prompt_ids=encode_prompt(tok, c["messages"]), max_new_tokens=12,
+                              on_text=deltas[i].append) for i, c in enumerate(CONVERSATIONS)]
+    generate(model, tok, reqs)  # one batch of prompts of different lengths
+    assert [r.text for r in reqs] == [g.text for g in expected]
+    assert [r.completion_tokens for r in reqs] == [g.completion_tokens for g in expected]
+    assert ["".join(d) for d in deltas] == [r.text for r in reqs]
+    assert any(len(d) > 1 for d in deltas), "text arrives as it is generated"
+    assert not torch.is_inference_mode_enabled()
