@@ -1,4 +1,4 @@
-"""``citi submit | jobs | status | watch | download``: the service client.
+"""``citi submit | jobs | status | watch | download | cancel | delete | files``: the service client.
 
 Talks to the API at ``CITI_API_URL`` (default ``http://127.0.0.1:8000``) with the key in ``CITI_API_KEY``
 (both also given as ``--api-url`` / ``--api-key``). Uses httpx; never imports torch.
@@ -8,9 +8,21 @@ Talks to the API at ``CITI_API_URL`` (default ``http://127.0.0.1:8000``) with th
     citi status ftjob-...
     citi watch ftjob-...            # a live progress bar fed by the job's SSE stream
     citi download ftjob-... -o adapter.tar.gz   (or --extract DIR)
+    citi cancel ftjob-...
+    citi delete ftjob-... --yes [--with-files]  # the job with its adapter, report and events
+    citi files list | upload FILE... | delete file-...
+
+Lists (``jobs``, ``files list``) never shorten an id: on a terminal the other columns fold, in a pipe each
+row is one line of tab-separated fields (the id first), no header.
+
+``submit`` uploads local files first (the API checks a job only against uploaded file ids, and the
+estimate route needs one too); when the job is then refused, or the submit is interrupted, it deletes
+the files it uploaded, so nothing is left behind. With ``--idempotency-key`` it reuses an identical file
+already uploaded, so a retried submit finds the same request and returns the same job.
 
 Exit codes: 0 done (a watched job succeeded), 2 a problem the user can fix (bad file, bad parameters,
-a job that failed on its data or budget), 1 anything else, 130 interrupted or the job was cancelled.
+a job that failed on its data or budget, a path that cannot be written), 1 anything else, 130
+interrupted or the job was cancelled.
 """
 
 from __future__ import annotations
@@ -34,12 +46,16 @@ class ClientError(Exception):
     """An error answer from the API (or no answer), printable as is."""
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 details: list | None = None):
+                 details: list | None = None, exit_code: int | None = None):
         super().__init__(message)
         self.status, self.code, self.details = status, code, details or []
+        self._exit_code = exit_code
 
     @property
     def exit_code(self) -> int:
+        """2 for a problem the user can fix (a 4xx answer but 401, or one we say is), else 1."""
+        if self._exit_code is not None:
+            return self._exit_code
         return 2 if self.status is not None and 400 <= self.status < 500 and self.status != 401 else 1
 
 
@@ -122,17 +138,64 @@ def _client(args: argparse.Namespace) -> Client:
                   args.api_key or os.environ.get("CITI_API_KEY"))
 
 
-def _file_id(client: Client, value: str | None, console) -> str | None:
-    """A file id as given, or the id of the local file ``value`` once uploaded."""
+def _print_rows(console, title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A table on a terminal (the id column never shortened, the others fold), tab-separated lines in a pipe."""
+    if not console.is_terminal:
+        for row in rows:
+            console.file.write("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in row) + "\n")
+        console.file.flush()
+        return
+    from rich.table import Table
+
+    table = Table(title=title)
+    id_width = max([len(row[0]) for row in rows] + [len(columns[0])])
+    table.add_column(columns[0], no_wrap=True, min_width=id_width)
+    for column in columns[1:]:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _uploaded_copy(client: Client, path: Path) -> dict | None:
+    """A file this key already uploaded with the same name and the very same bytes, if there is one."""
+    data = path.read_bytes()
+    page = client.request("GET", "/v1/files", params={"limit": 10000})
+    for record in page["data"]:
+        if record["filename"] == path.name and record["bytes"] == len(data):
+            response = client.http.get(f"/v1/files/{record['id']}/content")
+            if response.status_code == 200 and response.content == data:
+                return record
+    return None
+
+
+def _file_id(client: Client, value: str | None, console, uploaded: list[str], reuse: bool = False) -> str | None:
+    """A file id as given, or the id of the local file ``value`` once uploaded (appended to ``uploaded``)."""
     if value is None or value.startswith("file-"):
         return value
     path = Path(value)
     if not path.is_file():
         raise ClientError(f"{value} is neither a file id (file-...) nor a local file", status=400)
-    uploaded = client.upload(path)
-    console.print(f"uploaded {path} as {uploaded['id']} ({uploaded['n_examples']} examples: "
-                  f"{uploaded['n_tool']} tool, {uploaded['n_general']} general)")
-    return uploaded["id"]
+    if reuse:
+        existing = _uploaded_copy(client, path)
+        if existing is not None:
+            console.print(f"{path} is already uploaded as {existing['id']}; using it")
+            return existing["id"]
+    record = client.upload(path)
+    uploaded.append(record["id"])
+    console.print(f"uploaded {path} as {record['id']} ({record['n_examples']} examples: "
+                  f"{record['n_tool']} tool, {record['n_general']} general)")
+    return record["id"]
+
+
+def _delete_uploads(client: Client, file_ids: list[str], console) -> None:
+    """Delete the files this submit uploaded for a job that was not created (a job that uses one keeps it)."""
+    for file_id in file_ids:
+        try:
+            client.request("DELETE", f"/v1/files/{file_id}")
+            console.print(f"deleted {file_id}, uploaded for the refused job")
+        except ClientError as exc:
+            console.print(f"kept {file_id}: {exc}")
 
 
 def _parse_value(text: str) -> Any:
@@ -142,33 +205,45 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _job_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON body of ``POST /jobs`` for ``citi submit``'s flags, without the file ids."""
+    body: dict[str, Any] = {"model": args.model, "method": {"type": args.method, "hyperparameters": {}}}
+    budget = {k: getattr(args, k) for k in ("max_steps", "max_tokens", "max_seconds") if getattr(args, k)}
+    if budget:
+        body["budget"] = budget
+    components = {k: getattr(args, k) for k in ("molora_fraction", "uco_fraction") if getattr(args, k)}
+    if components:
+        body["components"] = components
+    for item in args.hyperparameter or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ClientError(f"--hyperparameter wants NAME=VALUE, got '{item}'", status=400)
+        body["method"]["hyperparameters"][name] = _parse_value(value)
+    for name in ("suffix", "seed"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    return body
+
+
 def cmd_submit(args: argparse.Namespace, console) -> int:
+    body = _job_body(args)  # flags are checked before anything is uploaded
     client = _client(args)
+    uploaded: list[str] = []
+    reuse = bool(args.idempotency_key)
     try:
-        body: dict[str, Any] = {
-            "model": args.model,
-            "training_file": _file_id(client, args.training_file, console),
-            "method": {"type": args.method, "hyperparameters": {}},
-        }
-        for name in ("validation_file", "general_file"):
-            if getattr(args, name):
-                body[name] = _file_id(client, getattr(args, name), console)
-        budget = {k: getattr(args, k) for k in ("max_steps", "max_tokens", "max_seconds") if getattr(args, k)}
-        if budget:
-            body["budget"] = budget
-        components = {k: getattr(args, k) for k in ("molora_fraction", "uco_fraction") if getattr(args, k)}
-        if components:
-            body["components"] = components
-        for item in args.hyperparameter or []:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise ClientError(f"--hyperparameter wants NAME=VALUE, got '{item}'", status=400)
-            body["method"]["hyperparameters"][name] = _parse_value(value)
-        for name in ("suffix", "seed"):
-            if getattr(args, name) is not None:
-                body[name] = getattr(args, name)
-        headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
-        job = client.request("POST", "/jobs", json=body, headers=headers)
+        try:
+            body["training_file"] = _file_id(client, args.training_file, console, uploaded, reuse)
+            for name in ("validation_file", "general_file"):
+                if getattr(args, name):
+                    body[name] = _file_id(client, getattr(args, name), console, uploaded, reuse)
+            headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+            job = client.request("POST", "/jobs", json=body, headers=headers)
+        except (ClientError, KeyboardInterrupt) as exc:
+            # Refused (or interrupted): what this submit uploaded would be left behind, unused. Without an
+            # answer the job may exist; the API refuses to delete a file an unfinished job uses.
+            if uploaded and not (isinstance(exc, ClientError) and exc.status is None):
+                _delete_uploads(client, uploaded, console)
+            raise
         if args.json:
             print(json.dumps(job, indent=1))
         else:
@@ -178,6 +253,10 @@ def cmd_submit(args: argparse.Namespace, console) -> int:
         return 0
     finally:
         client.close()
+
+
+def _when(timestamp: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp)) if timestamp else ""
 
 
 def cmd_jobs(args: argparse.Namespace, console) -> int:
@@ -190,17 +269,13 @@ def cmd_jobs(args: argparse.Namespace, console) -> int:
     if args.json:
         print(json.dumps(page, indent=1))
         return 0
-    from rich.table import Table
-
-    table = Table(title="jobs")
-    for column in ("id", "status", "model", "method", "progress", "created"):
-        table.add_column(column)
+    rows = []
     for job in page["data"]:
         progress = job.get("progress") or {}
         steps = f"{progress.get('step', 0)}/{progress.get('total_steps') or '?'}" if progress else ""
-        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"]))
-        table.add_row(job["id"], job["status"], job["model"], job["method"].get("type", ""), steps, created)
-    console.print(table)
+        rows.append((job["id"], job["status"], job["model"], (job.get("method") or {}).get("type", ""), steps,
+                     _when(job.get("created_at")), job.get("fine_tuned_model") or ""))
+    _print_rows(console, "jobs", ("id", "status", "model", "method", "progress", "created", "fine_tuned_model"), rows)
     return 0
 
 
@@ -268,45 +343,193 @@ def cmd_watch(args: argparse.Namespace, console) -> int:
         client.close()
 
 
+def _writable_target(output: str | None, job_id: str) -> Path:
+    """Where the archive goes: ``output`` (inside it when it is a folder), else ``<job id>.tar.gz``."""
+    target = Path(output or f"{job_id}.tar.gz")
+    if target.is_dir():
+        target = target / f"{job_id}.tar.gz"
+    return target
+
+
 def cmd_download(args: argparse.Namespace, console) -> int:
+    import httpx
+    from rich.filesize import decimal
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+    target = _writable_target(args.output, args.job_id)
+    partial = target.with_name(target.name + ".part")
+    try:  # before asking for the archive: a path that cannot be written fails at once, in one line
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = open(partial, "wb")
+    except OSError as exc:
+        raise _write_error(target, exc) from exc
     client = _client(args)
-    target = Path(args.output or f"{args.job_id}.tar.gz")
     try:
-        with client.http.stream("GET", f"/jobs/{args.job_id}/adapter") as response:
+        with out, client.http.stream("GET", f"/jobs/{args.job_id}/adapter") as response:
             if response.status_code >= 400:
                 response.read()
                 raise _error(response)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
-            with open(partial, "wb") as out:
+            length = response.headers.get("Content-Length")  # the archive is streamed: usually unknown
+            total = int(length) if length and length.isdigit() else None
+            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[size]}"),
+                          TransferSpeedColumn(), TimeElapsedColumn(), console=console, disable=args.quiet) as bar:
+                task = bar.add_task(args.job_id, total=total, size="0 bytes")
+                done = 0
                 for chunk in response.iter_bytes():
                     out.write(chunk)
-            os.replace(partial, target)
+                    done += len(chunk)
+                    bar.update(task, completed=done, size=decimal(done))
+                bar.update(task, total=done, completed=done)  # ends full once the size is known
+        os.replace(partial, target)
+    except httpx.HTTPError as exc:
+        raise ClientError(f"the download of {args.job_id} from {client.url} broke off ({exc}); run it again") from exc
+    except OSError as exc:
+        raise _write_error(target, exc) from exc
     finally:
+        partial.unlink(missing_ok=True)
         client.close()
     if args.extract:
         dest = Path(args.extract)
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(target, "r:gz") as tar:
-            tar.extractall(dest, filter="data")
-        console.print(f"adapter extracted to {dest / args.job_id}")
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(target, "r:gz") as tar:
+                tar.extractall(dest, filter="data")
+        except OSError as exc:
+            raise _write_error(dest, exc) from exc
+        except tarfile.TarError as exc:
+            raise ClientError(f"{target} is not a complete adapter archive ({exc}); download it again") from exc
+        console.print(f"adapter extracted to {dest / args.job_id}", soft_wrap=True)
     else:
-        console.print(f"adapter saved to {target}")
+        console.print(f"adapter saved to {target} ({decimal(target.stat().st_size)})", soft_wrap=True)
     return 0
+
+
+def _write_error(path: Path, exc: OSError) -> ClientError:
+    return ClientError(f"cannot write {path}: {exc.strerror or exc}; choose another path", exit_code=2)
+
+
+def cmd_cancel(args: argparse.Namespace, console) -> int:
+    client = _client(args)
+    try:
+        job = client.request("POST", f"/jobs/{args.job_id}/cancel")
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(job, indent=1))
+    elif job["status"] == "cancelled":
+        console.print(f"job {job['id']} cancelled")
+    else:  # a running job stops within one training step
+        console.print(f"job {job['id']} {job['status']}: it stops within one training step "
+                      f"(citi watch {job['id']} follows it)")
+    return 0
+
+
+def _confirmed(args: argparse.Namespace, what: str) -> bool:
+    """``--yes``, or a yes typed at the terminal; never a silent yes in a script."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ClientError(f"not deleting {what} without --yes (stdin is not a terminal to ask on)", exit_code=2)
+    return input(f"delete {what}? this cannot be undone [y/N] ").strip().lower() in ("y", "yes")
+
+
+def cmd_delete(args: argparse.Namespace, console) -> int:
+    client = _client(args)
+    try:
+        job = client.request("GET", f"/jobs/{args.job_id}")
+        if job["status"] not in TERMINAL:
+            client.request("DELETE", f"/jobs/{args.job_id}")  # the API refuses it and says what to do
+        files = [job[name] for name in ("training_file", "validation_file", "general_file")
+                 if args.with_files and job.get(name)]
+        what = f"job {job['id']} with its adapter, report and events" + (f" and {', '.join(files)}" if files else "")
+        if not _confirmed(args, what):
+            console.print("nothing deleted")
+            return 1
+        client.request("DELETE", f"/jobs/{args.job_id}")
+        console.print(f"deleted job {job['id']}" + (f" ({job['fine_tuned_model']})" if job.get("fine_tuned_model")
+                                                    else ""))
+        code = 0
+        for file_id in files:
+            try:
+                client.request("DELETE", f"/v1/files/{file_id}")
+                console.print(f"deleted {file_id}")
+            except ClientError as exc:  # in use by another unfinished job, or already gone
+                console.print(f"kept {file_id}: {exc}")
+                code = exc.exit_code
+        return code
+    finally:
+        client.close()
+
+
+def cmd_files_list(args: argparse.Namespace, console) -> int:
+    client = _client(args)
+    try:
+        page = client.request("GET", "/v1/files", params={"limit": args.limit})
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(page, indent=1))
+        return 0
+    rows = [(f["id"], f["filename"], f.get("format", ""), str(f["n_examples"]), f"{f['n_tool']}/{f['n_general']}",
+             str(f["bytes"]), _when(f.get("created_at"))) for f in page["data"]]
+    _print_rows(console, "files", ("id", "filename", "format", "examples", "tool/general", "bytes", "created"), rows)
+    return 0
+
+
+def cmd_files_upload(args: argparse.Namespace, console) -> int:
+    client = _client(args)
+    try:
+        records = []
+        for name in args.paths:
+            path = Path(name)
+            if not path.is_file():
+                raise ClientError(f"no file at {path}", exit_code=2)
+            record = client.upload(path)
+            records.append(record)
+            if not args.json:
+                console.print(f"{record['id']}\t{path}: {record['n_examples']} examples "
+                              f"({record['n_tool']} tool, {record['n_general']} general)")
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(records if len(records) != 1 else records[0], indent=1))
+    return 0
+
+
+def cmd_files_delete(args: argparse.Namespace, console) -> int:
+    client = _client(args)
+    code = 0
+    try:
+        for file_id in args.file_ids:
+            try:
+                client.request("DELETE", f"/v1/files/{file_id}")
+                console.print(f"deleted {file_id}")
+            except ClientError as exc:  # go on with the others; the exit code says one failed
+                console.print(f"[red]error[/red]: {file_id}: {exc}")
+                code = max(code, exc.exit_code)
+    finally:
+        client.close()
+    return code
 
 
 def _handler(command):
     def run(args: argparse.Namespace) -> int:
         from rich.console import Console
 
-        console = Console(stderr=bool(getattr(args, "json", False)))
+        # No highlighting: rich would colour parts of ids and paths (an "a:c" in an id as an IPv6 address).
+        console = Console(stderr=bool(getattr(args, "json", False)), highlight=False)
         try:
             return command(args, console)
         except ClientError as exc:
-            console.print(f"[red]error[/red]: {exc}")
+            console.print(f"[red]error[/red]: {exc}", soft_wrap=True)
             for detail in exc.details[:50]:
-                console.print(f"  line {detail.get('line')}: {detail.get('code')}: {detail.get('message')}")
+                console.print(f"  line {detail.get('line')}: {detail.get('code')}: {detail.get('message')}",
+                              soft_wrap=True)
             return exc.exit_code
+        except OSError as exc:  # a local file that cannot be read or written: the user can fix it
+            where = f"{exc.filename}: " if exc.filename else ""
+            console.print(f"[red]error[/red]: {where}{exc.strerror or exc}", soft_wrap=True)
+            return 2
     return run
 
 
@@ -316,9 +539,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``submit``, ``jobs``, ``status``, ``watch`` and ``download`` to the ``citi`` parser."""
+    """Add the service commands (submit, jobs, status, watch, download, cancel, delete, files) to ``citi``."""
     p = subparsers.add_parser("submit", help="submit a fine-tuning job to the service",
-                              description="Upload the training file (unless a file id is given) and create a job.")
+                              description="Upload the training file (unless a file id is given) and create a job. "
+                              "Files uploaded for a job the API refuses are deleted again.")
     p.add_argument("training_file", help="a local JSONL file (uploaded first) or an uploaded file id (file-...)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model spec")
     p.add_argument("--validation-file", default=None, help="held-out tool test set: local file or file id")
@@ -333,13 +557,18 @@ def register(subparsers) -> None:
                    help="a method hyperparameter, e.g. -H batch_size=8 (repeatable)")
     p.add_argument("--suffix", default=None, help="added to the fine_tuned_model id")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--idempotency-key", default=None, help="retrying with the same key returns the same job")
+    p.add_argument("--idempotency-key", default=None,
+                   help="retrying with the same key returns the same job (a local file already uploaded with the "
+                   "same name and bytes is reused, not uploaded again)")
     p.add_argument("--watch", action="store_true", help="follow the job until it ends")
     p.add_argument("--json", action="store_true", help="print the job as JSON")
     _common(p)
     p.set_defaults(func=_handler(cmd_submit))
 
-    p = subparsers.add_parser("jobs", help="list your fine-tuning jobs")
+    p = subparsers.add_parser("jobs", help="list your fine-tuning jobs",
+                              description="List your jobs, newest first. On a terminal, a table whose id column is "
+                              "never shortened; in a pipe, one tab-separated line a job: id, status, model, "
+                              "method, progress, created, fine_tuned_model.")
     p.add_argument("--status", default=None, help="only jobs in this status")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
@@ -357,12 +586,52 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_handler(cmd_watch))
 
-    p = subparsers.add_parser("download", help="download a finished job's adapter (.tar.gz)")
+    p = subparsers.add_parser("download", help="download a finished job's adapter (.tar.gz) with a progress bar")
     p.add_argument("job_id")
-    p.add_argument("-o", "--output", default=None, help="where to save the archive (default: <job id>.tar.gz)")
+    p.add_argument("-o", "--output", default=None,
+                   help="where to save the archive: a file, or a folder to save <job id>.tar.gz in "
+                   "(default: <job id>.tar.gz here)")
     p.add_argument("--extract", default=None, metavar="DIR", help="also extract the archive into DIR")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _common(p)
     p.set_defaults(func=_handler(cmd_download))
+
+    p = subparsers.add_parser("cancel", help="cancel a job (a queued one at once, a running one within a step)")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    _common(p)
+    p.set_defaults(func=_handler(cmd_cancel))
+
+    p = subparsers.add_parser("delete", help="delete a finished job: its fine-tuned model (adapter), report, events",
+                              description="Delete a finished (succeeded, failed or cancelled) job with its adapter "
+                              "(the fine-tuned model), report and events; cancel an unfinished one first. Asks "
+                              "first on a terminal; elsewhere it needs --yes.")
+    p.add_argument("job_id")
+    p.add_argument("--with-files", action="store_true",
+                   help="also delete the job's training, validation and general files (kept when another "
+                   "unfinished job uses them)")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    _common(p)
+    p.set_defaults(func=_handler(cmd_delete))
+
+    p = subparsers.add_parser("files", help="list, upload or delete your uploaded files (the Files API)")
+    files = p.add_subparsers(dest="files_command", metavar="ACTION", required=True)
+    q = files.add_parser("list", help="list your files, newest first",
+                         description="On a terminal, a table whose id column is never shortened; in a pipe, one "
+                         "tab-separated line a file: id, filename, format, examples, tool/general, bytes, created.")
+    q.add_argument("--limit", type=int, default=100)
+    q.add_argument("--json", action="store_true")
+    _common(q)
+    q.set_defaults(func=_handler(cmd_files_list))
+    q = files.add_parser("upload", help="upload JSONL files (checked by the API; a bad one is listed line by line)")
+    q.add_argument("paths", nargs="+", metavar="FILE")
+    q.add_argument("--json", action="store_true", help="print the file object(s) as JSON")
+    _common(q)
+    q.set_defaults(func=_handler(cmd_files_upload))
+    q = files.add_parser("delete", help="delete files (refused while an unfinished job uses one)")
+    q.add_argument("file_ids", nargs="+", metavar="FILE_ID")
+    _common(q)
+    q.set_defaults(func=_handler(cmd_files_delete))
 
 
 if __name__ == "__main__":  # pragma: no cover - convenience: python -m citi_engine.cli.client
