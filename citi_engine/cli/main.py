@@ -5,9 +5,10 @@ commands share).
     citi importance --model SPEC --data FILE --out DIR
     citi chat       --adapter DIR | --model SPEC  [--tools FILE] "prompt"
     citi validate   FILE [--json]
-    citi export     --adapter DIR --out DIR
+    citi export     --adapter DIR --out DIR [--force]
     citi eval       ...  (citi_engine/cli/eval.py)
-    citi <service>  ...  (citi_engine/cli/client.py, the service client, when installed)
+    citi submit | jobs | status | watch | download | cancel | delete | files ...
+                         (citi_engine/cli/client.py, the service client, when installed)
 
 Each module exposes ``register(subparsers)`` and imports torch only inside its handlers, so
 ``citi --help`` stays fast. Handlers return the exit code: 0 done, 2 a problem the user can fix
