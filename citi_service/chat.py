@@ -8,13 +8,13 @@ here when it arrives, so a request is judged the same wherever it lands. Checks 
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from citi_service.errors import APIError
+from citi_service.settings import get_settings
 
 # OpenAI's rule for function names, plus dots: many real APIs name functions like `calendar.create_event`, and the
 # training data validator accepts them, so a model trained on such names must be callable with them.
@@ -286,5 +286,7 @@ def check_request(req: ChatCompletionRequest) -> None:
 
 
 def inference_token() -> str | None:
-    """``CITI_INFERENCE_TOKEN``: a shared secret the inference server asks for, when set."""
-    return os.environ.get("CITI_INFERENCE_TOKEN") or None
+    """``CITI_INFERENCE_TOKEN``, read through the service settings (the environment, or ``.env``): the secret the
+    API presents and the inference server requires; None when it is not configured."""
+    token = get_settings().inference_token
+    return token.get_secret_value() if token is not None and token.get_secret_value() else None

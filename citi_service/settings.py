@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -107,9 +107,13 @@ class Settings(BaseSettings):
         "too); POST /jobs/estimate divides the training time by it. Unset: the workers use every GPU they see, "
         "and the estimate assumes one.")
     inference_url: str | None = Field(None, description="CITI_INFERENCE_URL: the inference server.")
+    inference_token: SecretStr | None = Field(
+        None, description="CITI_INFERENCE_TOKEN: the shared secret the API presents to the inference server. "
+        "Required by both: the inference server does not start without it and refuses every request but /healthz "
+        "that does not carry it; the API answers chat with 503 until it is set.")
 
     @field_validator("work_dir", "s3_endpoint_url", "s3_access_key_id", "s3_secret_access_key", "inference_url",
-                     "gpus_per_job", mode="before")
+                     "inference_token", "gpus_per_job", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

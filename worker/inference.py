@@ -29,15 +29,22 @@ Configuration (environment): ``CITI_ADAPTER_CACHE_SIZE`` (8), ``CITI_INFERENCE_M
 ``CITI_INFERENCE_DTYPE`` (bf16 on GPU, fp32 on CPU), ``CITI_INFERENCE_MAX_NEW_TOKENS`` (cap when a request
 sets none, 1024), ``CITI_INFERENCE_MAX_CONTEXT`` (cap on the model's context), ``CITI_INFERENCE_PRELOAD``
 (base specs loaded at start), ``CITI_INFERENCE_CACHE_DIR`` (where adapters from S3 are unpacked),
-``CITI_INFERENCE_TOKEN`` (shared secret the API must present), plus the service's storage settings and
-``CITI_MODEL_DIRS`` (see :mod:`citi_service.settings`).
+plus the service's settings (:mod:`citi_service.settings`): storage, ``CITI_MODEL_DIRS``, ``CITI_ALLOWED_MODELS``
+and ``CITI_INFERENCE_TOKEN``. Everything is read from the environment or a ``.env`` file, as the API reads it.
+
+Access: the server trusts the adapter location the API sends, so nothing but the API may call it. It does not
+start without ``CITI_INFERENCE_TOKEN`` and answers every request but ``GET /healthz`` with 401 unless it carries
+that token as a bearer key; ``/healthz`` tells liveness and counts, never a model or adapter id. A base model
+must pass the API's own allow-list (:mod:`citi_service.model_access`); an adapter's job id that is not one is 400.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import re
 import secrets
 import shutil
 import tempfile
@@ -47,27 +54,31 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from citi_engine.data.chat_format import TOOL_CALL_OPEN, format_tool_calls, parse_tool_calls, render_prompt
 from citi_engine.errors import CitiError, ModelSpecError
 from citi_service.chat import ChatCompletionRequest, check_request, inference_token
 from citi_service.errors import APIError, error_body, install_error_handlers
 from citi_service.keys import adapter_prefix
+from citi_service.model_access import base_model_allowed
 from citi_service.settings import get_settings
 from citi_service.storage import check_prefix, make_storage
 from worker.inference_cache import BatchScheduler, GenerationRequest, ModelCache, ServedModel
 
 log = logging.getLogger("citi.inference")
 
+JOB_ID = re.compile(r"^ftjob-[A-Za-z0-9_-]{1,64}$")
+
 
 class InferenceSettings(BaseSettings):
     """Settings of the inference server (environment variables ``CITI_*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="CITI_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CITI_", env_file=".env", extra="ignore")
 
     adapter_cache_size: int = Field(8, ge=1, description="CITI_ADAPTER_CACHE_SIZE: adapters kept loaded (LRU).")
     inference_max_batch: int = Field(16, ge=1, description="CITI_INFERENCE_MAX_BATCH: requests per batch.")
@@ -141,11 +152,18 @@ class InferenceService:
         adapter = req.citi_adapter
         try:
             if adapter is None:
+                if not base_model_allowed(req.model, get_settings()):
+                    raise APIError(404, "model_not_found", f"The model '{req.model}' is not served here: it is not "
+                                   "allowed on this service (CITI_ALLOWED_MODELS, else the built-in model or one "
+                                   "under CITI_MODEL_DIRS)", param="model")
                 base = await asyncio.to_thread(self.cache.base, req.model)
                 return ServedModel(base=base)
             for key in ("id", "job_id"):
                 if not isinstance(adapter.get(key), str) or not adapter[key]:
                     raise APIError(400, "invalid_request", f"citi_adapter.{key} is missing", param="citi_adapter")
+            if not JOB_ID.match(adapter["job_id"]):
+                raise APIError(400, "invalid_request", "citi_adapter.job_id is not a job id (ftjob- and up to 64 "
+                               "letters, digits, '_' or '-')", param="citi_adapter.job_id")
             lock = self._fetch_locks.setdefault(adapter["job_id"], asyncio.Lock())
             async with lock:  # one download per adapter, however many requests wait for it
                 adapter_dir = await asyncio.to_thread(self._fetch_adapter, adapter)
@@ -375,19 +393,36 @@ def _service(request: Request) -> InferenceService:
     return request.app.state.service
 
 
-def _check_token(request: Request) -> None:
-    expected = inference_token()
-    if expected is None:
-        return
-    import hmac
+PUBLIC_PATHS = ("/healthz",)
 
-    presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise APIError(401, "invalid_api_key", "this inference server needs CITI_INFERENCE_TOKEN as a bearer key")
+
+class TokenMiddleware:
+    """401 for every request but ``/healthz`` that does not carry ``CITI_INFERENCE_TOKEN`` as a bearer key
+    (unknown paths included, so an unauthenticated caller learns nothing about the server)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            expected = inference_token()
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            presented = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+            if expected is None or not presented or not hmac.compare_digest(presented.encode(), expected.encode()):
+                error = APIError(401, "invalid_api_key", "this inference server is called by the citi API only: "
+                                 "send CITI_INFERENCE_TOKEN as a bearer key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    if inference_token() is None:
+        raise RuntimeError("CITI_INFERENCE_TOKEN is not set: the inference server does not start without the secret "
+                           "the API presents. Set the same value for the API and the inference server, in .env or "
+                           "the environment (python3 -c \"import secrets; print(secrets.token_urlsafe(32))\")")
     service = InferenceService()
     app.state.service = service
     for spec in [s.strip() for s in service.settings.inference_preload.split(",") if s.strip()]:
@@ -399,28 +434,31 @@ async def lifespan(app: FastAPI):
         await service.scheduler.close()
 
 
-app = FastAPI(title="citi inference server", version="0.1.0", lifespan=lifespan,
+app = FastAPI(title="citi inference server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+              openapi_url=None,
               description="Serves base models and CITI adapters behind an OpenAI-compatible chat endpoint; "
               "the API forwards to it (CITI_INFERENCE_URL).")
 install_error_handlers(app)
+app.add_middleware(TokenMiddleware)
 
 
 @app.get("/healthz")
 def healthz(request: Request) -> dict:
-    """Liveness and what is loaded: device, base models, cached adapters, batches run."""
+    """Liveness and counts: device, base models and adapters loaded, batches run. No model or adapter ids: it
+    needs no token (container health checks call it), so it tells nothing about any tenant."""
     service = _service(request)
     return {
         "status": "ok",
         "device": service.cache.device,
-        "base_models": service.cache.loaded_bases(),
-        "adapters": service.cache.cached_adapters(),
+        "base_models": len(service.cache.loaded_bases()),
+        "adapters": len(service.cache.cached_adapters()),
         "adapter_cache_size": service.cache.adapter_cache_size,
         "batches": service.scheduler.batches_run,
         "in_flight": service._in_flight,
     }
 
 
-@app.post("/v1/chat/completions", dependencies=[Depends(_check_token)])
+@app.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Generate a chat completion (streamed as SSE when ``stream`` is true)."""
     service = _service(request)

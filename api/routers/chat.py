@@ -24,9 +24,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import get_store, get_tenant, settings_dep
-from api.model_access import base_model_allowed, model_not_found
+from api.model_access import model_not_found
 from citi_service.chat import ChatCompletionRequest, check_request, inference_token
 from citi_service.errors import APIError, error_body
+from citi_service.model_access import base_model_allowed
 from citi_service.settings import Settings
 from citi_service.store import Store
 
@@ -94,9 +95,11 @@ async def chat_completions(
     url = settings.inference_url
     if not url:
         raise _unavailable(None, "is not configured (CITI_INFERENCE_URL is unset)")
-    headers = {"X-Request-ID": request.headers.get("x-request-id", "")}
-    if inference_token():
-        headers["Authorization"] = f"Bearer {inference_token()}"
+    token = inference_token()
+    if token is None:
+        raise _unavailable(url, "cannot be called: CITI_INFERENCE_TOKEN is not set for the API (set the same secret "
+                           "for the API and the inference server, in .env)")
+    headers = {"X-Request-ID": request.headers.get("x-request-id", ""), "Authorization": f"Bearer {token}"}
     client = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=_timeout())
     try:
         upstream = await client.send(client.build_request("POST", "/v1/chat/completions", json=payload,
@@ -110,6 +113,10 @@ async def chat_completions(
         finally:
             await upstream.aclose()
             await client.aclose()
+        if upstream.status_code == 401:  # the caller's key was fine: the two servers disagree on the token
+            log.error("the inference server at %s refused the API's CITI_INFERENCE_TOKEN", url)
+            raise _unavailable(url, "refused the API's CITI_INFERENCE_TOKEN (the two must be set to the same "
+                               "secret)")
         if upstream.status_code != 200:
             return _passthrough_error(upstream.status_code, raw)
         return JSONResponse(json.loads(raw))

@@ -22,7 +22,6 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from api.archive import stream_tar_gz
 from api.deps import get_storage, get_store, get_tenant, settings_dep
-from api.model_access import check_model
 from api.schemas import (
     CheckpointList,
     Deleted,
@@ -36,6 +35,7 @@ from api.schemas import (
 )
 from citi_service.errors import APIError, not_found
 from citi_service.keys import adapter_prefix, file_key, job_prefix, work_dir
+from citi_service.model_access import check_model
 from citi_service.queue import enqueue
 from citi_service.records import TERMINAL, status_event
 from citi_service.settings import Settings

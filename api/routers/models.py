@@ -10,7 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from api.deps import get_store, get_tenant, settings_dep
-from api.model_access import allowed_base_models, base_model_allowed, model_not_found
+from api.model_access import allowed_base_models, model_not_found
+from citi_service.model_access import base_model_allowed
 from citi_service.settings import Settings
 from citi_service.store import Store
 

@@ -180,6 +180,10 @@ def lora_dir(varied_model, tmp_path_factory) -> str:
 # -- the service -----------------------------------------------------------------------------------
 
 
+# The secret the API presents to the inference server (both read CITI_INFERENCE_TOKEN).
+INFERENCE_TOKEN = "test-inference-token-0123456789"
+
+
 @dataclass
 class Stack:
     """The running processes and how to reach them."""
@@ -214,7 +218,8 @@ def stack(tmp_path_factory, model_root, small_model):
     base = tmp_path_factory.mktemp("stack")
     env = base_env(db, base / "artifacts", model_root)
     env.update({"OMP_NUM_THREADS": "1", "CITI_INFERENCE_DEVICE": "cpu", "CITI_ADAPTER_CACHE_SIZE": "2",
-                "CITI_INFERENCE_MAX_NEW_TOKENS": "48", "CITI_INFERENCE_CACHE_DIR": str(base / "inference-cache")})
+                "CITI_INFERENCE_MAX_NEW_TOKENS": "48", "CITI_INFERENCE_CACHE_DIR": str(base / "inference-cache"),
+                "CITI_INFERENCE_TOKEN": INFERENCE_TOKEN})
     logs = [base / "inference.log", base / "api.log"]
     inference, inference_url = start_inference(env, logs[0])
     env["CITI_INFERENCE_URL"] = inference_url

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.inference.conftest import ASK, CALL, RESULT, STOCK_TOOL, WEATHER_TOOL
+from tests.inference.conftest import ASK, CALL, INFERENCE_TOKEN, RESULT, STOCK_TOOL, WEATHER_TOOL
 from tests.service.conftest import KEYS
 
 pytestmark = pytest.mark.service
@@ -297,3 +297,95 @@ def test_an_unreachable_inference_server_is_503_with_how_to_fix_it(stack, weathe
                    "model_not_found")
     finally:
         stop_process(proc)
+
+
+# -- the inference server's own door ---------------------------------------------------------------
+
+
+def test_the_inference_server_refuses_every_request_without_its_token(stack, weather_model):
+    body = {"model": stack.env["CITI_MODEL_DIRS"], "messages": ASK}
+    with httpx.Client(base_url=stack.inference_url, timeout=30) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": INFERENCE_TOKEN},
+                        {"Authorization": f"Basic {INFERENCE_TOKEN}"}):
+            for method, path in (("POST", "/v1/chat/completions"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                                 ("GET", "/nope")):
+                r = c.request(method, path, json=body if method == "POST" else None, headers=headers)
+                _error(r, 401, "invalid_api_key")
+        health = c.get("/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+    # /healthz needs no token, so it names nothing: no adapter id, job id or model path
+    job_id = weather_model.rsplit(":", 1)[-1]
+    assert isinstance(health.json()["adapters"], int) and isinstance(health.json()["base_models"], int)
+    assert weather_model not in health.text and job_id not in health.text and "/" not in health.text
+
+
+def test_the_inference_server_applies_the_allow_list_and_refuses_bad_adapter_ids(stack, weather_model, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    auth = {"Authorization": f"Bearer {INFERENCE_TOKEN}"}
+    with httpx.Client(base_url=stack.inference_url, headers=auth, timeout=60) as c:
+        for model in ("meta-llama/Llama-3.1-8B-Instruct", str(outside), "../../etc", "no such model!"):
+            _error(c.post("/v1/chat/completions", json={"model": model, "messages": ASK}), 404, "model_not_found",
+                   "model")
+        for job_id in ("../../etc", "ftjob-../x", "ftjob-a/b", "x" * 300, "ftjob-" + "a" * 65):
+            r = c.post("/v1/chat/completions", json={"model": weather_model, "messages": ASK, "citi_adapter": {
+                "id": weather_model, "job_id": job_id}})
+            _error(r, 400, "invalid_request", "citi_adapter.job_id")
+
+
+def test_a_token_in_dotenv_is_read_by_the_api_and_the_inference_server_and_none_is_refused(stack, small_model,
+                                                                                           tmp_path):
+    import subprocess
+    import sys
+
+    from tests.service.conftest import ROOT, free_port, stop_process
+
+    env = {k: v for k, v in stack.env.items() if k not in ("CITI_INFERENCE_TOKEN", "CITI_INFERENCE_URL")}
+    # No token anywhere: the inference server does not start, and says why.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "uvicorn", "worker.inference:app", "--port", str(free_port())],
+                          cwd=bare, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "CITI_INFERENCE_TOKEN is not set" in proc.stdout + proc.stderr
+
+    # The token only in .env (the working directory of both servers, as `.env.example` says).
+    token = "dotenv-inference-token-42"
+    inference_port, api_port = free_port(), free_port()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".env").write_text(f"CITI_INFERENCE_TOKEN={token}\nCITI_INFERENCE_URL=http://127.0.0.1:{inference_port}\n")
+    procs = []
+    try:
+        for app, port in (("worker.inference:app", inference_port), ("api.main:app", api_port)):
+            with open(tmp_path / f"{port}.log", "ab") as out:
+                procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port",
+                                               str(port)], cwd=run, env={**env, "PYTHONPATH": str(ROOT)}, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        for port in (inference_port, api_port):
+            _wait_healthy(f"http://127.0.0.1:{port}", procs)
+        inference = f"http://127.0.0.1:{inference_port}/v1/chat/completions"
+        _error(httpx.post(inference, json={"model": small_model, "messages": ASK}, timeout=30), 401, "invalid_api_key")
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=120,
+                          headers={"Authorization": f"Bearer {KEYS['alice']}"}) as c:
+            r = c.post("/v1/chat/completions", json={"model": small_model, "messages": ASK, "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] <= 2
+    finally:
+        for p in procs:
+            stop_process(p)
+
+
+def _wait_healthy(url: str, procs: list) -> None:
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert all(p.poll() is None for p in procs), "a server exited"
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer")

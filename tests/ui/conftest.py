@@ -100,7 +100,7 @@ def ui_service(tmp_path_factory, ui_redis_db) -> UIService:
     env = base_env(ui_redis_db, base / "artifacts", Path(model_dir).parent)
     env.update({"CITI_INFERENCE_URL": f"http://127.0.0.1:{inference_port}", "CITI_INFERENCE_DEVICE": "cpu",
                 "CITI_INFERENCE_CACHE_DIR": str(base / "inference-cache"),
-                "CITI_SESSION_SECRET": "ui-test-session-secret"})
+                "CITI_SESSION_SECRET": "ui-test-session-secret", "CITI_INFERENCE_TOKEN": "ui-test-inference-token"})
     proc, url = start_api(env, base / "api.log")
     if httpx.get(url + "/ui", timeout=10).status_code != 200:
         stop_process(proc)
