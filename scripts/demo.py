@@ -98,6 +98,7 @@ class Services:
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.env: dict[str, str] = {}
 
     def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
         """Start ``cmd`` in its own process group (so stopping it stops its children), logging to a file."""
@@ -156,8 +157,18 @@ def wait_http(url: str, services: Services, timeout: float, what: str) -> None:
     raise DemoError(f"{what} did not answer at {url} within {timeout:.0f} s")
 
 
-def start_services(services: Services, api_key: str) -> dict[str, str]:
-    """Start Redis (if needed), the API, a worker and the inference server; returns their URLs."""
+def start_worker(services: Services, env: dict[str, str], name: str = "worker") -> subprocess.Popen:
+    """One Celery worker on the service's queue (one job at a time), logging to ``logs/<name>.log``."""
+    return services.start(name, [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                                 "--loglevel=INFO", "--concurrency=1", "-Q", env["CITI_QUEUE"],
+                                 f"--hostname={name}-{secrets.token_hex(3)}@%h"], env)
+
+
+def start_services(services: Services, api_key: str, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Start Redis (if needed), the API, a worker and the inference server; returns their URLs.
+
+    ``extra_env`` adds settings of the service's own (``CITI_MODEL_DIRS``, ``CITI_DEVICE``); the environment
+    the processes got is kept as ``services.env`` (to start another worker later)."""
     run_dir = services.run_dir
     if shutil.which("redis-server"):
         # A private Redis: the demo's jobs and queue never meet another service's or test's.
@@ -195,12 +206,12 @@ def start_services(services: Services, api_key: str) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
         "PYTHONUNBUFFERED": "1",
     })
+    env.update(extra_env or {})
+    services.env = env
     py = sys.executable
     services.start("api", [py, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(api_port),
                            "--log-level", "warning"], env)
-    services.start("worker", [py, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO",
-                              "--concurrency=1", "-Q", env["CITI_QUEUE"],
-                              f"--hostname=demo-{secrets.token_hex(3)}@%h"], env)
+    start_worker(services, env)
     services.start("inference", [py, "-m", "uvicorn", "worker.inference:app", "--host", "127.0.0.1",
                                  "--port", str(inference_port), "--log-level", "warning"], env)
     api = f"http://127.0.0.1:{api_port}"

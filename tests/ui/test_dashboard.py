@@ -251,6 +251,14 @@ def test_dashboard_end_to_end(ui_service, ui_worker, ui_inference, page, screens
     summary = report["summary"]
     assert summary["general_retention"] is not None and summary["n_probes"] == 2
     assert page.locator("#report-retention").inner_text() == f"{summary['general_retention']:.4f} (2 probes)"
+    # ... with the retention when unrelated tools are offered, the headline, and the router's separation.
+    assert page.locator("#report-retention-headline").inner_text() == f"{summary['headline_retention']:.4f}"
+    router = report["router"]
+    rows = page.locator("#router-separation tbody tr")
+    assert rows.count() == 3
+    for row, key in zip(rows.all(), ("general", "general_with_tools", "tool_call"), strict=True):
+        assert row.locator("td").all_inner_texts() == [f"{router[key]['mean']:.4f}", str(router[key]["tokens"])]
+    assert page.locator("#router-per-layer tbody tr").count() == len(job["selected_components"]["molora"])
     categories = page.locator("#category-table tbody tr")
     assert categories.count() == len(report["tool"]["per_category"])
     for row, (name, c) in zip(categories.all(), report["tool"]["per_category"].items(), strict=True):

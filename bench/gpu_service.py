@@ -1,0 +1,356 @@
+"""The whole service on one GPU host, without containers: a job over HTTP from upload to a served adapter.
+
+The same processes `docker compose up` starts (Redis, the API, one Celery worker owning the GPU, the inference
+server), started the way ``make demo`` starts them (``scripts/demo.py``), then driven over HTTP only:
+
+1. upload the training and test splits, create a CITI job, follow its event stream to ``succeeded`` and time
+   its parts (queue, validation, replay, importance, each stage, evaluation, upload), download the adapter;
+2. ask ``--chat-requests`` tool questions of the test split through ``/v1/chat/completions`` with the official
+   ``openai`` client, ``--chat-concurrency`` at a time, and judge the parsed calls (AST, as ``citi eval``);
+3. two jobs queued at once on the one worker: they run one after the other; the GPU memory each job's process
+   held (``nvidia-smi``, sampled) and that it was returned when the job ended;
+4. ``kill -9`` of the worker during stage 2, a new worker, and the job resumed from its checkpoint;
+5. chat latency through the HTTP endpoint, streamed: time to first token and per token, 1 and 16 concurrent
+   clients, the base model against the adapter.
+
+Writes ``OUT/gpu_service.json`` (everything measured, with the card and commit) and the services' logs under
+``OUT/logs``. On a machine without a GPU it runs the same steps (memory is then not sampled): with a tiny model
+and a few steps it is the script's own check (``bench/gpu_service.sh --cpu-check``).
+
+    python bench/gpu_service.py --model /path/smollm2.gguf --data .data/bfcl --out /tmp/gs
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+_spec = importlib.util.spec_from_file_location("citi_demo", ROOT / "scripts" / "demo.py")
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+class GpuMemory:
+    """Samples ``nvidia-smi`` every ``interval`` s in a thread: the most memory each process id held."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.peak: dict[int, int] = {}
+        self.last_seen: dict[int, float] = {}
+        self.available = shutil.which("nvidia-smi") is not None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True)
+            now = time.time()
+            for line in out.stdout.splitlines():
+                pid, mib = (int(x) for x in line.split(","))
+                self.peak[pid] = max(self.peak.get(pid, 0), mib)
+                self.last_seen[pid] = now
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> GpuMemory:
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.available:
+            self._thread.join()
+
+
+def follow(client: httpx.Client, job_id: str, timeout_s: float, on_event=None) -> tuple[dict, list[dict]]:
+    """Every event of the job, through its SSE stream (reconnecting after the last seen), until it ends."""
+    last_id, events = 0, []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            for event in demo.sse_events(client, f"/jobs/{job_id}/events", last_id):
+                last_id = int(event.get("seq", last_id))
+                event["received_at"] = time.time()
+                events.append(event)
+                if on_event is not None:
+                    on_event(event)
+        except (httpx.TransportError, json.JSONDecodeError):
+            time.sleep(1.0)
+        job = demo.checked(client.get(f"/jobs/{job_id}"), "reading the job").json()
+        if job["status"] in TERMINAL:
+            return job, events
+    raise demo.DemoError(f"job {job_id} did not end within {timeout_s:.0f} s")
+
+
+def phase_times(events: list[dict], created_at: float, ended_at: float) -> dict[str, float]:
+    """Seconds spent in each phase, from the first event of each phase to the first of the next."""
+    marks: list[tuple[str, float]] = [("queued", created_at)]
+    for e in events:
+        data = e.get("data") or {}
+        phase = data.get("stage")
+        when = float(e.get("created_at") or e["received_at"])
+        if phase and phase != marks[-1][0] and phase not in {m for m, _ in marks}:
+            marks.append((phase, when))
+    marks.append(("end", ended_at))
+    return {name: round(marks[i + 1][1] - t, 2) for i, (name, t) in enumerate(marks[:-1])}
+
+
+def create_job(client: httpx.Client, body: dict) -> tuple[dict, float]:
+    t0 = time.time()
+    job = demo.checked(client.post("/v1/fine_tuning/jobs", json=body), "creating a job").json()
+    return job, t0
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return lines[:limit] if limit else lines
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+def chat_accuracy(api: str, key: str, model: str, cases: list[dict], concurrency: int) -> dict:
+    """The test cases' questions through /v1/chat/completions with the ``openai`` client, judged by AST."""
+    from openai import OpenAI
+
+    from citi_engine.evaluate.judge import judge
+    from citi_engine.evaluate.tool_eval import cases_from_dicts
+
+    client = OpenAI(base_url=f"{api}/v1", api_key=key, timeout=600, max_retries=0)
+
+    def one(tc) -> dict:
+        t0 = time.perf_counter()
+        reply = client.chat.completions.create(model=model, messages=tc.messages, tools=tc.tools, temperature=0,
+                                               max_tokens=256)
+        msg = reply.choices[0].message
+        calls = [{"type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                 for c in msg.tool_calls or []]
+        verdict = judge(calls, tc.ground_truth, tc.tools, text=msg.content or "")
+        return {"id": tc.id, "seconds": time.perf_counter() - t0, "calls": len(calls), "correct": verdict.correct,
+                "reason": verdict.reason, "finish_reason": reply.choices[0].finish_reason}
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, cases_from_dicts(cases)))
+    return {"requests": len(results), "concurrency": concurrency, "wall_s": time.perf_counter() - t0,
+            "with_tool_calls": sum(r["calls"] > 0 for r in results), "correct": sum(r["correct"] for r in results),
+            "p50_s": percentile([r["seconds"] for r in results], 50), "results": results}
+
+
+def stream_latency(api: str, key: str, model: str, question: dict, clients: int, rounds: int,
+                   max_tokens: int) -> dict:
+    """Streamed chat through the HTTP endpoint: time to first token and per token, ``clients`` at once."""
+    ttft, per_token = [], []
+
+    def one(_: int) -> None:
+        body = {"model": model, "messages": question["messages"], "temperature": 0, "max_tokens": max_tokens,
+                "stream": True}
+        with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=600) as c:
+            t0 = time.perf_counter()
+            first = last = None
+            chunks = 0
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                        continue
+                    delta = json.loads(line[5:])["choices"][0].get("delta") or {}
+                    if delta.get("content"):
+                        now = time.perf_counter()
+                        first = first or now
+                        last = now
+                        chunks += 1
+            if first is not None:
+                ttft.append(first - t0)
+                if chunks > 1:
+                    per_token.append((last - first) / (chunks - 1))
+
+    with cf.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients * rounds)))
+    return {"clients": clients, "requests": clients * rounds, "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99), "per_token_p50_s": percentile(per_token, 50),
+            "per_token_p99_s": percentile(per_token, 99)}
+
+
+def worker_pid(services) -> int:
+    return next(p.pid for name, p in services.procs if name.startswith("worker"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model spec (a .gguf file or model folder; its folder is "
+                   "allowed through CITI_MODEL_DIRS)")
+    p.add_argument("--data", default=str(ROOT / ".data" / "bfcl"), help="folder with train.jsonl and test.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit-train", type=int, default=None, help="train on the first N examples")
+    p.add_argument("--limit-test", type=int, default=None, help="evaluate the job on the first N test cases")
+    p.add_argument("--max-steps", type=int, default=None, help="budget of the main job (default: none, the "
+                   "quality benchmark's settings)")
+    p.add_argument("--small-steps", type=int, default=30, help="budget of the queue and kill jobs")
+    p.add_argument("--hyperparameters", type=json.loads, default={}, metavar="JSON")
+    p.add_argument("--chat-requests", type=int, default=20)
+    p.add_argument("--chat-concurrency", type=int, default=8)
+    p.add_argument("--latency-rounds", type=int, default=3)
+    p.add_argument("--latency-tokens", type=int, default=64)
+    p.add_argument("--steps", default="job,chat,queue,kill,latency", help="comma list of the steps to run")
+    p.add_argument("--job-timeout", type=float, default=3600)
+    args = p.parse_args()
+    steps = set(args.steps.split(","))
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = Path(args.model).resolve()
+    os.environ["CITI_MODEL_DIRS"] = str(model_path.parent)
+    data = Path(args.data)
+    result: dict = {"model": str(model_path.name), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "commit": os.environ.get("CITI_COMMIT") or _git_commit(), "card": _card()}
+    key = "sk-" + secrets.token_urlsafe(16)
+    services = demo.Services(out)
+    try:
+        t0 = time.perf_counter()
+        urls = demo.start_services(services, key, extra_env={"CITI_MODEL_DIRS": str(model_path.parent)})
+        result["services_start_s"] = round(time.perf_counter() - t0, 2)
+        api = urls["api"]
+        client = httpx.Client(base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        train = data / "train.jsonl"
+        if args.limit_train:
+            train = out / "train.jsonl"
+            train.write_text("\n".join(json.dumps(x) for x in read_jsonl(data / "train.jsonl", args.limit_train)) + "\n")
+        test_cases = read_jsonl(data / "test.jsonl")
+        test = out / "test.jsonl"
+        test.write_text("\n".join(json.dumps(x) for x in test_cases[: args.limit_test or len(test_cases)]) + "\n")
+        t0 = time.perf_counter()
+        train_file, test_file = demo.upload(client, train), demo.upload(client, test)
+        result["upload_s"] = round(time.perf_counter() - t0, 2)
+        base_body = {"model": str(model_path), "training_file": train_file["id"], "validation_file": test_file["id"],
+                     "method": {"type": "citi", "hyperparameters": dict(args.hyperparameters)}}
+
+        def job_body(max_steps: int | None, suffix: str) -> dict:
+            body = json.loads(json.dumps(base_body))
+            body["suffix"] = suffix
+            if max_steps:
+                body["budget"] = {"max_steps": max_steps}
+            return body
+
+        fine_tuned = None
+        if "job" in steps:
+            with GpuMemory() as mem:
+                job, created = create_job(client, job_body(args.max_steps, "main"))
+                job, events = follow(client, job["id"], args.job_timeout)
+            ended = time.time()
+            if job["status"] != "succeeded":
+                raise demo.DemoError(f"the main job {job['status']}: {job.get('error')}")
+            t0 = time.perf_counter()
+            with client.stream("GET", f"/jobs/{job['id']}/adapter") as r:
+                r.raise_for_status()
+                size = sum(len(chunk) for chunk in r.iter_bytes())
+            report = client.get(f"/jobs/{job['id']}/report").json()
+            fine_tuned = job["fine_tuned_model"]
+            result["job"] = {
+                "id": job["id"], "post_to_succeeded_s": round(ended - created, 2),
+                "phases_s": phase_times(events, created, ended), "adapter_bytes": size,
+                "adapter_download_s": round(time.perf_counter() - t0, 2), "trained_tokens": job.get("trained_tokens"),
+                "report_summary": report.get("summary"), "gpu_peak_mib": mem.peak,
+            }
+            (out / "main_events.json").write_text(json.dumps(events))
+            print(f"main job: {result['job']['post_to_succeeded_s']} s, phases {result['job']['phases_s']}",
+                  flush=True)
+        if "chat" in steps and fine_tuned:
+            cases = [c for c in test_cases if c.get("ground_truth")][: args.chat_requests]
+            result["chat"] = chat_accuracy(api, key, fine_tuned, cases, args.chat_concurrency)
+            print(f"chat: {result['chat']['correct']}/{result['chat']['requests']} correct", flush=True)
+        if "queue" in steps:
+            with GpuMemory() as mem:
+                jobs = [create_job(client, job_body(args.small_steps, f"queue{i}"))[0] for i in range(2)]
+                done = [follow(client, j["id"], args.job_timeout) for j in jobs]
+            spans = []
+            for job, events in done:
+                started = min((float(e.get("created_at", 0)) for e in events
+                               if (e.get("data") or {}).get("stage") not in (None, "queued")), default=None)
+                spans.append({"id": job["id"], "status": job["status"], "started_at": started,
+                              "finished_at": job.get("finished_at")})
+            result["queue"] = {"jobs": spans, "one_after_the_other": bool(
+                spans[1]["started_at"] and spans[0]["finished_at"] and spans[1]["started_at"] >= spans[0]["finished_at"]),
+                "gpu_peak_mib_by_pid": mem.peak,
+                "gpu_pids_still_holding_memory_at_end": sorted(
+                    pid for pid, seen in mem.last_seen.items() if seen >= time.time() - 2 * mem.interval - 1)}
+            print(f"queue: {result['queue']['one_after_the_other']}", flush=True)
+        if "kill" in steps:
+            killed = {}
+
+            def kill_in_stage_two(event: dict) -> None:
+                data = event.get("data") or {}
+                if not killed and data.get("stage") == "molora" and (data.get("step") or 0) >= 2:
+                    pid = worker_pid(services)
+                    os.killpg(pid, signal.SIGKILL)
+                    killed.update(at=time.time(), step=data.get("step"), pid=pid)
+                    services.procs = [(n, pr) for n, pr in services.procs if pr.pid != pid]
+                    demo.start_worker(services, services.env, name="worker-after-kill")
+
+            body = job_body(args.small_steps, "kill")
+            body["checkpoint_every"] = 2
+            job, created = create_job(client, body)
+            job, events = follow(client, job["id"], args.job_timeout, on_event=kill_in_stage_two)
+            resumed = [e for e in events if "resum" in str(e.get("message", "")).lower()]
+            result["kill"] = {"id": job["id"], "status": job["status"], "killed": killed,
+                              "resumed_messages": [e.get("message") for e in resumed],
+                              "report_summary": (client.get(f"/jobs/{job['id']}/report").json() or {}).get("summary")
+                              if job["status"] == "succeeded" else None,
+                              "post_to_end_s": round(time.time() - created, 2)}
+            print(f"kill: {job['status']}, killed at {killed}", flush=True)
+        if "latency" in steps and fine_tuned:
+            question = {"messages": [{"role": "user", "content": "Name three rivers in Europe."}]}
+            result["latency"] = [stream_latency(api, key, model, question, clients, args.latency_rounds,
+                                                args.latency_tokens) | {"model": label}
+                                 for clients in (1, 16) for label, model in (("base", str(model_path)),
+                                                                             ("adapter", fine_tuned))]
+            print(f"latency: {result['latency']}", flush=True)
+    finally:
+        (out / "gpu_service.json").write_text(json.dumps(result, indent=1))
+        services.stop()
+    return 0
+
+
+def _git_commit() -> str | None:
+    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
+def _card() -> str:
+    if not shutil.which("nvidia-smi"):
+        return "CPU (no GPU)"
+    r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else "unknown GPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
