@@ -12,8 +12,9 @@ Talks to the API at ``CITI_API_URL`` (default ``http://127.0.0.1:8000``) with th
     citi delete ftjob-... --yes [--with-files]  # the job with its adapter, report and events
     citi files list | upload FILE... | delete file-...
 
-Lists (``jobs``, ``files list``) never shorten an id: on a terminal the other columns fold, in a pipe each
-row is one line of tab-separated fields (the id first), no header.
+Lists (``jobs``, ``files list``) never shorten an id: on a terminal a table whose other columns fold, or
+where the terminal is too narrow for that (80 columns for ``jobs``), one block a row; in a pipe each row is
+one line of tab-separated fields (the id first), no header.
 
 ``submit`` uploads local files first (the API checks a job only against uploaded file ids, and the
 estimate route needs one too); when the job is then refused, or the submit is interrupted, it deletes
@@ -139,16 +140,30 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _print_rows(console, title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    """A table on a terminal (the id column never shortened, the others fold), tab-separated lines in a pipe."""
+    """Rows whose first cell is an id, which is never shortened.
+
+    In a pipe: one line a row, tab-separated, no header. On a terminal: a table whose id column never wraps
+    and whose other columns fold; where the terminal is too narrow for that to stay readable, one block a
+    row (the id on its own line, then ``name: value`` lines).
+    """
     if not console.is_terminal:
         for row in rows:
             console.file.write("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in row) + "\n")
         console.file.flush()
         return
+    id_width = max([len(row[0]) for row in rows] + [len(columns[0])])
+    # Each other column at least 8 wide (or its longest cell), 3 characters of border and padding a column.
+    others = sum(min(8, max([len(row[i]) for row in rows] + [len(name)])) for i, name in enumerate(columns) if i)
+    if console.width < id_width + others + 3 * len(columns) + 1:
+        for row in rows:
+            console.print(row[0], soft_wrap=True)
+            for name, cell in zip(columns[1:], row[1:], strict=True):
+                if cell:
+                    console.print(f"  {name}: {cell}", soft_wrap=True)
+        return
     from rich.table import Table
 
     table = Table(title=title)
-    id_width = max([len(row[0]) for row in rows] + [len(columns[0])])
     table.add_column(columns[0], no_wrap=True, min_width=id_width)
     for column in columns[1:]:
         table.add_column(column, overflow="fold")
@@ -405,7 +420,11 @@ def cmd_download(args: argparse.Namespace, console) -> int:
 
 
 def _write_error(path: Path, exc: OSError) -> ClientError:
-    return ClientError(f"cannot write {path}: {exc.strerror or exc}; choose another path", exit_code=2)
+    reason = exc.strerror or str(exc)
+    in_the_way = [d for d in path.parents if d.exists() and not d.is_dir()]
+    if in_the_way:
+        reason = f"{in_the_way[-1]} is a file, not a folder"
+    return ClientError(f"cannot write {path}: {reason}; choose another path", exit_code=2)
 
 
 def cmd_cancel(args: argparse.Namespace, console) -> int:
@@ -437,8 +456,9 @@ def cmd_delete(args: argparse.Namespace, console) -> int:
     client = _client(args)
     try:
         job = client.request("GET", f"/jobs/{args.job_id}")
-        if job["status"] not in TERMINAL:
-            client.request("DELETE", f"/jobs/{args.job_id}")  # the API refuses it and says what to do
+        if job["status"] not in TERMINAL:  # the API would refuse it too (409 job_not_finished)
+            raise ClientError(f"job {job['id']} is {job['status']}; cancel it (citi cancel {job['id']}) and delete "
+                              "it once it has stopped", exit_code=2)
         files = [job[name] for name in ("training_file", "validation_file", "general_file")
                  if args.with_files and job.get(name)]
         what = f"job {job['id']} with its adapter, report and events" + (f" and {', '.join(files)}" if files else "")
@@ -566,8 +586,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=_handler(cmd_submit))
 
     p = subparsers.add_parser("jobs", help="list your fine-tuning jobs",
-                              description="List your jobs, newest first. On a terminal, a table whose id column is "
-                              "never shortened; in a pipe, one tab-separated line a job: id, status, model, "
+                              description="List your jobs, newest first. Ids are never shortened. On a terminal, a "
+                              "table whose other columns fold, or one block a job where the terminal is too narrow "
+                              "for that; in a pipe, one tab-separated line a job, no header: id, status, model, "
                               "method, progress, created, fine_tuned_model.")
     p.add_argument("--status", default=None, help="only jobs in this status")
     p.add_argument("--limit", type=int, default=20)
@@ -617,8 +638,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("files", help="list, upload or delete your uploaded files (the Files API)")
     files = p.add_subparsers(dest="files_command", metavar="ACTION", required=True)
     q = files.add_parser("list", help="list your files, newest first",
-                         description="On a terminal, a table whose id column is never shortened; in a pipe, one "
-                         "tab-separated line a file: id, filename, format, examples, tool/general, bytes, created.")
+                         description="Ids are never shortened. On a terminal, a table (one block a file where it "
+                         "is too narrow); in a pipe, one tab-separated line a file, no header: id, filename, format, "
+                         "examples, tool/general, bytes, created.")
     q.add_argument("--limit", type=int, default=100)
     q.add_argument("--json", action="store_true")
     _common(q)

@@ -100,7 +100,7 @@ def test_download_to_a_path_that_cannot_be_written_is_one_line_exit_2(service, t
     text = (out.stdout + out.stderr).strip()
     assert out.returncode == 2, text
     assert "Traceback" not in text and len(text.splitlines()) == 1
-    assert text.startswith("error: cannot write") and str(blocker) in text
+    assert text.startswith("error: cannot write") and f"{blocker} is a file, not a folder" in text
     assert blocker.read_text() == "not a folder"
 
 
@@ -117,15 +117,23 @@ def test_jobs_never_shorten_ids_in_a_pipe_or_on_an_80_column_terminal(service, c
     rows = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
     for job_id in ids:
         assert rows[job_id][1] == "cancelled" and rows[job_id][2] == service.model_dir  # the long model path whole
-    # On an 80-column terminal: a table whose other columns fold, the id on one line.
+    # On a wide terminal: a table, the id column whole, the others folding.
     monkeypatch.setenv("TTY_COMPATIBLE", "1")
-    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = citi(service, capsys, "jobs", "--limit", "100")
     out = re.sub(r"\x1b\[[0-9;]*m", "", out)  # colours
-    assert code == 0 and "\t" not in out
-    assert max(len(line) for line in out.splitlines()) <= 80
+    assert code == 0 and "\t" not in out and "│" in out
+    assert max(len(line) for line in out.splitlines()) <= 200
     for job_id in ids:
-        assert job_id in out
+        assert any(line.startswith(f"│ {job_id} │") for line in out.splitlines())
+    # On an 80-column terminal, too narrow for seven readable columns: one block a job, the id on its own line.
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = citi(service, capsys, "jobs", "--limit", "100")
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", out).splitlines()
+    assert code == 0
+    for job_id in ids:
+        at = lines.index(job_id)
+        assert lines[at + 1] == "  status: cancelled" and lines[at + 2] == f"  model: {service.model_dir}"
 
 
 def test_submit_refused_by_the_api_deletes_the_file_it_uploaded(service, capsys, tmp_path):
