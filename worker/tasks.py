@@ -87,6 +87,18 @@ def execute(job_id: str, *, worker: str) -> dict:
     code = proc.exitcode
     if heartbeat.lost or code == EXIT_LEASE_LOST:
         return {"job_id": job_id, "outcome": "lease_lost"}
+    job = store.get_job(job_id) or {}
+    if job.get("status") == "cancelling":
+        # The caller asked it to stop and its process has ended without recording that (it crashed, was
+        # killed or timed out while stopping): the cancel is what happened, whatever the exit code says.
+        if code != 0 or timed_out:
+            log.warning("job %s: its process ended (exit code %s) while cancelling; it is cancelled", job_id, code)
+        result, _ = store.transition(job_id, "cancelled", from_=["cancelling"], token=token,
+                                     event=status_event("cancelled", "cancelled"))
+        if result == "ok":
+            remove_partial_files(settings, _storage(), job_id)
+        store.release_lease(job_id, token)
+        return {"job_id": job_id, "outcome": "cancelled"}
     if code is not None and -code in _SHUTDOWN_SIGNALS and not timed_out:
         # Stopped from outside (the worker is shutting down): not the job's fault. It goes back to the
         # queue and resumes from its last checkpoint on the next worker.

@@ -298,3 +298,26 @@ def test_a_job_whose_loss_is_not_finite_fails_as_training_diverged_and_keeps_no_
     # no poisoned weights kept anywhere: not in storage, not in the working directory (no checkpoint either)
     assert not (service.artifact_dir / "jobs" / job["id"]).exists()
     assert not (service.artifact_dir / "work" / job["id"]).exists()
+
+
+def test_a_job_whose_process_dies_while_cancelling_ends_cancelled(service, workers, uploaded):
+    workers.start("w1")
+    with service.client("alice") as c:
+        hyper = {**service.job_body(uploaded)["method"]["hyperparameters"], "eval_examples": 0}
+        job = c.post("/jobs", json=service.job_body(uploaded, budget={"max_steps": 500},
+                                                    method={"type": "citi", "hyperparameters": hyper})).json()
+        deadline = time.time() + 120
+        while c.get(f"/jobs/{job['id']}").json()["status"] != "running":
+            assert time.time() < deadline, service.tail_logs()
+            time.sleep(0.2)
+        child = json.loads(service.redis.hget("citi:workers", "w1@test"))["pid"]
+        os.kill(child, signal.SIGSTOP)  # wedged: it cannot see the cancel flag
+        try:
+            assert c.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelling"
+        finally:
+            os.kill(child, signal.SIGKILL)  # and then dies without recording anything
+        done = service.wait_status(job["id"], ("cancelled", "failed", "succeeded"), timeout=60)
+        assert done["status"] == "cancelled" and done["error"] is None, done
+        events = c.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        assert [e["data"]["status"] for e in events if e["type"] == "status"][-2:] == ["cancelling", "cancelled"]
+    assert not (service.artifact_dir / "work" / job["id"]).exists()
