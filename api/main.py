@@ -29,8 +29,9 @@ MULTIPART_OVERHEAD = 64 * 1024
 DESCRIPTION = """Fine-tune chat models to call tools without forgetting the rest (CITI: importance-guided
 MOLoRA + UCO). Upload JSONL with `POST /v1/files`, create a job with `POST /jobs` (or OpenAI's
 `POST /v1/fine_tuning/jobs`), follow it with `GET /jobs/{id}/events` (SSE with `Accept: text/event-stream`)
-and download the adapter from `GET /jobs/{id}/adapter`. Every route but `/healthz` needs
-`Authorization: Bearer <key>`. Errors use OpenAI's shape `{"error": {"code", "param", "message", "type"}}`."""
+and download the adapter from `GET /jobs/{id}/adapter`. Every route that reads or changes data needs
+`Authorization: Bearer <key>`; public are `/healthz`, this description (`/openapi.json`, `/docs`) and the
+dashboard's sign-in. Errors use OpenAI's shape `{"error": {"code", "param", "message", "type"}}`."""
 
 
 class BodyLimitMiddleware:

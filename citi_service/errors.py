@@ -89,6 +89,14 @@ def _loc_to_param(loc: tuple | list) -> str | None:
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        # FastAPI reports where in the text it stopped as the location; that is not a parameter.
+        loc = bad_json.get("loc", ())
+        where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        why = (bad_json.get("ctx") or {}).get("error") or bad_json.get("msg", "")
+        message = f"the request body is not valid JSON{where} ({why}); send a JSON object"
+        return JSONResponse(error_body(400, "invalid_json", message, "body"), status_code=400)
     details = []
     for e in errors:
         details.append({"param": _loc_to_param(e.get("loc", ())), "code": e.get("type", "invalid"),

@@ -93,14 +93,21 @@ def test_openapi_and_docs_are_served_and_document_our_error_shape(service):
             assert "422" not in op["responses"], "validation errors are answered as 400"
     docs = httpx.get(service.url + "/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    # Public by decision (no key above), and the description and the README say so.
+    assert "/openapi.json" in spec["info"]["description"] and "public" in spec["info"]["description"]
+    readme = (ROOT / "README.md").read_text()
+    assert "Public, by decision: `/healthz`, the API's description\n(`/openapi.json` and `/docs`" in readme
 
 
 def test_unknown_route_and_method_answer_in_the_error_shape(service):
     with service.client("alice") as c:
         assert_error(c.get("/nope"), 404, "not_found")
         assert_error(c.put("/jobs"), 405, "method_not_allowed")
-        assert_error(c.post("/jobs", content=b"{not json", headers={"content-type": "application/json"}), 400,
-                     "invalid_request")
+        err = assert_error(c.post("/jobs", content=b"{not json", headers={"content-type": "application/json"}), 400,
+                           "invalid_json", "body")
+        assert "not valid JSON at character 1" in err["message"], err
+        assert_error(c.post("/jobs", content=b"[1, 2]", headers={"content-type": "application/json"}), 400,
+                     "invalid_request", "body")
         huge = {"training_file": "file-x", "metadata": {"k": "v" * 2_000_000}}
         assert_error(c.post("/jobs", json=huge), 413, "request_too_large")
 
