@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     job_timeout_seconds: float = Field(
         7 * 24 * 3600, gt=0, description="CITI_JOB_TIMEOUT_SECONDS: a training process running longer is killed."
     )
+    cancel_grace_seconds: float = Field(
+        60.0, gt=0, description="CITI_CANCEL_GRACE_SECONDS: a job's process still running this long after its "
+        "cancel (it checks every training step, so it has wedged) is killed by its worker; the job ends cancelled."
+    )
     retention_seconds: float = Field(
         30 * 24 * 3600, gt=0, description="CITI_RETENTION_SECONDS: artifacts of finished jobs are deleted after this."
     )

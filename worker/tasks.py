@@ -13,7 +13,10 @@ import multiprocessing
 import os
 import secrets
 import signal
+import time
 from functools import lru_cache
+
+from redis.exceptions import RedisError
 
 from citi_service.queue import TASK_NAME, celery_app, enqueue
 from citi_service.records import TERMINAL, status_event
@@ -27,6 +30,7 @@ from worker.runner import EXIT_LEASE_LOST, REDIS_OUTAGE_S, run_job_process
 log = logging.getLogger("citi.worker")
 
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+CANCEL_POLL_S = 1.0  # how often the worker looks at the cancel flag of the job it runs
 
 
 @lru_cache(maxsize=1)
@@ -74,11 +78,7 @@ def execute(job_id: str, *, worker: str) -> dict:
         set_current_job(job_id, proc.pid)
         store.worker_heartbeat(worker, {"job": job_id, "pid": proc.pid})
         heartbeat.start()
-        proc.join(timeout=settings.job_timeout_seconds)
-        timed_out = proc.is_alive()
-        if timed_out:
-            _kill(proc)
-            proc.join()
+        timed_out = _wait(proc, store, job_id, token, settings) == "timeout"
     finally:
         heartbeat.stop()
         set_current_job(None)
@@ -119,6 +119,38 @@ def execute(job_id: str, *, worker: str) -> dict:
     store.release_lease(job_id, token)
     final = store.get_job(job_id) or {}
     return {"job_id": job_id, "outcome": final.get("status", "deleted")}
+
+
+def _wait(proc, store: Store, job_id: str, token: str, settings) -> str | None:
+    """Wait for the job's process to end. Kill it when it outlives ``CITI_JOB_TIMEOUT_SECONDS``, or
+    ``CITI_CANCEL_GRACE_SECONDS`` after its cancel was asked (a process wedged in a kernel, a C call or a
+    stopped state never sees the flag; the cancel must still happen). Returns None when it ended by itself,
+    else why it was killed: ``"timeout"`` or ``"cancel"``."""
+    deadline = time.monotonic() + settings.job_timeout_seconds
+    cancel_seen: float | None = None
+    while True:
+        proc.join(timeout=min(CANCEL_POLL_S, settings.cancel_grace_seconds))
+        if not proc.is_alive():
+            return None
+        now = time.monotonic()
+        why = None
+        if now >= deadline:
+            why = "timeout"
+        elif cancel_seen is None:
+            try:
+                cancel, _ = store.runner_check(job_id, token)
+            except RedisError:
+                cancel = False  # the store is away: the lease machinery deals with that
+            if cancel:
+                cancel_seen = now
+        elif now - cancel_seen >= settings.cancel_grace_seconds:
+            why = "cancel"
+            log.warning("job %s: still running %.0f s after its cancel; killing its process", job_id,
+                        settings.cancel_grace_seconds)
+        if why is not None:
+            _kill(proc)
+            proc.join()
+            return why
 
 
 def _kill(proc) -> None:

@@ -321,3 +321,29 @@ def test_a_job_whose_process_dies_while_cancelling_ends_cancelled(service, worke
         events = c.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
         assert [e["data"]["status"] for e in events if e["type"] == "status"][-2:] == ["cancelling", "cancelled"]
     assert not (service.artifact_dir / "work" / job["id"]).exists()
+
+
+def test_a_job_that_does_not_stop_within_the_cancel_grace_is_killed_and_ends_cancelled(service, workers, uploaded):
+    workers.start("w1", CITI_CANCEL_GRACE_SECONDS="2")
+    with service.client("alice") as c:
+        hyper = {**service.job_body(uploaded)["method"]["hyperparameters"], "eval_examples": 0}
+        job = c.post("/jobs", json=service.job_body(uploaded, budget={"max_steps": 500},
+                                                    method={"type": "citi", "hyperparameters": hyper})).json()
+        deadline = time.time() + 120
+        while c.get(f"/jobs/{job['id']}").json()["status"] != "running":
+            assert time.time() < deadline, service.tail_logs()
+            time.sleep(0.2)
+        child = json.loads(service.redis.hget("citi:workers", "w1@test"))["pid"]
+        os.kill(child, signal.SIGSTOP)  # wedged: it never sees the cancel flag, and never exits by itself
+        try:
+            assert c.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelling"
+            asked = time.time()
+            done = service.wait_status(job["id"], ("cancelled", "failed", "succeeded"), timeout=30)
+        finally:
+            if _alive(child):
+                os.kill(child, signal.SIGKILL)
+        assert done["status"] == "cancelled" and done["error"] is None, done
+        assert time.time() - asked < 15, "killed within the grace period (2 s) and the worker's next look"
+        assert not _alive(child)
+        assert "still running 2 s after its cancel" in service.workers[0].log.read_text()
+    assert not (service.artifact_dir / "work" / job["id"]).exists()
