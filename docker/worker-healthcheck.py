@@ -19,8 +19,8 @@ import time
 
 def main(argv: list[str]) -> int:
     """Check the heartbeat of the worker named in ``argv`` (default: worker@<hostname>)."""
-    from api.settings import get_settings
-    from api.store import Store
+    from citi_service.settings import get_settings
+    from citi_service.store import Store
 
     name = argv[1] if len(argv) > 1 else f"worker@{socket.gethostname()}"
     settings = get_settings()
