@@ -60,7 +60,9 @@ def get_keyring() -> KeyRing:
 
 @lru_cache(maxsize=1)
 def _store() -> Store:
-    return Store(get_settings().redis_url)
+    settings = get_settings()
+    # Each admitted event stream holds at most one asyncio connection; the rest is headroom.
+    return Store(settings.redis_url, async_connections=settings.max_streams_per_process + 16)
 
 
 @lru_cache(maxsize=1)

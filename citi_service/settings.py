@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     retention_seconds: float = Field(
         30 * 24 * 3600, gt=0, description="CITI_RETENTION_SECONDS: artifacts of finished jobs are deleted after this."
     )
+    max_streams_per_process: int = Field(
+        256, gt=0, description="CITI_MAX_STREAMS_PER_PROCESS: live event streams (SSE) one API process holds open; "
+        "more get 429 before they start. The process's Redis pool is sized from it.")
+    max_streams_per_tenant: int = Field(
+        32, gt=0, description="CITI_MAX_STREAMS_PER_TENANT: live event streams one tenant holds open in one API "
+        "process; more get 429 before they start, so one tenant cannot take every stream.")
     rate_limit_per_minute: int = Field(
         0, ge=0, description="CITI_RATE_LIMIT_PER_MINUTE: requests per key and minute; 0 turns the limit off."
     )

@@ -201,13 +201,15 @@ class IdempotencyConflict(StoreError):
 class Store:
     """Redis-backed records of files, jobs and events. Thread-safe (redis-py pools its connections)."""
 
-    def __init__(self, redis_url: str, *, prefix: str = PREFIX, outage_s: float = 0.0):
+    def __init__(self, redis_url: str, *, prefix: str = PREFIX, outage_s: float = 0.0, async_connections: int = 100):
         """``outage_s``: how long a command waits out Redis not answering (a restart) before raising.
 
         The API leaves it at 0 (a request fails fast with an error); workers and training processes wait,
-        so a Redis restart does not fail the jobs they run.
+        so a Redis restart does not fail the jobs they run. ``async_connections``: the asyncio client's pool
+        (one connection per open event stream at most; the API sizes it from its stream limit).
         """
         self.url = redis_url
+        self.async_connections = async_connections
         self.prefix = prefix
         options: dict[str, Any] = {}
         if outage_s > 0:
@@ -563,7 +565,8 @@ class Store:
             import redis.asyncio as aredis
 
             # Longer than any XREAD BLOCK we issue, so a quiet stream is never taken for a dead connection.
-            self._async = aredis.Redis.from_url(self.url, decode_responses=True, socket_timeout=60)
+            self._async = aredis.Redis.from_url(self.url, decode_responses=True, socket_timeout=60,
+                                                max_connections=self.async_connections)
         return self._async
 
     async def read_events_async(self, job_id: str, *, after: int, block_ms: int | None,

@@ -19,6 +19,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from redis.exceptions import RedisError
+from starlette.background import BackgroundTask
 
 from api.archive import stream_tar_gz
 from api.deps import get_storage, get_store, get_tenant, settings_dep
@@ -33,7 +35,7 @@ from api.schemas import (
     JobList,
     JobStatus,
 )
-from citi_service.errors import APIError, not_found
+from citi_service.errors import APIError, error_body, not_found
 from citi_service.keys import adapter_prefix, file_key, job_prefix, work_dir
 from citi_service.model_access import check_model
 from citi_service.queue import enqueue
@@ -333,7 +335,7 @@ def delete_job(
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses={
-    **_ERRORS, 200: {"content": {"application/json": {}, "text/event-stream": {}},
+    **_ERRORS, 429: {"model": ErrorResponse}, 200: {"content": {"application/json": {}, "text/event-stream": {}},
                      "description": "JSON page of events, or with Accept: text/event-stream a live stream"}})
 async def list_events(
     job_id: str,
@@ -344,6 +346,7 @@ async def list_events(
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
     tenant: str = Depends(get_tenant),
     store: Store = Depends(get_store),
+    settings: Settings = Depends(settings_dep),
 ):
     """The job's events, oldest first; a live SSE stream (ending when the job ends) when asked for."""
     await run_in_threadpool(_owned_job, store, tenant, job_id)
@@ -356,8 +359,11 @@ async def list_events(
                                "an event (event ids are whole numbers up to 2^63-1); send the id of the last event "
                                "received, or none to start from the first", param="Last-Event-ID")
             start = max(start, resume)
-        return StreamingResponse(_sse(store, job_id, start), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        slot = STREAMS.admit(tenant, per_tenant=settings.max_streams_per_tenant,
+                             per_process=settings.max_streams_per_process)
+        return StreamingResponse(_sse(store, job_id, start, slot), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(slot.release))
     events, has_more = await run_in_threadpool(store.list_events, job_id, after=after, limit=limit)
     return EventList(data=events, has_more=has_more)
 
@@ -449,8 +455,74 @@ def _sse_message(event: dict) -> str:
     return f"id: {event['seq']}\nevent: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
 
 
-async def _sse(store: Store, job_id: str, after: int):
-    """Events after ``after`` as SSE, live, until the job has ended and every event has been sent."""
+class StreamSlot:
+    """One admitted event stream; :meth:`release` gives its place back (once, however often it is called)."""
+
+    def __init__(self, slots: StreamSlots, tenant: str):
+        self.slots, self.tenant, self.held = slots, tenant, True
+
+    def release(self) -> None:
+        """Give the place back."""
+        if self.held:
+            self.held = False
+            self.slots.release(self.tenant)
+
+
+class StreamSlots:
+    """The live event streams of this API process, in all and per tenant. Counted on the event loop (the
+    stream route is async), so no lock is needed."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_tenant: dict[str, int] = {}
+
+    def admit(self, tenant: str, *, per_tenant: int, per_process: int) -> StreamSlot:
+        """A slot for a new stream, or a 429 (before the stream starts) when a limit is reached."""
+        mine = self.by_tenant.get(tenant, 0)
+        if mine >= per_tenant:
+            raise APIError(429, "too_many_streams", f"this key already has {mine} live event streams open on this "
+                           f"server, the most it may (CITI_MAX_STREAMS_PER_TENANT={per_tenant}); close one, or poll "
+                           "GET /jobs/{id}/events with after=<last seq>", headers={"Retry-After": "5"})
+        if self.total >= per_process:
+            raise APIError(429, "too_many_streams", f"this server holds {self.total} live event streams, its limit "
+                           f"(CITI_MAX_STREAMS_PER_PROCESS={per_process}); retry shortly, or poll "
+                           "GET /jobs/{id}/events with after=<last seq>", headers={"Retry-After": "5"})
+        self.total += 1
+        self.by_tenant[tenant] = mine + 1
+        return StreamSlot(self, tenant)
+
+    def release(self, tenant: str) -> None:
+        """One stream of ``tenant`` has ended."""
+        self.total -= 1
+        left = self.by_tenant.get(tenant, 1) - 1
+        if left > 0:
+            self.by_tenant[tenant] = left
+        else:
+            self.by_tenant.pop(tenant, None)
+
+
+STREAMS = StreamSlots()
+
+
+async def _sse(store: Store, job_id: str, after: int, slot: StreamSlot | None = None):
+    """Events after ``after`` as SSE, live, until the job has ended and every event has been sent.
+
+    A Redis error ends the stream cleanly with an ``error`` event (the client reconnects with
+    ``Last-Event-ID`` and misses nothing); the stream's slot is given back however it ends."""
+    try:
+        async for message in _sse_events(store, job_id, after):
+            yield message
+    except RedisError as exc:
+        log.warning("event stream of job %s ended: the job store is unavailable (%s)", job_id, exc)
+        body = error_body(503, "service_unavailable", "the job store (Redis) is unavailable; reconnect with "
+                          "Last-Event-ID in a few seconds")
+        yield f"event: error\ndata: {json.dumps(body)}\n\n"
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+async def _sse_events(store: Store, job_id: str, after: int):
     last = after
     yield "retry: 2000\n\n"
     while True:

@@ -501,3 +501,57 @@ def test_deployment_limits_upload_storage_rate_and_allowed_models(service, tmp_p
     finally:
         stop_process(proc)
         release_redis_db(db)
+
+
+def test_event_streams_are_limited_per_tenant_and_per_process_with_a_429_before_they_start(service, tmp_path):
+    from tests.service.conftest import start_api, stop_process
+
+    env = {**service.env, "CITI_MAX_STREAMS_PER_TENANT": "2", "CITI_MAX_STREAMS_PER_PROCESS": "3"}
+    proc, url = start_api(env, tmp_path / "api-streams.log")
+    jobs, opened = {}, []
+    try:
+        for who in ("alice", "bob"):
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEYS[who]}"}, timeout=30) as c:
+                f = c.post("/v1/files", files={"file": ("t.jsonl", to_jsonl(training_lines()))},
+                           data={"purpose": "fine-tune"}).json()["id"]
+                jobs[who] = c.post("/jobs", json=service.job_body(f)).json()["id"]  # stays queued: no worker here
+
+        def open_stream(who: str):
+            c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEYS[who]}"}, timeout=30)
+            r = c.send(c.build_request("GET", f"/jobs/{jobs[who]}/events",
+                                       headers={"Accept": "text/event-stream"}), stream=True)
+            opened.append((c, r))
+            if r.status_code != 200:
+                r.read()
+            return r
+
+        first, second = open_stream("alice"), open_stream("alice")
+        assert first.status_code == second.status_code == 200
+        lines = first.iter_lines()  # kept: dropping the iterator would close the stream
+        assert next(lines).startswith("retry")  # live
+        third = open_stream("alice")
+        err = assert_error(third, 429, "too_many_streams")
+        assert "CITI_MAX_STREAMS_PER_TENANT=2" in err["message"] and third.headers["retry-after"]
+        assert open_stream("bob").status_code == 200  # another tenant is not starved by alice
+        full = open_stream("bob")
+        assert "CITI_MAX_STREAMS_PER_PROCESS=3" in assert_error(full, 429, "too_many_streams")["message"]
+        # A stream that ends gives its place back.
+        first.close()
+        deadline = time.time() + 10
+        while True:
+            again = open_stream("alice")
+            if again.status_code == 200 or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert again.status_code == 200, again.read()
+        # Polling the events is never limited.
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEYS['alice']}"}) as c:
+            assert c.get(f"/jobs/{jobs['alice']}/events").status_code == 200
+            for who, job_id in jobs.items():
+                httpx.post(f"{url}/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {KEYS[who]}"})
+    finally:
+        for c, r in opened:
+            r.close()
+            c.close()
+        stop_process(proc)
+    assert "Traceback" not in (tmp_path / "api-streams.log").read_text()
