@@ -9,6 +9,8 @@ store of :mod:`citi_service`.
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,6 +27,7 @@ log = logging.getLogger("citi.api")
 
 UPLOAD_PATHS = ("/v1/files",)
 MULTIPART_OVERHEAD = 64 * 1024
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9_.:\-]{1,128}")
 
 DESCRIPTION = """Fine-tune chat models to call tools without forgetting the rest (CITI: importance-guided
 MOLoRA + UCO). Upload JSONL with `POST /v1/files`, create a job with `POST /jobs` (or OpenAI's
@@ -72,6 +75,30 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class RequestIdMiddleware:
+    """An ``x-request-id`` header on every response (as OpenAI's API sends): the client's own when it sent a sane
+    one (1-128 letters, digits and ``-_.:``), else a new ``req_<32 hex>``."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        request_id = sent if _REQUEST_ID.fullmatch(sent) else b"req_" + secrets.token_hex(16).encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -127,6 +154,7 @@ def create_app() -> FastAPI:
     set_session_resolver(resolve_session)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(metrics.LatencyMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost of ours: errors and 413s carry it too
     metrics.install_store_collector(get_store)
     app.openapi = lambda: _openapi(app)
     log.info("citi API %s: storage=%s, %d key(s) configured", __version__, settings.storage,

@@ -15,6 +15,7 @@ from citi_engine.budget import Budget
 from citi_engine.ranges import range_of
 from citi_engine.training.config import ComponentsConfig, FinetuneConfig
 
+MAX_INTEGRATIONS = 10
 JobStatus = Literal["validating_files", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
@@ -126,13 +127,37 @@ class ComponentsIn(_Strict):
         None, description="How components are chosen: importance (the method) or random (an ablation).")
 
 
+_OPENAI_HYPER = ("OpenAI's n_epochs (the tool-learning stage's epochs), batch_size and learning_rate_multiplier "
+                 "(times every stage's default learning rate) are accepted too, each a number or 'auto' (README: "
+                 "OpenAI's job fields).")
+
+
+class SupervisedIn(_Strict):
+    """OpenAI's ``method.supervised``: its hyperparameters (ours or OpenAI's names)."""
+
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="As method.hyperparameters. "
+                                            + _OPENAI_HYPER)
+
+
 class MethodIn(_Strict):
     """The training method and its hyperparameters (see ``citi_engine.training.config.Hyperparameters``)."""
 
-    type: Literal["citi", "lora", "full"] = "citi"
+    type: Literal["citi", "lora", "full", "supervised"] = Field(
+        "citi", description="citi (the default), lora or full; OpenAI's 'supervised' is citi, with its settings "
+        "in method.supervised.hyperparameters.")
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict, description="Any field of the engine's Hyperparameters; each number has a finite "
-        "range (GET /ui/api/options lists them with their help), checked at submit time.")
+        "range (GET /ui/api/options lists them with their help), checked at submit time. " + _OPENAI_HYPER)
+    supervised: SupervisedIn | None = Field(None, description="OpenAI's place for the hyperparameters of type "
+                                            "'supervised'.")
+
+
+class Integration(BaseModel):
+    """One of OpenAI's job integrations (e.g. ``{"type": "wandb", "wandb": {...}}``): stored and listed back,
+    not acted on."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(..., min_length=1, max_length=64)
 
 
 class JobCreate(_Strict):
@@ -145,13 +170,16 @@ class JobCreate(_Strict):
         "the training file.")
     general_file: str | None = Field(
         None, max_length=64, description="Id of a file of general (non-tool) examples to mix in.")
-    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.\-]+$",
-                               description="Up to 40 characters added to the fine_tuned_model id.")
+    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
+                               description="Up to 64 characters added to the fine_tuned_model id.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs kept with the job.")
     method: MethodIn | None = None
     hyperparameters: dict[str, Any] | None = Field(
         None, description="Same as method.hyperparameters (OpenAI's older place for them); method's win.")
+    integrations: list[Integration] | None = Field(
+        None, max_length=MAX_INTEGRATIONS, description="OpenAI's integrations (e.g. wandb): stored with the job and "
+        "listed back; this service runs none of them.")
     budget: BudgetIn | None = None
     components: ComponentsIn | None = None
     test_fraction: float | None = Field(None, ge=0, le=0.5, allow_inf_nan=False,
@@ -202,6 +230,7 @@ class Job(BaseModel):
     method: dict[str, Any] = Field(default_factory=dict)
     estimated_finish: int | None = None
     metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] = Field(default_factory=list)
     seed: int
     suffix: str | None = None
     organization_id: str

@@ -263,9 +263,10 @@ class Store:
         return record
 
     def list_files(self, tenant: str, *, after: str | None = None, limit: int = 100,
-                   purpose: str | None = None) -> tuple[list[dict], bool]:
-        """The tenant's files, newest first, starting after the file id ``after``; and whether more follow."""
-        ids = self._page_ids(self.k("files", tenant), after)
+                   purpose: str | None = None, order: str = "desc") -> tuple[list[dict], bool]:
+        """The tenant's files, newest first (``order="asc"``: oldest first), starting after the file id ``after``;
+        and whether more follow."""
+        ids = self._page_ids(self.k("files", tenant), after, ascending=order == "asc")
         out: list[dict] = []
         for chunk in _chunks(ids, 200):
             for raw in self.r.mget([self.k("file", i) for i in chunk]):
@@ -370,9 +371,20 @@ class Store:
             return None
         return job
 
+    def remove_model(self, tenant: str, fine_tuned_model: str) -> dict | None:
+        """Unlist the tenant's fine-tuned model and mark its job's artifacts deleted (the caller deletes the files);
+        returns the job, or None when the model is not (or no longer) the tenant's. Of concurrent callers one wins."""
+        job = self.get_job_by_model(tenant, fine_tuned_model)
+        if job is None or not self.r.hdel(self.k("models", tenant), fine_tuned_model):
+            return None
+        self.update_job(job["id"], artifacts_deleted=True)
+        self.forget_finished(job["id"])
+        return job
+
     def list_jobs(self, tenant: str, *, after: str | None = None, limit: int = 20,
-                  status: str | None = None) -> tuple[list[dict], bool]:
-        """The tenant's jobs, newest first, after the job id ``after``, optionally of one status."""
+                  status: str | None = None, metadata: dict[str, str] | None = None) -> tuple[list[dict], bool]:
+        """The tenant's jobs, newest first, after the job id ``after``, optionally of one status and only those
+        whose metadata holds every pair of ``metadata``."""
         ids = self._page_ids(self.k("jobs", tenant), after)
         out: list[dict] = []
         for chunk in _chunks(ids, 100):
@@ -385,18 +397,22 @@ class Store:
                 job = {name: _dec(value) for name, value in raw.items()}
                 if status and job.get("status") != status:
                     continue
+                if metadata and any((job.get("metadata") or {}).get(k) != v for k, v in metadata.items()):
+                    continue
                 if len(out) == limit:
                     return out, True
                 out.append(job)
         return out, False
 
-    def _page_ids(self, zkey: str, after: str | None) -> list[str]:
+    def _page_ids(self, zkey: str, after: str | None, *, ascending: bool = False) -> list[str]:
         if after:
             score = self.r.zscore(zkey, after)
             if score is None:
                 return []
+            if ascending:
+                return self.r.zrangebyscore(zkey, f"({score}", "+inf")
             return self.r.zrevrangebyscore(zkey, f"({score}", "-inf")
-        return self.r.zrevrange(zkey, 0, -1)
+        return self.r.zrange(zkey, 0, -1) if ascending else self.r.zrevrange(zkey, 0, -1)
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         """Set fields of a job record (not its status: use :meth:`transition`)."""
@@ -643,6 +659,19 @@ class Store:
         if count > per_minute:
             return max(1, 60 - int(time.time()) % 60)
         return None
+
+    def auth_failures(self, address: str) -> int:
+        """Failed authentications from ``address`` in the current minute."""
+        return int(self.r.get(self.k("authfail", address, str(int(time.time() // 60)))) or 0)
+
+    def add_auth_failure(self, address: str) -> int:
+        """Count one failed authentication from ``address``; returns this minute's count."""
+        key = self.k("authfail", address, str(int(time.time() // 60)))
+        pipe = self.r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        count, _ = pipe.execute()
+        return int(count)
 
 
 def _event(entry_id: str, fields: dict) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
@@ -114,11 +115,12 @@ def list_files(
     after: str | None = Query(None, description="A file id: list the files after it."),
     limit: int = Query(100, ge=1, le=10000),
     purpose: str | None = None,
+    order: Literal["asc", "desc"] = Query("desc", description="By creation time: desc (newest first) or asc."),
     tenant: str = Depends(get_tenant),
     store: Store = Depends(get_store),
 ) -> FileList:
-    """The caller's files, newest first."""
-    records, has_more = store.list_files(tenant, after=after, limit=limit, purpose=purpose)
+    """The caller's files, newest first (or oldest first with ``order=asc``)."""
+    records, has_more = store.list_files(tenant, after=after, limit=limit, purpose=purpose, order=order)
     data = [public_file(r) for r in records]
     return FileList(data=data, has_more=has_more, first_id=data[0].id if data else None,
                     last_id=data[-1].id if data else None)

@@ -24,6 +24,7 @@ from starlette.background import BackgroundTask
 
 from api.archive import stream_tar_gz
 from api.deps import get_storage, get_store, get_tenant, settings_dep
+from api.openai_compat import openai_hyperparameters, translate_hyperparameters
 from api.schemas import (
     CheckpointList,
     Deleted,
@@ -68,7 +69,23 @@ def engine_config(body: JobCreate, settings: Settings, *, seed: int):
     from citi_engine.ranges import SettingError
     from citi_engine.training.config import FinetuneConfig
 
-    hyper = {**(body.hyperparameters or {}), **(body.method.hyperparameters if body.method else {})}
+    method = body.method.type if body.method else "citi"
+    if method == "supervised":
+        method = "citi"  # OpenAI's supervised fine-tuning is our default method
+    elif body.method and body.method.supervised is not None:
+        raise APIError(400, "invalid_parameters", f"method.supervised goes with method.type 'supervised', not "
+                       f"'{body.method.type}'; put the hyperparameters in method.hyperparameters",
+                       param="method.supervised")
+    hyper, where = {}, {}
+    sources = [("hyperparameters", body.hyperparameters or {})]
+    if body.method:
+        sources.append(("method.hyperparameters", body.method.hyperparameters))
+        if body.method.supervised is not None:
+            sources.append(("method.supervised.hyperparameters", body.method.supervised.hyperparameters))
+    for place, values in sources:  # later places win: method's over the top-level ones
+        hyper.update(values)
+        where.update(dict.fromkeys(values, place))
+    hyper = translate_hyperparameters(method, hyper, where)
     budget = body.budget.model_dump(exclude_none=True) if body.budget else {}
     if settings.max_job_steps is not None:
         if budget.get("max_steps", 0) > settings.max_job_steps:
@@ -84,7 +101,7 @@ def engine_config(body: JobCreate, settings: Settings, *, seed: int):
         "model": body.model,
         "training_file": "training_file.jsonl",
         "out_dir": "out",
-        "method": body.method.type if body.method else "citi",
+        "method": method,
         "seed": seed,
         "budget": budget,
         "components": body.components.model_dump(exclude_none=True) if body.components else {},
@@ -140,6 +157,21 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
                            f"characters long at most ('{key[:20]}' is too long)", param="metadata")
 
 
+def _metadata_filter(request: Request) -> dict[str, str]:
+    """``metadata[key]=value`` query parameters (OpenAI's list filter) as a dict, bounded as metadata is."""
+    out: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if not name.startswith("metadata"):
+            continue
+        key = name[len("metadata"):]
+        if not (key.startswith("[") and key.endswith("]") and len(key) > 2):
+            raise APIError(400, "invalid_metadata", f"metadata filters are spelled metadata[key]=value, got "
+                           f"'{name[:80]}'", param="metadata")
+        out[key[1:-1]] = value
+    _check_metadata(out)
+    return out
+
+
 # -- the job object --------------------------------------------------------------------------------
 
 _INTERNAL = ("tenant", "seq", "worker", "engine", "adapter_bytes", "has_report", "started_at", "general_file_record")
@@ -187,6 +219,9 @@ def create_job(
     _check_metadata(body.metadata)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - 1)
     cfg = engine_config(body, settings, seed=seed)  # every setting finite and in range before anything else
+    method_record: dict[str, Any] = {"type": cfg.method, "hyperparameters": asdict(cfg.hyperparameters)}
+    if body.method and body.method.type == "supervised":  # OpenAI's shape beside ours: the type that ran is citi
+        method_record["supervised"] = {"hyperparameters": openai_hyperparameters(cfg)}
     body_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
     job_id = "ftjob-" + secrets.token_hex(12)
@@ -201,8 +236,9 @@ def create_job(
         "suffix": body.suffix,
         "seed": seed,
         "metadata": body.metadata,
-        "method": {"type": cfg.method, "hyperparameters": asdict(cfg.hyperparameters)},
-        "hyperparameters": asdict(cfg.hyperparameters),
+        "method": method_record,
+        "hyperparameters": {**asdict(cfg.hyperparameters), **openai_hyperparameters(cfg)},
+        "integrations": [i.model_dump(mode="json") for i in body.integrations or []],
         "budget": asdict(cfg.budget),
         "components": asdict(cfg.components),
         "engine": {"model": cfg.model, "method": cfg.method, "seed": cfg.seed, "budget": asdict(cfg.budget),
@@ -279,14 +315,17 @@ def estimate_job(
 
 @router.get("", response_model=JobList, responses=_ERRORS)
 def list_jobs(
+    request: Request,
     after: str | None = Query(None, description="A job id: list the jobs after it."),
     limit: int = Query(20, ge=1, le=100),
     status: JobStatus | None = Query(None, description="Only jobs in this status."),
     tenant: str = Depends(get_tenant),
     store: Store = Depends(get_store),
 ) -> JobList:
-    """The caller's jobs, newest first."""
-    jobs, has_more = store.list_jobs(tenant, after=after, limit=limit, status=status)
+    """The caller's jobs, newest first. OpenAI's ``metadata[key]=value`` query parameters keep only the jobs whose
+    metadata holds every such pair."""
+    metadata = _metadata_filter(request)
+    jobs, has_more = store.list_jobs(tenant, after=after, limit=limit, status=status, metadata=metadata)
     return JobList(data=[public_job(j, store) for j in jobs], has_more=has_more)
 
 

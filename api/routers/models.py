@@ -1,4 +1,4 @@
-"""``GET /v1/models``: the base models this service allows and the caller's fine-tuned adapters.
+"""``/v1/models``: the base models this service allows and the caller's fine-tuned adapters; deleting one.
 
 Shapes follow OpenAI's models API (``{"object": "list", "data": [{"id", "object": "model", "created",
 "owned_by"}]}``). A fine-tuned model is listed for the tenant that made it only; ``model`` in
@@ -7,12 +7,18 @@ Shapes follow OpenAI's models API (``{"object": "list", "data": [{"id", "object"
 
 from __future__ import annotations
 
+import shutil
+
 from fastapi import APIRouter, Depends
 
-from api.deps import get_store, get_tenant, settings_dep
+from api.deps import get_storage, get_store, get_tenant, settings_dep
 from api.model_access import allowed_base_models, model_not_found
+from api.schemas import Deleted, ErrorResponse
+from citi_service.errors import APIError
+from citi_service.keys import job_prefix, work_dir
 from citi_service.model_access import base_model_allowed
 from citi_service.settings import Settings
+from citi_service.storage import Storage
 from citi_service.store import Store
 
 router = APIRouter(tags=["models"])
@@ -67,3 +73,23 @@ def retrieve_model(model: str, tenant: str = Depends(get_tenant), store: Store =
     if base_model_allowed(model, settings):
         return _base_entry(model)
     raise model_not_found(model)
+
+
+@router.delete("/v1/models/{model:path}", summary="Delete a fine-tuned model", response_model=Deleted,
+               responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+def delete_model(model: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store),
+                 storage: Storage = Depends(get_storage), settings: Settings = Depends(settings_dep)) -> Deleted:
+    """Delete one of the caller's fine-tuned models: its adapter and report, as ``DELETE /jobs/{id}`` does. The job
+    stays listed (with ``artifacts_deleted: true``); the model leaves ``GET /v1/models`` and chat."""
+    job = store.remove_model(tenant, model)
+    if job is None:
+        if base_model_allowed(model, settings):
+            raise APIError(403, "model_not_deletable", f"'{model}' is a base model of this service; only fine-tuned "
+                           "models (ft:...) can be deleted", param="model")
+        raise model_not_found(model)
+    storage.delete_prefix(job_prefix(job["id"]))
+    if settings.storage == "local":
+        shutil.rmtree(work_dir(settings, job["id"]), ignore_errors=True)
+    if job.get("adapter_bytes"):
+        store.add_usage(tenant, -int(job["adapter_bytes"]))
+    return Deleted(id=model, object="model", deleted=True)

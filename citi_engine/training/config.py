@@ -30,6 +30,8 @@ DTYPES = ("auto", "bf16", "bfloat16", "fp32", "float32")
 # Stage names as the events and the checkpoints spell them.
 CITI_STAGES = ("router_pretraining", "molora", "uco")
 BASELINE_STAGES = ("train",)
+# lr_train when not given, by method: the winners of our sweep (see lr_train's help).
+DEFAULT_LR_TRAIN = {"lora": 1e-3, "full": 1e-4}
 
 
 # Ranges several settings share.
@@ -417,7 +419,7 @@ class FinetuneConfig:
             return [hp.lr_router_pretraining, hp.lr_molora, hp.lr_uco][: len(self.stages)]
         if hp.lr_train is not None:
             return [hp.lr_train]
-        return [1e-3 if self.method == "lora" else 1e-4]
+        return [DEFAULT_LR_TRAIN[self.method]]
 
     @property
     def uses_general_data(self) -> bool:

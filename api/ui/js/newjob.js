@@ -134,7 +134,7 @@ export async function renderNewJob(main, { query, navigate }) {
       return field(`components-${name}`, name.replace('_', ' '), componentInputs[name], d.help);
     }));
 
-  const suffix = el('input', { type: 'text', maxlength: 40, pattern: '[A-Za-z0-9_.\\-]+', autocomplete: 'off' });
+  const suffix = el('input', { type: 'text', maxlength: 64, pattern: '[A-Za-z0-9_.\\-]+', autocomplete: 'off' });
   const seed = el('input', { type: 'number', min: 0, step: 1 });
   const hyper = el('textarea', { rows: 4, spellcheck: 'false', placeholder: '{"batch_size": 8, "epochs_molora": 2}' });
   const hyperHelp = el('details', {}, el('summary', {}, 'Known hyperparameters and their defaults'),
@@ -152,7 +152,7 @@ export async function renderNewJob(main, { query, navigate }) {
     field('model', 'Base model', modelSelect, 'Models this server allows (GET /v1/models).'),
     methodField, budgetField, componentsField,
     el('details', {}, el('summary', {}, 'More options'),
-      field('suffix', 'Suffix of the fine-tuned model name', suffix, 'Up to 40 letters, digits, _ . -'),
+      field('suffix', 'Suffix of the fine-tuned model name', suffix, 'Up to 64 letters, digits, _ . -'),
       field('seed', 'Seed', seed, 'Empty: a random seed, recorded with the job.'),
       field('hyperparameters', 'Hyperparameters (JSON object)', hyper, 'Overrides of the defaults below, e.g. learning rates or epochs per stage.'),
       hyperHelp),
