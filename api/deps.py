@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -109,12 +110,33 @@ def _bearer(request: Request) -> str | None:
     return value.strip()
 
 
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def check_key(request: Request, store: Store, key: str) -> str | None:
+    """The tenant of ``key``, or None for a wrong key (counted against the client's address). A client
+    address past ``CITI_AUTH_FAILURES_PER_MINUTE`` wrong keys gets 429 for any key until the minute is over,
+    so keys cannot be guessed at speed. Used by the bearer check and the dashboard's sign-in."""
+    limit = get_settings().auth_failures_per_minute
+    if limit and store.auth_failures(_address(request)) >= limit:
+        retry = max(1, 60 - int(time.time()) % 60)
+        raise APIError(429, "too_many_failed_authentications",
+                       f"more than {limit} wrong keys from this address in a minute; retry in {retry} s with a "
+                       "valid key", headers={"Retry-After": str(retry)})
+    tenant = get_keyring().tenant_for(key)
+    if tenant is None and limit:
+        store.add_auth_failure(_address(request))
+    return tenant
+
+
 def get_tenant(request: Request, store: Store = Depends(get_store)) -> str:
-    """Authenticate the request and return its tenant id (401 without a valid key; 429 over the rate limit)."""
+    """Authenticate the request and return its tenant id (401 without a valid key; 429 over the rate limit or
+    after too many wrong keys from the client's address)."""
     key = _bearer(request)
     tenant = None
     if key is not None:
-        tenant = get_keyring().tenant_for(key)
+        tenant = check_key(request, store, key)
         if tenant is None:
             raise APIError(401, "invalid_api_key", "the API key is not valid; check CITI_API_KEY or ask for a key",
                            headers={"WWW-Authenticate": "Bearer"})

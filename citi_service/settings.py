@@ -94,8 +94,12 @@ class Settings(BaseSettings):
         32, gt=0, description="CITI_MAX_STREAMS_PER_TENANT: live event streams one tenant holds open in one API "
         "process; more get 429 before they start, so one tenant cannot take every stream.")
     rate_limit_per_minute: int = Field(
-        0, ge=0, description="CITI_RATE_LIMIT_PER_MINUTE: requests per key and minute; 0 turns the limit off."
+        600, ge=0, description="CITI_RATE_LIMIT_PER_MINUTE: requests per key and minute; 0 turns the limit off."
     )
+    auth_failures_per_minute: int = Field(
+        30, ge=0, description="CITI_AUTH_FAILURES_PER_MINUTE: wrong keys (bearer or dashboard sign-in) one client "
+        "address may present in a minute; past it, every key it presents gets 429 until the minute is over (so "
+        "guessing stops being useful). 0 turns the throttle off.")
 
     lease_seconds: float = Field(
         30.0, gt=0, description="CITI_LEASE_SECONDS: a running job's lease; renewed every third of it by heartbeat."

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import get_keyring, get_storage, get_store, get_tenant, settings_dep
+from api.deps import check_key, get_storage, get_store, get_tenant, settings_dep
 from api.schemas import ErrorResponse
 from api.ui_session import (
     CSRF_HEADER,
@@ -104,12 +104,12 @@ def asset(path: str) -> FileResponse:
 
 
 @router.post("/ui/session", response_model=SessionInfo, responses={**_ERRORS, 403: {"model": ErrorResponse}})
-def sign_in(body: SignIn, request: Request, response: Response) -> SessionInfo:
+def sign_in(body: SignIn, request: Request, response: Response, store: Store = Depends(get_store)) -> SessionInfo:
     """Exchange an API key for a dashboard session cookie (HttpOnly, SameSite=Strict)."""
     # Only same-origin pages may sign in, so another site cannot sign a visitor into its own account.
     if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         raise APIError(403, "cross_site_request", "sign in from the dashboard page itself (/ui)")
-    tenant = get_keyring().tenant_for(body.key.strip())
+    tenant = check_key(request, store, body.key.strip())
     if tenant is None:
         raise APIError(401, "invalid_api_key", "that API key is not valid; check it (CITI_API_KEYS lists the keys "
                        "this server accepts) and try again", param="key")

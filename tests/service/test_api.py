@@ -555,3 +555,34 @@ def test_event_streams_are_limited_per_tenant_and_per_process_with_a_429_before_
             c.close()
         stop_process(proc)
     assert "Traceback" not in (tmp_path / "api-streams.log").read_text()
+
+
+def test_wrong_keys_are_throttled_per_client_address_and_a_rate_limit_is_on_by_default(service, tmp_path):
+    from citi_service.settings import Settings
+    from tests.service.conftest import claim_redis_db, release_redis_db, start_api, stop_process
+
+    assert Settings.model_fields["rate_limit_per_minute"].default == 600  # on unless turned off
+    db = claim_redis_db()
+    env = {**service.env, "REDIS_URL": f"redis://127.0.0.1:6379/{db}", "CITI_AUTH_FAILURES_PER_MINUTE": "3"}
+    proc, url = start_api(env, tmp_path / "api-throttle.log")
+    try:
+        if time.time() % 60 > 45:  # the count is per minute: do not let the window turn mid-test
+            time.sleep(61 - time.time() % 60)
+        wrong, right = {"Authorization": "Bearer sk-a-guess"}, {"Authorization": f"Bearer {KEYS['alice']}"}
+        assert httpx.get(url + "/v1/files", headers=right).status_code == 200
+        for _ in range(3):
+            assert_error(httpx.get(url + "/jobs", headers=wrong), 401, "invalid_api_key")
+        err = assert_error(httpx.get(url + "/jobs", headers=wrong), 429, "too_many_failed_authentications")
+        assert "more than 3 wrong keys" in err["message"]
+        # From this address, every key now waits out the minute (a right guess would tell nothing), the
+        # dashboard's sign-in included; requests without a key are still just 401, and health is public.
+        r = httpx.get(url + "/jobs", headers=right)
+        assert_error(r, 429, "too_many_failed_authentications")
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert_error(httpx.post(url + "/ui/session", json={"key": KEYS["alice"]}), 429,
+                     "too_many_failed_authentications")
+        assert_error(httpx.get(url + "/jobs"), 401, "missing_api_key")
+        assert httpx.get(url + "/healthz").status_code == 200
+    finally:
+        stop_process(proc)
+        release_redis_db(db)
