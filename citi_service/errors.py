@@ -145,8 +145,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # Answered outside the app's middleware, so the request id (the API's RequestIdMiddleware) is added here.
+        request_id = (request.scope.get("state") or {}).get("request_id")
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
         return JSONResponse(
             error_body(500, "internal_error", "internal server error; the service logged the details"),
             status_code=500,
+            headers={"x-request-id": request_id} if request_id else None,
         )

@@ -224,3 +224,20 @@ def test_models_delete_removes_a_fine_tuned_model_and_keeps_its_job(service, wor
         assert c.get(f"/jobs/{job.id}").json()["artifacts_deleted"] is True
         assert c.get(f"/jobs/{job.id}/adapter").status_code == 410
         assert c.delete(f"/jobs/{job.id}").json()["deleted"] is True  # the job itself can still be deleted
+
+
+def test_an_unexpected_500_carries_the_request_id_too():
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    app = create_app()
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom", headers={"x-request-id": "t-500"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert r.headers["x-request-id"] == "t-500"
