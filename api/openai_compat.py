@@ -95,13 +95,17 @@ def _number(x: float) -> int | float:
 
 def openai_hyperparameters(cfg: FinetuneConfig) -> dict[str, Any]:
     """OpenAI's three hyperparameters as the job runs them (the tool-learning stage's epochs and rate)."""
-    hp = cfg.hyperparameters
-    lr = getattr(hp, "lr_molora" if cfg.method == "citi" else "lr_train")
-    if lr is None:
-        lr = DEFAULT_LR_TRAIN[cfg.method]
-    default = default_learning_rates(cfg.method)["lr_molora" if cfg.method == "citi" else "lr_train"]
+    return openai_view(cfg.method, dataclasses.asdict(cfg.hyperparameters))
+
+
+def openai_view(method: str, hyper: dict[str, Any]) -> dict[str, Any]:
+    """:func:`openai_hyperparameters` from a stored job's ``method.type`` and resolved hyperparameters (jobs
+    stored before the three were recorded get them this way)."""
+    name = "lr_molora" if method == "citi" else "lr_train"
+    default = default_learning_rates(method)[name]
+    lr = hyper.get(name) or default
     return {
-        "n_epochs": _number(getattr(hp, epochs_setting(cfg.method))),
-        "batch_size": hp.batch_size,
+        "n_epochs": _number(hyper[epochs_setting(method)]),
+        "batch_size": hyper["batch_size"],
         "learning_rate_multiplier": _number(round(lr / default, 6)),
     }

@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 
 from api.archive import stream_tar_gz
 from api.deps import get_storage, get_store, get_tenant, settings_dep
-from api.openai_compat import openai_hyperparameters, translate_hyperparameters
+from api.openai_compat import openai_hyperparameters, openai_view, translate_hyperparameters
 from api.schemas import (
     CheckpointList,
     Deleted,
@@ -182,6 +182,9 @@ def public_job(job: dict, store: Store) -> Job:
     d = {k: v for k, v in job.items() if k not in _INTERNAL}
     job_id, status = job["id"], job["status"]
     d["organization_id"] = job["tenant"]
+    hyper, method = d.get("hyperparameters") or {}, (d.get("method") or {}).get("type")
+    if hyper and "n_epochs" not in hyper and method in ("citi", "lora", "full"):  # stored before they were recorded
+        d["hyperparameters"] = {**hyper, **openai_view(method, hyper)}
     d["queue_position"] = store.queue_position(job_id) if status == "queued" else None
     d["events_url"] = f"/jobs/{job_id}/events"
     available = status == "succeeded" and not job.get("artifacts_deleted")

@@ -241,3 +241,18 @@ def test_an_unexpected_500_carries_the_request_id_too():
         r = c.get("/boom", headers={"x-request-id": "t-500"})
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert r.headers["x-request-id"] == "t-500"
+
+
+def test_a_job_stored_before_the_openai_fields_were_recorded_still_reports_them(service, uploaded, jobs):
+    import json
+
+    job = jobs.create(uploaded, extra_body={"budget": {"max_steps": 3}, "method": {"type": "lora", "hyperparameters": {
+        "epochs_train": 5, "lr_train": 2e-3}}})
+    key = f"citi:job:{job.id}"
+    stored = json.loads(service.redis.hget(key, "hyperparameters"))
+    for name in ("n_epochs", "learning_rate_multiplier"):
+        del stored[name]
+    service.redis.hset(key, "hyperparameters", json.dumps(stored))
+    old = client_for(service).fine_tuning.jobs.retrieve(job.id)
+    assert (old.hyperparameters.n_epochs, old.hyperparameters.batch_size,
+            old.hyperparameters.learning_rate_multiplier) == (5, 16, 2)
