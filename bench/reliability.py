@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -146,6 +147,7 @@ def run_load(clients: int, seconds: float, workdir: Path) -> dict:
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "CITI_ARTIFACT_DIR": str(workdir / "artifacts"),
         "CITI_API_KEYS": f"load:{KEY}", "CITI_MODEL_DIRS": str(Path(model).parent), "CITI_STORAGE": "local",
         "CITI_DEVICE": "cpu", "CITI_INFERENCE_DEVICE": "cpu", "CITI_INFERENCE_URL": f"http://127.0.0.1:{inf_port}",
+        "CITI_INFERENCE_TOKEN": secrets.token_urlsafe(24),  # the inference server does not start without one
         # Raised so the limiter never answers: the load measures the service.
         "CITI_RATE_LIMIT_PER_MINUTE": "100000000", "CITI_MAX_ACTIVE_JOBS_PER_TENANT": "100000000",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
