@@ -1,15 +1,25 @@
-"""The fine-tuning recipe. One function, :func:`finetune`, read top to bottom:
+"""The fine-tuning recipe. One door, :func:`finetune`, which runs the steps of :class:`FinetuneRecipe`
+in order; the recipe holds the run's state and reads top to bottom, one method per step:
 
-    1. data      validate the files, hold out a test split, tokenise          (no model loaded yet)
-    2. budget    refuse a step or token budget too small for one step per stage
-    3. model     load the base model
-    4. citi      general replay (when the job brings no general data) -> component importance
-                 -> selection of the MOLoRA and UCO components
-    5. method    MOLoRA + UCO (citi), LoRA (lora) or nothing (full); trained weights kept in fp32
-    6. stages    citi: router pre-training -> MOLoRA improvement -> UCO; lora/full: one stage "train".
-                 Each stage: a fresh AdamW, cosine schedule with warm-up, checkpoints.
-    7. save      adapter, importance.json/png, citi_job.json, model card
-    8. evaluate  tool accuracy on the held-out tool tests, general retention (size-limited)
+    step         what                                                            FinetuneRecipe method
+    1. data      validate the files, hold out a test split, tokenise (no model)  setup_data
+    2. budget    refuse a step or token budget too small for one step per stage  check_budget
+    3. model     load the base model                                             setup_model
+    4. citi      general replay (when the job brings no general data)            select_components
+                 -> component importance -> the MOLoRA and UCO components
+    5. method    MOLoRA + UCO (citi), LoRA (lora) or nothing (full);             setup_method
+                 trained weights kept in fp32
+    6. stages    citi: router pre-training -> MOLoRA improvement -> UCO;         train, and train_stage
+                 lora/full: one stage "train". Each stage: a fresh AdamW,        (the loop), save_checkpoint
+                 cosine schedule with warm-up, checkpoints
+    7. save      adapter, importance.json/png, citi_job.json, model card         save
+    8. evaluate  tool accuracy on the held-out tool tests, general retention     evaluate
+                 (size-limited)
+
+Words: a *stage* is a training stage (``router_pretraining``, ``molora``, ``uco``, ``train``); a *phase*
+is any part of a run (``validating``, ``loading``, ``replay``, ``importance``, a stage, ``saving``,
+``eval``), reported in each event's ``stage`` field. :class:`RunContext` carries events, cancellation
+and the clock of one run.
 
 Loss: cross-entropy on assistant tokens only; citi adds ``beta * routing loss`` (the routing loss
 needs each example's task type, so the mixed data holds tool and general examples). Mixed
@@ -40,6 +50,7 @@ step of every phase (scoring, replay, training, evaluation), so a cancel takes e
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import gc
 import json
@@ -52,15 +63,29 @@ from typing import Any
 
 import torch
 
+from citi_engine.adapter import (
+    apply_method,
+    backbone_targets,
+    molora_layers,
+    routing_loss,
+    save_adapter,
+    set_trainable,
+    token_routing_loss,
+)
 from citi_engine.budget import JobClock, StagePlan, check_budget, plan_stages
 from citi_engine.data.augment import build_negatives, mask_some, unrelated_tool_lists
-from citi_engine.data.schemas import ExampleKind, Problem, TaskType, task_type_of
+from citi_engine.data.chat_format import encode_example
+from citi_engine.data.schemas import ExampleKind, Problem, TaskType, kind_of, task_type_for_kind, task_type_of
+from citi_engine.data.validate import check_lengths, validate_jsonl
 from citi_engine.distributed import (
     DistInfo,
     LossModule,
     any_rank,
     broadcast_tensors,
+    cleanup,
     gather_objects,
+    init_distributed,
+    is_initialized,
     max_over_ranks,
     run_on_main,
     sum_over_ranks,
@@ -68,6 +93,14 @@ from citi_engine.distributed import (
     wrap_ddp,
 )
 from citi_engine.errors import Cancelled, DataValidationError, TrainingDiverged
+from citi_engine.evaluate import evaluate_adapter
+from citi_engine.evaluate.tool_eval import load_tool_cases
+from citi_engine.importance import ImportanceResult, compute_importance
+from citi_engine.losses import Teacher, answer_losses
+from citi_engine.models import load_model, load_tokenizer
+from citi_engine.packing import VARLEN_ATTENTION, enable_varlen_attention, to_device
+from citi_engine.replay import build_replay
+from citi_engine.specs import resolve_model_spec
 from citi_engine.training.batches import (
     StageOrder,
     answer_tokens,
@@ -95,15 +128,15 @@ __all__ = [
     "Budget",
     "ComponentsConfig",
     "FinetuneConfig",
+    "FinetuneRecipe",
     "FinetuneResult",
     "Hyperparameters",
-    "JobContext",
+    "RunContext",
     "TrainState",
     "accumulate_gradients",
     "finetune",
     "lr_factor",
     "run_importance",
-    "run_stage",
     "step_loss_module",
 ]
 
@@ -151,149 +184,416 @@ def finetune(
     and every process returns the same steps and tokens. Only rank 0 calls ``on_event``, writes
     files and evaluates (``report_path`` is None elsewhere).
     """
-    from citi_engine.distributed import cleanup, init_distributed, is_initialized
-
     owns_group = not is_initialized()
     dist = init_distributed(device=cfg.device, timeout_s=DIST_TIMEOUT_S)
-    out_dir = Path(cfg.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    resume = latest_checkpoint(ckpt_root)
-    if resume is not None:
-        _check_same_job(resume, cfg)
-    job = JobContext(on_event, should_cancel, JobClock(resume.meta["elapsed_s"] if resume else 0.0), dist=dist)
-    hp = cfg.hyperparameters
-    stages = list(cfg.stages)
-    if resume is not None:
-        job.message("validating", f"resuming from checkpoint {resume.path.name}")
-
-    # 1. Data, before any model: every problem of every file at once.
-    data, tool, general = _prepare_data(cfg, job)
-    use_general = cfg.uses_general_data
-    pool_estimate = tool + (general if use_general else [])
-    per_step = hp.batch_size * hp.gradient_accumulation_steps
-    tokens_per_step = per_step * sum(len(e["input_ids"]) for e in pool_estimate) / len(pool_estimate)
-
-    # 2. Budget: a hopeless step or token budget is refused before the model is loaded.
-    check_budget(cfg.budget, n_stages=len(stages), tokens_per_step=tokens_per_step, stage_names=stages)
-
-    # 3. Model.
-    job.stage("loading")
-    job.check_cancel("loading")
-    from citi_engine.models import load_model
-
-    model, tokenizer = load_model(cfg.model, device=dist.device if dist.enabled else cfg.device, dtype=cfg.dtype,
-                                  model_dirs=cfg.model_dirs)
-    device = next(model.parameters()).device
-    frozen_dtype = model.get_input_embeddings().weight.dtype
-    job.check_cancel("loading")
-    packing, attention_before = _choose_packing(job, cfg, model, device)
-
-    # 4. citi: general data (replay when the job brought none), importance, component selection.
-    #    A resumed job reads all three from its checkpoint instead of redoing them. With several
-    #    processes rank 0 does both and shares the results (and any error, a cancel included).
-    replay, gen_s_per_item, importance = [], None, None
-    if resume is not None:
-        replay, gen_s_per_item, importance = _restore_prepared(resume, cfg)
-    elif cfg.uses_general_data and not general:
-        replay, gen_s_per_item = run_on_main(lambda: _build_replay(job, cfg, model, tokenizer, data.tool), dist)
-    if replay:
-        general = _encode(tokenizer, replay, None, hp.max_length, "replay")
-    if cfg.method == "citi" and importance is None:
-        general_name = "replay" if replay else "general"
-        importance = run_on_main(
-            lambda: _score_components(job, cfg, model, tokenizer, _calls_only(tool), general, general_name,
-                                      packing=packing), dist)
-    components = {"molora": list(importance.molora), "uco": list(importance.uco)} if importance else \
-        {"molora": [], "uco": []}
-
-    # 5. Method: adapters on the chosen components; every tensor any stage trains kept in fp32. General answers
-    #    trained towards the frozen base (general_loss kl) need a teacher: the model itself with its adapters
-    #    off, or for full fine-tuning an untouched copy of the base taken now.
-    from citi_engine.adapter import apply_method, routing_loss, set_trainable
-    from citi_engine.losses import Teacher
-
-    soft_targets = hp.general_loss == "kl" and use_general and bool(general)
-    frozen = _frozen_copy(model) if soft_targets and cfg.method == "full" else None
-    torch.manual_seed(cfg.seed)
-    c = cfg.components
-    model = apply_method(model, cfg.method, molora=components["molora"], uco=components["uco"],
-                         num_experts=c.num_experts, rank=c.rank, alpha=c.alpha, lora_rank=c.lora_rank,
-                         lora_alpha=c.lora_alpha)
-    trainable = _fp32_trainables(model, cfg)
-    teacher = Teacher(model, frozen) if soft_targets else None
-    for stage in stages:
-        n = sum(trainable["params"][name].numel() for name in trainable["by_stage"][stage])
-        job.message(stage, f"stage {stage} trains {n:,} parameters in {len(trainable['by_stage'][stage])} tensors")
-
-    # 6. Stages over one pool of examples (citi: tool + general; baselines: tool only by default).
-    pool = tool + (general if use_general else [])
-    tokens_per_step = per_step * sum(len(e["input_ids"]) for e in pool) / len(pool)
-    state = TrainState()
-    if resume is not None:
-        plan = StagePlan.from_dict(resume.meta["plan"])
-        state.stage_index, state.stage_step = resume.position
-        state.global_step = int(resume.meta["global_step"])
-        state.tokens = int(resume.meta["trained_tokens"])
-        _load_tensors(model, trainable, resume)
-        resume.restore_rng()
-    else:
-        natural = [natural_steps(len(pool), e, per_step) for e in cfg.stage_epochs()]
-        plan = plan_stages(stages, cfg.stage_epochs(), natural, cfg.budget, tokens_per_step=tokens_per_step)
-    # Every process starts from rank 0's weights (the same seed made them equal already; this makes sure).
-    broadcast_tensors([trainable["params"][n] for n in trainable["names"]], dist)
-    saver = None
-    if dist.rank == 0:
-        saver = _Saver(cfg, ckpt_root, trainable, plan, state, job, components, importance, replay, gen_s_per_item)
-    if resume is None and saver is not None:
-        saver.save(kind="boundary")  # scoring and replay are not redone after a crash
-    reserve_s = _time_reserved_after_training(cfg, data, gen_s_per_item)
-    stage_losses: dict[str, float | None] = {}
-    first_stage = state.stage_index
-    resumed_optimizer = resume.optimizer_state() if resume is not None and not resume.is_boundary else None
-    for si in range(first_stage, len(stages)):
-        stage_losses[stages[si]] = run_stage(
-            model, si, plan, pool, cfg, state, job,
-            set_trainable=lambda m, s: set_trainable(m, _adapter_stage(cfg.method, s)),
-            routing_loss=routing_loss if cfg.method == "citi" else None,
-            device=device, frozen_dtype=frozen_dtype, pad_id=_pad_id(tokenizer),
-            optimizer_state=resumed_optimizer if si == first_stage else None, saver=saver, reserve_s=reserve_s,
-            packing=packing, dist=dist, teacher=teacher,
-        )
-        state.stage_index, state.stage_step = si + 1, 0
-        if saver is not None:
-            saver.save(kind="boundary")
-    if attention_before is not None:  # the adapter and evaluation see the model as it was loaded
-        _base_model(model).set_attn_implementation(attention_before)
-    stage_steps = dict(zip(plan.names, plan.steps, strict=True))
-    final_loss = next((v for v in reversed(stage_losses.values()) if v is not None), None)
-    trained_sha256 = None
+    recipe = FinetuneRecipe(cfg, on_event, should_cancel, dist=dist)
+    recipe.setup_data()
+    recipe.check_budget()
+    recipe.setup_model()
+    recipe.select_components()
+    recipe.setup_method()
+    recipe.train()
     if dist.enabled:
-        trained_sha256 = _agreed_weights(trainable, dist)  # the last collective of the run
+        recipe.agree_on_weights()  # the last collective of the run
         if owns_group:
             cleanup(dist)
         if dist.rank != 0:
-            return FinetuneResult(adapter_dir=str(out_dir), trained_tokens=state.tokens, steps=plan.total_steps,
-                                  components=components, stage_steps=stage_steps, final_loss=final_loss,
-                                  trained_sha256=trained_sha256)
+            return recipe.result()
+    recipe.save()
+    recipe.evaluate()
+    result = recipe.result()
+    recipe.ctx.emit("done", "saving", step=recipe.plan.total_steps, total_steps=recipe.plan.total_steps,
+                    loss=result.final_loss, message=f"adapter saved to {recipe.out_dir}")
+    return result
+
+
+class FinetuneRecipe:
+    """One fine-tuning run, its state on the object; :func:`finetune` calls the steps in order.
+
+    Each method is one step of the module docstring and reads and writes the attributes set in
+    ``__init__``: the data (``tool``, ``general``, ``pool``), the model and how it runs (``device``,
+    ``frozen_dtype``, ``packing``), the citi selection (``replay``, ``importance``, ``components``), and
+    where training is (``plan``, ``state``). ``__init__`` loads nothing; it finds the checkpoint to
+    resume from (rank 0 writes them, every process reads them).
+    """
+
+    def __init__(self, cfg: FinetuneConfig, on_event: EventFn | None = None, should_cancel: CancelFn | None = None,
+                 *, dist: DistInfo | None = None):
+        self.cfg = cfg
+        self.hp = cfg.hyperparameters
+        self.dist = dist or DistInfo()
+        self.is_main = self.dist.rank == 0  # the one process that writes checkpoints, the adapter and events
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.resume = latest_checkpoint(self.ckpt_root)
+        if self.resume is not None:
+            _check_same_job(self.resume, cfg)
+        self.ctx = RunContext(on_event, should_cancel,
+                              JobClock(self.resume.meta["elapsed_s"] if self.resume else 0.0), dist=self.dist)
+        self.stages = list(cfg.stages)
+        self.per_step = self.hp.batch_size * self.hp.gradient_accumulation_steps  # examples in one step
+        # 1. data
+        self.data: _Data | None = None
+        self.tool: list[dict] = []
+        self.general: list[dict] = []
+        # 3. model
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device = torch.device("cpu")
+        self.frozen_dtype = torch.float32
+        self.pad_id = 0
+        self.packing = False
+        self.attention_before: str | None = None
+        # 4. citi
+        self.replay: list[dict] = []
+        self.gen_s_per_item: float | None = None
+        self.importance: Any = None
+        self.components: dict[str, list[str]] = {"molora": [], "uco": []}
+        # 5. method
+        self.trainable: dict[str, Any] = {"by_stage": {}, "names": [], "params": {}}
+        self.teacher: Teacher | None = None
+        # 6. stages
+        self.pool: list[dict] = []
+        self.plan: StagePlan | None = None
+        self.state = TrainState()
+        self.reserve_s = 0.0  # seconds a time budget keeps back for saving and evaluation
+        self.stage_losses: dict[str, float | None] = {}
+        # 7-8. after training
+        self.trained_sha256: str | None = None
+        self.report_path: str | None = None
+        if self.resume is not None:
+            self.ctx.message("validating", f"resuming from checkpoint {self.resume.path.name}")
+
+    # 1. Data, before any model: every problem of every file at once.
+    def setup_data(self) -> None:
+        """Validate every file, hold out the test split, tokenise (the tokenizer only, no model yet)."""
+        self.data, self.tool, self.general = _prepare_data(self.cfg, self.ctx)
+
+    # 2. Budget: a hopeless step or token budget is refused before the model is loaded.
+    def check_budget(self) -> None:
+        """Raise :class:`BudgetError` for a step or token budget too small for one step per stage."""
+        pool = self.tool + (self.general if self.cfg.uses_general_data else [])
+        tokens_per_step = self.per_step * sum(len(e["input_ids"]) for e in pool) / len(pool)
+        check_budget(self.cfg.budget, n_stages=len(self.stages), tokens_per_step=tokens_per_step,
+                     stage_names=self.stages)
+
+    # 3. Model.
+    def setup_model(self) -> None:
+        """Load the base model on this process's device and choose padded or packed rows."""
+        cfg = self.cfg
+        self.ctx.phase("loading")
+        self.ctx.check_cancel("loading")
+        self.model, self.tokenizer = load_model(cfg.model, device=self.dist.device if self.dist.enabled else cfg.device,
+                                                dtype=cfg.dtype, model_dirs=cfg.model_dirs)
+        self.device = next(self.model.parameters()).device
+        self.frozen_dtype = self.model.get_input_embeddings().weight.dtype
+        self.pad_id = _pad_id(self.tokenizer)
+        self.ctx.check_cancel("loading")
+        self.packing, self.attention_before = self._choose_packing()
+
+    # 4. citi: general data (replay when the job brought none), importance, component selection.
+    def select_components(self) -> None:
+        """Build the replay data and choose the MOLoRA and UCO components (citi; baselines choose none).
+
+        A resumed job reads all three from its checkpoint instead of redoing them. With several
+        processes rank 0 does both and shares the results (and any error, a cancel included).
+        """
+        cfg, ctx = self.cfg, self.ctx
+        if self.resume is not None:
+            self.replay, self.gen_s_per_item, self.importance = _restore_prepared(self.resume, cfg)
+        elif cfg.uses_general_data and not self.general:
+            self.replay, self.gen_s_per_item = run_on_main(
+                lambda: _build_replay(ctx, cfg, self.model, self.tokenizer, self.data.tool), self.dist)
+        if self.replay:
+            self.general = _encode(self.tokenizer, self.replay, None, self.hp.max_length, "replay")
+        if cfg.method == "citi" and self.importance is None:
+            general_name = "replay" if self.replay else "general"
+            self.importance = run_on_main(
+                lambda: _score_components(ctx, cfg, self.model, self.tokenizer, _calls_only(self.tool), self.general,
+                                          general_name, packing=self.packing), self.dist)
+        if self.importance is not None:
+            self.components = {"molora": list(self.importance.molora), "uco": list(self.importance.uco)}
+
+    # 5. Method: adapters on the chosen components; every tensor any stage trains kept in fp32.
+    def setup_method(self) -> None:
+        """Apply MOLoRA + UCO, LoRA or nothing, keep every trained tensor in fp32, and build the teacher.
+
+        General answers trained towards the frozen base (general_loss kl) need a teacher: the model
+        itself with its adapters off, or for full fine-tuning an untouched copy of the base taken now.
+        """
+        cfg, c = self.cfg, self.cfg.components
+        soft_targets = self.hp.general_loss == "kl" and cfg.uses_general_data and bool(self.general)
+        frozen = _frozen_copy(self.model) if soft_targets and cfg.method == "full" else None
+        torch.manual_seed(cfg.seed)
+        self.model = apply_method(self.model, cfg.method, molora=self.components["molora"],
+                                  uco=self.components["uco"], num_experts=c.num_experts, rank=c.rank, alpha=c.alpha,
+                                  lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+        self.trainable = _fp32_trainables(self.model, cfg)
+        self.teacher = Teacher(self.model, frozen) if soft_targets else None
+        for stage in self.stages:
+            names = self.trainable["by_stage"][stage]
+            n = sum(self.trainable["params"][name].numel() for name in names)
+            self.ctx.message(stage, f"stage {stage} trains {n:,} parameters in {len(names)} tensors")
+
+    # 6. Stages over one pool of examples (citi: tool + general; baselines: tool only by default).
+    def train(self) -> None:
+        """Plan the stages (or take the checkpoint's plan and position) and train them one after another."""
+        cfg, resume = self.cfg, self.resume
+        self.pool = self.tool + (self.general if cfg.uses_general_data else [])
+        tokens_per_step = self.per_step * sum(len(e["input_ids"]) for e in self.pool) / len(self.pool)
+        if resume is not None:
+            self.plan = StagePlan.from_dict(resume.meta["plan"])
+            self.state.stage_index, self.state.stage_step = resume.position
+            self.state.global_step = int(resume.meta["global_step"])
+            self.state.tokens = int(resume.meta["trained_tokens"])
+            _load_tensors(self.model, self.trainable, resume)
+            resume.restore_rng()
+        else:
+            natural = [natural_steps(len(self.pool), e, self.per_step) for e in cfg.stage_epochs()]
+            self.plan = plan_stages(self.stages, cfg.stage_epochs(), natural, cfg.budget,
+                                    tokens_per_step=tokens_per_step)
+        # Every process starts from rank 0's weights (the same seed made them equal already; this makes sure).
+        broadcast_tensors([self.trainable["params"][n] for n in self.trainable["names"]], self.dist)
+        if resume is None:
+            self.save_checkpoint(kind="boundary")  # scoring and replay are not redone after a crash
+        self.reserve_s = self._time_reserved_after_training()
+        first_stage = self.state.stage_index
+        resumed_optimizer = resume.optimizer_state() if resume is not None and not resume.is_boundary else None
+        for si in range(first_stage, len(self.stages)):
+            self.stage_losses[self.stages[si]] = self.train_stage(
+                si, optimizer_state=resumed_optimizer if si == first_stage else None)
+            self.state.stage_index, self.state.stage_step = si + 1, 0
+            self.save_checkpoint(kind="boundary")
+        if self.attention_before is not None:  # the adapter and evaluation see the model as it was loaded
+            _base_model(self.model).set_attn_implementation(self.attention_before)
+
+    def train_stage(self, stage_index: int, optimizer_state: dict | None = None) -> float | None:
+        """Train stage ``stage_index`` of ``plan`` from ``state.stage_step`` to its end; return its last loss.
+
+        Only the stage's parameters train; a fresh AdamW, unless ``optimizer_state`` resumes one. The stage
+        ends after its planned steps, or earlier when the job's tokens or time reach the stage's share
+        (never before its first step). With ``packing`` each step is laid out in packed rows instead of
+        padded micro-batches; with several processes each trains its share of every step under DDP, built
+        here because DDP reduces what requires grad when it is built. ``teacher`` gives the soft targets
+        of general answers.
+        """
+        cfg, hp, plan, state, ctx, dist = self.cfg, self.hp, self.plan, self.state, self.ctx, self.dist
+        name = plan.names[stage_index]
+        ctx.phase(name)
+        set_trainable(self.model, _adapter_stage(cfg.method, name))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        peak_lr = cfg.stage_lrs()[stage_index]
+        optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=hp.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: lr_factor(k, plan.steps[stage_index], hp.warmup_ratio)
+        )
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state["optimizer"])
+            scheduler.load_state_dict(optimizer_state["scheduler"])
+        order = StageOrder(len(self.pool), seed=cfg.seed, stage_index=stage_index, examples_per_step=self.per_step)
+        with_routing = cfg.method == "citi"
+        step_module = step_loss_module(self.model, cfg, routing_loss=routing_loss if with_routing else None,
+                                       device=self.device, frozen_dtype=self.frozen_dtype, dist=dist,
+                                       teacher=self.teacher)
+        pack_tokens = _pack_tokens(cfg) if self.packing else None
+        self.model.train()
+        loss = None
+        timed: list[float] = []
+        while state.stage_step < plan.steps[stage_index]:
+            examples = [self.pool[i] for i in order.indices(state.stage_step)]
+            n_tokens = count_tokens(examples)
+            spent = state.stage_step > 0 and _share_spent(plan, stage_index, state.tokens + n_tokens,
+                                                          ctx.clock.elapsed())
+            # One collective: every process stops at the same step when any one reaches its share or sees a cancel.
+            spent, cancel = any_rank([spent, ctx.cancel_requested()], dist)
+            if spent:
+                plan.steps[stage_index] = state.stage_step  # the budget ended this stage early
+                break
+            if cancel:
+                raise Cancelled(f"the job was cancelled during stage {name}")
+            lr = optimizer.param_groups[0]["lr"]
+            t0 = time.monotonic()
+            mine = rank_share(examples, rank=dist.rank, world_size=dist.world_size, micro_size=hp.batch_size,
+                              balance_tokens=self.packing)
+            micro = step_batches(mine, micro_size=hp.batch_size, pad_id=self.pad_id, pack_tokens=pack_tokens)
+            loss, rloss = _optimizer_step(
+                step_module, micro, optimizer, scheduler, params, n_answer=answer_tokens(examples),
+                n_examples=len(examples), n_route=routing_token_counts(examples), max_grad_norm=hp.max_grad_norm,
+                dist=dist,
+            )
+            if not with_routing:
+                rloss = None
+            step_s = time.monotonic() - t0
+            state.stage_step += 1
+            state.global_step += 1
+            state.tokens += n_tokens
+            timed.append(step_s)
+            state.timed_steps += 1
+            if cfg.budget.max_seconds is not None and not plan.time_fitted and (
+                state.timed_steps >= SPEED_PROBE_STEPS or state.stage_step >= plan.steps[stage_index]
+            ):
+                # Every process fits the same plan: the slowest speed and the latest clock of them all.
+                sps, now_s = max_over_ranks([_seconds_per_step(timed), ctx.clock.elapsed()], dist)
+                plan.fit_to_time(stage_index=stage_index, steps_done_in_stage=state.stage_step,
+                                 seconds_per_step=sps, now_s=now_s, deadline_s=cfg.budget.max_seconds - self.reserve_s)
+                ctx.message(name, f"time budget: {plan.total_steps} steps in all "
+                                  f"({', '.join(f'{n} {s}' for n, s in zip(plan.names, plan.steps, strict=True))})")
+            sps = _seconds_per_step(timed)
+            remaining = plan.total_steps - state.global_step
+            ctx.emit("progress", name, step=state.global_step, total_steps=plan.total_steps, loss=loss,
+                     routing_loss=rloss, lr=lr, tokens_per_s=n_tokens / max(step_s, 1e-9), eta_s=remaining * sps)
+            if (cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0
+                    and state.stage_step < plan.steps[stage_index]):
+                self.save_checkpoint(kind="periodic", optimizer_state={"optimizer": optimizer.state_dict(),
+                                                                       "scheduler": scheduler.state_dict()})
+        optimizer.zero_grad(set_to_none=True)
+        if dist.enabled:
+            # The next stage builds its own DDP: this one's gradient hooks must be gone before it does.
+            del step_module
+            gc.collect()
+        return loss
+
+    def save_checkpoint(self, *, kind: str, optimizer_state: dict | None = None) -> None:
+        """Write a checkpoint of the current position (rank 0 only; see :mod:`citi_engine.training.checkpoint`).
+
+        ``boundary`` between stages (and once before the first, so scoring and replay are not redone),
+        ``periodic`` within a stage with the optimizer's state.
+        """
+        if not self.is_main:
+            return
+        meta = {
+            "kind": kind,
+            "stage_index": self.state.stage_index,
+            "stage_step": self.state.stage_step,
+            "global_step": self.state.global_step,
+            "trained_tokens": self.state.tokens,
+            "elapsed_s": self.ctx.clock.elapsed(),
+            "plan": self.plan.to_dict(),
+            "components": self.components,
+            "gen_s_per_item": self.gen_s_per_item,
+            "config": self.cfg.to_dict(),
+        }
+        json_files = {"importance.json": self.importance.to_json()} if self.importance is not None else {}
+        save_checkpoint(self.ckpt_root, meta=meta, tensors=self.trainable["params"], optimizer_state=optimizer_state,
+                        json_files=json_files, jsonl_files={"replay.jsonl": self.replay} if self.replay else None)
+
+    def agree_on_weights(self) -> None:
+        """Data-parallel: check every process ended with the very same trained tensors; keep their SHA-256."""
+        self.trained_sha256 = _agreed_weights(self.trainable, self.dist)
 
     # 7. Save the adapter, what chose its components, and how to load it.
-    job.stage("saving")
-    from citi_engine.adapter import save_adapter
-
-    model.eval()
-    save_adapter(model, out_dir, metadata=cfg.to_dict())
-    if importance is not None:
-        importance.save(out_dir)
-    _write_model_card(out_dir, cfg, components, stage_steps, state.tokens)
+    def save(self) -> None:
+        """The adapter, importance.json/png, citi_job.json and the model card, in ``out_dir``."""
+        self.ctx.phase("saving")
+        self.model.eval()
+        save_adapter(self.model, self.out_dir, metadata=self.cfg.to_dict())
+        if self.importance is not None:
+            self.importance.save(self.out_dir)
+        _write_model_card(self.out_dir, self.cfg, self.components, self.stage_steps, self.state.tokens)
 
     # 8. Evaluate on the held-out tool tests (and general probes), within the budget.
-    report_path = _evaluate(job, cfg, model, tokenizer, data, gen_s_per_item)
-    result = FinetuneResult(adapter_dir=str(out_dir), trained_tokens=state.tokens, steps=plan.total_steps,
-                            components=components, report_path=report_path, stage_steps=stage_steps,
-                            final_loss=final_loss, trained_sha256=trained_sha256)
-    job.emit("done", "saving", step=plan.total_steps, total_steps=plan.total_steps, loss=final_loss,
-             message=f"adapter saved to {out_dir}")
-    return result
+    def evaluate(self) -> None:
+        """Tool accuracy on the held-out tests and general retention, written next to the adapter (report.json/.md).
+
+        Size-limited by ``eval_examples`` / ``eval_probes`` / ``eval_humaneval``; under a time budget the
+        limits shrink to what the time left affords, and evaluation is skipped when none is left.
+        """
+        cfg, hp, ctx, data = self.cfg, self.hp, self.ctx, self.data
+        if not _will_evaluate(cfg, data):
+            ctx.message("eval", "no tool test set (validation_file, or a test split of the training file) or "
+                                "eval_examples=0: evaluation skipped")
+            return
+        out_dir = self.out_dir
+        test_cases: Any = cfg.validation_file
+        if not cfg.validation_file:
+            test_file = out_dir / "test_split.jsonl"  # kept, so `citi eval` can rerun on the same split
+            test_file.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in data.test))
+            test_cases = str(test_file)
+        test_limit, probe_limit, humaneval_limit = hp.eval_examples, hp.eval_probes, hp.eval_humaneval
+        if cfg.budget.max_seconds is not None:
+            left = cfg.budget.max_seconds - ctx.clock.elapsed()
+            if left <= 0:
+                ctx.message("eval", "the time budget is spent: evaluation skipped (run `citi eval` on the adapter later)")
+                return
+            if self.gen_s_per_item:
+                wanted = _eval_case_count(cfg, data) + 2 * probe_limit
+                scale = min(1.0, left / max(wanted * self.gen_s_per_item, 1e-9))
+                test_limit = max(1, int(test_limit * scale))
+                probe_limit = int(probe_limit * scale)
+                humaneval_limit = int(humaneval_limit * scale)
+        ctx.phase("eval")
+        base_model = None
+        if cfg.method == "full" and probe_limit > 0:  # retention needs the untouched base beside the tuned model
+            base_model, _ = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, model_dirs=cfg.model_dirs)
+
+        def forward_event(event: dict) -> None:
+            event = dict(event)
+            ctx.emit(event.pop("type", "message"), "eval", **{k: v for k, v in event.items() if k != "stage"})
+
+        evaluate_adapter(
+            self.model, self.tokenizer, base_model, test_cases, None if probe_limit > 0 else [], out_dir,
+            batch_size=hp.batch_size, max_new_tokens=hp.eval_max_new_tokens,
+            retention_max_new_tokens=min(128, hp.eval_max_new_tokens), test_limit=test_limit,
+            probe_limit=probe_limit or None, humaneval=humaneval_limit > 0, humaneval_limit=humaneval_limit or None,
+            metadata={"model": cfg.model, "method": cfg.method, "adapter": str(out_dir)},
+            should_cancel=ctx.should_cancel, on_event=forward_event,
+        )
+        self.report_path = str(out_dir / "report.json")
+
+    @property
+    def stage_steps(self) -> dict[str, int]:
+        """Steps each stage trained (its planned steps, or fewer when a budget ended it)."""
+        return dict(zip(self.plan.names, self.plan.steps, strict=True))
+
+    def result(self) -> FinetuneResult:
+        """What this run produced so far (after :meth:`train`; ``report_path`` after :meth:`evaluate`)."""
+        final_loss = next((v for v in reversed(self.stage_losses.values()) if v is not None), None)
+        return FinetuneResult(adapter_dir=str(self.out_dir), trained_tokens=self.state.tokens,
+                              steps=self.plan.total_steps, components=self.components, report_path=self.report_path,
+                              stage_steps=self.stage_steps, final_loss=final_loss, trained_sha256=self.trained_sha256)
+
+    def _choose_packing(self) -> tuple[bool, str | None]:
+        """Whether this job packs its rows, and the attention implementation to put back after training.
+
+        Automatic (``packing`` None): packed on CUDA in bf16 when the variable-length flash kernel
+        passes its check on every process; padded otherwise (a packed row under plain SDPA gets a dense
+        block-diagonal mask, whose cost grows with the square of the row, and the flash kernel takes
+        16-bit inputs only). ``true`` packs anyway.
+        """
+        wanted = self.hp.packing
+        model, device = self.model, self.device
+        half = model.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
+        if wanted is False or (wanted is None and not (device.type == "cuda" and half)):
+            return False, None
+        base = _base_model(model)
+        before = str(base.config._attn_implementation)
+        attention = enable_varlen_attention(model) if device.type == "cuda" else before
+        varlen = attention.startswith(VARLEN_ATTENTION)
+        restore = before if attention != before else None
+        if wanted is None:
+            (missing,) = any_rank([not varlen], self.dist)  # every process decides alike, or DDP would hang
+            if missing:
+                if restore is not None:
+                    base.set_attn_implementation(before)
+                reason = getattr(base, "citi_varlen_skipped", None) or "another process has no usable kernel"
+                self.ctx.message("loading", f"padded batches: no checked variable-length attention kernel ({reason})")
+                return False, None
+        self.ctx.message("loading", f"packed rows of at most {_pack_tokens(self.cfg):,} tokens, attention {attention}")
+        return True, restore
+
+    def _time_reserved_after_training(self) -> float:
+        """Seconds a time budget keeps back for saving and evaluation when it is turned into steps."""
+        cfg, data, gen_s_per_item = self.cfg, self.data, self.gen_s_per_item
+        if cfg.budget.max_seconds is None:
+            return 0.0
+        total = cfg.budget.max_seconds
+        saving = min(10.0, 0.05 * total)
+        if not _will_evaluate(cfg, data):
+            return saving
+        if gen_s_per_item is None:
+            return saving + 0.2 * total
+        n = _eval_case_count(cfg, data) + 2 * cfg.hyperparameters.eval_probes  # probes: base and tuned answers
+        return min(saving + n * gen_s_per_item, 0.5 * total)
 
 
 def run_importance(cfg: FinetuneConfig, on_event: EventFn | None = None, should_cancel: CancelFn | None = None):
@@ -302,23 +602,21 @@ def run_importance(cfg: FinetuneConfig, on_event: EventFn | None = None, should_
     Returns the :class:`~citi_engine.importance.ImportanceResult`. Replay data is built as in a
     job when the training file has no general examples.
     """
-    job = JobContext(on_event, should_cancel, JobClock())
-    data, tool, general = _prepare_data(cfg, job)
-    job.stage("loading")
-    from citi_engine.models import load_model
-
+    ctx = RunContext(on_event, should_cancel, JobClock())
+    data, tool, general = _prepare_data(cfg, ctx)
+    ctx.phase("loading")
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, model_dirs=cfg.model_dirs)
     general_set = "general" if general else "replay"
     if not general:
-        replay, _ = _build_replay(job, cfg, model, tokenizer, data.tool)
+        replay, _ = _build_replay(ctx, cfg, model, tokenizer, data.tool)
         general = _encode(tokenizer, replay, None, cfg.hyperparameters.max_length, "replay")
-    result = _score_components(job, cfg, model, tokenizer, _calls_only(tool), general, general_set)
+    result = _score_components(ctx, cfg, model, tokenizer, _calls_only(tool), general, general_set)
     result.save(cfg.out_dir)
-    job.emit("done", "importance", message=f"importance written to {Path(cfg.out_dir) / 'importance.json'}")
+    ctx.emit("done", "importance", message=f"importance written to {Path(cfg.out_dir) / 'importance.json'}")
     return result
 
 
-# --------------------------------------------------------------------------------------- one stage
+# --------------------------------------------------------------------------------------- one step
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -333,113 +631,6 @@ def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def run_stage(
-    model,
-    stage_index: int,
-    plan: StagePlan,
-    pool: list[dict],
-    cfg: FinetuneConfig,
-    state: TrainState,
-    job: JobContext,
-    *,
-    set_trainable: Callable,
-    routing_loss: Callable | None,
-    device: torch.device,
-    frozen_dtype: torch.dtype,
-    pad_id: int,
-    optimizer_state: dict | None = None,
-    saver: _Saver | None = None,
-    reserve_s: float = 0.0,
-    packing: bool = False,
-    dist: DistInfo | None = None,
-    teacher=None,
-) -> float | None:
-    """Train stage ``stage_index`` of ``plan`` from ``state.stage_step`` to its end; return its last loss.
-
-    Only the stage's parameters train (``set_trainable``); a fresh AdamW, unless ``optimizer_state``
-    resumes one. The stage ends after its planned steps, or earlier when the job's tokens or time
-    reach the stage's share (never before its first step). ``packing`` lays each step out in packed
-    rows instead of padded micro-batches; ``dist`` (several processes) trains this process's share of
-    every step under DDP, built here because DDP reduces what requires grad when it is built. ``teacher``
-    gives the soft targets of general answers.
-    """
-    hp = cfg.hyperparameters
-    dist = dist or DistInfo()
-    name = plan.names[stage_index]
-    job.stage(name)
-    set_trainable(model, name)
-    params = [p for p in model.parameters() if p.requires_grad]
-    peak_lr = cfg.stage_lrs()[stage_index]
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: lr_factor(k, plan.steps[stage_index], hp.warmup_ratio)
-    )
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        scheduler.load_state_dict(optimizer_state["scheduler"])
-    order = StageOrder(len(pool), seed=cfg.seed, stage_index=stage_index,
-                       examples_per_step=hp.batch_size * hp.gradient_accumulation_steps)
-    step_module = step_loss_module(model, cfg, routing_loss=routing_loss, device=device, frozen_dtype=frozen_dtype,
-                                   dist=dist, teacher=teacher)
-    pack_tokens = _pack_tokens(cfg) if packing else None
-    model.train()
-    loss = None
-    timed: list[float] = []
-    while state.stage_step < plan.steps[stage_index]:
-        examples = [pool[i] for i in order.indices(state.stage_step)]
-        n_tokens = count_tokens(examples)
-        spent = state.stage_step > 0 and _share_spent(plan, stage_index, state.tokens + n_tokens, job.clock.elapsed())
-        # One collective: every process stops at the same step when any one reaches its share or sees a cancel.
-        spent, cancel = any_rank([spent, job.cancel_requested()], dist)
-        if spent:
-            plan.steps[stage_index] = state.stage_step  # the budget ended this stage early
-            break
-        if cancel:
-            raise Cancelled(f"the job was cancelled during stage {name}")
-        lr = optimizer.param_groups[0]["lr"]
-        t0 = time.monotonic()
-        mine = rank_share(examples, rank=dist.rank, world_size=dist.world_size, micro_size=hp.batch_size,
-                          balance_tokens=packing)
-        micro = step_batches(mine, micro_size=hp.batch_size, pad_id=pad_id, pack_tokens=pack_tokens)
-        loss, rloss = _optimizer_step(
-            step_module, micro, optimizer, scheduler, params, n_answer=answer_tokens(examples),
-            n_examples=len(examples), n_route=routing_token_counts(examples), max_grad_norm=hp.max_grad_norm,
-            dist=dist,
-        )
-        if routing_loss is None:
-            rloss = None
-        step_s = time.monotonic() - t0
-        state.stage_step += 1
-        state.global_step += 1
-        state.tokens += n_tokens
-        timed.append(step_s)
-        state.timed_steps += 1
-        if cfg.budget.max_seconds is not None and not plan.time_fitted and (
-            state.timed_steps >= SPEED_PROBE_STEPS or state.stage_step >= plan.steps[stage_index]
-        ):
-            # Every process fits the same plan: the slowest speed and the latest clock of them all.
-            sps, now_s = max_over_ranks([_seconds_per_step(timed), job.clock.elapsed()], dist)
-            plan.fit_to_time(stage_index=stage_index, steps_done_in_stage=state.stage_step,
-                             seconds_per_step=sps, now_s=now_s, deadline_s=cfg.budget.max_seconds - reserve_s)
-            job.message(name, f"time budget: {plan.total_steps} steps in all "
-                              f"({', '.join(f'{n} {s}' for n, s in zip(plan.names, plan.steps, strict=True))})")
-        sps = _seconds_per_step(timed)
-        remaining = plan.total_steps - state.global_step
-        job.emit("progress", name, step=state.global_step, total_steps=plan.total_steps, loss=loss,
-                 routing_loss=rloss, lr=lr, tokens_per_s=n_tokens / max(step_s, 1e-9), eta_s=remaining * sps)
-        if (saver is not None and cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0
-                and state.stage_step < plan.steps[stage_index]):
-            saver.save(kind="periodic",
-                       optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
-    optimizer.zero_grad(set_to_none=True)
-    if dist.enabled:
-        # The next stage builds its own DDP: this one's gradient hooks must be gone before it does.
-        del step_module
-        gc.collect()
-    return loss
-
 
 def step_loss_module(
     model,
@@ -485,10 +676,6 @@ def _micro_loss(
     ``n_route`` counts, like the answer loss. DDP
     averages the gradients over the processes, so the loss is multiplied by their number to get the sum.
     """
-    from citi_engine.adapter import backbone_targets, routing_loss, token_routing_loss
-    from citi_engine.losses import answer_losses
-    from citi_engine.packing import to_device
-
     batch = to_device(batch, device)
     with autocast:
         # The output head runs on answer positions only: most tokens (prompts, tool schemas) carry no label.
@@ -582,37 +769,6 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _choose_packing(job: JobContext, cfg: FinetuneConfig, model, device: torch.device) -> tuple[bool, str | None]:
-    """Whether this job packs its rows, and the attention implementation to put back after training.
-
-    Automatic (``packing`` None): packed on CUDA in bf16 when the variable-length flash kernel
-    passes its check on every process; padded otherwise (a packed row under plain SDPA gets a dense
-    block-diagonal mask, whose cost grows with the square of the row, and the flash kernel takes
-    16-bit inputs only). ``true`` packs anyway.
-    """
-    wanted = cfg.hyperparameters.packing
-    half = model.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
-    if wanted is False or (wanted is None and not (device.type == "cuda" and half)):
-        return False, None
-    from citi_engine.packing import VARLEN_ATTENTION, enable_varlen_attention
-
-    base = _base_model(model)
-    before = str(base.config._attn_implementation)
-    attention = enable_varlen_attention(model) if device.type == "cuda" else before
-    varlen = attention.startswith(VARLEN_ATTENTION)
-    restore = before if attention != before else None
-    if wanted is None:
-        (missing,) = any_rank([not varlen], job.dist)  # every process decides alike, or DDP would hang
-        if missing:
-            if restore is not None:
-                base.set_attn_implementation(before)
-            reason = getattr(base, "citi_varlen_skipped", None) or "another process has no usable kernel"
-            job.message("loading", f"padded batches: no checked variable-length attention kernel ({reason})")
-            return False, None
-    job.message("loading", f"packed rows of at most {_pack_tokens(cfg):,} tokens, attention {attention}")
-    return True, restore
-
-
 def _agreed_weights(trainable: dict[str, Any], dist: DistInfo) -> str:
     """SHA-256 of the trained tensors, after checking every process ended with the very same ones."""
     digest = tensors_sha256(trainable["params"])
@@ -629,16 +785,18 @@ def _adapter_stage(method: str, stage: str) -> str:
 
 
 def _count_molora_layers(model) -> int:
-    from citi_engine.adapter import molora_layers
-
     return max(1, len(molora_layers(model)))
 
 
 # ---------------------------------------------------------------------------------------- plumbing
 
 
-class JobContext:
-    """Events, cancellation and the job clock, shared by every phase."""
+class RunContext:
+    """Events, cancellation and the run's clock, shared by every phase of a run.
+
+    A *phase* is where the run is (``validating``, ``loading``, ``replay``, ``importance``, a training
+    stage, ``saving``, ``eval``); events carry it in their ``stage`` field, the name the service reads.
+    """
 
     def __init__(self, on_event: EventFn | None = None, should_cancel: CancelFn | None = None,
                  clock: JobClock | None = None, dist: DistInfo | None = None):
@@ -647,19 +805,22 @@ class JobContext:
         self.clock = clock or JobClock()
         self.dist = dist or DistInfo()
 
-    def emit(self, type_: str, stage: str, **fields: Any) -> None:
-        if self.on_event is None or self.dist.rank != 0:  # one process speaks for a data-parallel job
+    def emit(self, type_: str, phase: str, **fields: Any) -> None:
+        """Send one event (rank 0 only); ``phase`` goes into the event's ``stage`` field."""
+        if self.on_event is None or self.dist.rank != 0:  # one process speaks for a data-parallel run
             return
-        event = {"type": type_, "stage": stage, "step": 0, "total_steps": 0, "loss": None, "routing_loss": None,
+        event = {"type": type_, "stage": phase, "step": 0, "total_steps": 0, "loss": None, "routing_loss": None,
                  "lr": None, "tokens_per_s": None, "eta_s": None, "message": ""}
         event.update(fields)
         self.on_event(event)
 
-    def stage(self, stage: str) -> None:
-        self.emit("stage", stage, message=f"{stage} started")
+    def phase(self, phase: str) -> None:
+        """Announce that ``phase`` starts (an event of type ``stage``)."""
+        self.emit("stage", phase, message=f"{phase} started")
 
-    def message(self, stage: str, text: str) -> None:
-        self.emit("message", stage, message=text)
+    def message(self, phase: str, text: str) -> None:
+        """Send a line of text during ``phase``."""
+        self.emit("message", phase, message=text)
 
     def cancel_requested(self) -> bool:
         """This process's own answer (see :meth:`check_cancel` for the one all processes share)."""
@@ -694,12 +855,12 @@ class _Data:
     test: list[dict]  # held out of the training file; empty when validation_file is given
 
 
-def _prepare_data(cfg: FinetuneConfig, job: JobContext) -> tuple[_Data, list[dict], list[dict]]:
+def _prepare_data(cfg: FinetuneConfig, ctx: RunContext) -> tuple[_Data, list[dict], list[dict]]:
     """Validate every file and tokenise the training examples (the tokenizer only, no model yet)."""
-    job.stage("validating")
+    ctx.phase("validating")
     hp = cfg.hyperparameters
     data = _load_data(cfg)
-    job.check_cancel("validation")
+    ctx.check_cancel("validation")
     tokenizer = _load_tokenizer(cfg)
     tool = _encode(tokenizer, mask_some(data.tool, hp.function_masking, seed=cfg.seed), data.tool_lines,
                    hp.max_length, "training_file")
@@ -713,7 +874,7 @@ def _prepare_data(cfg: FinetuneConfig, job: JobContext) -> tuple[_Data, list[dic
             "test split is held out; add tool examples, or pass a validation_file and test_fraction=0",
             [Problem(0, "too_few_examples", "no tool examples left for training")],
         )
-    job.message("validating", f"{len(tool)} tool and {len(general)} general training examples, "
+    ctx.message("validating", f"{len(tool)} tool and {len(general)} general training examples, "
                               f"{len(negatives)} irrelevance negatives built from the tool examples, "
                               f"{len(data.test)} tool examples held out for testing")
     return data, tool + negatives, general
@@ -721,16 +882,12 @@ def _prepare_data(cfg: FinetuneConfig, job: JobContext) -> tuple[_Data, list[dic
 
 def _load_data(cfg: FinetuneConfig) -> _Data:
     """Validate the training, general and validation files; hold out the test split."""
-    from citi_engine.data.validate import validate_jsonl
-
     report = validate_jsonl(_existing(cfg.training_file, "training_file"))
     report.raise_if_invalid("training_file")
     tool_idx = [i for i, e in enumerate(report.examples) if task_type_of(e) == TaskType.TOOL]
     general_idx = [i for i, e in enumerate(report.examples) if task_type_of(e) == TaskType.GENERAL]
     test_idx: list[int] = []
     if cfg.validation_file:
-        from citi_engine.evaluate.tool_eval import load_tool_cases
-
         try:
             load_tool_cases(_existing(cfg.validation_file, "validation_file"))
         except DataValidationError as exc:
@@ -768,17 +925,11 @@ def _existing(path: str, param: str) -> Path:
 
 
 def _load_tokenizer(cfg: FinetuneConfig):
-    from citi_engine.models import load_tokenizer
-    from citi_engine.specs import resolve_model_spec
-
     return load_tokenizer(resolve_model_spec(cfg.model, model_dirs=cfg.model_dirs))
 
 
 def _encode(tokenizer, examples: list[dict], lines: list[int] | None, max_length: int, param: str) -> list[dict]:
     """Token ids and labels of every example; every example longer than ``max_length`` is a problem."""
-    from citi_engine.data.chat_format import encode_example
-    from citi_engine.data.schemas import kind_of, task_type_for_kind
-
     encoded = [encode_example(tokenizer, e, max_length) for e in examples]
     too_long = [i for i, e in enumerate(encoded) if e["truncated"]]
     if param in BUILT_SETS:  # data the engine made itself: nothing for the user to fix
@@ -786,8 +937,6 @@ def _encode(tokenizer, examples: list[dict], lines: list[int] | None, max_length
                  "task_type": int(task_type_for_kind(kind_of(x))), "truncated": e["truncated"]}
                 for e, x in zip(encoded, examples, strict=True)]
     if too_long:
-        from citi_engine.data.validate import check_lengths
-
         problems = check_lengths([examples[i] for i in too_long], tokenizer, max_length,
                                  lines=[lines[i] if lines else 0 for i in too_long])
         raise DataValidationError(f"{param} has {len(problems)} example(s) longer than max_length={max_length}: "
@@ -800,38 +949,34 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _build_replay(job: JobContext, cfg: FinetuneConfig, model, tokenizer, tool_examples: list[dict]
+def _build_replay(ctx: RunContext, cfg: FinetuneConfig, model, tokenizer, tool_examples: list[dict]
                   ) -> tuple[list[dict], float]:
     """General examples answered by the base model (``replay_tools_fraction`` of them with an unrelated tool
     list from ``tool_examples`` offered); also returns seconds per answer (for the time budget)."""
-    from citi_engine.replay import build_replay
-
     hp = cfg.hyperparameters
-    job.stage("replay")
+    ctx.phase("replay")
     t0 = time.monotonic()
     n_tools = round(hp.replay_tools_fraction * hp.replay_examples)
     examples = build_replay(
         model, tokenizer, count=hp.replay_examples, seed=cfg.seed, max_new_tokens=hp.replay_max_new_tokens,
-        batch_size=hp.batch_size, should_cancel=job.should_cancel,
+        batch_size=hp.batch_size, should_cancel=ctx.should_cancel,
         tool_lists=unrelated_tool_lists(tool_examples, n_tools, seed=cfg.seed),
-        on_progress=lambda done, total: job.emit("progress", "replay", step=done, total_steps=total),
+        on_progress=lambda done, total: ctx.emit("progress", "replay", step=done, total_steps=total),
     )
     per_item = (time.monotonic() - t0) / max(hp.replay_examples, 1)
     with_tools = sum(1 for e in examples if e.get("tools"))
-    job.message("replay", f"the base model answered {len(examples)} general prompts for replay "
+    ctx.message("replay", f"the base model answered {len(examples)} general prompts for replay "
                           f"({with_tools} of them with unrelated tools offered)")
     return examples, per_item
 
 
 def _score_components(
-    job: JobContext, cfg: FinetuneConfig, model, tokenizer, tool: list[dict], general: list[dict], general_name: str,
+    ctx: RunContext, cfg: FinetuneConfig, model, tokenizer, tool: list[dict], general: list[dict], general_name: str,
     *, packing: bool = False,
 ):
     """Importance on a sample of each set, then the MOLoRA / UCO selection (method page, sections 1-2)."""
-    from citi_engine.importance import ImportanceResult, compute_importance
-
     hp = cfg.hyperparameters
-    job.stage("importance")
+    ctx.phase("importance")
     pad_id = _pad_id(tokenizer)
     batch_size = hp.importance_batch_size or hp.batch_size
     pack_tokens = (hp.pack_tokens or batch_size * hp.max_length) if packing else None
@@ -842,13 +987,13 @@ def _score_components(
         chosen.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
         batches[name] = step_batches(chosen, micro_size=batch_size, pad_id=pad_id, pack_tokens=pack_tokens)
     scores = compute_importance(
-        model, batches, should_cancel=job.should_cancel,
-        on_progress=lambda done, total: job.emit("progress", "importance", step=done, total_steps=total or 0),
+        model, batches, should_cancel=ctx.should_cancel,
+        on_progress=lambda done, total: ctx.emit("progress", "importance", step=done, total_steps=total or 0),
     )
     result = ImportanceResult.from_scores(scores, molora_fraction=cfg.components.molora_fraction,
                                           uco_fraction=cfg.components.uco_fraction,
                                           selection=cfg.components.selection, seed=cfg.seed)
-    job.emit("importance", "importance", message=f"{len(result.molora)} MOLoRA and {len(result.uco)} UCO components "
+    ctx.emit("importance", "importance", message=f"{len(result.molora)} MOLoRA and {len(result.uco)} UCO components "
              f"chosen out of {len(result.components)}")
     return result
 
@@ -861,8 +1006,6 @@ def _calls_only(examples: list[dict]) -> list[dict]:
 
 def _frozen_copy(model):
     """An untouched copy of the base model, frozen, in its loaded dtype: the teacher of a full fine-tune."""
-    import copy
-
     frozen = copy.deepcopy(model)
     frozen.requires_grad_(False)
     return frozen.eval()
@@ -870,8 +1013,6 @@ def _frozen_copy(model):
 
 def _fp32_trainables(model, cfg: FinetuneConfig) -> dict[str, Any]:
     """Names of what each stage trains, and those tensors turned fp32 (master copies for mixed precision)."""
-    from citi_engine.adapter import set_trainable
-
     by_stage = {s: set_trainable(model, _adapter_stage(cfg.method, s)) for s in cfg.stages}
     params = dict(model.named_parameters())
     union = [n for n in params if any(n in names for names in by_stage.values())]
@@ -885,8 +1026,6 @@ def _restore_prepared(ckpt: Checkpoint, cfg: FinetuneConfig) -> tuple[list[dict]
     """Replay data, generation speed and importance result as the interrupted run had them."""
     importance = None
     if cfg.method == "citi":
-        from citi_engine.importance import ImportanceResult
-
         importance = ImportanceResult.from_json(ckpt.read_json("importance.json"))
     return ckpt.read_jsonl("replay.jsonl") or [], ckpt.meta.get("gen_s_per_item"), importance
 
@@ -922,31 +1061,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-class _Saver:
-    """Writes checkpoints of the current position (see :mod:`citi_engine.training.checkpoint`)."""
-
-    def __init__(self, cfg, root, trainable, plan, state, job, components, importance, replay, gen_s_per_item):
-        self.cfg, self.root, self.trainable, self.plan, self.state, self.job = cfg, root, trainable, plan, state, job
-        self.components, self.importance, self.replay, self.gen_s_per_item = components, importance, replay, gen_s_per_item
-
-    def save(self, *, kind: str, optimizer_state: dict | None = None) -> None:
-        meta = {
-            "kind": kind,
-            "stage_index": self.state.stage_index,
-            "stage_step": self.state.stage_step,
-            "global_step": self.state.global_step,
-            "trained_tokens": self.state.tokens,
-            "elapsed_s": self.job.clock.elapsed(),
-            "plan": self.plan.to_dict(),
-            "components": self.components,
-            "gen_s_per_item": self.gen_s_per_item,
-            "config": self.cfg.to_dict(),
-        }
-        json_files = {"importance.json": self.importance.to_json()} if self.importance is not None else {}
-        save_checkpoint(self.root, meta=meta, tensors=self.trainable["params"], optimizer_state=optimizer_state,
-                        json_files=json_files, jsonl_files={"replay.jsonl": self.replay} if self.replay else None)
 
 
 # ------------------------------------------------------------------------------------- after training
@@ -1003,20 +1117,6 @@ def _write_model_card(out_dir: Path, cfg: FinetuneConfig, components: dict, stag
     (out_dir / "README.md").write_text(card)
 
 
-def _time_reserved_after_training(cfg: FinetuneConfig, data: _Data, gen_s_per_item: float | None) -> float:
-    """Seconds a time budget keeps back for saving and evaluation when it is turned into steps."""
-    if cfg.budget.max_seconds is None:
-        return 0.0
-    total = cfg.budget.max_seconds
-    saving = min(10.0, 0.05 * total)
-    if not _will_evaluate(cfg, data):
-        return saving
-    if gen_s_per_item is None:
-        return saving + 0.2 * total
-    n = _eval_case_count(cfg, data) + 2 * cfg.hyperparameters.eval_probes  # probes: base and tuned answers
-    return min(saving + n * gen_s_per_item, 0.5 * total)
-
-
 def _will_evaluate(cfg: FinetuneConfig, data: _Data) -> bool:
     return cfg.hyperparameters.eval_examples > 0 and bool(cfg.validation_file or data.test)
 
@@ -1024,56 +1124,3 @@ def _will_evaluate(cfg: FinetuneConfig, data: _Data) -> bool:
 def _eval_case_count(cfg: FinetuneConfig, data: _Data) -> int:
     n = cfg.hyperparameters.eval_examples
     return n if cfg.validation_file else min(n, len(data.test))
-
-
-def _evaluate(job: JobContext, cfg: FinetuneConfig, model, tokenizer, data: _Data, gen_s_per_item: float | None) -> str | None:
-    """Tool accuracy on the held-out tests and general retention, written next to the adapter (report.json/.md).
-
-    Size-limited by ``eval_examples`` / ``eval_probes`` / ``eval_humaneval``; under a time budget the
-    limits shrink to what the time left affords, and evaluation is skipped when none is left.
-    """
-    hp = cfg.hyperparameters
-    if not _will_evaluate(cfg, data):
-        job.message("eval", "no tool test set (validation_file, or a test split of the training file) or "
-                            "eval_examples=0: evaluation skipped")
-        return None
-    from citi_engine.evaluate import evaluate_adapter
-
-    out_dir = Path(cfg.out_dir)
-    test_cases: Any = cfg.validation_file
-    if not cfg.validation_file:
-        test_file = out_dir / "test_split.jsonl"  # kept, so `citi eval` can rerun on the same split
-        test_file.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in data.test))
-        test_cases = str(test_file)
-    test_limit, probe_limit, humaneval_limit = hp.eval_examples, hp.eval_probes, hp.eval_humaneval
-    if cfg.budget.max_seconds is not None:
-        left = cfg.budget.max_seconds - job.clock.elapsed()
-        if left <= 0:
-            job.message("eval", "the time budget is spent: evaluation skipped (run `citi eval` on the adapter later)")
-            return None
-        if gen_s_per_item:
-            wanted = _eval_case_count(cfg, data) + 2 * probe_limit
-            scale = min(1.0, left / max(wanted * gen_s_per_item, 1e-9))
-            test_limit = max(1, int(test_limit * scale))
-            probe_limit = int(probe_limit * scale)
-            humaneval_limit = int(humaneval_limit * scale)
-    job.stage("eval")
-    base_model = None
-    if cfg.method == "full" and probe_limit > 0:  # retention needs the untouched base beside the tuned model
-        from citi_engine.models import load_model
-
-        base_model, _ = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, model_dirs=cfg.model_dirs)
-
-    def forward_event(event: dict) -> None:
-        event = dict(event)
-        job.emit(event.pop("type", "message"), "eval", **{k: v for k, v in event.items() if k != "stage"})
-
-    evaluate_adapter(
-        model, tokenizer, base_model, test_cases, None if probe_limit > 0 else [], out_dir,
-        batch_size=hp.batch_size, max_new_tokens=hp.eval_max_new_tokens,
-        retention_max_new_tokens=min(128, hp.eval_max_new_tokens), test_limit=test_limit, probe_limit=probe_limit or None,
-        humaneval=humaneval_limit > 0, humaneval_limit=humaneval_limit or None,
-        metadata={"model": cfg.model, "method": cfg.method, "adapter": str(out_dir)},
-        should_cancel=job.should_cancel, on_event=forward_event,
-    )
-    return str(out_dir / "report.json")

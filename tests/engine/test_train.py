@@ -19,11 +19,10 @@ from citi_engine.errors import Cancelled, DataValidationError  # noqa: E402
 from citi_engine.train import (  # noqa: E402
     CITI_STAGES,
     FinetuneConfig,
-    JobContext,
+    FinetuneRecipe,
     TrainState,
     finetune,
     lr_factor,
-    run_stage,
 )
 
 WEATHER = {
@@ -136,9 +135,15 @@ def _stage_setup(tiny_model: str, method: str, tmp_path: Path):
     return model, tokenizer, pool, cfg
 
 
-def test_each_citi_stage_changes_exactly_its_parameters_and_nothing_else(tiny_model, tmp_path):
-    from citi_engine.adapter import routing_loss, set_trainable
+def _recipe(model, tokenizer, pool, cfg, plan, state: TrainState) -> FinetuneRecipe:
+    """A recipe holding an already adapted model, its pool and plan: what ``train_stage`` reads (CPU, fp32)."""
+    recipe = FinetuneRecipe(cfg)
+    recipe.model, recipe.tokenizer, recipe.pool, recipe.plan, recipe.state = model, tokenizer, pool, plan, state
+    recipe.pad_id = tokenizer.pad_token_id
+    return recipe
 
+
+def test_each_citi_stage_changes_exactly_its_parameters_and_nothing_else(tiny_model, tmp_path):
     model, tokenizer, pool, cfg = _stage_setup(tiny_model, "citi", tmp_path)
     # Two steps per stage: every B_i starts at zero, so A_i only gets a gradient from the second step on.
     plan = plan_stages(list(CITI_STAGES), [1, 1, 1], [2, 2, 2], Budget(), tokens_per_step=1.0)
@@ -150,22 +155,16 @@ def test_each_citi_stage_changes_exactly_its_parameters_and_nothing_else(tiny_mo
     expected = {"router_pretraining": routers, "molora": routers | experts, "uco": uco}
     for si, stage in enumerate(CITI_STAGES):
         before = _snapshot(model)
-        run_stage(model, si, plan, pool, cfg, TrainState(stage_index=si), JobContext(),
-                  set_trainable=set_trainable, routing_loss=routing_loss, device=torch.device("cpu"),
-                  frozen_dtype=torch.float32, pad_id=tokenizer.pad_token_id)
+        _recipe(model, tokenizer, pool, cfg, plan, TrainState(stage_index=si)).train_stage(si)
         assert _changed(before, _snapshot(model)) == expected[stage], stage
 
 
 def test_lora_stage_changes_only_lora_weights(tiny_model, tmp_path):
-    from citi_engine.adapter import set_trainable
-
     model, tokenizer, pool, cfg = _stage_setup(tiny_model, "lora", tmp_path)
     plan = plan_stages(["train"], [1], [2], Budget(), tokens_per_step=1.0)
     lora = {n for n in model.state_dict() if "lora_A" in n or "lora_B" in n}
     before = _snapshot(model)
-    run_stage(model, 0, plan, pool, cfg, TrainState(), JobContext(),
-              set_trainable=lambda m, s: set_trainable(m, "lora"), routing_loss=None,
-              device=torch.device("cpu"), frozen_dtype=torch.float32, pad_id=tokenizer.pad_token_id)
+    _recipe(model, tokenizer, pool, cfg, plan, TrainState()).train_stage(0)
     assert lora and _changed(before, _snapshot(model)) == lora
 
 
