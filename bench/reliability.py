@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/reliability.py                      # faults + load (200 clients, 60 s)
     .venv/bin/python bench/reliability.py --skip-faults --clients 50 --seconds 10
+    .venv/bin/python bench/reliability.py --skip-faults --skip-load          # only the 300-stream load
 
 Load: a private redis-server (no persistence), one ``uvicorn api.main:app`` process with the rate limit
 raised far above what the driver can send (so the service is measured, not the limiter), the inference
@@ -229,6 +230,102 @@ def run_load(clients: int, seconds: float, workdir: Path) -> dict:
             _stop(proc)
 
 
+async def _hold_stream(client: httpx.AsyncClient, url: str, key: str, job_id: str, seconds: float) -> dict:
+    """One SSE stream of a queued job, held ``seconds``: admitted or refused, and whether it was cut."""
+    started = time.monotonic()
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    try:
+        async with client.stream("GET", f"{url}/jobs/{job_id}/events", headers=headers) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"status": r.status_code, "cut": False}
+            try:
+                async with asyncio.timeout(seconds):
+                    async for _ in r.aiter_raw():
+                        pass
+            except TimeoutError:
+                return {"status": 200, "cut": False, "held_s": round(time.monotonic() - started, 1)}
+            # The server ended an admitted stream of a job that is still queued: a cut.
+            return {"status": 200, "cut": True, "held_s": round(time.monotonic() - started, 1)}
+    except httpx.HTTPError as exc:
+        return {"status": None, "cut": True, "error": type(exc).__name__,
+                "held_s": round(time.monotonic() - started, 1)}
+
+
+def run_streams(streams: int, seconds: float, workdir: Path, process_limit: int | None = None) -> dict:
+    """``streams`` SSE streams held ``seconds`` on one API process, spread over tenants of at most 30 streams
+    each, and one other tenant's stream opened first and held throughout; with the shipped stream limits, or
+    with the per-process limit set to ``process_limit``."""
+    sys.path.insert(0, str(ROOT))
+    from tests.service.conftest import to_jsonl, training_lines
+
+    per_tenant = 30
+    tenants = [f"t{i}" for i in range(-(-streams // per_tenant))] + ["other"]
+    keys = {t: f"sk-stream-{t}-0123456789" for t in tenants}
+    redis_port, api_port = _free_port(), _free_port()
+    procs: list[subprocess.Popen] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CITI_", "AWS_"))}
+    env.update({
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "CITI_ARTIFACT_DIR": str(workdir / "stream-artifacts"),
+        "CITI_API_KEYS": ",".join(f"{t}:{k}" for t, k in keys.items()), "CITI_STORAGE": "local",
+        "CITI_RATE_LIMIT_PER_MINUTE": "100000000", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1"})
+    if process_limit is not None:
+        env["CITI_MAX_STREAMS_PER_PROCESS"] = str(process_limit)
+    try:
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--logfile", str(workdir / "stream-redis.log")], start_new_session=True))
+        api_log = workdir / "stream-api.log"
+        with open(api_log, "ab") as out:
+            api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
+                                    str(api_port), "--log-level", "warning"], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(api)
+        url = f"http://127.0.0.1:{api_port}"
+        _wait_http(url + "/healthz", api, api_log)
+        jobs = {}
+        for tenant, key in keys.items():
+            headers = {"Authorization": f"Bearer {key}"}
+            f = httpx.post(url + "/v1/files", headers=headers, files={"file": ("t.jsonl", to_jsonl(training_lines()))},
+                           data={"purpose": "fine-tune"}, timeout=60)
+            f.raise_for_status()
+            job = httpx.post(url + "/jobs", headers=headers, timeout=60, json={
+                "model": "smollm2-135m-instruct", "training_file": f.json()["id"], "budget": {"max_steps": 3}})
+            job.raise_for_status()
+            jobs[tenant] = job.json()["id"]
+        rss_before = _rss_mb(api.pid)
+
+        async def drive() -> tuple[dict, list[dict]]:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+            timeout = httpx.Timeout(30.0, read=seconds + 30)
+            async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+                other = asyncio.create_task(_hold_stream(client, url, keys["other"], jobs["other"], seconds + 5))
+                await asyncio.sleep(1.0)
+                owners = [tenants[i // per_tenant] for i in range(streams)]
+                results = await asyncio.gather(*[_hold_stream(client, url, keys[t], jobs[t], seconds) for t in owners])
+                return await other, list(results)
+
+        started = time.perf_counter()
+        other, results = asyncio.run(drive())
+        elapsed = time.perf_counter() - started
+        log = api_log.read_text(errors="replace")
+        admitted = [r for r in results if r["status"] == 200]
+        return {
+            "streams": streams, "seconds": seconds, "tenants": len(tenants) - 1, "per_tenant": per_tenant,
+            "process_limit": process_limit or "shipped (256)",
+            "elapsed_s": round(elapsed, 1), "admitted": len(admitted),
+            "refused_429": sum(r["status"] == 429 for r in results),
+            "other_status": sorted({str(r["status"]) for r in results} - {"200", "429"}),
+            "admitted_cut": sum(r["cut"] for r in admitted), "transport_errors": sum(r["status"] is None for r in results),
+            "other_tenant_stream": other, "api_rss_mb": {"before": round(rss_before, 1), "after": round(_rss_mb(api.pid), 1)},
+            "tracebacks_in_api_log": log.count("Traceback"),
+        }
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
 # -- faults ---------------------------------------------------------------------------------------
 
 
@@ -267,7 +364,11 @@ def _commit() -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     """The human-readable companion of reliability.json."""
-    lines = [f"# Reliability ({result['machine']})", "", f"Commit `{result['commit']}`, {result['date']}.", ""]
+    lines = [f"# Reliability ({result['machine']})", "", f"Last run: commit `{result['commit']}`, {result['date']}.",
+             ""]
+    at = result.get("sections_measured_at") or {}
+    if at:
+        lines += ["Each section was measured at: " + "; ".join(f"{k} `{v}`" for k, v in at.items()) + ".", ""]
     load = result.get("load")
     if load:
         lines += ["## Load", "",
@@ -288,6 +389,19 @@ def write_markdown(result: dict, path: Path) -> None:
                   "under 200 clients, not the cost of one request. Jobs are listed, read and streamed as JSON "
                   "pages (`GET /jobs/{id}/events`); with no workers they stay queued, so SSE streams would never end.",
                   ""]
+    for st in result.get("streams") or []:
+        o = st["other_tenant_stream"]
+        lines += ["## Event streams" + (f" (per-process limit raised to {st['process_limit']})"
+                                        if isinstance(st["process_limit"], int) else ""), "",
+                  f"{st['streams']} SSE streams of queued jobs opened at once on one API process and held "
+                  f"{st['seconds']:.0f} s, {st['per_tenant']} per tenant over {st['tenants']} tenants, per-process "
+                  f"limit {st['process_limit']}, 32 per tenant: "
+                  f"**{st['admitted']} admitted, {st['admitted_cut']} of them cut**, {st['refused_429']} refused with "
+                  f"429 before the stream started, {st['transport_errors']} transport errors; another tenant's stream, "
+                  f"opened first, {'held' if o.get('status') == 200 and not o.get('cut') else 'did NOT hold'} "
+                  f"({o.get('held_s')} s). API RSS {st['api_rss_mb']['before']} MB before, "
+                  f"{st['api_rss_mb']['after']} MB after; {st['tracebacks_in_api_log']} tracebacks in the API's log.",
+                  ""]
     faults = result.get("faults")
     if faults:
         lines += ["## Faults", "", f"From `{result['tests']['command']}`: {result['tests']['result']} "
@@ -306,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--skip-faults", action="store_true", help="only the load test")
     parser.add_argument("--skip-load", action="store_true", help="only the fault and fuzz tests")
+    parser.add_argument("--streams", type=int, default=300, help="SSE streams held at once on one API process")
+    parser.add_argument("--stream-seconds", type=float, default=60)
+    parser.add_argument("--skip-streams", action="store_true", help="leave the stream load out")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
 
@@ -313,13 +430,25 @@ def main(argv: list[str] | None = None) -> int:
     previous = args.out / "reliability.json"
     if previous.is_file():  # a partial run keeps the other sections of the last full one
         kept = json.loads(previous.read_text())
-        result.update({k: kept[k] for k in ("load", "faults", "fuzz", "tests") if k in kept})
+        result.update({k: kept[k] for k in ("load", "streams", "faults", "fuzz", "tests") if k in kept})
+        # Sections this run does not measure again keep the commit and date they were measured at.
+        result["sections_measured_at"] = kept.get("sections_measured_at") or {
+            k: f"{kept.get('commit')}, {kept.get('date')}" for k in ("load", "streams", "faults") if k in kept}
+    measured_now = f"{result['commit']}, {result['date']}"
+    result.setdefault("sections_measured_at", {})
     with tempfile.TemporaryDirectory(prefix="citi-reliability-") as tmp:
         if not args.skip_faults:
             result["faults"], result["fuzz"], result["tests"] = run_faults(Path(tmp))
+            result["sections_measured_at"]["faults"] = measured_now
         if not args.skip_load:
             result["load"] = run_load(args.clients, args.seconds, Path(tmp))
-    ordered = {k: result[k] for k in ("commit", "machine", "date", "load", "faults", "fuzz", "tests") if k in result}
+            result["sections_measured_at"]["load"] = measured_now
+        if not args.skip_streams:
+            result["streams"] = [run_streams(args.streams, args.stream_seconds, Path(tmp)),
+                                 run_streams(args.streams, args.stream_seconds, Path(tmp), process_limit=512)]
+            result["sections_measured_at"]["streams"] = measured_now
+    ordered = {k: result[k] for k in ("commit", "machine", "date", "sections_measured_at", "load", "streams", "faults",
+                                      "fuzz", "tests") if k in result}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reliability.json").write_text(json.dumps(ordered, indent=2) + "\n")
     write_markdown(ordered, args.out / "reliability.md")
