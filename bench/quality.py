@@ -43,6 +43,7 @@ import argparse
 import gc
 import itertools
 import json
+import math
 import os
 import random
 import shlex
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "one, through CUDA_VISIBLE_DEVICES; --jobs runs at a time on each); default: leave the "
                    "visible devices alone")
     p.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
+    p.add_argument("--stagger", type=float, default=0.0, help="seconds between starting runs, so their memory "
+                   "peaks (CITI's importance scoring) do not fall together")
+    p.add_argument("--oom-retries", type=int, default=1, help="times a run that died of CUDA out of memory is "
+                   "queued again (it waits until fewer runs share its card)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when visible)")
     p.add_argument("--dtype", default=None, help="dtype of the frozen model (default: bf16 on GPU, fp32 on CPU)")
     # training size
@@ -421,6 +426,10 @@ def result_path(args: argparse.Namespace, run: dict) -> Path:
 def run_in_process(args: argparse.Namespace, run: dict) -> int:
     path = result_path(args, run)
     record = run_one(args, run)
+    import torch
+
+    if torch.cuda.is_available():  # what this run held at its peak, so a card's concurrency can be planned
+        record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -446,6 +455,15 @@ def child_env(gpu: str | None, threads: int) -> dict[str, str]:
     return env
 
 
+def _died_of_oom(log: Path) -> bool:
+    """True when a run's log ends in CUDA running out of memory (the run may succeed beside fewer runs)."""
+    try:
+        tail = log.read_text(errors="replace")[-4000:]
+    except OSError:
+        return False
+    return "CUDA out of memory" in tail or "OutOfMemoryError" in tail
+
+
 def drive(args: argparse.Namespace, runs: list[tuple[argparse.Namespace, dict]]) -> int:
     """Run each configuration in its own process, ``--jobs`` at a time per GPU; logs go to ``<out>/logs``.
 
@@ -463,15 +481,19 @@ def drive(args: argparse.Namespace, runs: list[tuple[argparse.Namespace, dict]])
     running: list[tuple] = []
     failed = []
     began = time.perf_counter()
+    retries: dict[str, int] = {}
+    last_start = -math.inf
     while pending or running:
         if pending and args.deadline is not None and time.perf_counter() - began > args.deadline:
             print(f"deadline reached: {len(pending)} run(s) not started; run the command again", flush=True)
             pending.clear()
-        while pending and len(running) < slots:
+        while pending and len(running) < slots and time.perf_counter() - last_start >= args.stagger:
+            last_start = time.perf_counter()
             run_args, run = pending.pop(0)
             load = {g: sum(1 for item in running if item[4] == g) for g in gpus}
             gpu = min(gpus, key=lambda g: load[g])  # the least busy card
-            log = open(logs / f"{run['run_id']}.log", "w")  # noqa: SIM115 - closed when the run ends
+            mode = "a" if run["run_id"] in retries else "w"  # a retry keeps the log of the run that ran out of memory
+            log = open(logs / f"{run['run_id']}.log", mode)  # noqa: SIM115 - closed when the run ends
             proc = subprocess.Popen(child_argv(run_args, run), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                     env=child_env(gpu, threads))
             running.append((run, proc, log, time.perf_counter(), gpu, run_args))
@@ -485,6 +507,14 @@ def drive(args: argparse.Namespace, runs: list[tuple[argparse.Namespace, dict]])
             log.close()
             running.remove(item)
             took = time.perf_counter() - started
+            if proc.returncode != 0 and retries.get(run["run_id"], 0) < args.oom_retries and _died_of_oom(
+                    logs / f"{run['run_id']}.log"):
+                retries[run["run_id"]] = retries.get(run["run_id"], 0) + 1
+                pending.append((run_args, run))
+                slots = max(1, slots - 1)  # one run fewer at a time from now on
+                print(f"OOM {run['run_id']}: out of CUDA memory beside {len(running)} run(s); queued again, "
+                      f"{slots} run(s) at a time from now on", flush=True)
+                continue
             if proc.returncode == 0:
                 rec = json.loads(result_path(run_args, run).read_text())
                 print(f"done {run['run_id']} in {took:.0f}s: tool {rec['tool_accuracy']:.3f}, irrelevance "
@@ -518,6 +548,7 @@ def planned_runs(argv: list[str], args: argparse.Namespace) -> list[tuple[argpar
         elif not item.startswith("--plan="):
             common.append(item)
     out: list[tuple[argparse.Namespace, dict]] = []
+    seen: dict[tuple[str, str], dict] = {}
     for number, line in enumerate(Path(args.plan).read_text().splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -525,11 +556,14 @@ def planned_runs(argv: list[str], args: argparse.Namespace) -> list[tuple[argpar
             line_args = build_parser().parse_args(common + shlex.split(line))
         except SystemExit as exc:
             raise SystemExit(f"{args.plan} line {number}: bad options {line!r}") from exc
-        out.extend((line_args, run) for run in expand(line_args))
-    ids = [run["run_id"] for _, run in out]
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:
-        raise SystemExit(f"{args.plan}: runs named twice: {', '.join(repeated)} (give them different settings)")
+        for run in expand(line_args):
+            key = (run["run_id"], str(result_path(line_args, run)))
+            if key not in seen:  # the same run asked for by two lines runs once
+                seen[key] = run
+                out.append((line_args, run))
+            elif seen[key] != run:
+                raise SystemExit(f"{args.plan} line {number}: run {run['run_id']} is named twice with different "
+                                 "settings (give one of them a --label)")
     return out
 
 

@@ -1,37 +1,39 @@
 #!/usr/bin/env bash
 # The method issue's quality benchmark on one GPU host, in the background. Runs with a result file are skipped,
 # and the results already measured (bench/results/quality_raw/method_h100/) are copied in first, so only what is
-# missing runs. Two pools share the card from the start: CITI's validation sweep (bench/plans/method_val.txt) and
-# the test runs (bench/plans/method_test_baselines.txt with seeds 0,1,2, bench/plans/method_test_ablations.txt
-# with seed 0). As soon as the sweep is complete, the configuration chosen on it (retention-band rule) runs on
-# the test split with seeds 0,1,2.
-# At most JOBS runs at once per pool (default 2, so 4 on the card): CITI's importance scoring and full
-# fine-tuning each peak near 23 GB, and ten runs at once on an 80 GB H100 died of CUDA OOM.
+# missing runs.
+#   1. CITI's validation sweep (bench/plans/method_val.txt, seed 0), JOBS runs at a time (default 5).
+#   2. The configuration chosen on it (bench/quality_select.py --rule=retention-band) on the test split with
+#      seeds 0,1,2, and the test ablations (bench/plans/method_test_ablations.txt, seed 0), in one pool of
+#      TEST_JOBS (default 6).
+#   3. The baselines (bench/plans/method_test_baselines.txt, seeds 0,1,2), where any is missing.
+# Runs start STAGGER seconds apart so CITI's importance scoring (its memory peak) does not fall together for all
+# of them; a run that dies of CUDA out of memory is queued once more at one run fewer at a time.
 # Usage: bench/quality_gpu_method.sh GGUF OUTDIR        (touches OUTDIR/DONE when everything has finished)
 set -uo pipefail
 GGUF=$1; OUT=$2
 cd "$(dirname "$0")/.." || exit 1
-JOBS=${JOBS:-2}
+JOBS=${JOBS:-5}; TEST_JOBS=${TEST_JOBS:-6}; STAGGER=${STAGGER:-30}
 SEEDED=bench/results/quality_raw/method_h100
 mkdir -p "$OUT/val" "$OUT/test"
 cp -n "$SEEDED"/val/*.json "$OUT/val/" 2>/dev/null
 cp -n "$SEEDED"/test/*.json "$OUT/test/" 2>/dev/null
-common=(--gguf "$GGUF" --eval-batch-size 32 --probe-limit 120)
-python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan bench/plans/method_val.txt --split val --seed 0 \
-    --out "$OUT/val" > "$OUT/val.log" 2>&1 &
-val=$!
-{
-    python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan bench/plans/method_test_ablations.txt \
-        --split test --seed 0 --out "$OUT/test"
-    python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan bench/plans/method_test_baselines.txt \
-        --split test --seed 0,1,2 --out "$OUT/test"
-} > "$OUT/test.log" 2>&1 &
-tests=$!
-wait $val
-python3 bench/quality_select.py --rule=retention-band "$OUT/val" > "$OUT/test_plan.txt"
-grep -- '--method citi' "$OUT/test_plan.txt" | head -1 > "$OUT/test_plan_citi.txt"
-echo "chosen on validation: $(cat "$OUT/test_plan_citi.txt")"
-python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan "$OUT/test_plan_citi.txt" --split test \
-    --seed 0,1,2 --out "$OUT/test" > "$OUT/test_citi.log" 2>&1
-wait $tests
+# GPU memory every 20 s, so the card's concurrency can be planned from what the runs really held
+nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 > "$OUT/gpu_memory.csv" 2>&1 &
+smi=$!
+common=(--gguf "$GGUF" --eval-batch-size 32 --probe-limit 120 --stagger "$STAGGER")
+python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan bench/plans/method_val.txt --split val --seed 0 --out "$OUT/val" \
+    > "$OUT/val.log" 2>&1
+python3 bench/quality_select.py --rule=retention-band "$OUT/val" > "$OUT/selected.txt"
+grep -- '--method citi' "$OUT/selected.txt" | head -1 > "$OUT/test_plan.txt"
+echo "chosen on validation: $(cat "$OUT/test_plan.txt")"
+# the chosen configuration's three seeds first, then the ablations (the defaults' seed 0 among them)
+sed 's/$/ --seed 0,1,2/' "$OUT/test_plan.txt" > "$OUT/test_plan_all.txt"
+grep -v '^#' bench/plans/method_test_ablations.txt | sed 's/$/ --seed 0/' >> "$OUT/test_plan_all.txt"
+awk '!seen[$0]++' "$OUT/test_plan_all.txt" > "$OUT/test_plan_run.txt"
+python3 bench/quality.py "${common[@]}" --jobs "$TEST_JOBS" --plan "$OUT/test_plan_run.txt" --split test --out "$OUT/test" \
+    > "$OUT/test.log" 2>&1
+python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan bench/plans/method_test_baselines.txt --split test --seed 0,1,2 \
+    --out "$OUT/test" > "$OUT/test_baselines.log" 2>&1
+kill $smi 2>/dev/null
 touch "$OUT/DONE"
