@@ -3,7 +3,7 @@
 # and the results already measured (bench/results/quality_raw/method_h100/) are copied in first, so only what is
 # missing runs.
 #   1. CITI's validation sweep (bench/plans/method_val.txt, seed 0), JOBS runs at a time (default 5).
-#   2. The configuration chosen on it (bench/quality_select.py --rule=retention-band) on the test split with
+#   2. The configuration chosen on it (bench/quality_select.py --rule=retention-floor) on the test split with
 #      seeds 0,1,2, and the test ablations (bench/plans/method_test_ablations.txt, seed 0), in one pool of
 #      TEST_JOBS (default 6).
 #   3. The baselines (bench/plans/method_test_baselines.txt, seeds 0,1,2), where any is missing.
@@ -24,7 +24,7 @@ smi=$!
 common=(--gguf "$GGUF" --eval-batch-size 32 --probe-limit 120 --stagger "$STAGGER")
 python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan bench/plans/method_val.txt --split val --seed 0 --out "$OUT/val" \
     > "$OUT/val.log" 2>&1
-python3 bench/quality_select.py --rule=retention-band "$OUT/val" > "$OUT/selected.txt"
+python3 bench/quality_select.py --rule=retention-floor "$OUT/val" > "$OUT/selected.txt"
 grep -- '--method citi' "$OUT/selected.txt" | head -1 > "$OUT/test_plan.txt"
 echo "chosen on validation: $(cat "$OUT/test_plan.txt")"
 # the chosen configuration's three seeds first, then the ablations (the defaults' seed 0 among them)
