@@ -150,7 +150,7 @@ class StagePlan:
         now_s: float,
         deadline_s: float,
     ) -> None:
-        """Shrink the remaining steps so training ends by ``deadline_s`` (seconds on the job clock).
+        """Shrink the remaining steps so training ends by ``deadline_s`` (seconds on the run clock).
 
         Called once, after the first steps of the first stage have been timed. Steps already run
         are kept; what is left is shared by the stages in proportion to their epochs, never growing
@@ -216,8 +216,8 @@ def plan_stages(
                      time_limits=[None] * len(names))
 
 
-class JobClock:
-    """Seconds since the job started, carried across resumes (a resumed run adds its own time)."""
+class RunClock:
+    """Seconds since the run started, carried across resumes (a resumed run adds its own time)."""
 
     def __init__(self, already_spent_s: float = 0.0):
         self._start = time.monotonic() - already_spent_s

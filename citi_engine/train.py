@@ -72,7 +72,7 @@ from citi_engine.adapter import (
     set_trainable,
     token_routing_loss,
 )
-from citi_engine.budget import JobClock, StagePlan, check_budget, plan_stages
+from citi_engine.budget import RunClock, StagePlan, check_budget, plan_stages
 from citi_engine.data.augment import build_negatives, mask_some, unrelated_tool_lists
 from citi_engine.data.chat_format import encode_example
 from citi_engine.data.schemas import ExampleKind, Problem, TaskType, kind_of, task_type_for_kind, task_type_of
@@ -229,7 +229,7 @@ class FinetuneRecipe:
         if self.resume is not None:
             _check_same_job(self.resume, cfg)
         self.ctx = RunContext(on_event, should_cancel,
-                              JobClock(self.resume.meta["elapsed_s"] if self.resume else 0.0), dist=self.dist)
+                              RunClock(self.resume.meta["elapsed_s"] if self.resume else 0.0), dist=self.dist)
         self.stages = list(cfg.stages)
         self.per_step = self.hp.batch_size * self.hp.gradient_accumulation_steps  # examples in one step
         # 1. data
@@ -602,7 +602,7 @@ def run_importance(cfg: FinetuneConfig, on_event: EventFn | None = None, should_
     Returns the :class:`~citi_engine.importance.ImportanceResult`. Replay data is built as in a
     job when the training file has no general examples.
     """
-    ctx = RunContext(on_event, should_cancel, JobClock())
+    ctx = RunContext(on_event, should_cancel, RunClock())
     data, tool, general = _prepare_data(cfg, ctx)
     ctx.phase("loading")
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, model_dirs=cfg.model_dirs)
@@ -799,10 +799,10 @@ class RunContext:
     """
 
     def __init__(self, on_event: EventFn | None = None, should_cancel: CancelFn | None = None,
-                 clock: JobClock | None = None, dist: DistInfo | None = None):
+                 clock: RunClock | None = None, dist: DistInfo | None = None):
         self.on_event = on_event
         self.should_cancel = should_cancel
-        self.clock = clock or JobClock()
+        self.clock = clock or RunClock()
         self.dist = dist or DistInfo()
 
     def emit(self, type_: str, phase: str, **fields: Any) -> None:
