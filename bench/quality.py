@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest tool-eval reply")
     p.add_argument("--retention-max-new-tokens", type=int, default=128, help="longest base answer to a probe")
     p.add_argument("--eval-batch-size", type=int, default=32, help="generation batch size in evaluation")
+    p.add_argument("--constrained", action="store_true", help="also run the tool eval with calls constrained to the "
+                   "tools' schemas (citi eval --constrained); recorded as tool_accuracy_constrained, "
+                   "irrelevance_accuracy_constrained, parse_rate_constrained beside the free numbers")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD when available)")
     return p
 
@@ -223,7 +226,7 @@ def child_argv(args: argparse.Namespace, run: dict) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
-    for flag in ("keep_adapters", "force", "no_humaneval"):
+    for flag in ("keep_adapters", "force", "no_humaneval", "constrained"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     for item in args.set:
@@ -376,6 +379,14 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         failure_counts=tool.failure_counts, per_example=tool.outcomes,
         failure_examples=tool.failures[:20],
     )
+    if args.constrained:
+        start = time.perf_counter()
+        held = evaluate_tool_calls(tuned, tokenizer, cases, batch_size=args.eval_batch_size,
+                                   max_new_tokens=args.max_new_tokens, constrained=True)
+        record.update(tool_eval_constrained_seconds=time.perf_counter() - start,
+                      tool_accuracy_constrained=held.accuracy,
+                      irrelevance_accuracy_constrained=held.irrelevance_accuracy,
+                      parse_rate_constrained=held.parse_rate, unconstrained_cases=held.unconstrained)
 
     print(f"[{run['run_id']}] general retention", flush=True)
     start = time.perf_counter()

@@ -18,10 +18,17 @@ models and adapters stay loaded and which requests share a batch; the compute is
 
 2. **Batched generation.** :func:`generate` runs one batch of :class:`GenerationRequest` on one model:
    left-padded prefill, then a decode loop with a KV cache, each request with its own sampling
-   settings, stop strings, token budget and optional forced prefix, text deltas reported as they come.
-   Finished rows leave the batch and its KV cache. It is built on :mod:`citi_engine.generate`'s pieces
-   (padding, the forward, the sampler, end-of-turn tokens), so at temperature 0 it gives the text
-   :func:`~citi_engine.generate.generate_chat` gives.
+   settings, stop strings, token budget, optional forced prefix and optional grammar, text deltas
+   reported as they come. Finished rows leave the batch and its KV cache. It is built on
+   :mod:`citi_engine.generate`'s pieces (padding, the forward, the sampler, end-of-turn tokens), so at
+   temperature 0 it gives the text :func:`~citi_engine.generate.generate_chat` gives.
+
+3. **Constrained rows.** A request with a ``grammar`` (:mod:`citi_engine.constrained`: forced tool calls
+   whose arguments fit the tool's schema, JSON replies) gets a matcher that consumes its forced prefix
+   and then, at every step, masks the logits of its row to the tokens the grammar allows next, before
+   greedy choice or sampling. Rows of one batch each have their own grammar or none; the masks of the
+   constrained rows are computed into one bitmask and applied in one operation. A row ends when its
+   grammar is complete (nothing may follow) or at an end token the grammar allowed.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from citi_engine.adapter import read_job
+from citi_engine.constrained import Grammar, allocate_bitmask, apply_bitmask
 from citi_engine.generate import forward_last_logits, pad_left, sample_tokens, stop_token_ids
 from citi_engine.molora import PEFT_TYPE_NAME, FrozenMoloraLinear
 
@@ -184,7 +192,8 @@ class GenerationRequest:
     ``prefix_options`` are forced starts of the assistant's text, as token ids: with one, generation
     continues from it; with several, the one the model finds most likely (summed log-probability) is
     used. ``on_text`` receives text deltas from the generating thread (the forced prefix first); text
-    that might be the start of a stop string is held back until it is clear.
+    that might be the start of a stop string is held back until it is clear. ``grammar``
+    (:func:`citi_engine.constrained.compile_grammar`) constrains the whole reply, forced prefix included.
     """
 
     prompt_ids: list[int]
@@ -195,6 +204,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     prefix_options: list[list[int]] = field(default_factory=list)
     ignore_eos: bool = False
+    grammar: Grammar | None = None
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # outcome
@@ -218,6 +228,9 @@ class _Row:
         self.done = False
         self.ended_by_eos = False
         self.tokenizer = tokenizer
+        self.matcher = req.grammar.matcher() if req.grammar is not None else None
+        if self.matcher is not None and prefix and not self.matcher.accept_all(prefix):
+            raise ValueError(f"the forced prefix does not follow the request's grammar: {self.matcher.error}")
         self.generator = None
         if req.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -264,6 +277,7 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
     next_pos = mask.sum(-1, keepdim=True)
     live = list(range(len(rows)))  # batch row -> index into rows
     for _ in range(max(r.req.max_new_tokens for r in rows)):
+        _constrain(logits, [rows[i] for i in live])
         tokens = _next_tokens(logits, [rows[i] for i in live])
         now = time.perf_counter()
         keep = []
@@ -304,6 +318,23 @@ def most_likely_prefix(model: nn.Module, prompt: list[int], options: list[list[i
     return options[max(range(len(options)), key=scores.__getitem__)]
 
 
+def _constrain(logits: torch.Tensor, rows: list[_Row]) -> None:
+    """Mask each constrained row's logits to the tokens its grammar allows next (one bitmask for all of them)."""
+    constrained = [b for b, row in enumerate(rows) if row.matcher is not None and row.matcher.error is None]
+    if not constrained:
+        return
+    bitmask = allocate_bitmask(len(constrained), rows[constrained[0]].req.grammar.vocab_size)
+    for k, b in enumerate(constrained):
+        rows[b].matcher.fill(bitmask, k)
+    if len(constrained) == len(rows):
+        apply_bitmask(logits, bitmask)
+        return
+    index = torch.tensor(constrained, device=logits.device)
+    masked = logits.index_select(0, index)
+    apply_bitmask(masked, bitmask)
+    logits.index_copy_(0, index, masked)
+
+
 def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     """Greedy for the batch in one argmax; rows that sample draw with their own settings and generator."""
     chosen = logits.argmax(-1).tolist()
@@ -321,12 +352,20 @@ def _advance(row: _Row, token: int, eos: set[int], now: float) -> None:
         return
     if req.time_to_first_token is None:
         req.time_to_first_token = now - req.submitted_at
-    if token in eos and not req.ignore_eos:
+    if token in eos and (not req.ignore_eos or row.matcher is not None):
         row.ended_by_eos = True  # counted as a completion token, never shown as text
+        _finish(row, "stop")
+        return
+    if row.matcher is not None and not row.matcher.accept(token):
+        # Cannot happen with a mask from the same matcher; end the row rather than generate outside the grammar.
+        log.error("token %d does not follow the request's grammar: %s", token, row.matcher.error)
         _finish(row, "stop")
         return
     row.ids.append(token)
     text = row.text()
+    if row.matcher is not None and row.matcher.finished:
+        _finish(row, "stop", text)
+        return
     for s in req.stop:
         at = text.find(s)
         if at >= 0:

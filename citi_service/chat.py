@@ -108,6 +108,19 @@ class NamedToolChoice(_Open):
     function: FunctionName
 
 
+class ResponseFormat(_Open):
+    """``response_format``: ``text`` (free), ``json_object`` (a JSON object) or ``json_schema`` (JSON valid against
+    ``json_schema.schema``). Enforced by constrained decoding on the inference server."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @property
+    def reply_schema(self) -> dict[str, Any] | None:
+        """The JSON schema a ``json_schema`` reply must follow (None for ``json_object``: any object)."""
+        return (self.json_schema or {}).get("schema") if self.type == "json_schema" else None
+
+
 class StreamOptions(_Open):
     """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
 
@@ -130,6 +143,7 @@ class ChatCompletionRequest(_Open):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     n: int | None = Field(None, ge=1)
     citi_adapter: dict[str, Any] | None = Field(
         None, description="Internal: set by the API for the inference server; refused from callers."
@@ -167,6 +181,12 @@ class ChatCompletionRequest(_Open):
         if not self.tools:
             return "none", None
         return choice, None
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the reply is decoded under a grammar: a forced tool call, or a JSON ``response_format``."""
+        forced = self.tool_mode()[0] in ("required", "named")
+        return forced or (self.response_format is not None and self.response_format.type != "text")
 
     def conversation(self) -> dict[str, Any]:
         """The request as the engine's conversation: ``{"messages": [...], "tools": [...]}``.
@@ -250,6 +270,8 @@ def check_request(req: ChatCompletionRequest) -> None:
         raise APIError(400, "invalid_tool_choice", "tool_choice 'required' needs at least one function in 'tools'",
                        param="tool_choice")
 
+    _check_response_format(req)
+
     open_calls: set[str] = set()
     for k, msg in enumerate(req.messages):
         where = f"messages[{k}]"
@@ -283,6 +305,30 @@ def check_request(req: ChatCompletionRequest) -> None:
         elif msg.content is None:
             raise APIError(400, "invalid_request", f"{where} (role '{msg.role}') needs 'content'",
                            param=f"{where}.content")
+
+
+def _check_response_format(req: ChatCompletionRequest) -> None:
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_schema":
+        spec = fmt.json_schema
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "invalid_response_format", "response_format of type 'json_schema' needs "
+                           "'json_schema': {\"name\": ..., \"schema\": {...}} with the JSON Schema as an object",
+                           param="response_format.json_schema.schema")
+        from jsonschema import exceptions, validators
+
+        schema = spec["schema"]
+        try:
+            validators.validator_for(schema, default=validators.Draft202012Validator).check_schema(schema)
+        except exceptions.SchemaError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
+            raise APIError(400, "invalid_response_format", f"response_format.json_schema.schema is not valid JSON "
+                           f"Schema at {where}: {exc.message}", param="response_format.json_schema.schema") from exc
+    if req.constrained and req.stop_list:
+        # Under a grammar the grammar decides where the reply ends; a stop string could only cut it invalid.
+        raise APIError(400, "unsupported_parameter", "'stop' cannot be combined with a JSON response_format or a "
+                       "forced tool call (tool_choice 'required' or a named function): the reply ends where the "
+                       "JSON or the call ends; leave 'stop' out", param="stop")
 
 
 def inference_token() -> str | None:

@@ -10,19 +10,31 @@ batch serves one adapter). Without a GPU it runs on the CPU, slowly but the same
 Tool calls (``tool_choice``):
 
 - ``none``: the model is not shown the tools and its text is never parsed for calls.
-- ``auto``: the tools are in the prompt; ``<tool_call>`` blocks in the reply become ``tool_calls``.
-- ``required``: the reply is forced to start with a call. The start of a call block up to and including
+- ``auto``: the tools are in the prompt; ``<tool_call>`` blocks in the reply become ``tool_calls``. The text
+  is free, but a call to a function that ``tools`` does not define is dropped: it never comes back as a
+  tool call (nor as content).
+- ``required``: the reply is tool calls and nothing else. The start of a call block up to and including
   the function name, ``<tool_call>{"name": "<name>", "arguments":``, is fed as a generation prefix; the
   name is the tool the model itself finds most likely (the summed log-probability of each candidate
-  prefix, one batched forward), and the model writes the arguments.
-- a named function: the same, with that function's name in the prefix.
+  prefix, one batched forward). The model writes the arguments under a grammar built from that
+  function's JSON schema (constrained decoding, :mod:`citi_engine.constrained`), so they always parse and
+  validate against ``parameters``; further calls (unless ``parallel_tool_calls: false``) are constrained
+  the same way, to functions of ``tools`` only.
+- a named function: the same, with that function's name in the prefix and only that function allowed.
 
 The forced prefix is tokenised exactly as training tokenised a whole call (the shared token prefix of
-the prompt followed by a complete call), so the model continues from tokens it has seen. Everything
-after the prefix is the model's own output, parsed by :func:`citi_engine.data.chat_format.parse_tool_calls`;
-a forced call whose arguments do not come out as a JSON object stays text (``content``) rather than
-being repaired. With ``named``, calls to other functions are dropped; with ``parallel_tool_calls:
+the prompt followed by a complete call), so the model continues from tokens it has seen; the grammar
+consumes the prefix, then masks each later token to what it allows. A reply cut by ``max_tokens`` before
+its call closes (``finish_reason: length``) is the only way a forced call can fail to come back; its text
+then stays ``content``. With ``named``, calls to other functions are dropped; with ``parallel_tool_calls:
 false``, only the first call is kept.
+
+``response_format`` (OpenAI's): ``json_object`` makes the reply one JSON object, ``json_schema`` JSON valid
+against ``json_schema.schema``, both by the same constrained decoding (``strict`` is accepted and makes no
+difference: the schema is always enforced). Under ``auto`` with tools, the reply is that JSON or tool calls;
+under a forced call, the call. A schema the grammar library cannot compile (say, a regex ``pattern`` with
+look-around) is refused before generation with 400 ``invalid_response_format`` (or ``invalid_tool_schema``
+for a tool's ``parameters``) and the schema's ``param``. ``stop`` cannot be combined with a grammar (400).
 
 Configuration (environment): ``CITI_ADAPTER_CACHE_SIZE`` (8), ``CITI_INFERENCE_MAX_BATCH`` (16),
 ``CITI_INFERENCE_BATCH_WAIT_MS`` (5), ``CITI_INFERENCE_DEVICE`` (cuda if present, else cpu),
@@ -60,6 +72,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from citi_engine.constrained import GrammarError, reply_grammar
 from citi_engine.data.chat_format import TOOL_CALL_OPEN, format_tool_calls, parse_tool_calls, render_prompt
 from citi_engine.errors import CitiError, ModelSpecError
 from citi_service.chat import ChatCompletionRequest, check_request, inference_token
@@ -207,6 +220,14 @@ class InferenceService:
                 raise APIError(400, "invalid_request",
                                f"max_tokens={wanted} leaves no room for a forced tool call; raise max_tokens",
                                param="max_tokens")
+        fmt = req.response_format
+        try:
+            grammar = reply_grammar(tok, tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
+                                    tool_choice=mode, function=name, response_format=fmt.type if fmt else None,
+                                    schema=fmt.reply_schema if fmt else None,
+                                    parallel=req.parallel_tool_calls is not False)
+        except GrammarError as exc:
+            raise APIError(400, exc.code, exc.message, param=exc.param) from exc
         gen = GenerationRequest(
             prompt_ids=prompt_ids,
             max_new_tokens=wanted,
@@ -215,6 +236,7 @@ class InferenceService:
             seed=req.seed,
             stop=req.stop_list,
             prefix_options=options,
+            grammar=grammar,
         )
         return gen, n_prompt
 
@@ -254,10 +276,11 @@ def forced_call_prefix(tokenizer: Any, prompt_text: str, prompt_ids: list[int], 
 
 
 def accepted_calls(req: ChatCompletionRequest, calls: list[dict]) -> list[dict]:
-    """Calls the request allows: only the named function for a named tool choice; one with parallel_tool_calls false."""
+    """Calls the request allows: only functions of ``tools`` (only the named one for a named tool choice); one
+    with parallel_tool_calls false."""
     mode, name = req.tool_mode()
-    if mode == "named":
-        calls = [c for c in calls if c["function"]["name"] == name]
+    defined = {name} if mode == "named" else {t.function.name for t in req.tools or []}
+    calls = [c for c in calls if c["function"]["name"] in defined]
     if req.parallel_tool_calls is False:
         calls = calls[:1]
     return calls

@@ -10,6 +10,12 @@ caller's key: it finds the adapter in the artifact store by the job id.
 The request schema and :func:`~citi_service.chat.check_request` live in :mod:`citi_service.chat`, shared
 with the inference server, so a request is judged the same wherever it arrives. Checks that need the
 tokenizer (prompt plus ``max_tokens`` over the context length) happen there; its 400 passes through.
+
+``response_format`` (``json_object``, ``json_schema``) and forced tool calls are enforced by constrained
+decoding on the inference server (see :mod:`worker.inference`). This process checks only that a
+``json_schema`` is valid JSON Schema; whether the grammar library can compile it is the inference
+server's 400 (``invalid_response_format`` / ``invalid_tool_schema``, with the schema's ``param``), passed
+through. Neither torch nor the grammar library is imported here.
 """
 
 from __future__ import annotations

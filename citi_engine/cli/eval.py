@@ -1,6 +1,6 @@
 """``citi eval``: evaluate an adapter on a tool test set and on general retention, write its report.
 
-    citi eval --adapter DIR --tool-test FILE [--base SPEC] [--limit N] [--batch-size N]
+    citi eval --adapter DIR --tool-test FILE [--base SPEC] [--limit N] [--batch-size N] [--constrained]
 
 The report (``report.json``, ``report.md``, plots) goes next to the adapter unless ``--out`` says
 otherwise; the headline numbers are printed as a table.
@@ -32,6 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
     p.add_argument("--probe-limit", type=int, default=None, help="use at most N general probe prompts")
+    p.add_argument("--constrained", action="store_true",
+                   help="also evaluate with every call held to the offered tools and their parameter schemas "
+                        "(constrained decoding, as the inference server does for forced calls); reported as "
+                        "tool_accuracy_constrained beside tool_accuracy")
     p.add_argument("--no-retention", action="store_true", help="skip the general-retention measurement")
     p.add_argument("--no-humaneval", action="store_true", help="skip the HumanEval NLL")
     p.add_argument("--humaneval-limit", type=int, default=None, help="use at most N HumanEval problems")
@@ -72,6 +76,9 @@ def print_summary(report: dict, console=None) -> None:
     table.add_row("tool-call accuracy", f"{pct(s['tool_accuracy'])} of {s['n_test']}")
     table.add_row("irrelevance accuracy", pct(s["irrelevance_accuracy"]))
     table.add_row("parse rate (cases expecting calls)", pct(s["parse_rate"]))
+    if s.get("tool_accuracy_constrained") is not None:
+        table.add_row("tool-call accuracy, constrained to schemas", pct(s["tool_accuracy_constrained"]))
+        table.add_row("irrelevance accuracy, constrained", pct(s.get("irrelevance_accuracy_constrained")))
     table.add_row("general retention exp(-KL)", num(s["general_retention"]))
     table.add_row("KL(base || tuned) per token", num(s["kl"]))
     table.add_row("agreement with base", pct(s["agreement"]))
@@ -129,6 +136,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model, tokenizer, base_model, cases, [] if args.no_retention else None, args.out or args.adapter,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, probe_limit=args.probe_limit,
         humaneval=not args.no_humaneval, humaneval_limit=args.humaneval_limit, pass_at_1=args.pass_at_1,
+        constrained=args.constrained,
         metadata={"model": base_spec, "method": job.get("method"), "adapter": str(args.adapter),
                   "tool_test": str(args.tool_test)},
     )

@@ -84,6 +84,7 @@ def evaluate_adapter(
     metadata: dict | None = None,
     should_cancel: Callable[[], bool] | None = None,
     on_event: Callable[[dict], None] | None = None,
+    constrained: bool = False,
 ) -> dict:
     """Evaluate a tuned ``model`` and write its report into ``out_dir`` (skipped when ``out_dir`` is None).
 
@@ -92,7 +93,10 @@ def evaluate_adapter(
     ``base_model``: the untuned model for retention; when None and ``model`` is a peft model, its base is
     reached by switching the adapters off (``modules_to_save`` included), and when None otherwise (a
     ``full`` fine-tune) retention is skipped with a note. ``test_limit`` / ``probe_limit`` cap the work.
-    ``metadata`` (model spec, method, ...) is copied into the report.
+    ``metadata`` (model spec, method, ...) is copied into the report. ``constrained``: also evaluate the tool
+    cases with every call held to the case's tools and schemas (constrained decoding); that result is
+    ``tool_constrained`` beside ``tool``, and the summary gains ``tool_accuracy_constrained``,
+    ``irrelevance_accuracy_constrained`` and ``parse_rate_constrained``.
 
     Returns the report: ``summary`` (headline numbers), ``tool`` (see
     :class:`~citi_engine.evaluate.tool_eval.ToolEvalResult`), ``retention`` (see
@@ -113,6 +117,13 @@ def evaluate_adapter(
                                      should_cancel=should_cancel)
         report["seconds"]["tool"] = time.perf_counter() - start
         report["tool"] = result.to_dict()
+        if constrained:
+            emit(f"evaluating tool calls on {len(cases)} test cases, calls constrained to the tools' schemas")
+            start = time.perf_counter()
+            held = evaluate_tool_calls(model, tokenizer, cases, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       should_cancel=should_cancel, constrained=True)
+            report["seconds"]["tool_constrained"] = time.perf_counter() - start
+            report["tool_constrained"] = held.to_dict()
 
     if probes is None:
         from citi_engine.data.prompts import PROBE_PROMPTS
@@ -151,12 +162,19 @@ def evaluate_adapter(
     )
     report["summary"] = summarize(report["tool"], report["retention"], report.get("retention_with_tools"),
                                   report["router"])
+    if report.get("tool_constrained"):
+        held = report["tool_constrained"]
+        report["summary"].update(tool_accuracy_constrained=held["accuracy"],
+                                 irrelevance_accuracy_constrained=held["irrelevance_accuracy"],
+                                 parse_rate_constrained=held["parse_rate"])
     if out_dir is not None:
         write_report(out_dir, report)
     s = report["summary"]
     parts = []
     if s["tool_accuracy"] is not None:
         parts.append(f"tool accuracy {s['tool_accuracy']:.3f}")
+    if s.get("tool_accuracy_constrained") is not None:
+        parts.append(f"constrained {s['tool_accuracy_constrained']:.3f}")
     if s["general_retention"] is not None:
         parts.append(f"general retention {s['general_retention']:.3f} (KL {s['kl']:.4f})")
     if s.get("retention_with_tools") is not None:

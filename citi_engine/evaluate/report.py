@@ -72,6 +72,9 @@ def render_markdown(report: dict, *, max_failures: int = 30) -> str:
         f"| tool-call accuracy | {_pct(s['tool_accuracy'])} ({s['n_test']} cases) |",
         f"| irrelevance accuracy (no call when none fits) | {_pct(s['irrelevance_accuracy'])} |",
         f"| replies that parse as calls (cases expecting calls) | {_pct(s['parse_rate'])} |",
+        *([f"| tool-call accuracy, calls constrained to the tools' schemas | {_pct(s['tool_accuracy_constrained'])} |",
+            f"| irrelevance accuracy, constrained | {_pct(s.get('irrelevance_accuracy_constrained'))} |"]
+          if s.get("tool_accuracy_constrained") is not None else []),
         f"| headline retention (lower of the two below) | {_num(s.get('headline_retention'))} |",
         f"| general retention exp(-KL) | {_num(s['general_retention'])} ({s['n_probes']} probes) |",
         f"| general retention with unrelated tools offered | {_num(s.get('retention_with_tools'))} |",

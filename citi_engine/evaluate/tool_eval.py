@@ -6,6 +6,13 @@ Test sets come in two forms (:func:`load_tool_cases` tells them apart):
 - BFCL's files: a question file (``id``, ``question``, ``function``) plus its ``possible_answer`` file.
 
 Reading and scoring are torch-free; only :func:`evaluate_tool_calls` generates (and imports torch).
+
+``constrained=True`` measures the same model with every call it writes held to the case's tools and their
+parameter schemas by constrained decoding (:func:`citi_engine.constrained.text_or_calls_grammar`, the
+serving runtime's loop): the model still decides whether to call and which function, but a call cannot
+name an undefined function or carry arguments that do not validate. Text before a call is not allowed
+in this mode (the training format never has any). The gap between the free and the constrained accuracy
+is what the grammar buys at serving time.
 """
 
 from __future__ import annotations
@@ -291,6 +298,8 @@ class ToolEvalResult:
     failure_counts: dict[str, int]
     outcomes: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    constrained: bool = False
+    unconstrained: int = 0  # with constrained: cases generated free because their schemas did not compile
 
     @property
     def accuracy(self) -> float:
@@ -363,8 +372,18 @@ def evaluate_tool_calls(
     batch_size: int = 16,
     max_new_tokens: int = 256,
     should_cancel: Callable[[], bool] | None = None,
+    constrained: bool = False,
 ) -> ToolEvalResult:
-    """Generate greedy replies for ``cases`` (batched) and score them with :func:`score_replies`."""
+    """Generate greedy replies for ``cases`` (batched) and score them with :func:`score_replies`.
+
+    ``constrained``: calls held to the case's tools and schemas (see the module docstring).
+    """
+    if constrained:
+        replies, unconstrained = _constrained_replies(model, tokenizer, cases, batch_size=batch_size,
+                                                      max_new_tokens=max_new_tokens, should_cancel=should_cancel)
+        result = score_replies(cases, replies)
+        result.constrained, result.unconstrained = True, unconstrained
+        return result
     from citi_engine.generate import generate_chat
 
     replies = generate_chat(
@@ -372,3 +391,32 @@ def evaluate_tool_calls(
         batch_size=batch_size, temperature=0.0, should_cancel=should_cancel,
     )
     return score_replies(cases, replies)
+
+
+def _constrained_replies(model, tokenizer, cases: Sequence[ToolCase], *, batch_size: int, max_new_tokens: int,
+                         should_cancel: Callable[[], bool] | None) -> tuple[list[dict], int]:
+    """Greedy replies under each case's text-or-calls grammar, longest prompts first in batches; and how many
+    cases had to go free (a schema the grammar library cannot compile)."""
+    from citi_engine.constrained import GrammarError, compile_grammar, text_or_calls_grammar
+    from citi_engine.data.chat_format import parse_tool_calls
+    from citi_engine.errors import Cancelled
+    from citi_engine.generate import encode_prompt, eval_mode
+    from citi_engine.serving import GenerationRequest, generate
+
+    requests, unconstrained = [], 0
+    for case in cases:
+        grammar = None
+        if case.tools:
+            try:
+                grammar = compile_grammar(text_or_calls_grammar(case.tools), tokenizer)
+            except GrammarError:
+                unconstrained += 1
+        requests.append(GenerationRequest(prompt_ids=encode_prompt(tokenizer, case.messages, case.tools),
+                                          max_new_tokens=max_new_tokens, grammar=grammar))
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled()
+            generate(model, tokenizer, [requests[i] for i in order[start:start + batch_size]])
+    return [{"text": r.text, "tool_calls": parse_tool_calls(r.text)[1]} for r in requests], unconstrained
