@@ -112,6 +112,29 @@ def count_tokens(examples: list[dict[str, Any]], resolved) -> tuple[list[int], s
     return [math.ceil(len(t) / 4) + n * MESSAGE_OVERHEAD_TOKENS for t, n in texts], "approximate"
 
 
+def read_examples(storage, key: str, n_examples: int) -> list[dict[str, Any]]:
+    """An even sample of the examples of a stored file, read one line at a time: the file is never held whole,
+    so the estimate of a large upload takes no more memory than its sample. ``n_examples`` is how many
+    examples the estimate counts in all (the file records say; the training and general files together), so
+    every file is sampled at the same rate and the whole sample holds about ``MAX_COUNTED_EXAMPLES``. Pass
+    the sample to :func:`estimate_job` with ``n_examples``."""
+    every = max(1, n_examples // MAX_COUNTED_EXAMPLES)
+    out: list[dict[str, Any]] = []
+    seen = 0
+    with storage.open(key) as src:
+        for line in src:
+            if not line.strip():
+                continue
+            seen += 1
+            if (seen - 1) % every:
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
 def tokens_per_second(spec: str, params: int | None, device: str) -> float | None:
     """Training throughput for a model on ``gpu`` or ``cpu``."""
     if spec in THROUGHPUT:
@@ -132,21 +155,26 @@ def estimate_job(
     device: str,
     gpu_memory_gb: float,
     gpus: int | None = None,
+    n_examples: int | None = None,
 ) -> dict[str, Any]:
     """The estimate for an engine config ``cfg`` (a ``FinetuneConfig``) over the training ``examples``;
-    ``gpus`` is what one job trains on (None: not known here, one assumed)."""
+    ``gpus`` is what one job trains on (None: not known here, one assumed). With ``n_examples``, ``examples``
+    is already a sample of that many (:func:`read_examples`), counted as it is."""
     from citi_engine.budget import plan_stages
     from citi_engine.errors import BudgetError
 
     hp = cfg.hyperparameters
     notes: list[str] = []
     # Large files: count an even sample (the estimate is rough anyway, and the API must answer quickly).
-    step = max(1, len(examples) // MAX_COUNTED_EXAMPLES)
-    sample = examples[::step]
+    if n_examples is None:
+        n_examples = len(examples)
+        sample = examples[::max(1, len(examples) // MAX_COUNTED_EXAMPLES)]
+    else:
+        sample = examples
     lengths, how = count_tokens(sample, resolved)
     lengths = [min(n, hp.max_length) for n in lengths] or [0]
     mean_tokens = sum(lengths) / max(len(lengths), 1)
-    total_tokens = int(round(mean_tokens * len(examples)))
+    total_tokens = int(round(mean_tokens * n_examples))
 
     held_out = 0
     if not has_validation_file and cfg.test_fraction > 0:
@@ -232,7 +260,7 @@ def estimate_job(
     return {
         "model": cfg.model,
         "method": cfg.method,
-        "examples": len(examples),
+        "examples": n_examples,
         "tool_examples": n_tool,
         "general_examples": n_general,
         "tokens": {"total": total_tokens, "mean_per_example": round(mean_tokens, 1), "max": max(lengths),

@@ -16,7 +16,8 @@ from citi_engine.ranges import range_of
 from citi_engine.training.config import ComponentsConfig, FinetuneConfig
 
 MAX_INTEGRATIONS = 10
-JobStatus = Literal["validating_files", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["validating_files", "queued", "running", "cancelling", "paused", "succeeded", "failed",
+                    "cancelled"]
 
 
 class _Strict(BaseModel):
@@ -56,7 +57,8 @@ class ErrorResponse(BaseModel):
 
 
 class FileObject(BaseModel):
-    """An uploaded file (OpenAI's file object, plus what the validator counted)."""
+    """An uploaded file (OpenAI's file object, plus what the validator counted), or a succeeded job's result file
+    (purpose ``fine-tune-results``: the adapter archive or the report, with the ``job_id``; no counts)."""
 
     id: str
     object: Literal["file"] = "file"
@@ -65,12 +67,13 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: Literal["processed"] = "processed"
-    format: Literal["train", "test"] = Field(
+    format: Literal["train", "test"] | None = Field(
         "train", description="'train': training examples; 'test': tool test lines with ground_truth "
-        "(usable as validation_file only).")
-    n_examples: int
-    n_tool: int
-    n_general: int
+        "(usable as validation_file only); null for a result file.")
+    n_examples: int | None = None
+    n_tool: int | None = None
+    n_general: int | None = None
+    job_id: str | None = Field(None, description="The job a result file (purpose fine-tune-results) came from.")
 
 
 class FileList(BaseModel):
@@ -234,7 +237,12 @@ class Job(BaseModel):
     seed: int
     suffix: str | None = None
     organization_id: str
-    result_files: list[str] = Field(default_factory=list)
+    result_files: list[str] = Field(default_factory=list, description="Once succeeded: file ids (Files API, purpose "
+                                    "fine-tune-results) of the adapter archive (.tar.gz) and the evaluation report.")
+    adapter_files: list[str] = Field(default_factory=list, description="The adapter directory's file names.")
+    pause_requested: bool = Field(False, description="A pause was asked: the job stops at its next checkpoint.")
+    base_model: str | None = Field(None, description="When model is a fine-tuned model (ft:...) this job continues: "
+                                   "the base model it was made from.")
     budget: dict[str, Any] = Field(default_factory=dict)
     components: dict[str, Any] = Field(default_factory=dict)
     stage: str | None = Field(None, description="The job's phase: validating, loading, importance, replay, a "
@@ -260,7 +268,10 @@ class JobList(BaseModel):
 
 
 class Event(BaseModel):
-    """One job event. ``seq`` (also ``id``) increases by one per event; SSE streams use it as event id."""
+    """One job event. ``seq`` (also ``id``) increases by one per event; SSE streams use it as event id.
+
+    Under ``/v1/fine_tuning/jobs`` events come in OpenAI's shape: ``id`` ``ftevent-...``, ``type`` ``message`` or
+    ``metrics`` (our type in ``event_type``), ``level`` ``info``/``warn``/``error``."""
 
     model_config = ConfigDict(extra="allow")
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
@@ -274,7 +285,8 @@ class Event(BaseModel):
 
 
 class EventList(BaseModel):
-    """A page of events, oldest first (pass the last ``seq`` as ``after`` for the next page)."""
+    """A page of events, oldest first (pass the last ``seq`` as ``after`` for the next page); under
+    ``/v1/fine_tuning/jobs`` newest first (pass the last ``id`` as ``after``)."""
 
     object: Literal["list"] = "list"
     data: list[Event]
@@ -282,13 +294,15 @@ class EventList(BaseModel):
 
 
 class Checkpoint(BaseModel):
-    """A checkpoint the job wrote (resume state; removed when the job ends)."""
+    """A checkpoint the job wrote (resume state; removed when the job ends, kept while it is paused)."""
 
     model_config = ConfigDict(extra="allow")
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     id: str
     created_at: int
     fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str = Field(..., description="OpenAI's name for it: <fine_tuned_model>:ckpt-step-N "
+                                             "(a name only: checkpoints are resume state, not served models).")
     step_number: int
     stage: str | None = Field(None, description="The training stage it was taken in (done after the last).")
     metrics: dict[str, Any] = Field(default_factory=dict)

@@ -427,6 +427,7 @@ class FinetuneRecipe:
             state.stage_step += 1
             state.global_step += 1
             state.tokens += n_tokens
+            state.loss, state.routing_loss = loss, rloss
             timed.append(step_s)
             state.timed_steps += 1
             if cfg.budget.max_seconds is not None and not plan.time_fitted and (
@@ -467,6 +468,8 @@ class FinetuneRecipe:
             "stage_step": self.state.stage_step,
             "global_step": self.state.global_step,
             "trained_tokens": self.state.tokens,
+            "loss": self.state.loss,
+            "routing_loss": self.state.routing_loss,
             "elapsed_s": self.ctx.clock.elapsed(),
             "plan": self.plan.to_dict(),
             "components": self.components,
@@ -843,6 +846,8 @@ class TrainState:
     global_step: int = 0
     tokens: int = 0
     timed_steps: int = 0
+    loss: float | None = None  # of the last step: a checkpoint records the losses of the step it holds
+    routing_loss: float | None = None
 
 
 @dataclass

@@ -13,9 +13,11 @@ import time
 from pathlib import PurePath
 from typing import Any, Literal, TypedDict
 
-STATUSES = ("validating_files", "queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+STATUSES = ("validating_files", "queued", "running", "cancelling", "paused", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Unfinished jobs a worker may hold (or will): ``paused`` is unfinished too, but no worker holds it.
 ACTIVE = ("validating_files", "queued", "running", "cancelling")
+RESULT_FILE_PURPOSE = "fine-tune-results"
 
 EventLevel = Literal["info", "warning", "error"]
 
@@ -48,7 +50,28 @@ def status_event(status: str, message: str, *, error: dict | None = None, level:
                      level=level)
 
 
+def short_job_id(job_id: str) -> str:
+    """The first 12 hex digits of a job id: the job's part of model, checkpoint and event ids."""
+    return job_id.removeprefix("ftjob-")[:12]
+
+
 def fine_tuned_model_id(model: str, suffix: str | None, job_id: str) -> str:
     """``ft:<base model name>:<suffix or citi>:<short job id>``, unique per job."""
     base = re.sub(r"[^A-Za-z0-9_.\-]", "-", PurePath(model.rstrip("/")).name or model)[:64]
-    return f"ft:{base}:{suffix or 'citi'}:{job_id.removeprefix('ftjob-')[:12]}"
+    return f"ft:{base}:{suffix or 'citi'}:{short_job_id(job_id)}"
+
+
+def checkpoint_model_id(fine_tuned_model: str, step: int) -> str:
+    """OpenAI's ``fine_tuned_model_checkpoint`` name of the checkpoint at ``step`` of a job."""
+    return f"{fine_tuned_model}:ckpt-step-{step}"
+
+
+def event_id(job_id: str, seq: int) -> str:
+    """OpenAI's id of the job's event ``seq``: ``ftevent-<12 hex>-<seq>``."""
+    return f"ftevent-{short_job_id(job_id)}-{seq}"
+
+
+def event_seq(event_id_or_seq: str) -> int | None:
+    """The ``seq`` in an event id (``ftevent-...-<seq>``, or the seq itself), or None when it holds none."""
+    tail = event_id_or_seq.strip().rsplit("-", 1)[-1]
+    return int(tail) if tail.isascii() and tail.isdigit() and len(tail) <= 19 else None

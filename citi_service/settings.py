@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = Field(None, description="CITI_S3_SECRET_ACCESS_KEY.")
 
     max_upload_bytes: int = Field(100 * 1024 * 1024, gt=0, description="CITI_MAX_UPLOAD_BYTES: largest file upload.")
+    max_upload_line_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="CITI_MAX_UPLOAD_LINE_BYTES: longest line (one example) of an upload; "
+        "a longer one is refused as line_too_long. Uploads are checked a line at a time, so this bounds the "
+        "memory one upload takes in the API.")
     max_request_bytes: int = Field(1024 * 1024, gt=0, description="CITI_MAX_REQUEST_BYTES: largest JSON body.")
     max_files_per_tenant: int = Field(1000, gt=0, description="CITI_MAX_FILES_PER_TENANT.")
     max_storage_bytes_per_tenant: int = Field(
@@ -80,6 +84,14 @@ class Settings(BaseSettings):
     job_timeout_seconds: float = Field(
         7 * 24 * 3600, gt=0, description="CITI_JOB_TIMEOUT_SECONDS: a training process running longer is killed."
     )
+    job_stall_seconds: float = Field(
+        1800.0, gt=0, description="CITI_JOB_STALL_SECONDS: a training process that records no event (progress, "
+        "stage, message) for this long has wedged (the engine reports every step) and is killed by its worker; "
+        "the job fails with job_stalled. Raise it when a model download or an evaluation runs longer silently.")
+    job_overrun_seconds: float = Field(
+        1800.0, ge=0, description="CITI_JOB_OVERRUN_SECONDS: a training process still running this long past its "
+        "job's own time budget (budget.max_seconds, which the engine plans to end within) is killed by its "
+        "worker; the job fails with job_timeout.")
     cancel_grace_seconds: float = Field(
         60.0, gt=0, description="CITI_CANCEL_GRACE_SECONDS: a job's process still running this long after its "
         "cancel (it checks every training step, so it has wedged) is killed by its worker; the job ends cancelled."

@@ -10,9 +10,11 @@ Layout (all keys under ``citi:``; one Redis, no cluster):
 - ``job:<id>:events`` (stream; entry id ``<seq>-0``) the job's events, ``job:<id>:evseq`` their counter.
   The event ``seq`` is the SSE event id, so ``Last-Event-ID`` resumes a stream exactly.
 - ``job:<id>:lease`` (string with expiry) the token of the worker running the job.
-- ``job:<id>:cancel`` the cancel flag; ``job:<id>:checkpoints`` (list) checkpoint records.
+- ``job:<id>:cancel`` the cancel flag; ``job:<id>:pause`` the pause flag (the job stops at its next checkpoint);
+  ``job:<id>:checkpoints`` (list) checkpoint records.
 - ``active:<tenant>`` (set) the tenant's unfinished jobs; ``queue`` (zset) jobs waiting for a worker, in
-  order; ``running`` (set) jobs a worker claimed; ``finished`` (zset by finish time) for retention.
+  order; ``running`` (set) jobs a worker claimed; ``finished`` (zset by finish time) for retention. A ``paused``
+  job is in none of ``queue`` and ``running``, holds no lease and stays in ``active:<tenant>``.
 - ``models:<tenant>`` (hash) fine_tuned_model id -> job id; ``idem:<tenant>:<sha256>`` idempotency keys;
   ``usage:<tenant>`` (hash) bytes and files stored; ``status_counts`` (hash) jobs by status;
   ``workers`` (hash) worker heartbeats.
@@ -32,7 +34,7 @@ from typing import Any
 
 import redis
 
-from citi_service.records import STATUSES, Event, new_event, status_event
+from citi_service.records import RESULT_FILE_PURPOSE, STATUSES, Event, new_event, status_event
 
 PREFIX = "citi:"
 EVENT_STREAM_MAXLEN = 100_000
@@ -71,6 +73,7 @@ local function set_status(job_id, old, new, now)
     redis.call('ZADD', P .. 'finished', now, job_id)
     redis.call('HSET', key, 'finished_at', math.floor(now))
     redis.call('DEL', P .. 'job:' .. job_id .. ':cancel')
+    redis.call('DEL', P .. 'job:' .. job_id .. ':pause')
   end
 end
 """.replace("EVENT_STREAM_MAXLEN", str(EVENT_STREAM_MAXLEN))
@@ -125,6 +128,7 @@ if not cur then return {'missing', ''} end
 if is_terminal(cur) then return {'terminal', cur} end
 if redis.call('EXISTS', key .. ':lease') == 1 then return {'leased', cur} end
 if cur == '"cancelling"' then return {'cancelling', cur} end
+if cur == '"paused"' then return {'paused', cur} end
 redis.call('SET', key .. ':lease', ARGV[3], 'PX', tonumber(ARGV[4]))
 local attempts = tonumber(redis.call('HGET', key, 'attempts') or '0') + 1
 redis.call('HSET', key, 'attempts', attempts, 'worker', ARGV[5])
@@ -144,14 +148,15 @@ local key = P .. 'job:' .. job_id
 if redis.call('EXISTS', key .. ':lease') == 1 then return 'alive' end
 if redis.call('SREM', P .. 'running', job_id) == 0 then return 'gone' end
 local cur = redis.call('HGET', key, 'status')
-if not cur or is_terminal(cur) then return 'gone' end
+if not cur or is_terminal(cur) or cur == '"paused"' then return 'gone' end
 local now = tonumber(ARGV[4])
 if cur == '"cancelling"' then
   set_status(job_id, cur, '"cancelled"', now)
   add_event(job_id, ARGV[7])
   return 'cancelled'
 end
-local attempts = tonumber(redis.call('HGET', key, 'attempts') or '0')
+-- Claims after a resume were not lost workers: they do not count against max_attempts.
+local attempts = tonumber(redis.call('HGET', key, 'attempts') or '0') - tonumber(redis.call('HGET', key, 'resumes') or '0')
 if attempts >= tonumber(ARGV[3]) then
   redis.call('HSET', key, 'error', ARGV[8])
   set_status(job_id, cur, '"failed"', now)
@@ -162,6 +167,51 @@ set_status(job_id, cur, '"queued"', now)
 redis.call('ZADD', P .. 'queue', redis.call('INCR', P .. 'seq'), job_id)
 add_event(job_id, ARGV[5])
 return 'requeued'
+"""
+
+# ARGV: P, job_id, event_json. A running job gets its pause flag (its worker stops at the next checkpoint).
+_REQUEST_PAUSE = _LUA_LIB + """
+local job_id = ARGV[2]
+local key = P .. 'job:' .. job_id
+local cur = redis.call('HGET', key, 'status')
+if not cur then return {'missing', ''} end
+if cur ~= '"running"' then return {'refused', cur} end
+if redis.call('EXISTS', key .. ':pause') == 1 then return {'already', cur} end
+redis.call('SET', key .. ':pause', '1')
+redis.call('HSET', key, 'pause_requested', 'true')
+add_event(job_id, ARGV[3])
+return {'ok', cur}
+"""
+
+# ARGV: P, job_id, token, now, paused_event_json. The worker holding the lease parks its running job: paused, out of
+# `running`, its lease dropped (a resumed job is claimed at once), its checkpoints kept.
+_PAUSE = _LUA_LIB + """
+local job_id = ARGV[2]
+local key = P .. 'job:' .. job_id
+local cur = redis.call('HGET', key, 'status')
+if not cur then return {'missing', ''} end
+if redis.call('GET', key .. ':lease') ~= ARGV[3] then return {'lease_lost', cur} end
+if cur ~= '"running"' then return {'refused', cur} end
+set_status(job_id, cur, '"paused"', tonumber(ARGV[4]))
+redis.call('SREM', P .. 'running', job_id)
+redis.call('DEL', key .. ':lease', key .. ':pause')
+redis.call('HSET', key, 'pause_requested', 'false', 'estimated_finish', 'null')
+add_event(job_id, ARGV[5])
+return {'ok', cur}
+"""
+
+# ARGV: P, job_id, now, queued_event_json. A paused job goes back to the end of the queue.
+_RESUME = _LUA_LIB + """
+local job_id = ARGV[2]
+local key = P .. 'job:' .. job_id
+local cur = redis.call('HGET', key, 'status')
+if not cur then return {'missing', ''} end
+if cur ~= '"paused"' then return {'refused', cur} end
+set_status(job_id, cur, '"queued"', tonumber(ARGV[3]))
+redis.call('ZADD', P .. 'queue', redis.call('INCR', P .. 'seq'), job_id)
+redis.call('HINCRBY', key, 'resumes', 1)
+add_event(job_id, ARGV[4])
+return {'ok', cur}
 """
 
 # KEYS: lease. ARGV: token, lease_ms
@@ -224,6 +274,9 @@ class Store:
         self._transition = self.r.register_script(_TRANSITION)
         self._claim = self.r.register_script(_CLAIM)
         self._requeue = self.r.register_script(_REQUEUE)
+        self._request_pause = self.r.register_script(_REQUEST_PAUSE)
+        self._pause = self.r.register_script(_PAUSE)
+        self._resume = self.r.register_script(_RESUME)
         self._renew = self.r.register_script(_RENEW)
         self._release = self.r.register_script(_RELEASE)
         self._add_event = self.r.register_script(_LUA_LIB + "return add_event(ARGV[2], ARGV[3])")
@@ -246,7 +299,8 @@ class Store:
     # -- files --------------------------------------------------------------------------------------
 
     def create_file(self, record: dict) -> None:
-        """Store a file record (``id``, ``tenant``, ``bytes`` required) and count it in the tenant's usage."""
+        """Store an uploaded file's record (``id``, ``tenant``, ``bytes`` required) and count it in the tenant's
+        usage."""
         tenant = record["tenant"]
         pipe = self.r.pipeline()
         pipe.set(self.k("file", record["id"]), _enc(record))
@@ -255,10 +309,40 @@ class Store:
         pipe.hincrby(self.k("usage", tenant), "files", 1)
         pipe.execute()
 
+    def add_result_files(self, records: list[dict]) -> None:
+        """Register a succeeded job's result files (purpose ``fine-tune-results``, each with its ``job_id``).
+
+        Their bytes are the job's artifacts, counted in the tenant's usage with the job (``adapter_bytes``), so
+        they are not counted again here; they disappear with the job's artifacts (job or model deleted, retention).
+        """
+        if not records:
+            return
+        pipe = self.r.pipeline()
+        for record in records:
+            pipe.set(self.k("file", record["id"]), _enc({**record, "counted": False}))
+            pipe.zadd(self.k("files", record["tenant"]), {record["id"]: self.r.incr(self.k("seq"))})
+        pipe.execute()
+
+    def _forget_result_files(self, pipe, tenant: str, file_ids: Iterable[str]) -> None:
+        for file_id in file_ids or ():
+            pipe.delete(self.k("file", file_id))
+            pipe.zrem(self.k("files", tenant), file_id)
+
+    def _artifacts_gone(self, records: list[dict]) -> set[str]:
+        """Ids of the result files among ``records`` whose job's artifacts are gone (deleted, swept by retention)."""
+        results = [r for r in records if r.get("purpose") == RESULT_FILE_PURPOSE and r.get("job_id")]
+        if not results:
+            return set()
+        pipe = self.r.pipeline()
+        for record in results:
+            pipe.hget(self.k("job", record["job_id"]), "artifacts_deleted")
+        return {r["id"] for r, deleted in zip(results, pipe.execute(), strict=True) if deleted in (None, "true")}
+
     def get_file(self, tenant: str, file_id: str) -> dict | None:
-        """The tenant's file record, or None (absent or another tenant's)."""
+        """The tenant's file record, or None (absent, another tenant's, or a result file whose job's artifacts are
+        gone)."""
         record = _dec(self.r.get(self.k("file", file_id)))
-        if record is None or record.get("tenant") != tenant:
+        if record is None or record.get("tenant") != tenant or self._artifacts_gone([record]):
             return None
         return record
 
@@ -269,9 +353,10 @@ class Store:
         ids = self._page_ids(self.k("files", tenant), after, ascending=order == "asc")
         out: list[dict] = []
         for chunk in _chunks(ids, 200):
-            for raw in self.r.mget([self.k("file", i) for i in chunk]):
-                record = _dec(raw)
-                if record is None or (purpose and record.get("purpose") != purpose):
+            records = [r for r in (_dec(raw) for raw in self.r.mget([self.k("file", i) for i in chunk])) if r]
+            gone = self._artifacts_gone(records)
+            for record in records:
+                if record["id"] in gone or (purpose and record.get("purpose") != purpose):
                     continue
                 if len(out) == limit:
                     return out, True
@@ -286,8 +371,9 @@ class Store:
         pipe = self.r.pipeline()
         pipe.delete(self.k("file", file_id))
         pipe.zrem(self.k("files", tenant), file_id)
-        pipe.hincrby(self.k("usage", tenant), "bytes", -int(record["bytes"]))
-        pipe.hincrby(self.k("usage", tenant), "files", -1)
+        if record.get("counted", True):  # a result file's bytes go with its job's (add_result_files)
+            pipe.hincrby(self.k("usage", tenant), "bytes", -int(record["bytes"]))
+            pipe.hincrby(self.k("usage", tenant), "files", -1)
         pipe.execute()
         return record
 
@@ -379,6 +465,9 @@ class Store:
             return None
         self.update_job(job["id"], artifacts_deleted=True)
         self.forget_finished(job["id"])
+        pipe = self.r.pipeline()
+        self._forget_result_files(pipe, tenant, job.get("result_files") or [])
+        pipe.execute()
         return job
 
     def list_jobs(self, tenant: str, *, after: str | None = None, limit: int = 20,
@@ -462,8 +551,9 @@ class Store:
             return
         tenant = job["tenant"]
         pipe = self.r.pipeline()
-        for suffix in ("", ":events", ":evseq", ":lease", ":cancel", ":checkpoints"):
+        for suffix in ("", ":events", ":evseq", ":lease", ":cancel", ":pause", ":checkpoints"):
             pipe.delete(self.k("job", job_id) + suffix)
+        self._forget_result_files(pipe, tenant, job.get("result_files") or [])
         pipe.zrem(self.k("jobs", tenant), job_id)
         pipe.srem(self.k("active", tenant), job_id)
         pipe.zrem(self.k("queue"), job_id)
@@ -492,6 +582,10 @@ class Store:
         outcome, prev = self.transition(job_id, "cancelled", from_=["queued"], event=event)
         if outcome == "ok":
             return "cancelled", prev
+        event = status_event("cancelled", "cancelled while paused; its checkpoints are deleted")
+        outcome, prev = self.transition(job_id, "cancelled", from_=["paused"], event=event)
+        if outcome == "ok":
+            return "cancelled", prev
         event = status_event("cancelling", "cancel requested; stopping at the next step")
         outcome, prev = self.transition(job_id, "cancelling", from_=["validating_files", "running"], event=event)
         if outcome == "ok":
@@ -507,6 +601,42 @@ class Store:
     def cancel_requested(self, job_id: str) -> bool:
         """Whether the job's cancel flag is set."""
         return bool(self.r.exists(self.k("job", job_id, "cancel")))
+
+    # -- pause and resume ---------------------------------------------------------------------------
+
+    def request_pause(self, job_id: str) -> tuple[str, str | None]:
+        """Ask a running job to pause: its worker stops it at its next checkpoint (:meth:`pause`).
+
+        Returns ``(outcome, status)``: ``ok`` (asked now), ``already`` (asked before), ``refused`` (the job is not
+        running) or ``missing``.
+        """
+        event = new_event("message", "pause requested; the job stops at its next checkpoint",
+                          {"pause_requested": True})
+        outcome, cur = self._request_pause(args=[self.prefix, job_id, _enc(event)])
+        return outcome, (_dec(cur) if cur else None)
+
+    def pause_requested(self, job_id: str) -> bool:
+        """Whether the job's pause flag is set."""
+        return bool(self.r.exists(self.k("job", job_id, "pause")))
+
+    def pause(self, job_id: str, token: str, message: str, **data: Any) -> tuple[str, str | None]:
+        """Worker side: park the running job this ``token`` holds as ``paused`` (its checkpoints stay where they are).
+
+        Returns ``(outcome, previous status)``: ``ok``, ``refused`` (no longer running: cancelled meanwhile),
+        ``lease_lost`` or ``missing``.
+        """
+        event = status_event("paused", message, **data)
+        outcome, cur = self._pause(args=[self.prefix, job_id, token, time.time(), _enc(event)])
+        return outcome, (_dec(cur) if cur else None)
+
+    def resume(self, job_id: str) -> tuple[str, str | None]:
+        """Queue a paused job again (the caller sends its task); it continues from its checkpoint.
+
+        Returns ``(outcome, status before)``: ``ok``, ``refused`` (not paused) or ``missing``.
+        """
+        event = status_event("queued", "resumed; queued to continue from its last checkpoint", reason="resumed")
+        outcome, cur = self._resume(args=[self.prefix, job_id, time.time(), _enc(event)])
+        return outcome, (_dec(cur) if cur else None)
 
     # -- leases (worker side) -----------------------------------------------------------------------
 
@@ -530,9 +660,16 @@ class Store:
         return bool(self._release(keys=[self.k("job", job_id, "lease")], args=[token]))
 
     def runner_check(self, job_id: str, token: str) -> tuple[bool, bool]:
-        """``(cancel requested, lease still ours)`` in one round trip: the runner asks this every step."""
-        cancel, holder = self.r.mget([self.k("job", job_id, "cancel"), self.k("job", job_id, "lease")])
-        return cancel is not None, holder == token
+        """``(cancel requested, lease still ours)`` in one round trip."""
+        cancel, owned, _ = self.runner_state(job_id, token)
+        return cancel, owned
+
+    def runner_state(self, job_id: str, token: str) -> tuple[bool, bool, bool]:
+        """``(cancel requested, lease still ours, pause requested)`` in one round trip: the runner asks this every
+        step."""
+        cancel, holder, pause = self.r.mget([self.k("job", job_id, "cancel"), self.k("job", job_id, "lease"),
+                                             self.k("job", job_id, "pause")])
+        return cancel is not None, holder == token, pause is not None
 
     def lapsed_jobs(self) -> list[str]:
         """Claimed jobs whose lease has expired (their worker stopped renewing it)."""
@@ -551,11 +688,18 @@ class Store:
         cancel was pending), ``alive`` (its lease is held again) or ``gone`` (another reaper did it, or it ended).
         """
         why = {"lease_lapsed": "the worker running this job stopped answering",
-               "worker_shutdown": "the worker running this job shut down"}.get(reason, reason)
+               "worker_shutdown": "the worker running this job shut down",
+               "training_process_lost": "one of this job's training processes was killed"}.get(reason, reason)
         requeue = status_event("queued", f"{why}; queued again to resume from its last checkpoint", reason=reason,
                                level="warning")
-        error = {"code": "worker_lost", "param": None,
-                 "message": f"the job's worker was lost {max_attempts} times; the job was given up"}
+        if reason == "training_process_lost":
+            error = {"code": "training_process_lost", "param": None,
+                     "message": f"a training process of the job was killed in each of its {max_attempts} attempts "
+                                "(most often by the kernel's out-of-memory killer); the job was given up: give it "
+                                "a smaller batch_size or max_length, or fewer GPUs per job"}
+        else:
+            error = {"code": "worker_lost", "param": None,
+                     "message": f"the job's worker was lost {max_attempts} times; the job was given up"}
         fail = status_event("failed", error["message"], error=error, level="error")
         cancel = status_event("cancelled", "cancelled (its worker was lost while stopping)")
         return self._requeue(args=[self.prefix, job_id, max_attempts, time.time(), _enc(requeue), _enc(fail),
@@ -572,6 +716,14 @@ class Store:
         """Events with ``seq > after``, oldest first; and whether more follow."""
         entries = self.r.xrange(self.k("job", job_id, "events"), min=f"({after}-0" if after else "-",
                                 count=limit + 1)
+        events = [_event(entry_id, fields) for entry_id, fields in entries]
+        return events[:limit], len(events) > limit
+
+    def list_events_newest_first(self, job_id: str, *, before: int | None = None,
+                                 limit: int = 100) -> tuple[list[dict], bool]:
+        """Events with ``seq < before`` (all when None), newest first; and whether older ones follow."""
+        entries = self.r.xrevrange(self.k("job", job_id, "events"), max=f"({before}-0" if before else "+",
+                                   count=limit + 1)
         events = [_event(entry_id, fields) for entry_id, fields in entries]
         return events[:limit], len(events) > limit
 

@@ -6,11 +6,17 @@
 - :class:`Reaper` (one thread per worker process) records the worker's heartbeat, and puts every job
   whose lease lapsed back in the queue (atomically: however many reapers see it, one re-queues it); the
   next worker resumes it from its last checkpoint. It also deletes artifacts past their retention.
+- :class:`Watchdog` (asked by the worker while it waits for a job's process) says when the process must be
+  killed although nobody cancelled it: it has recorded no event for ``CITI_JOB_STALL_SECONDS`` (it has
+  wedged: the engine reports every training step), or it runs past its job's time limit (its own
+  ``budget.max_seconds`` plus ``CITI_JOB_OVERRUN_SECONDS``, and at most ``CITI_JOB_TIMEOUT_SECONDS``). A
+  wedged process keeps its lease alive (the worker's heartbeat renews it), so only this frees the worker.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -135,3 +141,70 @@ def set_current_job(job_id: str | None, pid: int | None = None) -> None:
 def current_job() -> dict[str, object]:
     """The job this worker process runs now (``job`` and its process ``pid``, or None)."""
     return dict(_current_job)
+
+
+class Watchdog:
+    """Decides when a running job's process must be killed by its worker: stalled or past its time limit.
+
+    :meth:`check` returns the job's error (``job_stalled`` or ``job_timeout``, with a message saying what to
+    do) once one of the limits is crossed, else None. Progress is a new event in the job's stream; while
+    Redis does not answer no stall is counted (the process cannot record events then either).
+    """
+
+    def __init__(self, store: Store, job_id: str, settings: Settings, clock: Callable[[], float] = time.monotonic):
+        self.store, self.job_id, self.clock = store, job_id, clock
+        self.stall_s = settings.job_stall_seconds
+        self.started = self.progress_at = clock()
+        try:
+            self.last_event = self._last_event()
+        except redis.RedisError:
+            self.last_event = None  # the first look that reaches Redis counts as progress
+        self.limit_s, self.limit_why = settings.job_timeout_seconds, (
+            f"ran longer than CITI_JOB_TIMEOUT_SECONDS={settings.job_timeout_seconds:g} s")
+        budget_s = self._budget_seconds()
+        if budget_s is not None and budget_s + settings.job_overrun_seconds < self.limit_s:
+            self.limit_s = budget_s + settings.job_overrun_seconds
+            self.limit_why = (f"ran {settings.job_overrun_seconds:g} s (CITI_JOB_OVERRUN_SECONDS) past its time "
+                              f"budget, budget.max_seconds={budget_s:g}")
+
+    def _budget_seconds(self) -> float | None:
+        try:
+            job = self.store.get_job(self.job_id) or {}
+        except redis.RedisError:
+            return None
+        seconds = ((job.get("engine") or {}).get("budget") or {}).get("max_seconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds):
+            return float(seconds)
+        return None
+
+    def _last_event(self) -> str | None:
+        entries = self.store.r.xrevrange(self.store.k("job", self.job_id, "events"), count=1)
+        return entries[0][0] if entries else None
+
+    def check(self) -> dict | None:
+        """The error to fail the job with when its process must be killed now, else None."""
+        now = self.clock()
+        if now - self.started >= self.limit_s:
+            return {"code": "job_timeout", "param": None,
+                    "message": f"the training process {self.limit_why}, and was killed; give the job a smaller "
+                               "budget (or fewer examples) and submit it again"}
+        try:
+            last = self._last_event()
+        except redis.RedisError:
+            self.progress_at = now
+            return None
+        if last != self.last_event:
+            self.last_event, self.progress_at = last, now
+            return None
+        if now - self.progress_at >= self.stall_s:
+            phase = None
+            try:
+                phase = (self.store.get_job(self.job_id) or {}).get("stage")
+            except redis.RedisError:
+                pass
+            where = f" in its {phase!r} phase" if phase else ""
+            return {"code": "job_stalled", "param": None,
+                    "message": f"the training process recorded no progress for {now - self.progress_at:.0f} s"
+                               f"{where} (CITI_JOB_STALL_SECONDS={self.stall_s:g}): it had wedged and was killed, "
+                               "and the worker went on to its next job; submit the job again (it starts over)"}
+        return None

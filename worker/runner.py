@@ -13,6 +13,14 @@ the child (PR_SET_PDEATHSIG), which dies with the worker. Rank 0 does everything
 does (events, checkpoint records, the outcome); the other ranks train and watch the cancel flag and
 the lease, and record an outcome only when they fail first. With one GPU (or on CPU) nothing of this
 runs: the child trains in itself, as before.
+
+Pause: once the job's pause flag is set, ``should_cancel`` stops the engine at the first checkpoint written
+after it (it looks at the checkpoints directory before every step), and the job is recorded ``paused``
+with its checkpoints left in place; a resumed job is claimed again and the engine resumes from them.
+
+Continuing a fine-tuned model (a job with ``parent_job``): the child builds the job's starting model first,
+the parent's adapter merged into its base as a plain model (:func:`citi_engine.export.export_model`, exact for
+lora and full adapters; the API accepts no other), and trains on it.
 """
 
 from __future__ import annotations
@@ -21,15 +29,25 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tarfile
 import threading
 import time
 import traceback
 from pathlib import Path
 
-from citi_service.keys import adapter_prefix, checkpoints_prefix, file_key, out_dir, work_dir
-from citi_service.records import ACTIVE, fine_tuned_model_id, status_event
+from citi_service.keys import (
+    adapter_prefix,
+    checkpoints_prefix,
+    file_key,
+    out_dir,
+    result_file_id,
+    results_archive_key,
+    work_dir,
+)
+from citi_service.records import ACTIVE, RESULT_FILE_PURPOSE, fine_tuned_model_id, short_job_id, status_event
 from citi_service.settings import Settings, get_settings
 from citi_service.storage import Storage, make_storage
 from citi_service.store import Store
@@ -41,6 +59,11 @@ EXIT_LEASE_LOST = 3
 # A training process of a data-parallel job that stopped with an error (its outcome is recorded): non-zero,
 # so torchrun stops the other processes at once instead of leaving them waiting for it in a collective.
 EXIT_RANK_FAILED = 4
+# A training process whose collective failed because another process of the job died (it records nothing: the
+# launcher decides), and the launcher's code for "one of the job's training processes was killed": the worker
+# queues the job again to resume from its last checkpoint, as when a whole worker is lost.
+EXIT_PEER_LOST = 5
+EXIT_PROCESS_LOST = 6
 # Worker setting: how many GPUs (data-parallel training processes) one job uses.
 GPUS_PER_JOB_ENV = "CITI_GPUS_PER_JOB"
 # What the child passes to the training processes it starts (the token stays out of their command line).
@@ -56,6 +79,8 @@ PR_SET_PDEATHSIG = 1
 CANCEL_CHECK_S = 0.05
 # A training process waits this long for Redis to come back (a restart) instead of failing its job.
 REDIS_OUTAGE_S = 120.0
+# Where a continuing job's starting model is built, relative to its working directory.
+START_MODEL = Path("inputs") / "start_model"
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -91,6 +116,20 @@ def run_rank_process() -> None:
                      make_storage(settings), rank=rank).run()
     sys.stdout.flush()
     os._exit(code)
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """True when ``exc`` is a collective that failed because another process of the job went away (gloo's
+    connection reset or closed, an NCCL communicator aborted), not an error of this process's own. The launcher
+    still decides: the job is resumed only when one of its processes was in fact killed."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistNetworkError", ()) or ()):
+        return True
+    text = str(exc)
+    markers = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+               "ncclRemoteError", "remote process exited")
+    return isinstance(exc, RuntimeError) and any(m in text for m in markers)
 
 
 def gpus_per_job(device: str | None) -> int:
@@ -145,9 +184,10 @@ class JobRunner:
         self.lost = False
         self.phase: str | None = None
         self.running = False
-        self.last_metrics: dict = {}
         self._checked_at = float("-inf")
         self._cancel = False
+        self._pause_after: float | None = None  # newest checkpoint's time when a pause was asked
+        self.pausing = False  # the engine was stopped for a pause, at a checkpoint
         self.work = work_dir(settings, job_id)
         self.out_dir = out_dir(job_id)  # relative to self.work, the process's working directory
 
@@ -187,7 +227,13 @@ class JobRunner:
         except Cancelled:
             if self.lost:
                 return EXIT_LEASE_LOST
-            self._end("cancelled", "cancelled", None)
+            if self.pausing and not self._cancel:
+                if watcher is not None:
+                    watcher.stop()  # every checkpoint recorded (and with S3 copied) before the job is paused
+                    watcher = None
+                self._pause()
+            else:
+                self._end("cancelled", "cancelled", None)
         except CitiError as exc:  # bad data (every problem in details), budget, model: the user can act on it
             if self.lost:
                 return EXIT_LEASE_LOST
@@ -196,6 +242,9 @@ class JobRunner:
         except Exception as exc:
             if self.lost:
                 return EXIT_LEASE_LOST
+            if self.rank is not None and peer_lost(exc):
+                log.error("job %s: rank %s lost another training process: %s", self.job_id, self.rank, exc)
+                return EXIT_PEER_LOST
             log.error("job %s failed:\n%s", self.job_id, traceback.format_exc())
             error = {"code": "training_error", "param": None,
                      "message": f"training failed: {type(exc).__name__}: {exc}"[:2000]}
@@ -268,8 +317,15 @@ class JobRunner:
         if job is None or job.get("status") not in ACTIVE:
             return 0  # a training process recorded the outcome
         rank, first = exc.get_first_failure()
+        killed = {r: -f.exitcode for r, f in exc.failures.items() if f.exitcode < 0 and -f.exitcode != signal.SIGTERM}
+        if killed:
+            # One process was killed from outside (kill -9, the kernel's OOM killer); the others stopped on the
+            # broken collective or were stopped by torchrun. Nothing is wrong with the job: resume it.
+            log.error("job %s: training process(es) %s killed (%s); queueing the job again", self.job_id,
+                      sorted(killed), ", ".join(sorted({signal.Signals(v).name for v in killed.values()})))
+            return EXIT_PROCESS_LOST
         log.error("job %s: training process %s ended with %s and recorded no outcome", self.job_id, rank, first.exitcode)
-        if first.exitcode < 0:  # killed: die the same way, so the worker reports it as it does for one process
+        if first.exitcode < 0:  # stopped: die the same way, so the worker reports it as it does for one process
             signal.signal(-first.exitcode, signal.SIG_DFL)
             os.kill(os.getpid(), -first.exitcode)
             time.sleep(5)
@@ -293,6 +349,9 @@ class JobRunner:
         except Exception as exc:
             if self.lost:
                 return EXIT_LEASE_LOST
+            if peer_lost(exc):
+                log.error("job %s: rank %s lost another training process: %s", self.job_id, self.rank, exc)
+                return EXIT_PEER_LOST
             log.error("job %s failed on rank %s:\n%s", self.job_id, self.rank, traceback.format_exc())
             error = {"code": "training_error", "param": None,
                      "message": f"training failed (process {self.rank}): {type(exc).__name__}: {exc}"[:2000]}
@@ -317,8 +376,32 @@ class JobRunner:
             n = self.storage.download_dir(checkpoints_prefix(self.job_id), self.out_dir / "checkpoints")
             if n:
                 log.info("job %s: fetched %d checkpoint files from storage", self.job_id, n)
-        return FinetuneConfig(**job["engine"], **paths, out_dir=str(self.out_dir),
-                              model_dirs=self.settings.model_dirs_list, device=self.settings.device)
+        engine, model_dirs = dict(job["engine"]), self.settings.model_dirs_list
+        if job.get("parent_job"):
+            if self.rank is None and not (START_MODEL / "config.json").is_file():
+                self._build_start_model(job)
+            engine["model"] = str(START_MODEL)
+            model_dirs = [*model_dirs, str(START_MODEL.resolve())]
+        return FinetuneConfig(**engine, **paths, out_dir=str(self.out_dir), model_dirs=model_dirs,
+                              device=self.settings.device)
+
+    def _build_start_model(self, job: dict) -> None:
+        """The model a continuing job starts from: its parent's adapter merged into the base, as a plain model."""
+        from citi_engine.errors import ModelSpecError
+        from citi_engine.export import export_model
+
+        parent, adapter = job["parent_job"], Path("inputs") / "parent_adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        if not self.storage.download_dir(adapter_prefix(parent), adapter):
+            raise ModelSpecError("model_not_found", f"the fine-tuned model {job.get('parent_model')} this job "
+                                 "continues from was deleted; create the job on a model that exists")
+        self.store.add_event(self.job_id, "message", f"building the starting model: {job.get('parent_model')} "
+                             "merged into its base", {"stage": "loading"})
+        tmp = START_MODEL.with_name(START_MODEL.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_model(adapter, tmp, base=job["engine"]["model"], device=self.settings.device or "cpu")
+        os.replace(tmp, START_MODEL)
+        shutil.rmtree(adapter, ignore_errors=True)
 
     # -- callbacks from the engine ----------------------------------------------------------------
 
@@ -334,10 +417,26 @@ class JobRunner:
         now = time.monotonic()
         if now - self._checked_at >= CANCEL_CHECK_S:
             self._checked_at = now
-            self._cancel, owned = self.store.runner_check(self.job_id, self.token)
+            self._cancel, owned, pause = self.store.runner_state(self.job_id, self.token)
             if not owned:
                 self.lost = True
-        return self._cancel or self.lost
+            if pause and self._pause_after is None:
+                self._pause_after = self._newest_checkpoint()
+        if self._pause_after is not None and not self.pausing and self._newest_checkpoint() > self._pause_after:
+            self.pausing = True  # a checkpoint was written since the pause was asked: stop here
+        return self._cancel or self.lost or self.pausing
+
+    def _newest_checkpoint(self) -> float:
+        """When the newest complete checkpoint was written (0 when there is none)."""
+        root, newest = self.work / self.out_dir / "checkpoints", 0.0
+        if root.is_dir():
+            for meta in root.glob("*/meta.json"):
+                if not meta.parent.name.startswith("."):
+                    try:
+                        newest = max(newest, float(json.loads(meta.read_text()).get("created", 0.0)))
+                    except (OSError, ValueError):
+                        continue  # being replaced right now
+        return newest
 
     def on_event(self, event: dict) -> None:
         """Store an engine event and keep the job record's phase, status and progress current."""
@@ -359,11 +458,8 @@ class JobRunner:
                                                  "tokens_per_s", "eta_s")}
             progress["stage"] = phase
             updates["progress"] = progress
-            if phase in TRAINING_STAGES and event.get("loss") is not None:
-                self.last_metrics = {"loss": event.get("loss"), "routing_loss": event.get("routing_loss"),
-                                     "step": event.get("step")}
-                if event.get("eta_s") is not None:
-                    updates["estimated_finish"] = int(time.time() + float(event["eta_s"]))
+            if phase in TRAINING_STAGES and event.get("loss") is not None and event.get("eta_s") is not None:
+                updates["estimated_finish"] = int(time.time() + float(event["eta_s"]))
         if updates:
             self.store.update_job(self.job_id, **updates)
 
@@ -371,8 +467,11 @@ class JobRunner:
 
     def _succeed(self, job: dict, result) -> None:
         out = self.out_dir
+        if job.get("parent_job"):
+            _name_base(out, job)
         try:
             keys = self.storage.upload_dir(out, adapter_prefix(self.job_id), exclude=("checkpoints",))
+            archive = self._store_archive(out)
         except OSError as exc:
             # Disk full or not writable: the training is done but its adapter cannot be kept, so the job
             # fails (and what was written of the adapter is removed, so nothing partial is ever served).
@@ -383,16 +482,21 @@ class JobRunner:
                                 "can be submitted again"}
             self._end("failed", error["message"], error, level="error")
             return
-        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
+        adapter_files = [p for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.relative_to(out).parts]
+        # The archive is stored beside the adapter: both count in the tenant's usage, and go, with the job.
+        size = sum(p.stat().st_size for p in adapter_files) + archive.stat().st_size
         model_id = fine_tuned_model_id(job["model"], job.get("suffix"), self.job_id)
         report = None
         if result.report_path and Path(result.report_path).is_file():
             report = _report_summary(Path(result.report_path))
+        results = self._result_files(job, archive, out / "report.json")
+        archive.unlink()
         fields = {
             "fine_tuned_model": model_id,
             "trained_tokens": int(result.trained_tokens),
             "selected_components": result.components,
-            "result_files": sorted(k[len(adapter_prefix(self.job_id)):] for k in keys),
+            "result_files": [r["id"] for r in results],
+            "adapter_files": sorted(k[len(adapter_prefix(self.job_id)):] for k in keys),
             "adapter_bytes": size,
             "has_report": report is not None,
             "report": report,
@@ -411,8 +515,51 @@ class JobRunner:
             self._end("cancelled", "cancelled", None)
             return
         self.store.add_usage(job["tenant"], size)
+        self.store.add_result_files(results)
         os.chdir("/")
         remove_training_state(self.settings, self.storage, self.job_id)
+
+    def _store_archive(self, out: Path) -> Path:
+        """Write the adapter directory as one ``.tar.gz`` (what ``GET /jobs/{id}/adapter`` streams: top directory
+        named like the job, no checkpoints) and store it as the job's result file; returns the local archive.
+
+        Storage has no links, and an archive is no object of the adapter directory, so it is stored once, here,
+        instead of being built again for every download through the Files API.
+        """
+        archive = Path(f"{self.job_id}.tar.gz")
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in sorted(out.rglob("*")):
+                rel = path.relative_to(out)
+                if path.is_file() and not path.is_symlink() and rel.parts[0] != "checkpoints":
+                    tar.add(path, arcname=f"{self.job_id}/{rel.as_posix()}")
+        self.storage.put_file(results_archive_key(self.job_id), archive)
+        return archive
+
+    def _result_files(self, job: dict, archive: Path, report: Path) -> list[dict]:
+        """The job's result files as file records (OpenAI's ``result_files``): the archive, and the report."""
+        now = int(time.time())
+        common = {"tenant": job["tenant"], "created_at": now, "purpose": RESULT_FILE_PURPOSE, "status": "processed",
+                  "format": None, "job_id": self.job_id}
+        out = [{**common, "id": result_file_id(self.job_id, "adapter"), "bytes": archive.stat().st_size,
+                "filename": archive.name}]
+        if report.is_file():
+            out.append({**common, "id": result_file_id(self.job_id, "report"), "bytes": report.stat().st_size,
+                        "filename": "report.json"})
+        return out
+
+    def _pause(self) -> None:
+        """Record the job paused at the checkpoint it stopped at; leave its checkpoints (and working directory)."""
+        from citi_engine.training.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.work / self.out_dir / "checkpoints")
+        name, step = (ckpt.path.name, int(ckpt.meta.get("global_step", 0))) if ckpt else (None, 0)
+        message = (f"paused at checkpoint {name} (step {step}); resume it with POST /v1/fine_tuning/jobs/"
+                   f"{self.job_id}/resume")
+        outcome, previous = self.store.pause(self.job_id, self.token, message, checkpoint=name, step=step)
+        if outcome == "lease_lost":
+            self.lost = True
+        elif outcome == "refused" and previous == "cancelling":
+            self._end("cancelled", "cancelled", None)  # a cancel came in while it was pausing: the cancel wins
 
     def _end(self, status: str, message: str, error: dict | None, level: str = "info",
              first_only: bool = False) -> None:
@@ -495,13 +642,16 @@ class CheckpointWatcher(threading.Thread):
         step = int(meta.get("global_step", 0))
         record = {
             "object": "fine_tuning.job.checkpoint",
-            "id": f"ftckpt-{runner.job_id.removeprefix('ftjob-')[:12]}-{path.name}",
+            "id": f"ftckpt-{short_job_id(runner.job_id)}-{path.name}",
+            "name": path.name,
             "created_at": int(meta.get("created", time.time())),
             "fine_tuning_job_id": runner.job_id,
             "step_number": step,
             "stage": names[si] if si < len(names) else "done",
             "kind": meta.get("kind"),
-            "metrics": {**runner.last_metrics, "trained_tokens": meta.get("trained_tokens")},
+            # The losses of the step the checkpoint holds (its meta), not of the step training has reached since.
+            "metrics": {"step": step, "loss": meta.get("loss"), "routing_loss": meta.get("routing_loss"),
+                        "train_loss": meta.get("loss"), "trained_tokens": meta.get("trained_tokens")},
         }
         runner.store.add_checkpoint(runner.job_id, record)
         if meta.get("components") and not runner.lost:
@@ -528,6 +678,16 @@ def _describe(event: dict) -> str:
         tail = f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
         return f"{event.get('stage')}: step {event.get('step')}/{event.get('total_steps')}{tail}"
     return f"{event.get('type')} ({event.get('stage')})"
+
+
+def _name_base(out: Path, job: dict) -> None:
+    """A continuing job trained on a model built in its working directory: its adapter's ``citi_job.json`` names
+    the base it is served on (the parent's base) instead, and the model it continued from."""
+    path = out / "citi_job.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        record.update(base_model=job["model"], continued_from=job.get("parent_model"))
+        path.write_text(json.dumps(record, indent=1, default=str))
 
 
 def _report_summary(path: Path) -> dict | None:

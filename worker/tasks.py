@@ -24,8 +24,8 @@ from citi_service.settings import get_settings
 from citi_service.storage import Storage, make_storage
 from citi_service.store import Store
 from worker.artifacts import remove_partial_files
-from worker.lease import Heartbeat, set_current_job
-from worker.runner import EXIT_LEASE_LOST, REDIS_OUTAGE_S, run_job_process
+from worker.lease import Heartbeat, Watchdog, set_current_job
+from worker.runner import EXIT_LEASE_LOST, EXIT_PROCESS_LOST, REDIS_OUTAGE_S, run_job_process
 
 log = logging.getLogger("citi.worker")
 
@@ -78,7 +78,8 @@ def execute(job_id: str, *, worker: str) -> dict:
         set_current_job(job_id, proc.pid)
         store.worker_heartbeat(worker, {"job": job_id, "pid": proc.pid})
         heartbeat.start()
-        timed_out = _wait(proc, store, job_id, token, settings) == "timeout"
+        why, kill_error = _wait(proc, store, job_id, token, settings)
+        timed_out = why == "timeout"
     finally:
         heartbeat.stop()
         set_current_job(None)
@@ -88,6 +89,9 @@ def execute(job_id: str, *, worker: str) -> dict:
     if heartbeat.lost or code == EXIT_LEASE_LOST:
         return {"job_id": job_id, "outcome": "lease_lost"}
     job = store.get_job(job_id) or {}
+    if job.get("status") == "paused":
+        # Parked at a checkpoint by its process (which gave the lease up): it waits, files kept, for a resume.
+        return {"job_id": job_id, "outcome": "paused"}
     if job.get("status") == "cancelling":
         # The caller asked it to stop and its process has ended without recording that (it crashed, was
         # killed or timed out while stopping): the cancel is what happened, whatever the exit code says.
@@ -99,6 +103,15 @@ def execute(job_id: str, *, worker: str) -> dict:
             remove_partial_files(settings, _storage(), job_id)
         store.release_lease(job_id, token)
         return {"job_id": job_id, "outcome": "cancelled"}
+    if code == EXIT_PROCESS_LOST and not timed_out:
+        # One of its data-parallel training processes was killed (its launcher says so): the job goes back to
+        # the queue and resumes from its last checkpoint, as when a worker is lost (at most CITI_MAX_ATTEMPTS).
+        log.warning("job %s: a training process was killed; queueing it again", job_id)
+        store.release_lease(job_id, token)
+        outcome = store.requeue(job_id, settings.max_attempts, reason="training_process_lost")
+        if outcome == "requeued":
+            enqueue(job_id)
+        return {"job_id": job_id, "outcome": outcome}
     if code is not None and -code in _SHUTDOWN_SIGNALS and not timed_out:
         # Stopped from outside (the worker is shutting down): not the job's fault. It goes back to the
         # queue and resumes from its last checkpoint on the next worker.
@@ -109,7 +122,7 @@ def execute(job_id: str, *, worker: str) -> dict:
         return {"job_id": job_id, "outcome": "requeued"}
     job = store.get_job(job_id) or {}
     if code != 0 or timed_out or job.get("status") not in TERMINAL:
-        error = _crash_error(code, timed_out, settings.job_timeout_seconds)
+        error = kill_error or _crash_error(code, timed_out, settings.job_timeout_seconds)
         log.error("job %s: %s", job_id, error["message"])
         result, _ = store.transition(
             job_id, "failed", token=token, error=error,
@@ -121,28 +134,31 @@ def execute(job_id: str, *, worker: str) -> dict:
     return {"job_id": job_id, "outcome": final.get("status", "deleted")}
 
 
-def _wait(proc, store: Store, job_id: str, token: str, settings) -> str | None:
-    """Wait for the job's process to end. Kill it when it outlives ``CITI_JOB_TIMEOUT_SECONDS``, or
-    ``CITI_CANCEL_GRACE_SECONDS`` after its cancel was asked (a process wedged in a kernel, a C call or a
-    stopped state never sees the flag; the cancel must still happen). Returns None when it ended by itself,
-    else why it was killed: ``"timeout"`` or ``"cancel"``."""
-    deadline = time.monotonic() + settings.job_timeout_seconds
+def _wait(proc, store: Store, job_id: str, token: str, settings) -> tuple[str | None, dict | None]:
+    """Wait for the job's process to end. Kill it when its :class:`~worker.lease.Watchdog` says so (no event
+    for ``CITI_JOB_STALL_SECONDS``, or past its time limit: its budget plus ``CITI_JOB_OVERRUN_SECONDS``, at
+    most ``CITI_JOB_TIMEOUT_SECONDS``), or ``CITI_CANCEL_GRACE_SECONDS`` after its cancel was asked (a process
+    wedged in a kernel, a C call or a stopped state never sees the flag; the cancel must still happen).
+    Returns ``(why, error)``: ``why`` None when it ended by itself, else why it was killed, ``"timeout"`` or
+    ``"cancel"``; ``error`` the watchdog's error (the job fails with it) when the watchdog had it killed."""
+    watchdog = Watchdog(store, job_id, settings)
     cancel_seen: float | None = None
     while True:
         proc.join(timeout=min(CANCEL_POLL_S, settings.cancel_grace_seconds))
         if not proc.is_alive():
-            return None
+            return None, None
         now = time.monotonic()
-        why = None
-        if now >= deadline:
-            why = "timeout"
-        elif cancel_seen is None:
+        why, error = None, None
+        if cancel_seen is None:
             try:
                 cancel, _ = store.runner_check(job_id, token)
             except RedisError:
                 cancel = False  # the store is away: the lease machinery deals with that
             if cancel:
                 cancel_seen = now
+            elif (error := watchdog.check()) is not None:
+                why = "timeout"
+                log.warning("job %s: %s; killing its process", job_id, error["code"])
         elif now - cancel_seen >= settings.cancel_grace_seconds:
             why = "cancel"
             log.warning("job %s: still running %.0f s after its cancel; killing its process", job_id,
@@ -150,15 +166,21 @@ def _wait(proc, store: Store, job_id: str, token: str, settings) -> str | None:
         if why is not None:
             _kill(proc)
             proc.join()
-            return why
+            return why, error
 
 
 def _kill(proc) -> None:
+    """SIGKILL the job's process (a stopped one too); its training processes, if any, die with it
+    (PR_SET_PDEATHSIG, see worker.runner)."""
     if proc.pid is not None and proc.is_alive():
-        os.kill(proc.pid, signal.SIGKILL)
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it ended in between
 
 
 def _crash_error(code: int | None, timed_out: bool, timeout_s: float) -> dict:
+    """The error of a job whose process ended without recording an outcome (or was killed by :func:`_wait`)."""
     if timed_out:
         message = f"the training process ran longer than CITI_JOB_TIMEOUT_SECONDS={timeout_s:g} s and was stopped"
         return {"code": "job_timeout", "param": None, "message": message}
@@ -170,3 +192,4 @@ def _crash_error(code: int | None, timed_out: bool, timeout_s: float) -> dict:
     else:
         message = f"the training process exited with code {code} without recording an outcome"
     return {"code": "training_process_crashed", "param": None, "message": message}
+

@@ -1,14 +1,17 @@
 """``/v1/files``: upload, list, get and delete training and test files.
 
-Uploads are validated with the engine's torch-free validator (every bad line is reported and nothing is
-stored), limited in size (413) and counted against the tenant's file and storage quotas.
+Uploads are validated with the engine's torch-free validator one line at a time while they are copied to
+storage, so the API's memory holds one line of a file, not the file (every bad line is reported and nothing
+is stored); they are limited in size (413) and line length, and counted against the tenant's file and storage
+quotas.
 """
 
 from __future__ import annotations
 
 import secrets
+import tempfile
 import time
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
@@ -25,6 +28,8 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 PURPOSES = ("fine-tune",)
 MAX_DETAILS = 1000
+CHUNK = 1024 * 1024
+TEST_MARKER = b'"ground_truth"'  # a file with this key anywhere is a tool test file
 _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
 
 
@@ -33,31 +38,46 @@ def public_file(record: dict) -> FileObject:
     return FileObject(**{k: v for k, v in record.items() if k in FileObject.model_fields})
 
 
-def validate_upload(data: bytes) -> tuple[str, object]:
-    """Validate an upload as training data, or as a tool test file when it holds ``ground_truth`` lines.
+def _scan(src: BinaryIO, limit: int) -> tuple[int, bool, bool]:
+    """One pass over the spooled upload, a chunk at a time: ``(bytes up to limit + 1, holds a ground_truth key,
+    holds anything but whitespace)``."""
+    size, test, content, tail = 0, False, False, b""
+    while size <= limit and (chunk := src.read(min(CHUNK, limit + 1 - size))):
+        size += len(chunk)
+        content = content or bool(chunk.strip())
+        test = test or TEST_MARKER in tail + chunk  # a marker split between two chunks is found too
+        tail = chunk[-(len(TEST_MARKER) - 1):]
+    return size, test, content
 
-    Returns ``(format, report)``; raises a 400 listing every problem when the file is refused.
-    """
-    from citi_engine.data.validate import validate_jsonl
 
-    looks_like_test = b'"ground_truth"' in data
-    fmt = "test" if looks_like_test else "train"
-    report = validate_jsonl(data, purpose=fmt, min_examples=1 if looks_like_test else 10)
+def _invalid(report) -> APIError:
+    """The 400 listing a refused file's problems (the first MAX_DETAILS of them)."""
+    shown = report.problems
+    listed = "" if len(shown) == report.problem_count else f" (the first {MAX_DETAILS} are listed)"
+    where = f" on {report.problem_line_count} line(s)" if report.problem_line_count else ""
+    return APIError(
+        400,
+        "invalid_file",
+        f"the file has {report.problem_count} problem(s){where}{listed}; first: {shown[0]}. Fix every line listed "
+        "in details and upload it again",
+        param="file",
+        details=[p.to_dict() for p in shown],
+    )
+
+
+def validate_upload(src: BinaryIO, fmt: str, *, max_line_bytes: int, sink: BinaryIO | None = None):
+    """Validate an upload one line at a time as training data (``fmt="train"``) or as a tool test file
+    (``"test"``), writing every byte read to ``sink``. Returns the report (counts only, no examples); raises a
+    400 listing the problems when the file is refused. Memory holds one line, whatever the file's size."""
+    from citi_engine.data.validate import JsonlValidator, validate_stream
+
+    validator = JsonlValidator(purpose=fmt, min_examples=1 if fmt == "test" else 10, keep_examples=False,
+                               max_problems=MAX_DETAILS)
+    validate_stream(src, validator, max_line_bytes=max_line_bytes, on_chunk=sink.write if sink else None)
+    report = validator.finish()
     if not report.ok:
-        problems = report.problems
-        shown = problems[:MAX_DETAILS]
-        lines = sorted({p.line for p in problems if p.line})
-        listed = "" if len(shown) == len(problems) else f" (the first {MAX_DETAILS} are listed)"
-        where = f" on {len(lines)} line(s)" if lines else ""
-        raise APIError(
-            400,
-            "invalid_file",
-            f"the file has {len(problems)} problem(s){where}{listed}; first: {problems[0]}. Fix every line listed "
-            "in details and upload it again",
-            param="file",
-            details=[p.to_dict() for p in shown],
-        )
-    return fmt, report
+        raise _invalid(report)
+    return report
 
 
 @router.post("", response_model=FileObject, responses={**_ERRORS, 413: {"model": ErrorResponse}})
@@ -72,12 +92,15 @@ def upload_file(
     """Upload a JSONL file of training examples (or tool tests) for fine-tuning."""
     if purpose not in PURPOSES:
         raise APIError(400, "invalid_purpose", f"purpose must be 'fine-tune', got '{purpose}'", param="purpose")
-    data = file.file.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
+    # The multipart parser has spooled the body to a temporary file (in memory only up to 1 MB); it is read
+    # from there in chunks and lines, never whole.
+    src = file.file
+    size, looks_like_test, has_content = _scan(src, settings.max_upload_bytes)
+    if size > settings.max_upload_bytes:
         raise APIError(413, "file_too_large",
                        f"the file is larger than the limit of {settings.max_upload_bytes} bytes; split it or ask for "
                        "a higher CITI_MAX_UPLOAD_BYTES", param="file")
-    if not data.strip():
+    if not has_content:
         raise APIError(400, "invalid_file", "the file is empty; upload JSONL with one example a line", param="file",
                        details=[{"line": 0, "code": "too_few_examples", "message": "the file is empty"}])
     usage = store.usage(tenant)
@@ -85,18 +108,22 @@ def upload_file(
         raise APIError(403, "file_quota_exceeded",
                        f"this key already stores {usage['files']} files, the most it may; delete some first "
                        "(DELETE /v1/files/{id})")
-    if usage["bytes"] + len(data) > settings.max_storage_bytes_per_tenant:
+    if usage["bytes"] + size > settings.max_storage_bytes_per_tenant:
         raise APIError(403, "storage_quota_exceeded",
-                       f"storing this file would use {usage['bytes'] + len(data)} bytes, more than this key's "
+                       f"storing this file would use {usage['bytes'] + size} bytes, more than this key's "
                        f"{settings.max_storage_bytes_per_tenant}; delete files or finished jobs first")
-    fmt, report = validate_upload(data)
-
+    fmt = "test" if looks_like_test else "train"
+    src.seek(0)
     file_id = "file-" + secrets.token_hex(12)
-    storage.put_bytes(file_key(file_id), data)
+    # Checked line by line while copied to a file of its own; stored only when every line is good.
+    with tempfile.NamedTemporaryFile(prefix="citi-upload-", suffix=".jsonl") as copy:
+        report = validate_upload(src, fmt, max_line_bytes=settings.max_upload_line_bytes, sink=copy)
+        copy.flush()
+        storage.put_file(file_key(file_id), copy.name)
     record = {
         "id": file_id,
         "tenant": tenant,
-        "bytes": len(data),
+        "bytes": size,
         "created_at": int(time.time()),
         "filename": (file.filename or "upload.jsonl")[-255:],
         "purpose": purpose,

@@ -4,6 +4,10 @@ A job is checked completely at submit time with the engine's own torch-free rule
 budget, components, hyperparameters), stored as ``queued`` and sent to the workers as one task carrying
 only its id (:func:`citi_service.queue.enqueue`). Everything after that (status, phase, progress,
 events, the adapter) comes from the store and the artifact storage, written by the worker.
+
+Two routes answer in OpenAI's shape under ``/v1/fine_tuning/jobs`` and keep ours under ``/jobs`` (our
+clients' contract): the events page (newest first, ``ftevent-`` ids, ``message``/``metrics`` types,
+``after`` an event id) and the checkpoints page (only checkpoints whose files are still there).
 """
 
 from __future__ import annotations
@@ -37,10 +41,24 @@ from api.schemas import (
     JobStatus,
 )
 from citi_service.errors import APIError, error_body, not_found
-from citi_service.keys import adapter_prefix, file_key, job_prefix, work_dir
+from citi_service.keys import (
+    adapter_prefix,
+    checkpoints_prefix,
+    file_key,
+    job_prefix,
+    work_checkpoints_dir,
+    work_dir,
+)
 from citi_service.model_access import check_model
 from citi_service.queue import enqueue
-from citi_service.records import TERMINAL, status_event
+from citi_service.records import (
+    TERMINAL,
+    checkpoint_model_id,
+    event_id,
+    event_seq,
+    fine_tuned_model_id,
+    status_event,
+)
 from citi_service.settings import Settings
 from citi_service.storage import Storage
 from citi_service.store import IdempotencyConflict, LimitExceeded, Store
@@ -51,6 +69,10 @@ _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"
 _SSE_BLOCK_MS = 5000
 MAX_EVENT_SEQ = 2**63 - 1  # event seqs are Redis stream ids' first part; larger values are no event's
 _METADATA_MAX = (16, 64, 512)
+OPENAI_PREFIX = "/v1/fine_tuning/"
+TRAINING_STAGES = ("router_pretraining", "molora", "uco", "train")
+# Methods whose adapter merges exactly into its base, so a later job can train on the merged model.
+MERGEABLE_METHODS = ("lora", "full")
 
 
 # -- checking a request ----------------------------------------------------------------------------
@@ -139,6 +161,10 @@ def _check_file(store: Store, tenant: str, file_id: str | None, param: str, *, t
     if record is None:
         raise APIError(404, "file_not_found", f"{param} '{file_id}' does not exist (or belongs to another key); "
                        "upload it with POST /v1/files", param=param)
+    if record.get("purpose") != "fine-tune":
+        raise APIError(400, "invalid_file_purpose", f"{param} '{file_id}' is a file of purpose "
+                       f"'{record.get('purpose')}' (a job's result); pass a file uploaded with purpose 'fine-tune'",
+                       param=param)
     if training and record.get("format") == "test":
         raise APIError(400, "invalid_file_format", f"{param} '{file_id}' is a tool test file (it has ground_truth "
                        "lines); pass it as validation_file and train on a file of chat examples", param=param)
@@ -174,7 +200,8 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 
 # -- the job object --------------------------------------------------------------------------------
 
-_INTERNAL = ("tenant", "seq", "worker", "engine", "adapter_bytes", "has_report", "started_at", "general_file_record")
+_INTERNAL = ("tenant", "seq", "worker", "engine", "adapter_bytes", "has_report", "started_at", "general_file_record",
+             "resumes", "parent_model")
 
 
 def public_job(job: dict, store: Store) -> Job:
@@ -182,15 +209,48 @@ def public_job(job: dict, store: Store) -> Job:
     d = {k: v for k, v in job.items() if k not in _INTERNAL}
     job_id, status = job["id"], job["status"]
     d["organization_id"] = job["tenant"]
+    if job.get("parent_model"):  # a continuation: OpenAI's `model` is the fine-tuned model it continues
+        d["model"], d["base_model"] = job["parent_model"], job["model"]
     hyper, method = d.get("hyperparameters") or {}, (d.get("method") or {}).get("type")
     if hyper and "n_epochs" not in hyper and method in ("citi", "lora", "full"):  # stored before they were recorded
         d["hyperparameters"] = {**hyper, **openai_view(method, hyper)}
+    # The flag outlives a pause that never came (the job ended first): it means something only while unfinished.
+    d["pause_requested"] = bool(job.get("pause_requested")) and status not in (*TERMINAL, "paused")
     d["queue_position"] = store.queue_position(job_id) if status == "queued" else None
     d["events_url"] = f"/jobs/{job_id}/events"
     available = status == "succeeded" and not job.get("artifacts_deleted")
+    files = d.get("result_files") or []
+    if files and not all(f.startswith("file-") for f in files):  # stored before result files were registered
+        d.setdefault("adapter_files", files)
+        files = []
+    d["result_files"] = files if available else []  # their file ids no longer answer once the artifacts are gone
     d["adapter_url"] = f"/jobs/{job_id}/adapter" if available else None
     d["report_url"] = f"/jobs/{job_id}/report" if available and job.get("has_report") else None
     return Job(**d)
+
+
+def parent_job(store: Store, tenant: str, model: str) -> dict | None:
+    """The caller's succeeded job whose fine-tuned ``model`` (``ft:...``) a new job continues, or None for a base
+    model; a 400 when the model is unknown or cannot be continued.
+
+    Only a ``lora`` or ``full`` model can: its adapter merges exactly into its base, so the new job trains a plain
+    model, as a ``full`` job would. A CITI model cannot: its MOLoRA experts are mixed per token by learned routers,
+    which no fixed weight holds, and the engine cannot (yet) go on training a saved CITI adapter.
+    """
+    if not model.startswith("ft:"):
+        return None
+    job = store.get_job_by_model(tenant, model)
+    if job is None:
+        raise APIError(400, "model_not_found", f"no fine-tuned model '{model}' for this key (GET /v1/models lists "
+                       "yours)", param="model")
+    method = (job.get("method") or {}).get("type")
+    if method not in MERGEABLE_METHODS:
+        raise APIError(400, "model_not_continuable",
+                       f"'{model}' is a {method} model: its MOLoRA experts are mixed per token by learned routers and "
+                       "cannot be merged into the base weights to train on, so it cannot be continued. Train a new "
+                       f"job on its base '{job['model']}' with the earlier training data added to training_file; "
+                       "only lora and full models can be continued (with method 'full')", param="model")
+    return job
 
 
 def _owned_job(store: Store, tenant: str, job_id: str) -> dict:
@@ -214,7 +274,14 @@ def create_job(
     store: Store = Depends(get_store),
     settings: Settings = Depends(settings_dep),
 ) -> Job:
-    """Create a fine-tuning job. With an ``Idempotency-Key`` header a retried request returns the same job."""
+    """Create a fine-tuning job. With an ``Idempotency-Key`` header a retried request returns the same job.
+
+    ``model`` may be one of the caller's fine-tuned ``lora`` or ``full`` models (``ft:...``) with ``method.type``
+    ``full``: the job trains every weight of that model merged into its base (see :func:`parent_job`).
+    """
+    parent = parent_job(store, tenant, body.model)
+    if parent is not None:
+        body = body.model_copy(update={"model": parent["model"]})
     check_model(body.model, settings)
     _check_file(store, tenant, body.training_file, "training_file", training=True)
     _check_file(store, tenant, body.validation_file, "validation_file", training=False)
@@ -222,6 +289,12 @@ def create_job(
     _check_metadata(body.metadata)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - 1)
     cfg = engine_config(body, settings, seed=seed)  # every setting finite and in range before anything else
+    if parent is not None and cfg.method != "full":
+        raise APIError(400, "model_not_continuable",
+                       f"continuing {parent['fine_tuned_model']} trains every weight of it (its adapter merged into "
+                       f"its base), which is method 'full'; pass method {{\"type\": \"full\"}}. A {cfg.method} "
+                       "adapter on top of it could not be served: adapters apply to a base model",
+                       param="method.type")
     method_record: dict[str, Any] = {"type": cfg.method, "hyperparameters": asdict(cfg.hyperparameters)}
     if body.method and body.method.type == "supervised":  # OpenAI's shape beside ours: the type that ran is citi
         method_record["supervised"] = {"hyperparameters": openai_hyperparameters(cfg)}
@@ -260,6 +333,8 @@ def create_job(
         "result_files": [],
         "artifacts_deleted": False,
     }
+    if parent is not None:
+        record.update(parent_model=parent["fine_tuned_model"], parent_job=parent["id"])
     try:
         job, created = store.create_job(record, max_active=settings.max_active_jobs_per_tenant,
                                         idempotency_key=idempotency_key, body_hash=body_hash)
@@ -295,16 +370,22 @@ def estimate_job(
 ) -> Estimate:
     """Tokens, steps, time and GPU memory a job would need, and whether that fits its budget."""
     from api.estimate import estimate_job as estimate
+    from api.estimate import read_examples
 
+    parent = parent_job(store, tenant, body.model)
+    if parent is not None:
+        body = body.model_copy(update={"model": parent["model"]})
     resolved = check_model(body.model, settings)
     record = _check_file(store, tenant, body.training_file, "training_file", training=True)
     _check_file(store, tenant, body.validation_file, "validation_file", training=False)
     general = _check_file(store, tenant, body.general_file, "general_file", training=True)
     cfg = engine_config(body, settings, seed=body.seed or 0)
-    examples = _read_examples(storage, body.training_file)
+    # The files are read a line at a time and sampled at one rate: a large upload is never held whole.
+    n_examples = record["n_examples"] + (general["n_examples"] if general is not None else 0)
+    examples = read_examples(storage, file_key(body.training_file), n_examples)
     n_tool, n_general = record["n_tool"], record["n_general"]
     if general is not None:
-        examples += _read_examples(storage, body.general_file)
+        examples += read_examples(storage, file_key(body.general_file), n_examples)
         n_general += general["n_examples"]
     device = "cpu" if (settings.device or "").startswith("cpu") else "gpu"
     gpus = settings.gpus_per_job
@@ -312,7 +393,7 @@ def estimate_job(
         gpus = 1  # the workers train on the one GPU CITI_DEVICE names
     result = estimate(cfg, resolved=resolved, examples=examples, n_tool=n_tool, n_general=n_general,
                       has_validation_file=body.validation_file is not None, device=device,
-                      gpu_memory_gb=settings.gpu_memory_gb, gpus=gpus)
+                      gpu_memory_gb=settings.gpu_memory_gb, gpus=gpus, n_examples=n_examples)
     return Estimate(**result)
 
 
@@ -339,8 +420,15 @@ def get_job(job_id: str, tenant: str = Depends(get_tenant), store: Store = Depen
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses={**_ERRORS, 409: {"model": ErrorResponse}})
-def cancel_job(job_id: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store)) -> Job:
-    """Cancel a job: a queued one at once, a running one within one training step."""
+def cancel_job(
+    job_id: str,
+    tenant: str = Depends(get_tenant),
+    store: Store = Depends(get_store),
+    storage: Storage = Depends(get_storage),
+    settings: Settings = Depends(settings_dep),
+) -> Job:
+    """Cancel a job: a queued or paused one at once (a paused one's checkpoints are deleted), a running one within
+    one training step."""
     _owned_job(store, tenant, job_id)
     outcome, previous = store.request_cancel(job_id)
     if outcome == "missing":
@@ -348,6 +436,57 @@ def cancel_job(job_id: str, tenant: str = Depends(get_tenant), store: Store = De
     if outcome == "finished":
         raise APIError(409, "job_not_cancellable", f"the job has already {previous}; there is nothing to cancel",
                        param="job_id")
+    if outcome == "cancelled" and previous == "paused":
+        _remove_job_files(job_id, storage, settings)
+    return public_job(_owned_job(store, tenant, job_id), store)
+
+
+def _remove_job_files(job_id: str, storage: Storage, settings: Settings) -> None:
+    """Delete everything a job stored: its artifacts and checkpoints, and with local storage its working directory."""
+    storage.delete_prefix(job_prefix(job_id))
+    if settings.storage == "local":
+        import shutil
+
+        shutil.rmtree(work_dir(settings, job_id), ignore_errors=True)
+
+
+@router.post("/{job_id}/pause", response_model=Job, responses=_ERRORS)
+def pause_job(job_id: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store)) -> Job:
+    """Pause a running job: it stops at its next checkpoint and becomes ``paused``, that checkpoint kept (until then
+    it stays ``running``, with ``pause_requested: true``). A job that ends before its next checkpoint ends as usual."""
+    _owned_job(store, tenant, job_id)
+    outcome, status = store.request_pause(job_id)
+    if outcome == "missing":
+        raise not_found("job", job_id, "job_id")
+    if outcome == "refused":
+        hint = {"queued": "; a queued job can be cancelled instead", "validating_files": "; pause it once it is "
+                "running (training started)", "paused": "; it is already paused: resume it with POST "
+                f"/v1/fine_tuning/jobs/{job_id}/resume"}.get(status, "")
+        raise APIError(400, "job_not_running", f"only a running job can be paused; this one is {status}{hint}",
+                       param="job_id")
+    return public_job(_owned_job(store, tenant, job_id), store)
+
+
+@router.post("/{job_id}/resume", response_model=Job, responses=_ERRORS)
+def resume_job(job_id: str, tenant: str = Depends(get_tenant), store: Store = Depends(get_store)) -> Job:
+    """Resume a paused job: it is queued again and continues from the checkpoint it paused at."""
+    _owned_job(store, tenant, job_id)
+    outcome, status = store.resume(job_id)
+    if outcome == "missing":
+        raise not_found("job", job_id, "job_id")
+    if outcome == "refused":
+        hint = "; pause it first (POST .../pause)" if status == "running" else ""
+        raise APIError(400, "job_not_paused", f"only a paused job can be resumed; this one is {status}{hint}",
+                       param="job_id")
+    try:
+        enqueue(job_id)
+    except Exception as exc:
+        log.exception("job %s: could not send its task", job_id)
+        error = {"code": "queue_unavailable", "param": None,
+                 "message": "the job could not be queued again (the broker did not answer); resume it again"}
+        store.transition(job_id, "paused", from_=["queued"],
+                         event=status_event("paused", error["message"], level="error"))
+        raise APIError(503, "queue_unavailable", error["message"]) from exc
     return public_job(_owned_job(store, tenant, job_id), store)
 
 
@@ -365,11 +504,7 @@ def delete_job(
         raise APIError(409, "job_not_finished",
                        f"the job is {job['status']}; cancel it (POST /jobs/{job_id}/cancel) and delete it once it "
                        "has stopped", param="job_id")
-    storage.delete_prefix(job_prefix(job_id))
-    if settings.storage == "local":
-        import shutil
-
-        shutil.rmtree(work_dir(settings, job_id), ignore_errors=True)
+    _remove_job_files(job_id, storage, settings)
     if not job.get("artifacts_deleted") and job.get("adapter_bytes"):
         store.add_usage(tenant, -int(job["adapter_bytes"]))
     store.delete_job(job_id)
@@ -382,7 +517,8 @@ def delete_job(
 async def list_events(
     job_id: str,
     request: Request,
-    after: int = Query(0, ge=0, le=MAX_EVENT_SEQ, description="Only events with seq above this."),
+    after: str | None = Query(None, max_length=64, description="/jobs: a seq, only events with seq above it (oldest "
+                              "first). /v1/fine_tuning/jobs: an event id, only events older than it (newest first)."),
     limit: int = Query(100, ge=1, le=1000),
     stream: bool = Query(False, description="Stream as server-sent events (same as Accept: text/event-stream)."),
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
@@ -390,9 +526,21 @@ async def list_events(
     store: Store = Depends(get_store),
     settings: Settings = Depends(settings_dep),
 ):
-    """The job's events, oldest first; a live SSE stream (ending when the job ends) when asked for."""
+    """The job's events, oldest first; a live SSE stream (ending when the job ends) when asked for.
+
+    Under OpenAI's path a JSON page is newest first, in OpenAI's shape (:func:`openai_event`), ``after`` an event id.
+    """
     await run_in_threadpool(_owned_job, store, tenant, job_id)
-    if stream or "text/event-stream" in request.headers.get("accept", ""):
+    openai = _openai_route(request)
+    wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
+    if openai and not wants_stream:
+        before = _event_cursor(after, openai=True)
+        if before == 0:
+            return EventList(data=[], has_more=False)
+        events, has_more = await run_in_threadpool(store.list_events_newest_first, job_id, before=before, limit=limit)
+        return EventList(data=[openai_event(job_id, e) for e in events], has_more=has_more)
+    after = _event_cursor(after, openai=openai) or 0
+    if wants_stream:
         start = after
         if last_event_id and last_event_id.strip().isdigit():
             resume = int(last_event_id.strip())
@@ -410,17 +558,81 @@ async def list_events(
     return EventList(data=events, has_more=has_more)
 
 
+def _openai_route(request: Request) -> bool:
+    """Whether the request came in under OpenAI's ``/v1/fine_tuning/jobs`` (the router is mounted at both)."""
+    path = request.scope.get("path", "").removeprefix(request.scope.get("root_path", ""))
+    return path.startswith(OPENAI_PREFIX)
+
+
+def _event_cursor(after: str | None, *, openai: bool) -> int | None:
+    """The seq in ``after``: our seq (``/jobs``), or under OpenAI's path an event id (``ftevent-...``) or a seq."""
+    if after is None or after == "":
+        return None
+    seq = event_seq(after) if openai else (int(after) if after.isascii() and after.strip().isdigit() else None)
+    if seq is None or seq > MAX_EVENT_SEQ:
+        what = "an event id (ftevent-...) or seq" if openai else "the seq of an event (a whole number up to 2^63-1)"
+        raise APIError(400, "invalid_request", f"after: '{after[:64]}' is not {what}; pass the id of the last event "
+                       "of the previous page", param="after")
+    return seq
+
+
+def openai_event(job_id: str, event: dict) -> dict:
+    """An event in OpenAI's shape (``ftevent-`` id, ``type`` ``message`` or ``metrics``, ``level`` info/warn/error),
+    our own fields beside it: ``seq``, ``event_type`` (our type: ``status``, ``progress``, ...) and ``data``.
+
+    A training step's ``progress`` event is a ``metrics`` event whose ``data`` holds OpenAI's ``step``,
+    ``train_loss`` and ``total_steps`` with ours (``stage``, ``loss``, ``routing_loss``, ``lr``, ...).
+    """
+    data = dict(event.get("data") or {})
+    kind = "message"
+    if event["type"] == "progress" and data.get("stage") in TRAINING_STAGES and data.get("loss") is not None:
+        kind = "metrics"
+        data.update(step=data.get("step"), train_loss=data["loss"], total_steps=data.get("total_steps"))
+    level = event.get("level", "info")
+    return {**event, "id": event_id(job_id, event["seq"]), "type": kind, "event_type": event["type"],
+            "level": "warn" if level == "warning" else level, "data": data}
+
+
+def _stored_checkpoints(job_id: str, storage: Storage, settings: Settings) -> set[str]:
+    """Names of the job's checkpoints whose files are there: in the working directory (local storage) or, copied by
+    S3 workers, in the bucket."""
+    if settings.storage == "local":
+        root = work_checkpoints_dir(settings, job_id)
+        return {p.parent.name for p in root.glob("*/meta.json")} if root.is_dir() else set()
+    prefix = checkpoints_prefix(job_id)
+    return {o.key[len(prefix):].split("/")[0] for o in storage.list(prefix) if o.key.endswith("/meta.json")}
+
+
+def _checkpoint_name(record: dict) -> str:
+    return record.get("name") or record["id"].split("-", 2)[-1]
+
+
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=_ERRORS)
 def list_checkpoints(
     job_id: str,
+    request: Request,
     after: str | None = Query(None, description="A checkpoint id: list the ones after it."),
     limit: int = Query(10, ge=1, le=100),
     tenant: str = Depends(get_tenant),
     store: Store = Depends(get_store),
+    storage: Storage = Depends(get_storage),
+    settings: Settings = Depends(settings_dep),
 ) -> CheckpointList:
-    """Checkpoints the job wrote, newest first (they are resume state, removed when the job ends)."""
-    _owned_job(store, tenant, job_id)
+    """Checkpoints the job wrote, newest first, with OpenAI's ``fine_tuned_model_checkpoint`` and
+    ``metrics.train_loss``. They are resume state: the engine keeps stage boundaries and the newest periodic one,
+    and removes them all when the job ends. ``/jobs`` lists every one recorded; OpenAI's path only those whose files
+    are still there (a paused job's, for one)."""
+    job = _owned_job(store, tenant, job_id)
     records = list(reversed(store.list_checkpoints(job_id)))
+    if _openai_route(request):
+        there = _stored_checkpoints(job_id, storage, settings)
+        records = [r for r in records if _checkpoint_name(r) in there]
+    model = job.get("fine_tuned_model") or fine_tuned_model_id(job["model"], job.get("suffix"), job_id)
+    for r in records:
+        r["fine_tuned_model_checkpoint"] = checkpoint_model_id(model, r["step_number"])
+        metrics = r.setdefault("metrics", {})
+        metrics.setdefault("train_loss", metrics.get("loss"))
+        metrics["step"] = r["step_number"]
     if after:
         ids = [r["id"] for r in records]
         records = records[ids.index(after) + 1:] if after in ids else []
@@ -480,17 +692,6 @@ def _ready_job(store: Store, tenant: str, job_id: str) -> dict:
         raise APIError(410, "artifacts_expired", "this job's artifacts were deleted after the retention period",
                        param="job_id")
     return job
-
-
-def _read_examples(storage: Storage, file_id: str) -> list[dict]:
-    out = []
-    for line in storage.get_bytes(file_key(file_id)).split(b"\n"):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
 
 
 def _sse_message(event: dict) -> str:

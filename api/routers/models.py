@@ -1,5 +1,7 @@
 """``/v1/models``: the base models this service allows and the caller's fine-tuned adapters; deleting one.
 
+Deleting a fine-tuned model deletes its job's result files too (``GET /v1/files`` no longer lists them).
+
 Shapes follow OpenAI's models API (``{"object": "list", "data": [{"id", "object": "model", "created",
 "owned_by"}]}``). A fine-tuned model is listed for the tenant that made it only; ``model`` in
 ``POST /v1/chat/completions`` accepts exactly the ids listed here.
@@ -37,7 +39,7 @@ def _adapter_entry(job: dict) -> dict:
         "created": int(job.get("finished_at") or job.get("created_at") or 0),
         "owned_by": job.get("organization_id") or job.get("tenant") or "user",
         "root": job.get("model"),
-        "parent": job.get("model"),
+        "parent": job.get("parent_model") or job.get("model"),  # the ft: model a continuation was trained from
         "job_id": job.get("id"),
     }
 

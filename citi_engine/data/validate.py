@@ -4,19 +4,21 @@ A file is OpenAI chat fine-tuning JSONL, one example a line (see docs/CONTRACTS.
 its 1-based line (0 for the whole file), a machine-readable code and a message saying how to fix it. A file
 with any problem is refused as a whole: ``report.examples`` is filled only when ``report.ok``.
 
-The API calls :func:`validate_jsonl` on uploads of tens of MB, so it makes one pass over the lines and checks
-each distinct tool schema once. It imports neither torch nor transformers; jsonschema is imported only when
-a file defines tools.
+The API checks uploads of tens of MB with :class:`JsonlValidator` (:func:`validate_stream`) one line at a time
+as they are stored, so its memory holds one line, not the file; every distinct tool schema is checked once.
+It imports neither torch nor transformers; jsonschema is imported only when a file defines tools.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from citi_engine.data.schemas import ROLES, Problem, TaskType, function_of, normalize_tool, task_type_of
 from citi_engine.errors import DataValidationError
@@ -26,6 +28,9 @@ _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _PURPOSES = ("train", "test")
 _ROLE_HINTS = {"human": "user", "bot": "assistant", "model": "assistant", "gpt": "assistant", "ai": "assistant",
                "function": "tool", "developer": "system"}
+READ_CHUNK = 1024 * 1024
+# Distinct tool schemas whose verdict is remembered (by digest); past this the memory starts over.
+_SCHEMA_CACHE = 100_000
 _EXAMPLE_LINE = (
     '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}], "tools": [...]}'
 )
@@ -37,6 +42,8 @@ class ValidationReport:
 
     ``examples`` holds the parsed examples (tools in the OpenAI shape) only when ``ok``; ``lines`` gives
     each example's line in the file. ``n_tool`` and ``n_general`` count the examples of each task type.
+    ``problem_count`` and ``problem_line_count`` count every problem and every line with one, also those a
+    :class:`JsonlValidator` with ``max_problems`` did not keep in ``problems``.
     """
 
     problems: list[Problem] = field(default_factory=list)
@@ -45,6 +52,8 @@ class ValidationReport:
     n_examples: int = 0
     n_tool: int = 0
     n_general: int = 0
+    problem_count: int = 0
+    problem_line_count: int = 0
 
     @property
     def ok(self) -> bool:
@@ -89,14 +98,17 @@ class _SchemaChecker:
     """Checks function parameters against the JSON Schema metaschema, once per distinct schema."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, str | None] = {}
+        self._seen: dict[bytes, str | None] = {}
         self._validators: dict[type, Any] = {}
 
     def error(self, params: Any) -> str | None:
         if not isinstance(params, dict):
             return f"'parameters' must be a JSON Schema object such as {{\"type\": \"object\", \"properties\": {{...}}}}, got {type(params).__name__}"
-        key = json.dumps(params, sort_keys=True, default=str)
+        # A digest, not the schema itself: a file of large distinct schemas must not be held twice.
+        key = hashlib.blake2b(json.dumps(params, sort_keys=True, default=str).encode(), digest_size=16).digest()
         if key not in self._seen:
+            if len(self._seen) >= _SCHEMA_CACHE:
+                self._seen.clear()
             self._seen[key] = self._check(params)
         return self._seen[key]
 
@@ -345,20 +357,61 @@ def validate_jsonl(
     ``purpose="train"`` checks training examples; ``purpose="test"`` checks tool test lines instead (a
     ``ground_truth`` list or a final assistant turn instead of a trainable turn). Blank lines are skipped
     but count for line numbers. Fewer than ``min_examples`` examples is a whole-file problem (line 0).
+    A path is read one line at a time; the examples of a good file are kept in ``report.examples``.
     """
-    if purpose not in _PURPOSES:
-        raise ValueError(f"purpose must be one of {_PURPOSES}, got {purpose!r}")
-    raw = _read_bytes(data)
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
-    report = ValidationReport()
-    schemas = _SchemaChecker()
-    parsed: list[tuple[int, dict[str, Any]]] = []
-    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+    validator = JsonlValidator(min_examples=min_examples, purpose=purpose)
+    if isinstance(data, os.PathLike) or (
+        isinstance(data, str) and "\n" not in data and len(data) < 4096 and os.path.isfile(data)
+    ):
+        with open(data, "rb") as src:
+            validate_stream(src, validator)
+        return validator.finish()
+    for line in _read_bytes(data).split(b"\n"):
+        validator.feed(line)
+    return validator.finish()
+
+
+class JsonlValidator:
+    """Validates a JSONL file one line at a time, so a file of any size is checked in bounded memory.
+
+    Call :meth:`feed` with each line (as split on ``\\n``; blank lines count for line numbers), then
+    :meth:`finish` for the report; the checks and messages are those of :func:`validate_jsonl`, which is
+    built on it. ``keep_examples=False`` keeps no parsed example (the API only needs the counts), and
+    ``max_problems`` keeps only the first problems while still counting all of them
+    (``report.problem_count``, ``report.problem_line_count``).
+    """
+
+    def __init__(self, *, min_examples: int = 10, purpose: str = "train", keep_examples: bool = True,
+                 max_problems: int | None = None):
+        if purpose not in _PURPOSES:
+            raise ValueError(f"purpose must be one of {_PURPOSES}, got {purpose!r}")
+        self.min_examples, self.purpose = min_examples, purpose
+        self.keep_examples, self.max_problems = keep_examples, max_problems
+        self.report = ValidationReport()
+        self.line = 0
+        self._schemas = _SchemaChecker()
+        self._parsed: list[tuple[int, dict[str, Any]]] = []
+
+    def _add(self, problems: list[Problem]) -> None:
+        if not problems:
+            return
+        self.report.problem_count += len(problems)
+        self.report.problem_line_count += any(p.line for p in problems)
+        room = len(problems) if self.max_problems is None else max(0, self.max_problems - len(self.report.problems))
+        self.report.problems.extend(problems[:room])
+
+    def feed(self, line_bytes: bytes) -> None:
+        """Check the next line of the file (with or without its trailing newline)."""
+        self.line += 1
+        if self.line == 1 and line_bytes.startswith(b"\xef\xbb\xbf"):
+            line_bytes = line_bytes[3:]  # a UTF-8 byte-order mark, as some editors write
+        if line_bytes.endswith(b"\n"):
+            line_bytes = line_bytes[:-1]
         if not line_bytes.strip():
-            continue
+            return
+        report = self.report
         report.n_examples += 1
-        checker = _LineChecker(number, purpose, schemas)
+        checker = _LineChecker(self.line, self.purpose, self._schemas)
         try:
             text = line_bytes.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -366,8 +419,8 @@ def validate_jsonl(
                 "invalid_encoding",
                 f"byte {exc.start + 1} of the line is not UTF-8; save the file as UTF-8",
             )
-            report.problems.extend(checker.problems)
-            continue
+            self._add(checker.problems)
+            return
         try:
             obj = json.loads(text)
         except (ValueError, RecursionError) as exc:
@@ -376,33 +429,69 @@ def validate_jsonl(
                 f"the line is not valid JSON ({exc}); each line must hold one complete JSON object, with no line "
                 "breaks inside it",
             )
-            report.problems.extend(checker.problems)
-            continue
+            self._add(checker.problems)
+            return
         checker.check(obj)
-        report.problems.extend(checker.problems)
+        self._add(checker.problems)
         if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
             if task_type_of(obj) == TaskType.TOOL:
                 report.n_tool += 1
             else:
                 report.n_general += 1
-            if not checker.problems:
-                parsed.append((number, obj))
+            if not checker.problems and self.keep_examples and report.ok:
+                self._parsed.append((self.line, obj))
 
-    if report.n_examples < min_examples:
-        report.problems.append(
-            Problem(
-                0,
-                "too_few_examples",
-                f"the file holds {report.n_examples} example(s); at least {min_examples} are needed, so add more",
-            )
-        )
-    if report.ok:
-        for number, obj in parsed:
-            if obj.get("tools"):
-                obj = {**obj, "tools": [normalize_tool(t) for t in obj["tools"]]}
-            report.examples.append(obj)
-            report.lines.append(number)
-    return report
+    def too_long(self, limit: int) -> None:
+        """Count the next line as one longer than ``limit`` bytes (read no further by the caller)."""
+        self.line += 1
+        self.report.n_examples += 1
+        self._add([Problem(self.line, "line_too_long",
+                           f"the line is longer than {limit} bytes; one example must fit in that (shorten it or "
+                           "drop tools it does not need)")])
+
+    def finish(self) -> ValidationReport:
+        """The report of every line fed so far (the examples only when the file has no problem)."""
+        report = self.report
+        if report.n_examples < self.min_examples:
+            self._add([
+                Problem(
+                    0,
+                    "too_few_examples",
+                    f"the file holds {report.n_examples} example(s); at least {self.min_examples} are needed, so "
+                    "add more",
+                )
+            ])
+        if report.ok:
+            for number, obj in self._parsed:
+                if obj.get("tools"):
+                    obj = {**obj, "tools": [normalize_tool(t) for t in obj["tools"]]}
+                report.examples.append(obj)
+                report.lines.append(number)
+        self._parsed = []
+        return report
+
+
+def validate_stream(src: BinaryIO, validator: JsonlValidator, *, max_line_bytes: int | None = None,
+                    on_chunk: Callable[[bytes], None] | None = None) -> JsonlValidator:
+    """Feed ``validator`` the lines of the binary stream ``src``, holding one line in memory at a time.
+
+    ``on_chunk`` receives every byte read, in order (to store the file while it is checked). A line longer
+    than ``max_line_bytes`` is reported as ``line_too_long`` and passed on in pieces, never held whole.
+    """
+    limit = -1 if max_line_bytes is None else max_line_bytes + 1
+    while line := src.readline(limit):
+        if on_chunk is not None:
+            on_chunk(line)
+        if max_line_bytes is not None and len(line) > max_line_bytes and not line.endswith(b"\n"):
+            validator.too_long(max_line_bytes)
+            while piece := src.readline(READ_CHUNK):  # the rest of the overlong line, a piece at a time
+                if on_chunk is not None:
+                    on_chunk(piece)
+                if piece.endswith(b"\n"):
+                    break
+            continue
+        validator.feed(line)
+    return validator
 
 
 def check_lengths(

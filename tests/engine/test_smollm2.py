@@ -14,6 +14,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from citi_engine import DEFAULT_MODEL  # noqa: E402
+from citi_engine.components import fraction_to_count  # noqa: E402
+from citi_engine.training.config import ComponentsConfig  # noqa: E402
 from tests.engine.test_train import small_config, tool_example, write_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.smollm2
@@ -34,7 +36,9 @@ def test_citi_runs_every_phase_on_smollm2(tmp_path):
     assert result.stage_steps == {"router_pretraining": 1, "molora": 1, "uco": 1}
     importance = json.loads((tmp_path / "out" / "importance.json").read_text())
     assert len(importance["components"]) == 30 * 7  # 30 layers x q,k,v,o,gate,up,down
-    assert len(importance["molora"]) == 63 and len(importance["uco"]) == 21  # default fractions 0.3 and 0.1
+    defaults = ComponentsConfig()  # the shipped fractions of the 210 components
+    assert len(importance["molora"]) == fraction_to_count(defaults.molora_fraction, 210)
+    assert len(importance["uco"]) == fraction_to_count(defaults.uco_fraction, 210)
     losses = [e["loss"] for e in events if e["type"] == "progress" and e["loss"] is not None]
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)  # a real model: finite, sensible CE
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -94,7 +94,10 @@ def test_redis_killed_and_restarted_loses_no_job_file_or_event(private_redis, ti
             seqs = [e["seq"] for e in all_events(url, job_id)]
             assert seqs == list(range(1, len(seqs) + 1)), seqs
         files = httpx.get(f"{url}/v1/files", headers=auth()).json()["data"]
-        assert [f["id"] for f in files] == [file_id]
+        assert [f["id"] for f in files if f["purpose"] == "fine-tune"] == [file_id]  # the upload, once
+        results = {f["id"] for f in files if f["purpose"] == "fine-tune-results"}
+        for job_id in jobs:  # and each finished job's adapter archive and report, as its result files say
+            assert set(httpx.get(f"{url}/jobs/{job_id}", headers=auth()).json()["result_files"]) <= results
         for job_id in jobs:
             assert httpx.get(f"{url}/jobs/{job_id}/adapter", headers=auth(), timeout=30).status_code == 200
         record_fault("redis_restart", jobs=len(jobs), lost=len(lost_records), events_lost=events_lost,

@@ -114,3 +114,38 @@ def _training_processes(job_id: str) -> list[int]:
         if f"CITI_JOB_ID={job_id}".encode() in env and b"worker.runner" in cmd:
             found.append(int(entry))
     return found
+
+
+@pytest.mark.service
+def test_a_killed_training_process_sends_the_job_back_to_resume_from_its_checkpoint(service, workers, uploaded):
+    """kill -9 of one of two training processes: the other's collective breaks, the launcher sees a killed
+    process, and the worker queues the job again; the next attempt resumes from the last checkpoint and ends."""
+    workers.start("w1", CITI_GPUS_PER_JOB="2")
+    with service.client("alice") as c:
+        hyper = {**service.job_body(uploaded)["method"]["hyperparameters"], "eval_examples": 0}
+        body = service.job_body(uploaded, budget={"max_steps": 60}, checkpoint_every=2,
+                                method={"type": "citi", "hyperparameters": hyper})
+        job = c.post("/jobs", json=body).json()
+        deadline = time.time() + 180
+        while not c.get(f"/jobs/{job['id']}/checkpoints").json()["data"]:
+            assert time.time() < deadline, service.tail_logs()
+            assert c.get(f"/jobs/{job['id']}").json()["status"] in ("queued", "validating_files", "running")
+            time.sleep(0.2)
+        rank_one = [pid for pid in _training_processes(job["id"]) if _rank(pid) == 1]
+        assert len(rank_one) == 1
+        os.kill(rank_one[0], 9)
+        done = service.wait_status(job["id"], ("cancelled", "failed", "succeeded"), timeout=240)
+        assert done["status"] == "succeeded", (done, service.tail_logs())
+        assert done["attempts"] == 2
+        messages = [e["message"] for e in c.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]]
+        assert any("training processes was killed; queued again to resume" in m for m in messages), messages
+        assert any(m.startswith("resuming from checkpoint") for m in messages), messages
+
+
+def _rank(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return None
+    return int(env[b"RANK"]) if b"RANK" in env else None

@@ -256,3 +256,273 @@ def test_a_job_stored_before_the_openai_fields_were_recorded_still_reports_them(
     old = client_for(service).fine_tuning.jobs.retrieve(job.id)
     assert (old.hyperparameters.n_epochs, old.hyperparameters.batch_size,
             old.hyperparameters.learning_rate_multiplier) == (5, 16, 2)
+
+
+# -- result files, events and checkpoints in OpenAI's shape, pause and resume, continuing a model -------------
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def citi_job(service, uploaded, tmp_path_factory) -> dict:
+    """A CITI job trained to success by alice (3 steps, with an evaluation report), as ``GET /jobs/{id}`` gives it."""
+    from tests.service.conftest import start_worker
+
+    worker = start_worker(service.env, "w-oai", tmp_path_factory.mktemp("w-oai") / "w-oai.log")
+    try:
+        job = client_for(service).fine_tuning.jobs.create(
+            model=service.model_dir, training_file=uploaded, suffix="results",
+            extra_body={"budget": {"max_steps": 3}, "method": {"type": "citi", "hyperparameters": TINY_HYPERPARAMETERS}})
+        done = service.wait_status(job.id, TERMINAL, timeout=300)
+    finally:
+        worker.stop()
+    assert done["status"] == "succeeded", done
+    return done
+
+
+def test_result_files_are_the_adapter_archive_and_the_report_as_files_of_the_jobs_tenant(service, citi_job):
+    import io
+    import json
+    import tarfile
+
+    alice, bob = client_for(service), client_for(service, "bob")
+    job = alice.fine_tuning.jobs.retrieve(citi_job["id"])
+    assert len(job.result_files) == 2 and all(f.startswith("file-") for f in job.result_files)
+    archive_id, report_id = job.result_files
+    archive, report = alice.files.retrieve(archive_id), alice.files.retrieve(report_id)
+    assert (archive.purpose, archive.filename) == ("fine-tune-results", f"{job.id}.tar.gz")
+    assert (report.purpose, report.filename) == ("fine-tune-results", "report.json")
+    assert archive.to_dict()["job_id"] == job.id and archive.status == "processed"
+    listed = [f.id for f in alice.files.list(purpose="fine-tune-results")]
+    assert archive_id in listed and report_id in listed
+    assert archive_id not in [f.id for f in alice.files.list(purpose="fine-tune")]
+
+    data = alice.files.content(archive_id).read()
+    assert len(data) == archive.bytes
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert {"adapter_config.json", "adapter_model.safetensors", "citi_job.json", "report.json"} <= names
+    assert names == set(citi_job["adapter_files"])  # the same files GET /jobs/{id}/adapter streams
+    with service.client("alice") as c:
+        assert json.loads(alice.files.content(report_id).read()) == c.get(f"/jobs/{job.id}/report").json()
+    # Registered by reference: no bytes counted twice, the report not copied.
+    adapter_report = service.artifact_dir / "jobs" / job.id / "adapter" / "report.json"
+    assert report.bytes == adapter_report.stat().st_size
+    assert not list((service.artifact_dir / "files").glob(f"{report_id}*"))
+
+    # Another tenant's key finds none of them; a result file is no training file.
+    with pytest.raises(openai.NotFoundError):
+        bob.files.retrieve(archive_id)
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(report_id)
+    assert archive_id not in [f.id for f in bob.files.list()]
+    with pytest.raises(openai.BadRequestError) as err:
+        alice.fine_tuning.jobs.create(model=service.model_dir, training_file=archive_id)
+    assert (err.value.code, err.value.body["param"]) == ("invalid_file_purpose", "training_file")
+
+
+def test_events_are_newest_first_in_openai_shape_and_page_with_after_while_ours_stay_oldest_first(
+        service, citi_job):
+    alice = client_for(service)
+    job_id = citi_job["id"]
+    with service.client("alice") as c:
+        ours = c.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    assert [e["seq"] for e in ours] == list(range(1, len(ours) + 1))  # our route: unchanged, oldest first
+    assert ours[0]["type"] == "status" and ours[0]["id"] == "1"
+
+    events = list(alice.fine_tuning.jobs.list_events(job_id, limit=7))  # the SDK pages on with `after`
+    assert [e.seq for e in events] == [e["seq"] for e in reversed(ours)]
+    assert len({e.id for e in events}) == len(events) and all(e.id.startswith("ftevent-") for e in events)
+    assert {e.type for e in events} == {"message", "metrics"}
+    assert events[0].event_type == "status" and events[0].data["status"] == "succeeded"
+    assert events[-1].message == "job created and queued"
+    assert all(e.level in ("info", "warn", "error") and e.created_at > 0 for e in events)
+    metrics = [e for e in events if e.type == "metrics"]
+    assert [m.data["step"] for m in metrics] == [3, 2, 1]
+    assert all(m.data["total_steps"] == 3 and isinstance(m.data["train_loss"], float) for m in metrics)
+    assert all(m.data["train_loss"] == m.data["loss"] and m.event_type == "progress" for m in metrics)
+    by_seq = {e["seq"]: e for e in ours}
+    assert all(e.message == by_seq[e.seq]["message"] for e in events)
+
+    first = alice.fine_tuning.jobs.list_events(job_id, limit=5)
+    assert first.has_more and [e.seq for e in first.data] == [e.seq for e in events[:5]]
+    second = alice.fine_tuning.jobs.list_events(job_id, limit=5, after=first.data[-1].id)
+    assert [e.seq for e in second.data] == [e.seq for e in events[5:10]]
+    last = alice.fine_tuning.jobs.list_events(job_id, after=events[-2].id)
+    assert [e.seq for e in last.data] == [1] and not last.has_more
+    with pytest.raises(openai.BadRequestError) as err:
+        alice.fine_tuning.jobs.list_events(job_id, after="ftevent-nonsense")
+    assert err.value.body["param"] == "after"
+
+
+def test_pause_stops_a_running_job_at_a_checkpoint_and_resume_continues_from_it(service, workers, uploaded):
+    workers.start("w-pause")
+    alice = client_for(service)
+    hyper = {**TINY_HYPERPARAMETERS, "eval_examples": 0}
+    job = alice.fine_tuning.jobs.create(model=service.model_dir, training_file=uploaded, extra_body={
+        "budget": {"max_steps": 30}, "checkpoint_every": 2, "method": {"type": "citi", "hyperparameters": hyper}})
+    with pytest.raises(openai.BadRequestError) as err:
+        alice.fine_tuning.jobs.resume(job.id)  # not paused
+    assert (err.value.code, err.value.body["param"]) == ("job_not_paused", "job_id")
+    service.wait_status(job.id, ("running", *TERMINAL), timeout=120)
+    asked = alice.fine_tuning.jobs.pause(job.id)
+    assert asked.status in ("running", "paused")
+    paused = service.wait_status(job.id, ("paused", *TERMINAL), timeout=120)
+    assert paused["status"] == "paused", paused
+    assert paused["pause_requested"] is False and paused["finished_at"] is None
+    with pytest.raises(openai.BadRequestError) as err:
+        alice.fine_tuning.jobs.pause(job.id)  # not running
+    assert (err.value.code, err.value.body["param"]) == ("job_not_running", "job_id")
+    assert service.redis.exists(f"citi:job:{job.id}:lease") == 0
+    assert not service.redis.sismember("citi:running", job.id)
+
+    # Its checkpoint is kept and listed in OpenAI's shape.
+    events = list(alice.fine_tuning.jobs.list_events(job.id))
+    stop = next(e for e in events if e.event_type == "status" and e.data["status"] == "paused")
+    name, step = stop.data["checkpoint"], stop.data["step"]
+    assert (service.artifact_dir / "work" / job.id / job.id / "checkpoints" / name / "meta.json").is_file()
+    assert step < 30
+    checkpoints = alice.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].id.endswith(name) and checkpoints[0].id.startswith("ftckpt-")
+    assert checkpoints[0].step_number == step
+    assert [k.step_number for k in checkpoints] == sorted((k.step_number for k in checkpoints), reverse=True)
+    assert all(k.created_at > 0 and k.fine_tuning_job_id == job.id for k in checkpoints)
+    assert checkpoints[0].fine_tuned_model_checkpoint.startswith(f"ft:tiny-llama:citi:{job.id[6:18]}:ckpt-step-")
+    if step > 0:
+        assert isinstance(checkpoints[0].metrics.train_loss, float)
+    trained_before = [e.data["step"] for e in events if e.type == "metrics"]
+
+    resumed = alice.fine_tuning.jobs.resume(job.id)
+    assert resumed.status in ("queued", "validating_files", "running", "succeeded")
+    done = service.wait_status(job.id, TERMINAL, timeout=300)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    with service.client("alice") as c:
+        ours = c.get(f"/jobs/{job.id}/events", params={"limit": 1000}).json()["data"]
+    flow = [e["data"]["status"] for e in ours if e["type"] == "status"]
+    assert flow == ["queued", "validating_files", "running", "paused", "queued", "validating_files", "running",
+                    "succeeded"], flow
+    after = ours[[e["data"].get("reason") for e in ours].index("resumed"):]
+    assert any(e["message"] == f"resuming from checkpoint {name}" for e in after)
+    steps_after = [e["data"]["step"] for e in after if e["type"] == "progress" and e["data"]["stage"] != "importance"]
+    assert steps_after[0] == step + 1 and steps_after[-1] == 30, (step, steps_after, trained_before)
+    # A finished job's checkpoints are gone: OpenAI's list shows none; our own route keeps the records.
+    assert alice.fine_tuning.jobs.checkpoints.list(job.id).data == []
+    with service.client("alice") as c:
+        recorded = c.get(f"/jobs/{job.id}/checkpoints", params={"limit": 100}).json()["data"]
+    assert name in [k["id"].split("-", 2)[2] for k in recorded]
+    trained = [k for k in recorded if k["kind"] == "periodic"]
+    assert trained and all(isinstance(k["metrics"]["train_loss"], float) for k in trained)
+    assert all(k["metrics"]["step"] == k["step_number"] and k["fine_tuned_model_checkpoint"] ==
+               f"{done['fine_tuned_model']}:ckpt-step-{k['step_number']}" for k in recorded)
+
+    with pytest.raises(openai.BadRequestError) as err:
+        alice.fine_tuning.jobs.resume(job.id)
+    assert err.value.code == "job_not_paused"
+    with pytest.raises(openai.BadRequestError) as err:
+        alice.fine_tuning.jobs.pause(job.id)
+    assert err.value.code == "job_not_running"
+
+
+def test_pausing_a_queued_job_is_refused_and_cancelling_a_paused_job_deletes_its_checkpoints(
+        service, workers, uploaded, jobs):
+    alice = client_for(service)
+    queued = jobs.create(uploaded)  # no worker yet: it stays queued
+    with pytest.raises(openai.BadRequestError) as err:
+        alice.fine_tuning.jobs.pause(queued.id)
+    assert (err.value.code, err.value.body["param"]) == ("job_not_running", "job_id")
+    assert "queued" in err.value.message
+    assert alice.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
+
+    workers.start("w-pause-cancel")
+    job = jobs.create(uploaded, extra_body={"budget": {"max_steps": 30}, "checkpoint_every": 2, "method": {
+        "type": "citi", "hyperparameters": {**TINY_HYPERPARAMETERS, "eval_examples": 0}}})
+    service.wait_status(job.id, ("running", *TERMINAL), timeout=120)
+    alice.fine_tuning.jobs.pause(job.id)
+    assert service.wait_status(job.id, ("paused", *TERMINAL), timeout=120)["status"] == "paused"
+    work = service.artifact_dir / "work" / job.id
+    assert list(work.glob("*/checkpoints/*/meta.json"))
+    assert alice.fine_tuning.jobs.list(limit=5, extra_query={"status": "paused"}).data[0].id == job.id
+
+    cancelled = alice.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    assert not work.exists() and not (service.artifact_dir / "jobs" / job.id).exists()
+    assert alice.fine_tuning.jobs.checkpoints.list(job.id).data == []
+    assert not service.redis.sismember(f"citi:active:{'alice'}", job.id)
+    with pytest.raises(openai.BadRequestError):
+        alice.fine_tuning.jobs.resume(job.id)
+
+
+def test_a_lora_model_is_continued_as_a_full_job_on_it_and_a_citi_model_is_refused(service, workers, uploaded,
+                                                                                     citi_job):
+    import json
+
+    workers.start("w-continue")
+    alice = client_for(service)
+    parent = alice.fine_tuning.jobs.create(model=service.model_dir, training_file=uploaded, suffix="first",
+                                           extra_body={"budget": {"max_steps": 3}, "method": {
+                                               "type": "lora", "hyperparameters": TINY_HYPERPARAMETERS}})
+    parent = service.wait_status(parent.id, TERMINAL, timeout=300)
+    assert parent["status"] == "succeeded", parent
+    model = parent["fine_tuned_model"]
+
+    cases = [
+        ({"model": citi_job["fine_tuned_model"]}, "model_not_continuable", "model"),
+        ({"model": model}, "model_not_continuable", "method.type"),  # citi (the default) on top: not servable
+        ({"model": model, "method": {"type": "supervised"}}, "model_not_continuable", "method.type"),
+        ({"model": "ft:tiny-llama:nobody:000000000000"}, "model_not_found", "model"),
+    ]
+    for kwargs, code, param in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            alice.fine_tuning.jobs.create(training_file=uploaded, **kwargs)
+        assert (err.value.code, err.value.body["param"]) == (code, param), kwargs
+    with pytest.raises(openai.BadRequestError) as err:
+        client_for(service, "bob").fine_tuning.jobs.create(model=model, training_file=uploaded,
+                                                           extra_body={"method": {"type": "full"}})
+    assert err.value.code == "model_not_found"  # another tenant's model looks like none
+
+    job = alice.fine_tuning.jobs.create(model=model, training_file=uploaded, suffix="second", extra_body={
+        "budget": {"max_steps": 3}, "method": {"type": "full", "hyperparameters": TINY_HYPERPARAMETERS}})
+    assert job.model == model and job.to_dict()["base_model"] == service.model_dir
+    done = service.wait_status(job.id, TERMINAL, timeout=300)
+    assert done["status"] == "succeeded", done
+    assert done["fine_tuned_model"].startswith("ft:tiny-llama:second:")
+    assert any(e.message.startswith(f"building the starting model: {model}")
+               for e in alice.fine_tuning.jobs.list_events(job.id, limit=1000).data)
+    listed = {m.id: m for m in alice.models.list()}
+    assert listed[done["fine_tuned_model"]].to_dict()["parent"] == model
+    adapter = service.artifact_dir / "jobs" / job.id / "adapter"
+    card = json.loads((adapter / "citi_job.json").read_text())
+    assert (card["method"], card["base_model"], card["continued_from"]) == ("full", service.model_dir, model)
+    assert (adapter / "config.json").is_file()  # a whole model, served without its parent
+
+    # It started from the parent's weights merged into the base, not from the base.
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from citi_engine.export import export_model
+
+    merged = export_model(service.artifact_dir / "jobs" / parent["id"] / "adapter", service.artifact_dir / "merged",
+                          base=service.model_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base = load_file(str(Path(service.model_dir) / "model.safetensors"))[name]
+    start = load_file(str(merged / "model.safetensors"))[name]
+    tuned = load_file(str(adapter / "model.safetensors"))[name]
+    assert (start - base).abs().max() > 0, "the parent's LoRA is in the starting weights"
+    assert (tuned - start).abs().max() < (tuned - base).abs().max()
+
+
+def test_result_files_go_with_their_fine_tuned_model(service, citi_job):
+    alice = client_for(service)
+    archive_bytes = alice.files.retrieve(citi_job["result_files"][0]).bytes
+    usage = service.redis.hgetall("citi:usage:alice")
+    alice.models.delete(citi_job["fine_tuned_model"])
+    for file_id in citi_job["result_files"]:
+        with pytest.raises(openai.NotFoundError):
+            alice.files.retrieve(file_id)
+    assert not set(citi_job["result_files"]) & {f.id for f in alice.files.list(purpose="fine-tune-results")}
+    assert alice.fine_tuning.jobs.retrieve(citi_job["id"]).result_files == []
+    after = service.redis.hgetall("citi:usage:alice")
+    assert after["files"] == usage["files"], "result files never counted as uploads"
+    assert int(usage["bytes"]) - int(after["bytes"]) > archive_bytes, "the archive counted, and freed, with the job"

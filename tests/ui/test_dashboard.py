@@ -276,7 +276,7 @@ def test_dashboard_end_to_end(ui_service, ui_worker, ui_inference, page, screens
         member = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/importance.json")))
         assert json.load(io.BytesIO(member.read())) == importance
     assert {"adapter_config.json", "adapter_model.safetensors", "importance.json", "report.json"} <= names
-    assert names == set(job["result_files"])
+    assert names == set(job["adapter_files"])
 
     # -- the jobs list updates by itself; cancel a job from its page ------------------------------
     page.get_by_role("link", name="Jobs", exact=True).click()
