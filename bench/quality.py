@@ -358,7 +358,7 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         result = finetune(cfg, on_event=print_event)
         record["train_seconds"] = time.perf_counter() - start
         record.update(steps=result.steps, stage_steps=result.stage_steps, trained_tokens=result.trained_tokens,
-                      final_loss=result.final_loss, components=result.components)
+                      final_loss=result.final_loss, components=result.selected_components)
         del result
         gc.collect()
         if torch.cuda.is_available():

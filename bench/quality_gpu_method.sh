@@ -5,10 +5,13 @@
 #   1. CITI's validation sweep (bench/plans/method_val.txt, seed 0), JOBS runs at a time (default 5).
 #   2. The configuration chosen on it (bench/quality_select.py --rule=retention-floor) on the test split with
 #      seeds 0,1,2, and the test ablations (bench/plans/method_test_ablations.txt, seed 0), in one pool of
-#      TEST_JOBS (default 6).
+#      TEST_JOBS (default 6); these also evaluate with calls constrained to the tools' schemas (--constrained).
 #   3. The baselines (bench/plans/method_test_baselines.txt, seeds 0,1,2), where any is missing.
 # Runs start STAGGER seconds apart so CITI's importance scoring (its memory peak) does not fall together for all
 # of them; a run that dies of CUDA out of memory is queued once more at one run fewer at a time.
+# The GPU host lacks llguidance (for --constrained): carry its wheel with gguf's in .whl/ (bench/gpu_lease.sh stage
+# installs them): pip download llguidance==1.9.1 --no-deps --only-binary=:all: --python-version 3.12 \
+#   --platform manylinux_2_31_x86_64 -d .whl
 # Usage: bench/quality_gpu_method.sh GGUF OUTDIR        (touches OUTDIR/DONE when everything has finished)
 set -uo pipefail
 GGUF=$1; OUT=$2
@@ -31,7 +34,8 @@ echo "chosen on validation: $(cat "$OUT/test_plan.txt")"
 sed 's/$/ --seed 0,1,2/' "$OUT/test_plan.txt" > "$OUT/test_plan_all.txt"
 grep -v '^#' bench/plans/method_test_ablations.txt | sed 's/$/ --seed 0/' >> "$OUT/test_plan_all.txt"
 awk '!seen[$0]++' "$OUT/test_plan_all.txt" > "$OUT/test_plan_run.txt"
-python3 bench/quality.py "${common[@]}" --jobs "$TEST_JOBS" --plan "$OUT/test_plan_run.txt" --split test --out "$OUT/test" \
+python3 bench/quality.py "${common[@]}" --constrained --jobs "$TEST_JOBS" --plan "$OUT/test_plan_run.txt" --split test \
+    --out "$OUT/test" \
     > "$OUT/test.log" 2>&1
 python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan bench/plans/method_test_baselines.txt --split test --seed 0,1,2 \
     --out "$OUT/test" > "$OUT/test_baselines.log" 2>&1

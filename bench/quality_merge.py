@@ -26,7 +26,8 @@ import numpy as np
 
 METRICS = ("tool_accuracy", "irrelevance_accuracy", "parse_rate", "general_retention", "kl", "agreement",
            "humaneval_nll_delta", "train_seconds", "retention_with_tools", "kl_with_tools", "headline_retention",
-           "backbone_gate_general", "backbone_gate_general_with_tools", "backbone_gate_tool_call")
+           "backbone_gate_general", "backbone_gate_general_with_tools", "backbone_gate_tool_call",
+           "tool_accuracy_constrained", "irrelevance_accuracy_constrained", "parse_rate_constrained")
 
 
 def load_runs(dirs: list[str]) -> list[dict]:
@@ -182,6 +183,16 @@ def render_markdown(merged: dict) -> str:
                   "|---" * (len(cats) + 1) + "|"]
         for label, m in merged["methods"].items():
             lines.append(f"| {label} | " + " | ".join(_fmt(m["per_category"].get(c), True) for c in cats) + " |")
+    held = {label: m for label, m in merged["methods"].items() if m.get("tool_accuracy_constrained") is not None}
+    if held:
+        lines += ["", "## Free and constrained decoding (`--constrained`: calls held to the tools' schemas)", "",
+                  "| label | tool acc % free | constrained | irrelevance % free | constrained | parse % free | "
+                  "constrained |", "|---|---|---|---|---|---|---|"]
+        for label, m in held.items():
+            lines.append(f"| {label} | {_fmt(m['tool_accuracy'], True)} | {_fmt(m['tool_accuracy_constrained'], True)} "
+                         f"| {_fmt(m['irrelevance_accuracy'], True)} | "
+                         f"{_fmt(m.get('irrelevance_accuracy_constrained'), True)} | {_fmt(m['parse_rate'], True)} | "
+                         f"{_fmt(m.get('parse_rate_constrained'), True)} |")
     if merged["comparisons"]:
         lines += ["", "## Paired differences (bootstrap 95% intervals)", "",
                   "| comparison | seeds | tool accuracy (points) | general retention | headline retention |",

@@ -155,12 +155,13 @@ DIST_TIMEOUT_S = 1800.0
 
 @dataclass
 class FinetuneResult:
-    """What a finished job produced. ``components`` holds the ``molora`` and ``uco`` lists (empty for baselines)."""
+    """What a finished run produced. ``selected_components`` holds the ``molora`` and ``uco`` lists (empty for
+    baselines)."""
 
     adapter_dir: str
     trained_tokens: int
     steps: int
-    components: dict[str, list[str]]
+    selected_components: dict[str, list[str]]
     report_path: str | None = None
     stage_steps: dict[str, int] = field(default_factory=dict)
     final_loss: float | None = None
@@ -212,7 +213,7 @@ class FinetuneRecipe:
 
     Each method is one step of the module docstring and reads and writes the attributes set in
     ``__init__``: the data (``tool``, ``general``, ``pool``), the model and how it runs (``device``,
-    ``frozen_dtype``, ``packing``), the citi selection (``replay``, ``importance``, ``components``), and
+    ``frozen_dtype``, ``packing``), the citi selection (``replay``, ``importance``, ``selected_components``), and
     where training is (``plan``, ``state``). ``__init__`` loads nothing; it finds the checkpoint to
     resume from (rank 0 writes them, every process reads them).
     """
@@ -248,7 +249,7 @@ class FinetuneRecipe:
         self.replay: list[dict] = []
         self.gen_s_per_item: float | None = None
         self.importance: Any = None
-        self.components: dict[str, list[str]] = {"molora": [], "uco": []}
+        self.selected_components: dict[str, list[str]] = {"molora": [], "uco": []}
         # 5. method
         self.trainable: dict[str, Any] = {"by_stage": {}, "names": [], "params": {}}
         self.teacher: Teacher | None = None
@@ -312,7 +313,7 @@ class FinetuneRecipe:
                 lambda: _score_components(ctx, cfg, self.model, self.tokenizer, _calls_only(self.tool), self.general,
                                           general_name, packing=self.packing), self.dist)
         if self.importance is not None:
-            self.components = {"molora": list(self.importance.molora), "uco": list(self.importance.uco)}
+            self.selected_components = {"molora": list(self.importance.molora), "uco": list(self.importance.uco)}
 
     # 5. Method: adapters on the chosen components; every tensor any stage trains kept in fp32.
     def setup_method(self) -> None:
@@ -325,8 +326,8 @@ class FinetuneRecipe:
         soft_targets = self.hp.general_loss == "kl" and cfg.uses_general_data and bool(self.general)
         frozen = _frozen_copy(self.model) if soft_targets and cfg.method == "full" else None
         torch.manual_seed(cfg.seed)
-        self.model = apply_method(self.model, cfg.method, molora=self.components["molora"],
-                                  uco=self.components["uco"], num_experts=c.num_experts, rank=c.rank, alpha=c.alpha,
+        self.model = apply_method(self.model, cfg.method, molora=self.selected_components["molora"],
+                                  uco=self.selected_components["uco"], num_experts=c.num_experts, rank=c.rank, alpha=c.alpha,
                                   lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
         self.trainable = _fp32_trainables(self.model, cfg)
         self.teacher = Teacher(self.model, frozen) if soft_targets else None
@@ -472,7 +473,7 @@ class FinetuneRecipe:
             "routing_loss": self.state.routing_loss,
             "elapsed_s": self.ctx.clock.elapsed(),
             "plan": self.plan.to_dict(),
-            "components": self.components,
+            "selected_components": self.selected_components,
             "gen_s_per_item": self.gen_s_per_item,
             "config": self.cfg.to_dict(),
         }
@@ -492,7 +493,7 @@ class FinetuneRecipe:
         save_adapter(self.model, self.out_dir, metadata=self.cfg.to_dict())
         if self.importance is not None:
             self.importance.save(self.out_dir)
-        _write_model_card(self.out_dir, self.cfg, self.components, self.stage_steps, self.state.tokens)
+        _write_model_card(self.out_dir, self.cfg, self.selected_components, self.stage_steps, self.state.tokens)
 
     # 8. Evaluate on the held-out tool tests (and general probes), within the budget.
     def evaluate(self) -> None:
@@ -552,7 +553,7 @@ class FinetuneRecipe:
         """What this run produced so far (after :meth:`train`; ``report_path`` after :meth:`evaluate`)."""
         final_loss = next((v for v in reversed(self.stage_losses.values()) if v is not None), None)
         return FinetuneResult(adapter_dir=str(self.out_dir), trained_tokens=self.state.tokens,
-                              steps=self.plan.total_steps, components=self.components, report_path=self.report_path,
+                              steps=self.plan.total_steps, selected_components=self.selected_components, report_path=self.report_path,
                               stage_steps=self.stage_steps, final_loss=final_loss, trained_sha256=self.trained_sha256)
 
     def _choose_packing(self) -> tuple[bool, str | None]:

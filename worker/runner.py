@@ -494,7 +494,7 @@ class JobRunner:
         fields = {
             "fine_tuned_model": model_id,
             "trained_tokens": int(result.trained_tokens),
-            "selected_components": result.components,
+            "selected_components": result.selected_components,
             "result_files": [r["id"] for r in results],
             "adapter_files": sorted(k[len(adapter_prefix(self.job_id)):] for k in keys),
             "adapter_bytes": size,
@@ -654,8 +654,8 @@ class CheckpointWatcher(threading.Thread):
                         "train_loss": meta.get("loss"), "trained_tokens": meta.get("trained_tokens")},
         }
         runner.store.add_checkpoint(runner.job_id, record)
-        if meta.get("components") and not runner.lost:
-            runner.store.update_job(runner.job_id, selected_components=meta["components"])
+        if meta.get("selected_components") and not runner.lost:
+            runner.store.update_job(runner.job_id, selected_components=meta["selected_components"])
         runner.store.add_event(runner.job_id, "checkpoint", f"checkpoint {path.name} saved at step {step}",
                                {"checkpoint": record["id"], "step": step, "stage": record["stage"]})
 

@@ -113,8 +113,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     print(f"adapter: {result.adapter_dir}")
     stages = ", ".join(f"{name} {n}" for name, n in result.stage_steps.items())
     print(f"steps: {result.steps} ({stages}); tokens: {result.trained_tokens:,}")
-    if result.components.get("molora"):
-        print(f"components: {len(result.components['molora'])} MOLoRA, {len(result.components['uco'])} UCO "
+    if result.selected_components.get("molora"):
+        print(f"components: {len(result.selected_components['molora'])} MOLoRA, {len(result.selected_components['uco'])} UCO "
               f"(see {Path(result.adapter_dir) / 'importance.png'})")
     if result.report_path:
         _print_report_summary(result.report_path)

@@ -31,7 +31,7 @@ def main() -> None:
     result = finetune(FinetuneConfig.from_dict(spec["config"]), on_event=events.append)
     record = {
         "rank": rank, "steps": result.steps, "trained_tokens": result.trained_tokens,
-        "stage_steps": result.stage_steps, "sha256": result.trained_sha256, "components": result.components,
+        "stage_steps": result.stage_steps, "sha256": result.trained_sha256, "selected_components": result.selected_components,
         "progress": [e["step"] for e in events if e["type"] == "progress" and e["stage"] in CITI_STAGES],
         "events": len(events),
     }

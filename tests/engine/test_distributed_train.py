@@ -64,7 +64,7 @@ def test_two_processes_train_the_adapter_one_process_trains(tiny_model, tmp_path
     assert r0["steps"] == r1["steps"] == single.steps == 6
     assert r0["stage_steps"] == r1["stage_steps"] == single.stage_steps
     assert r0["trained_tokens"] == r1["trained_tokens"] == single.trained_tokens
-    assert r0["components"] == r1["components"] == single.components
+    assert r0["selected_components"] == r1["selected_components"] == single.selected_components
     assert r0["progress"] == [1, 2, 3, 4, 5, 6] and r1["events"] == 0  # one process speaks for the job
 
     assert_same_adapter(tmp_path / "single", tmp_path / "ddp", rtol=1e-4, atol=1e-6)

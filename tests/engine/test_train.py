@@ -192,7 +192,8 @@ def test_finetune_citi_writes_adapter_importance_card_and_job(tiny_model, data_f
     assert FinetuneConfig.from_dict(job["config"]) == small_config(tiny_model, data_file, out,
                                                                    budget={"max_steps": 3})
     importance = json.loads((out / "importance.json").read_text())
-    assert importance["molora"] == result.components["molora"] and importance["uco"] == result.components["uco"]
+    chosen = result.selected_components
+    assert importance["molora"] == chosen["molora"] and importance["uco"] == chosen["uco"]
     assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
     # The job brought general examples, so no replay ran; every event carries the contract's keys.
     stages = [e["stage"] for e in events if e["type"] == "stage"]
@@ -342,7 +343,7 @@ def test_ablations_no_uco_stage_and_random_components(tiny_model, data_file, tmp
     out = tmp_path / "no_uco"
     result = finetune(small_config(tiny_model, data_file, out, budget={"max_steps": 2},
                                    components={"uco_fraction": 0.0}))
-    assert result.stage_steps == {"router_pretraining": 1, "molora": 1} and result.components["uco"] == []
+    assert result.stage_steps == {"router_pretraining": 1, "molora": 1} and result.selected_components["uco"] == []
     assert not json.loads((out / "adapter_config.json").read_text()).get("modules_to_save")
 
     ranked = finetune(small_config(tiny_model, data_file, tmp_path / "ranked", budget={"max_steps": 3},
@@ -351,11 +352,11 @@ def test_ablations_no_uco_stage_and_random_components(tiny_model, data_file, tmp
                                    components={"molora_fraction": 0.25, "selection": "random"}, seed=seed))
              for seed in (0, 1)]
     for r in drawn:  # the same budget, disjoint sets
-        assert len(r.components["molora"]) == len(ranked.components["molora"])
-        assert len(r.components["uco"]) == len(ranked.components["uco"])
-        assert not set(r.components["molora"]) & set(r.components["uco"])
+        assert len(r.selected_components["molora"]) == len(ranked.selected_components["molora"])
+        assert len(r.selected_components["uco"]) == len(ranked.selected_components["uco"])
+        assert not set(r.selected_components["molora"]) & set(r.selected_components["uco"])
     # the seed, not the scores, decides: two seeds draw different sets
-    assert drawn[0].components != drawn[1].components
+    assert drawn[0].selected_components != drawn[1].selected_components
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,7 @@ def test_finetune_citi_with_packing_ends_with_the_padded_runs_adapter(tiny_model
         results[packing] = finetune(cfg, on_event=events.append if packing else None)
     padded, packed = results[False], results[True]
     assert packed.steps == padded.steps == 4 and packed.trained_tokens == padded.trained_tokens
-    assert packed.components == padded.components
+    assert packed.selected_components == padded.selected_components
     assert any("packed rows of at most 384 tokens" in e["message"] for e in events)
     assert_same_adapter(tmp_path / "False", tmp_path / "True", rtol=1e-4, atol=1e-6)
     model, _ = load_adapter(tmp_path / "True")
