@@ -5,7 +5,7 @@
     python bench/inference.py --tiny --out /tmp/inf                                         # CPU check
     python bench/inference.py --merge $OUT/inf --md bench/results/inference.md --json bench/results/inference.json
 
-What runs is the server's own path without HTTP (:mod:`worker.inference_cache`): the base model loaded
+What runs is the server's own path without HTTP (:mod:`worker.inference.cache`): the base model loaded
 once in a :class:`ModelCache`, a real CITI adapter (``apply_method`` + ``save_adapter`` of the engine on
 a copy of the base, experts with non-zero weights) loaded from its directory into the cache, requests
 submitted to the :class:`BatchScheduler` (5 ms batching window, one generation thread), one at a time
@@ -161,7 +161,7 @@ def load_base(args, cache) -> tuple[Any, str, dict[str, Any]]:
 
 
 async def _round(scheduler, served, prompt: list[int], n: int, new_tokens: int) -> list[Any]:
-    from worker.inference_cache import GenerationRequest
+    from worker.inference.cache import GenerationRequest
 
     reqs = [GenerationRequest(prompt_ids=list(prompt), max_new_tokens=new_tokens, ignore_eos=True) for _ in range(n)]
     await asyncio.gather(*(scheduler.submit(served, r) for r in reqs))
@@ -204,7 +204,7 @@ async def measure(cache, base, served_adapter, prompt: list[int], args) -> tuple
     Base and adapter rounds alternate; the overhead is the median over rounds of (adapter ms/token) /
     (the base ms/token of the round just before) - 1, so a slow drift of the host's speed cancels out.
     """
-    from worker.inference_cache import BatchScheduler, ServedModel
+    from worker.inference.cache import BatchScheduler, ServedModel
 
     scheduler = BatchScheduler(cache, max_batch_size=16, max_wait_ms=args.wait_ms)
     variants = {"base": ServedModel(base=base), "citi": served_adapter}
@@ -233,7 +233,7 @@ def run_one(args) -> dict[str, Any]:
     import torch
 
     from citi_engine.data.chat_format import render_prompt
-    from worker.inference_cache import ModelCache, ServedModel
+    from worker.inference.cache import ModelCache, ServedModel
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"

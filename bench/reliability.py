@@ -173,7 +173,7 @@ def run_load(clients: int, seconds: float, workdir: Path) -> dict:
                                    stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(api)
         with open(inf_log, "ab") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "worker.inference:app", "--host",
+            procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "worker.inference.app:app", "--host",
                                            "127.0.0.1", "--port", str(inf_port), "--log-level", "warning"], cwd=ROOT,
                                           env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         url = f"http://127.0.0.1:{api_port}"

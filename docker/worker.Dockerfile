@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The GPU image: the engine with CUDA torch. One image, two processes (docker-compose.yml picks):
 #   celery -A worker.celery_app worker     a training worker (one job at a time on its GPUs)
-#   uvicorn worker.inference:app           the inference server (OpenAI-compatible chat with adapters)
+#   uvicorn worker.inference.app:app           the inference server (OpenAI-compatible chat with adapters)
 #
 #   docker build -f docker/worker.Dockerfile -t citi-worker .
 #

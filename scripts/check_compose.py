@@ -138,8 +138,8 @@ def check_compose(compose: dict[str, Any]) -> list[str]:
     if not any("hf-cache" in target or "huggingface" in target for target in _volume_sources(worker)):
         problems.append("worker: no model cache volume")
 
-    if "worker.inference:app" not in _command(inference):
-        problems.append("inference: command does not serve worker.inference:app")
+    if "worker.inference.app:app" not in _command(inference):
+        problems.append("inference: command does not serve worker.inference.app:app")
     if not _gpu_reservation(inference):
         problems.append("inference: no GPU reservation")
     problems += _healthcheck("inference", inference)

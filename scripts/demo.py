@@ -5,7 +5,7 @@ What it does, in order:
 1. starts, in the background and on free ports, everything the service needs: a private Redis
    (when ``redis-server`` is installed; else the one at ``REDIS_URL``), the API
    (``uvicorn api.main:app``), one Celery worker and the inference server
-   (``uvicorn worker.inference:app``), with their files and logs under ``.run/demo/``;
+   (``uvicorn worker.inference.app:app``), with their files and logs under ``.run/demo/``;
 2. then talks to the API like any user would, over HTTP with one API key: uploads the example
    data, submits a CITI job on the built-in SmolLM2-135M-Instruct with a demo-sized budget,
    follows the job's live event stream as a progress bar, downloads the adapter, asks a tool
@@ -212,7 +212,7 @@ def start_services(services: Services, api_key: str, extra_env: dict[str, str] |
     services.start("api", [py, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(api_port),
                            "--log-level", "warning"], env)
     start_worker(services, env)
-    services.start("inference", [py, "-m", "uvicorn", "worker.inference:app", "--host", "127.0.0.1",
+    services.start("inference", [py, "-m", "uvicorn", "worker.inference.app:app", "--host", "127.0.0.1",
                                  "--port", str(inference_port), "--log-level", "warning"], env)
     api = f"http://127.0.0.1:{api_port}"
     wait_http(f"{api}/healthz", services, 60, "the API")

@@ -150,3 +150,12 @@ def test_the_cycle_finder_finds_cycles():
         ["worker.celery_app", "worker.lease"]]
     assert cycles({"a": {"a"}}) == [["a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_inference_server_is_an_app_of_its_own_beside_the_celery_worker():
+    graph = import_graph()
+    serving = {m for m in graph if m == "worker.inference" or m.startswith("worker.inference.")}
+    celery_side = {m for m in graph if m.startswith("worker") and m not in serving}
+    assert serving and celery_side
+    assert not [(m, sorted(graph[m] & serving)) for m in celery_side if graph[m] & serving]
+    assert not [(m, sorted(graph[m] & celery_side)) for m in serving if graph[m] & celery_side]

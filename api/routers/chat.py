@@ -12,7 +12,7 @@ with the inference server, so a request is judged the same wherever it arrives. 
 tokenizer (prompt plus ``max_tokens`` over the context length) happen there; its 400 passes through.
 
 ``response_format`` (``json_object``, ``json_schema``) and forced tool calls are enforced by constrained
-decoding on the inference server (see :mod:`worker.inference`). This process checks only that a
+decoding on the inference server (see :mod:`worker.inference.app`). This process checks only that a
 ``json_schema`` is valid JSON Schema; whether the grammar library can compile it is the inference
 server's 400 (``invalid_response_format`` / ``invalid_tool_schema``, with the schema's ``param``), passed
 through. Neither torch nor the grammar library is imported here.
@@ -44,7 +44,7 @@ router = APIRouter(tags=["chat"])
 def _unavailable(url: str | None, why: str) -> APIError:
     where = f"at {url} " if url else ""
     return APIError(503, "inference_unavailable",
-                    f"the inference server {where}{why}; start it with `uvicorn worker.inference:app` and point "
+                    f"the inference server {where}{why}; start it with `uvicorn worker.inference.app:app` and point "
                     "CITI_INFERENCE_URL at it", headers={"Retry-After": "5"})
 
 

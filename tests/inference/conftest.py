@@ -1,5 +1,5 @@
 """Fixtures for the inference tests: a tiny model with a small tokenizer, the whole service running as real
-processes (Redis, ``uvicorn api.main:app``, ``uvicorn worker.inference:app``, a Celery worker), and a CITI
+processes (Redis, ``uvicorn api.main:app``, ``uvicorn worker.inference.app:app``, a Celery worker), and a CITI
 adapter trained by a real job through that service until it calls the weather tool.
 
 Why a small tokenizer: with SmolLM2's 49k-token vocabulary the output layer is most of a tiny model's
@@ -207,8 +207,8 @@ class Stack:
 
 
 def start_inference(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    """``uvicorn worker.inference:app`` on a free port, once /healthz answers."""
-    return start_uvicorn("worker.inference:app", env, log, name="the inference server", timeout=90)
+    """``uvicorn worker.inference.app:app`` on a free port, once /healthz answers."""
+    return start_uvicorn("worker.inference.app:app", env, log, name="the inference server", timeout=90)
 
 
 @pytest.fixture(scope="session")

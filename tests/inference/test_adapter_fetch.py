@@ -21,7 +21,7 @@ def _files(root: Path) -> list[str]:
 
 @pytest.fixture
 def service(tmp_path, monkeypatch):
-    from worker.inference import InferenceService
+    from worker.inference.app import InferenceService
 
     monkeypatch.setenv("CITI_INFERENCE_CACHE_DIR", str(tmp_path / "inference-cache"))
     monkeypatch.setenv("CITI_INFERENCE_DEVICE", "cpu")

@@ -345,7 +345,7 @@ def test_a_token_in_dotenv_is_read_by_the_api_and_the_inference_server_and_none_
     # No token anywhere: the inference server does not start, and says why.
     bare = tmp_path / "bare"
     bare.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "uvicorn", "worker.inference:app", "--port", str(free_port())],
+    proc = subprocess.run([sys.executable, "-m", "uvicorn", "worker.inference.app:app", "--port", str(free_port())],
                           cwd=bare, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "CITI_INFERENCE_TOKEN is not set" in proc.stdout + proc.stderr
 
@@ -357,7 +357,7 @@ def test_a_token_in_dotenv_is_read_by_the_api_and_the_inference_server_and_none_
     (run / ".env").write_text(f"CITI_INFERENCE_TOKEN={token}\nCITI_INFERENCE_URL=http://127.0.0.1:{inference_port}\n")
     procs = []
     try:
-        for app, port in (("worker.inference:app", inference_port), ("api.main:app", api_port)):
+        for app, port in (("worker.inference.app:app", inference_port), ("api.main:app", api_port)):
             with open(tmp_path / f"{port}.log", "ab") as out:
                 procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port",
                                                str(port)], cwd=run, env={**env, "PYTHONPATH": str(ROOT)}, stdout=out,

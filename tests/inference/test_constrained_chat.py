@@ -168,7 +168,7 @@ def test_rm_rf_in_generated_text_never_becomes_a_tool_call_streamed_or_not():
     """The server's own assembly of a reply, on text that calls an undefined function beside a defined one."""
     from citi_engine.serving import GenerationRequest
     from citi_service.chat import ChatCompletionRequest
-    from worker.inference import ToolCallStream, build_completion
+    from worker.inference.app import ToolCallStream, build_completion
 
     req = ChatCompletionRequest(model="m", messages=ASK, tools=[CITY])
     text = ('<tool_call>{"name": "rm_rf", "arguments": {"path": "/"}}</tool_call>\n'

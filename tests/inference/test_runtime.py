@@ -13,7 +13,7 @@ from citi_engine.components import list_components
 from citi_engine.generate import encode_prompt, generate_chat
 from citi_engine.molora import FrozenMoloraLinear
 from tests.inference.conftest import ASK, GENERAL, WEATHER_TOOL
-from worker.inference_cache import (
+from worker.inference.cache import (
     BatchScheduler,
     GenerationRequest,
     Generator,

@@ -76,7 +76,7 @@ class UIService:
 
 
 def _start_inference(env: dict, port: int, log: Path) -> subprocess.Popen:
-    return start_uvicorn("worker.inference:app", env, log, port=port, name="the inference server", timeout=120)[0]
+    return start_uvicorn("worker.inference.app:app", env, log, port=port, name="the inference server", timeout=120)[0]
 
 
 @pytest.fixture(scope="session")

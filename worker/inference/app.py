@@ -1,10 +1,10 @@
-"""The inference server: ``uvicorn worker.inference:app``, where the GPUs are.
+"""The inference server: ``uvicorn worker.inference.app:app``, where the GPUs are.
 
 It answers ``POST /v1/chat/completions`` (OpenAI's shape, SSE streaming included) for base models and
 for fine-tuned adapters. The API process validates the caller and forwards requests here with
 ``citi_adapter`` set (model id, job id, base model); this server fetches the adapter from the
 artifact store, keeps it in an LRU cache (``CITI_ADAPTER_CACHE_SIZE``), keeps every base model loaded
-once, and batches concurrent requests (see :mod:`worker.inference_cache` for the batching and why one
+once, and batches concurrent requests (see :mod:`worker.inference.cache` for the batching and why one
 batch serves one adapter). Without a GPU it runs on the CPU, slowly but the same way.
 
 Tool calls (``tool_choice``):
@@ -81,7 +81,7 @@ from citi_service.keys import adapter_prefix
 from citi_service.model_access import base_model_allowed
 from citi_service.settings import get_settings
 from citi_service.storage import check_prefix, make_storage
-from worker.inference_cache import BatchScheduler, GenerationRequest, ModelCache, ServedModel
+from worker.inference.cache import BatchScheduler, GenerationRequest, ModelCache, ServedModel
 
 log = logging.getLogger("citi.inference")
 
