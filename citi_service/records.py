@@ -1,7 +1,7 @@
 """What the API and the workers write to each other through the store: job statuses, events, model ids.
 
-A job record is a plain dict (the hash ``job:<id>`` in Redis, one JSON value per field); the API builds
-it in ``api/routers/jobs.py`` and serves it almost as stored. Its ``stage`` field holds the job's
+A job record is a :class:`JobRecord` (a typed dict: the hash ``job:<id>`` in Redis, one JSON value per field);
+the API builds it in ``api/routers/jobs.py`` and serves it almost as stored. Its ``stage`` field holds the job's
 *phase* (the engine's ``validating``, ``loading``, ``importance``, ..., a training stage, then ``done``):
 the JSON keeps the name ``stage``, the service code says phase.
 """
@@ -35,6 +35,55 @@ class Event(TypedDict):
     level: EventLevel
     message: str
     data: dict[str, Any]
+
+
+class JobRecord(TypedDict, total=False):
+    """A job as stored (the hash ``job:<id>``): what the API writes when it creates the job, and what the
+    store's transitions and the worker add while it runs. ``api.routers.jobs.public_job`` turns it into the
+    API's job object; ``tests/service/test_e2e.py`` checks that a finished job holds no field but these."""
+
+    # written once, by the API (api/routers/jobs.py)
+    id: str
+    tenant: str
+    created_at: int
+    model: str
+    training_file: str
+    validation_file: str | None
+    general_file: str | None
+    suffix: str | None
+    seed: int
+    metadata: dict[str, str] | None
+    method: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    integrations: list[dict[str, Any]]
+    budget: dict[str, Any]
+    components: dict[str, Any]
+    engine: dict[str, Any]  # the engine's config, what the worker builds FinetuneConfig from
+    parent_model: str  # a continuation: the ft: model it continues, and that model's job
+    parent_job: str
+    # the store's state machine (citi_service/store.py)
+    seq: int
+    status: str  # one of STATUSES
+    attempts: int
+    resumes: int
+    worker: str
+    started_at: int | None
+    finished_at: int | None
+    error: dict[str, Any] | None
+    pause_requested: bool
+    artifacts_deleted: bool
+    # the worker, while it runs and when it ends (worker/runner.py)
+    stage: str | None  # the job's phase (see the module docstring)
+    progress: dict[str, Any] | None
+    estimated_finish: int | None
+    selected_components: dict[str, list[str]] | None
+    fine_tuned_model: str | None
+    trained_tokens: int | None
+    result_files: list[str]
+    adapter_files: list[str]
+    adapter_bytes: int
+    has_report: bool
+    report: dict[str, Any] | None
 
 
 def new_event(type_: str, message: str, data: dict | None = None, level: EventLevel = "info") -> Event:

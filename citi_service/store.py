@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from citi_service.records import RESULT_FILE_PURPOSE, STATUSES, Event, new_event, status_event
+from citi_service.records import RESULT_FILE_PURPOSE, STATUSES, Event, JobRecord, new_event, status_event
 
 PREFIX = "citi:"
 EVENT_STREAM_MAXLEN = 100_000
@@ -390,12 +390,12 @@ class Store:
 
     def create_job(
         self,
-        record: dict,
+        record: JobRecord,
         *,
         max_active: int,
         idempotency_key: str | None = None,
         body_hash: str = "",
-    ) -> tuple[dict, bool]:
+    ) -> tuple[JobRecord, bool]:
         """Create a queued job unless the idempotency key names one already; returns ``(job, created)``.
 
         Raises :class:`LimitExceeded` when the tenant has ``max_active`` unfinished jobs and
@@ -433,21 +433,21 @@ class Store:
         assert job is not None
         return job, True
 
-    def get_job(self, job_id: str) -> dict | None:
+    def get_job(self, job_id: str) -> JobRecord | None:
         """A job record by id, whoever owns it (workers use this; the API uses :meth:`get_job_for`)."""
         raw = self.r.hgetall(self.k("job", job_id))
         if not raw:
             return None
         return {name: _dec(value) for name, value in raw.items()}
 
-    def get_job_for(self, tenant: str, job_id: str) -> dict | None:
+    def get_job_for(self, tenant: str, job_id: str) -> JobRecord | None:
         """The tenant's job, or None (absent or another tenant's)."""
         job = self.get_job(job_id)
         if job is None or job.get("tenant") != tenant:
             return None
         return job
 
-    def get_job_by_model(self, tenant: str, fine_tuned_model: str) -> dict | None:
+    def get_job_by_model(self, tenant: str, fine_tuned_model: str) -> JobRecord | None:
         """The tenant's succeeded job whose ``fine_tuned_model`` id is given, or None."""
         job_id = self.r.hget(self.k("models", tenant), fine_tuned_model)
         if job_id is None:

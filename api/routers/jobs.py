@@ -53,6 +53,7 @@ from citi_service.model_access import check_model
 from citi_service.queue import enqueue
 from citi_service.records import (
     TERMINAL,
+    JobRecord,
     checkpoint_model_id,
     event_id,
     event_seq,
@@ -200,8 +201,8 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 
 # -- the job object --------------------------------------------------------------------------------
 
-_INTERNAL = ("tenant", "seq", "worker", "engine", "adapter_bytes", "has_report", "started_at", "general_file_record",
-             "resumes", "parent_model")
+_INTERNAL = ("tenant", "seq", "worker", "engine", "adapter_bytes", "has_report", "started_at", "resumes",
+             "parent_model")
 
 
 def public_job(job: dict, store: Store) -> Job:
@@ -301,7 +302,7 @@ def create_job(
     body_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
     job_id = "ftjob-" + secrets.token_hex(12)
-    record = {
+    record: JobRecord = {
         "id": job_id,
         "tenant": tenant,
         "created_at": int(time.time()),

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from celery import Celery
 
+from citi_service.records import JobRecord
 from tests.service.test_client import citi
 
 pytestmark = pytest.mark.service
@@ -95,6 +96,9 @@ def test_job_runs_streams_events_and_yields_a_loadable_adapter(service, workers,
 
         done = c.get(f"/jobs/{job['id']}").json()
         assert done["status"] == "succeeded", done
+        # Every field the API, the store and the worker wrote is one the typed record declares.
+        stored = set(service.redis.hkeys(f"citi:job:{job['id']}"))
+        assert stored <= set(JobRecord.__annotations__), stored - set(JobRecord.__annotations__)
         assert done["attempts"] == 1
         assert done["fine_tuned_model"].startswith("ft:tiny-llama:weather:")
         assert done["trained_tokens"] > 0 and done["finished_at"] >= done["created_at"]

@@ -7,6 +7,7 @@ import httpx
 import openai
 import pytest
 
+from citi_service.records import JobRecord
 from tests.service.conftest import KEYS, TINY_HYPERPARAMETERS, to_jsonl, training_lines
 
 
@@ -397,6 +398,8 @@ def test_pause_stops_a_running_job_at_a_checkpoint_and_resume_continues_from_it(
     done = service.wait_status(job.id, TERMINAL, timeout=300)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
+    stored = set(service.redis.hkeys(f"citi:job:{job.id}"))  # paused and resumed: still only declared fields
+    assert stored <= set(JobRecord.__annotations__), stored - set(JobRecord.__annotations__)
     with service.client("alice") as c:
         ours = c.get(f"/jobs/{job.id}/events", params={"limit": 1000}).json()["data"]
     flow = [e["data"]["status"] for e in ours if e["type"] == "status"]
