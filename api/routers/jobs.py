@@ -624,7 +624,10 @@ def list_checkpoints(
     and removes them all when the job ends. ``/jobs`` lists every one recorded; OpenAI's path only those whose files
     are still there (a paused job's, for one)."""
     job = _owned_job(store, tenant, job_id)
-    records = list(reversed(store.list_checkpoints(job_id)))
+    # Newest first by training position, not by when the worker's watcher happened to record them (it may find
+    # two in one scan); at one step, a stage boundary comes after the periodic checkpoint it follows.
+    records = sorted(store.list_checkpoints(job_id), reverse=True,
+                     key=lambda r: (r["step_number"], r.get("kind") == "boundary", r.get("created_at") or 0))
     if _openai_route(request):
         there = _stored_checkpoints(job_id, storage, settings)
         records = [r for r in records if _checkpoint_name(r) in there]
