@@ -270,28 +270,13 @@ def run_streams(streams: int, seconds: float, workdir: Path, process_limit: int 
     per_tenant = 30
     tenants = [f"t{i}" for i in range(-(-streams // per_tenant))] + ["other"]
     keys = {t: f"sk-stream-{t}-0123456789" for t in tenants}
-    redis_port, api_port = _free_port(), _free_port()
-    procs: list[subprocess.Popen] = []
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CITI_", "AWS_"))}
-    env.update({
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "CITI_ARTIFACT_DIR": str(workdir / "stream-artifacts"),
-        "CITI_API_KEYS": ",".join(f"{t}:{k}" for t, k in keys.items()), "CITI_STORAGE": "local",
-        "CITI_RATE_LIMIT_PER_MINUTE": "100000000", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1"})
+    extra = {"CITI_API_KEYS": ",".join(f"{t}:{k}" for t, k in keys.items()),
+             "CITI_RATE_LIMIT_PER_MINUTE": "100000000"}
     if process_limit is not None:
-        env["CITI_MAX_STREAMS_PER_PROCESS"] = str(process_limit)
+        extra["CITI_MAX_STREAMS_PER_PROCESS"] = str(process_limit)
+    procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--logfile", str(workdir / "stream-redis.log")], start_new_session=True))
-        api_log = workdir / "stream-api.log"
-        with open(api_log, "ab") as out:
-            api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
-                                    str(api_port), "--log-level", "warning"], cwd=ROOT, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(api)
-        url = f"http://127.0.0.1:{api_port}"
-        _wait_http(url + "/healthz", api, api_log)
+        procs, api, url, _, api_log = _private_service(workdir, "stream", extra)
         jobs = {}
         for tenant, key in keys.items():
             headers = {"Authorization": f"Bearer {key}"}
