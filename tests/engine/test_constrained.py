@@ -201,3 +201,21 @@ def test_constrained_tool_eval_scores_every_case_and_says_so(tiny):
     assert (free.constrained, held.constrained) == (False, True)
     assert held.n == free.n == 2 and held.unconstrained == 0
     assert "unparseable" not in held.failure_counts
+
+
+def test_grammar_reads_byte_level_tokens_whatever_decoder_chain_describes_them(tiny):
+    """transformers 5.17 describes the GGUF tokenizer's decoder as a chain; llguidance must still see bytes."""
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    from citi_engine.constrained import _ll_tokenizer
+
+    _, tokenizer = tiny
+    chained = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    chained.backend_tokenizer.decoder = decoders.Sequence([
+        decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "), decoders.ByteLevel()])
+    plain, chain = _ll_tokenizer(tokenizer), _ll_tokenizer(chained)
+    ids = list(range(len(tokenizer)))
+    assert [chain.decode_bytes([i]) for i in ids] == [plain.decode_bytes([i]) for i in ids]
+    space_quote = tokenizer.convert_tokens_to_ids('\u0120"')
+    assert chain.decode_bytes([space_quote]) == b' "'
