@@ -17,7 +17,7 @@ collect() {
     local waited=0
     while [ ! -f "$RESULTS/DONE" ] && [ "$waited" -lt "$WAIT_S" ]; do sleep 10; waited=$((waited + 10)); done
     nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv > "$RESULTS/gpu.csv" 2>&1
-    tar -czf "$OUT/results.tgz" -C "$RESULTS" --exclude='work' . 2>/dev/null
+    tar -czf "$OUT/results.tgz" -C "$RESULTS" --exclude='work' --exclude='artifacts' --exclude='*.jsonl' . 2>/dev/null
     echo "result files: $(find "$RESULTS" -mindepth 2 -maxdepth 2 -name '*.json' | wc -l)"
     tail -n 3 "$RESULTS"/*.log 2>/dev/null
 }
@@ -33,7 +33,7 @@ start)
     shift
     cat "$STAGE"/gg.aa .m2/gg.ab > "$STAGE/smollm2.gguf"
     echo "$SHA  $STAGE/smollm2.gguf" | sha256sum -c - || exit 1
-    rm -rf "$RUN" && mkdir -p "$RUN" "$RESULTS"
+    rm -rf "$RUN" && mkdir -p "$RUN" "$RESULTS" && rm -f "$RESULTS/DONE"
     tar -cf - --exclude=.m1 --exclude=.m2 --exclude=.git . | tar -xf - -C "$RUN"
     CITI_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
     [ -z "$(git status --porcelain -- citi_engine bench 2>/dev/null)" ] || CITI_COMMIT="$CITI_COMMIT+dirty"

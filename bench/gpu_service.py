@@ -113,11 +113,15 @@ def follow(client: httpx.Client, job_id: str, timeout_s: float, on_event=None) -
 
 
 def phase_times(events: list[dict], created_at: float, ended_at: float) -> dict[str, float]:
-    """Seconds spent in each phase, from the first event of each phase to the first of the next."""
+    """Seconds spent in each phase, from the event that starts it to the one that starts the next.
+
+    Only stage events (``"<stage> started"``) start a phase: messages and checkpoints name a stage too, and
+    the plan a CITI job announces before training ("stage molora trains N parameters") names all three at once.
+    """
     marks: list[tuple[str, float]] = [("queued", created_at)]
     for e in events:
         data = e.get("data") or {}
-        phase = data.get("stage")
+        phase = data.get("stage") if e.get("type") == "stage" else None
         when = float(e.get("created_at") or e["received_at"])
         if phase and phase != marks[-1][0] and phase not in {m for m, _ in marks}:
             marks.append((phase, when))

@@ -30,7 +30,7 @@ fetch)
         echo "$dep==$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$dep'))")" >> .whl-svc/requirements.txt
     done
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl-svc -r .whl-svc/requirements.txt
     (cd .redis-deb && apt-get download redis-server redis-tools libjemalloc2 liblzf1 >/dev/null)
     du -sh .whl-svc .redis-deb
