@@ -219,12 +219,14 @@ def plot(merged: dict, path: Path) -> None:
     fig = Figure(figsize=(6.4, 4.6), dpi=130)
     ax = fig.add_subplot()
     colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+    markers = "osD^v"  # past eight labels the colours repeat, so the marker changes with them
     for i, (label, m) in enumerate(merged["methods"].items()):
-        color = colors[i % len(colors)]
+        color, marker = colors[i % len(colors)], markers[(i // len(colors)) % len(markers)]
         key = "headline_retention" if m.get("headline_retention") is not None else "general_retention"
         xs, ys = m["per_seed"]["tool_accuracy"], m["per_seed"][key]
-        ax.scatter(xs, ys, s=18, color=color, alpha=0.5)
-        ax.scatter([m["tool_accuracy"]], [m[key]], s=90, color=color, edgecolor="black", label=label, zorder=3)
+        ax.scatter(xs, ys, s=18, color=color, marker=marker, alpha=0.5)
+        ax.scatter([m["tool_accuracy"]], [m[key]], s=90, color=color, marker=marker, edgecolor="black", label=label,
+                   zorder=3)
     ax.set_xlabel("tool-call accuracy (AST)")
     ax.set_ylabel("headline retention: lower of exp(-KL) without and with tools")
     ax.set_title(f"{merged['model']} on {merged['card']} (small: seeds, large: mean)", fontsize=9)
@@ -279,8 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default=None, help="heading of the markdown file")
     p.add_argument("--notes", default=None, help="a markdown file appended to the results (what the numbers say, "
                    "what was not measured and why)")
+    p.add_argument("--drop-constrained", default=None, metavar="LABELS",
+                   help="comma list of labels whose constrained numbers are left out (a run whose constrained "
+                        "eval was broken; say why in --notes)")
     args = p.parse_args(argv)
     runs = load_runs(args.runs)
+    dropped = set((args.drop_constrained or "").split(","))
+    for r in runs:
+        if r["label"] in dropped:
+            for key in [k for k in r if k.endswith("_constrained")]:
+                del r[key]
     if args.labels:
         keep = set(args.labels.split(","))
         runs = [r for r in runs if r["label"] in keep]
