@@ -304,8 +304,8 @@ def merge(dirs: list[Path], md: Path, js: Path, notes: Path | None = None) -> No
         m = run["model"]
         a = run["adapter"]
         commit = run.get("commit") or ""
-        commit = commit[:10] if len(commit) == 40 else "unknown"
-        lines += [f"## {m['model']} on {run['card']}", "",
+        commit = commit[:10] if commit and commit != "HEAD" else "unknown"
+        lines += [f"## {m['model']} on {run['card']}, commit {commit}", "",
                   f"{m['params'] / 1e6:.0f}M parameters, {m['layers']} layers, {m['dtype']}; prompt "
                   f"{run['prompt_tokens']} tokens, {run['new_tokens']} new tokens a request; torch "
                   f"{run['versions']['torch']}, transformers {run['versions']['transformers']}; commit "
