@@ -16,7 +16,8 @@ so every request decodes the same length.
 Measured per request: time to first token (from submission, so it includes the batching window, the
 prefill and the first sampling step) and decode speed (tokens after the first over the time after the
 first). Per configuration: the median over ``--rounds`` rounds, base and adapter rounds interleaved.
-Also: cold-load time of the adapter (files to a served, activatable adapter on the GPU, base already
+Also: plain transformers ``generate`` on the base model as a reference (:func:`measure_reference`), and
+cold-load time of the adapter (files to a served, activatable adapter on the GPU, base already
 loaded), and the time to swap it in and out.
 
 Components of the adapter: MOLoRA on every fifth component from the first (20%), UCO on every tenth
@@ -229,6 +230,40 @@ async def measure(cache, base, served_adapter, prompt: list[int], args) -> tuple
     return out, paired
 
 
+def measure_reference(model, prompt: list[int], args) -> dict[str, Any]:
+    """Plain transformers ``generate`` (greedy, dynamic cache, no scheduler) on the base model, as a reference.
+
+    Per concurrency: the same prompt ``n`` times in one batch. TTFT is the median time of ``generate`` with one new
+    token; ms per token is (time for ``--new-tokens`` - TTFT) / (new tokens - 1); medians over the rounds.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def timed(ids: torch.Tensor, new_tokens: int) -> float:
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        sync()
+        return time.perf_counter() - t
+
+    out: dict[str, Any] = {}
+    for n in args.concurrency:
+        ids = torch.tensor([prompt] * n, device=device)
+        timed(ids, min(8, args.new_tokens))  # warm-up
+        n_rounds = args.rounds if n == 1 else max(3, args.rounds // 2)
+        first = statistics.median(timed(ids, 1) for _ in range(n_rounds))
+        full = statistics.median(timed(ids, args.new_tokens) for _ in range(n_rounds))
+        per_token = (full - first) / max(1, args.new_tokens - 1)
+        out[str(n)] = {"ttft_ms": round(first * 1000, 2), "ms_per_token": round(per_token * 1000, 3),
+                       "aggregate_tok_s": round(n * args.new_tokens / full, 1), "rounds": n_rounds}
+    return out
+
+
 def run_one(args) -> dict[str, Any]:
     import torch
 
@@ -271,6 +306,8 @@ def run_one(args) -> dict[str, Any]:
         result["adapter_swap_in_out_ms"] = round(statistics.median(swaps) * 1000, 3)
         result["setup_s"] = round(time.perf_counter() - t0, 1)
         result["results"], result["adapter_overhead"] = asyncio.run(measure(cache, base, served, prompt, args))
+        cache.activate(ServedModel(base=base))
+        result["reference_hf_generate"] = measure_reference(base.model, prompt, args)
 
     b1 = result["adapter_overhead"].get("1")
     result["adapter_overhead_batch1"] = b1
@@ -322,6 +359,12 @@ def merge(dirs: list[Path], md: Path, js: Path, notes: Path | None = None) -> No
                 lines.append(f"| {variant} | {conc} | {r.get('rounds', run['rounds'])} | {r['ttft_ms']:.1f} | "
                              f"{r['ttft_ms_p90']:.1f} | {r['decode_tok_s_per_request']:.1f} | {r['ms_per_token']:.2f} | "
                              f"{'-' if best is None else f'{best:.2f}'} | {r['aggregate_tok_s']:.1f} |")
+        ref = run.get("reference_hf_generate")
+        if ref:
+            lines += ["", "Reference, plain transformers `generate` on the base model (greedy, dynamic cache, one batch "
+                      "of n copies of the prompt): " + "; ".join(
+                          f"{c} concurrent: TTFT {r['ttft_ms']:.1f} ms, {r['ms_per_token']:.2f} ms/token, "
+                          f"{r['aggregate_tok_s']:.1f} tok/s aggregate" for c, r in ref.items()) + "."]
         overhead = run.get("adapter_overhead")
         how = "paired rounds"
         if not overhead:  # a run from before paired rounds: the ratio of the medians
