@@ -10,6 +10,7 @@ checkpointing is tried once more with it. ``bench/throughput_merge.py`` turns th
     python bench/throughput.py --all --shapes 8b --out $OUT/throughput          # GPU, < 9 minutes
     python bench/throughput.py --shape 1b --method citi_stage2 --packing true --out /tmp/t
     python bench/throughput.py --micro --shape 8b --out $OUT/throughput         # fused MOLoRA vs LoRA r=N*r
+    python bench/throughput.py --micro --shape 8b --out $OUT/throughput --profile $OUT/throughput  # + kernels
     torchrun --standalone --nproc_per_node 2 bench/throughput.py --ddp ...       # see bench/ddp_throughput.py
     python bench/throughput.py --smoke --all --out /tmp/smoke                   # CPU, tiny shapes
     python bench/throughput.py --profile-lengths --train-file .data/bfcl/train.jsonl
@@ -38,6 +39,12 @@ inside the loop (losses stay on the GPU until the end). MFU = tokens/s x (4N + 2
 N = every matmul weight including the output head, excluding the embedding; N_t the trained
 base weights (UCO components in stage 3, everything for full); peak 989e12 (H100 SXM, H200
 dense bf16; 756e12 for an H100 PCIe).
+
+Profile: ``--profile DIR`` runs ``--profile-steps`` (3) more steps of a run after its timed ones,
+or more fwd+bwd of each ``--micro`` layer after its timing, under the torch profiler, and writes
+``<name>.profile.txt`` (tables by self CUDA time on a GPU, CPU time on CPU: the kernels first;
+then ops by input shape) and ``<name>.profile.json`` (the top kernels, ``kind: profile``) into DIR.
+The timings never include the profiler.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +352,61 @@ class Clock:
         return [b - a for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
 
 
+def profiled(work: Callable[[], Any], cuda: bool):
+    """Run ``work`` once under the torch profiler (CPU, and CUDA kernels on a GPU, input shapes recorded)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        work()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof
+
+
+def kernel_report(prof, cuda: bool, title: str, top: int = 30) -> tuple[str, dict[str, Any]]:
+    """The profile as text and its ``top`` kernels as a dict.
+
+    The text: everything by self time, then the ops by input shape (which matmul is which). On a
+    GPU, CUDA times: the table shows each kernel and the aten op that launched it (an op's self
+    CUDA time is its kernels'); the dict keeps the GPU events alone, whose times add up to the
+    GPU's busy time ``busy_us``. On CPU, the ops' CPU times.
+    """
+    from operator import attrgetter
+
+    from torch.autograd import DeviceType
+
+    where = "device" if cuda else "cpu"
+    self_us, total_us = attrgetter(f"self_{where}_time_total"), attrgetter(f"{where}_time_total")
+    averages = prof.key_averages()
+    kernels = [e for e in averages if not cuda or (e.device_type != DeviceType.CPU
+                                                   and not getattr(e, "is_user_annotation", False))]
+    busy = sum(self_us(e) for e in kernels)
+    unit = "CUDA" if cuda else "CPU"
+    text = "\n".join([
+        f"== {title}: by self {unit} time ==",
+        averages.table(sort_by=f"self_{where}_time_total", row_limit=top, max_name_column_width=100),
+        f"== {title}: ops by input shape, by total {unit} time ==",
+        prof.key_averages(group_by_input_shape=True).table(sort_by=f"{where}_time_total", row_limit=top,
+                                                          max_name_column_width=60),
+    ])
+    kernels = sorted((e for e in kernels if self_us(e) > 0), key=self_us, reverse=True)[:top]
+    doc = {"title": title, "time": f"self {unit} time, microseconds", "busy_us": busy,
+           "top": [{"name": e.key, "calls": e.count, "self_us": self_us(e), "total_us": total_us(e),
+                    "share": self_us(e) / busy if busy else None} for e in kernels]}
+    return text, doc
+
+
+def write_profile(out: Path, name: str, texts: list[str], doc: dict[str, Any]) -> list[str]:
+    """``<name>.profile.txt`` (the tables) and ``<name>.profile.json`` (top kernels) in ``out``; their names."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.profile.txt").write_text("\n\n".join(texts) + "\n")
+    # kind "profile" and no "method" key: bench/throughput_merge.py reads every JSON of a folder and skips these.
+    _write_json(out / f"{name}.profile.json", {"kind": "profile", **doc})
+    return [f"{name}.profile.txt", f"{name}.profile.json"]
+
+
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -442,6 +505,9 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         step_times = [elapsed / len(timed)] * len(timed)
         finite = all(math.isfinite(v) for v in scores.T["tool"].values())
         last_loss = None
+
+        def profile_work():
+            compute_importance(model, {"tool": timed[: args.profile_steps]}, device=device)
     else:
         routing = method in ("citi_stage1", "citi_stage2")
         def loss_fn(m, batch):
@@ -483,6 +549,22 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         elapsed = sum(step_times)
         last_loss = losses.tolist()
         finite = all(math.isfinite(v) for v in last_loss)
+
+        def profile_work():
+            for batch in timed[: args.profile_steps]:
+                step(batch)
+
+    if args.profile:
+        # After the timed steps (the profiler's overhead stays out of the timings), every rank alike (DDP).
+        from citi_engine.distributed import is_main
+
+        prof = profiled(profile_work, cuda)
+        name = result["tag"] + (f"_ddp{world}" if args.ddp else "")
+        n = min(args.profile_steps, len(timed))
+        if is_main():
+            text, doc = kernel_report(prof, cuda, f"{name}: {n} steps after {len(warm) + len(timed)}, {card}")
+            result["profile_files"] = write_profile(Path(args.profile), name, [text], {
+                **doc, "tag": name, "card": card, "steps": n, "commit": result["commit"]})
 
     elapsed_t = torch.tensor([elapsed], dtype=torch.float64, device=device)
     real_t = torch.tensor([float(real)], dtype=torch.float64, device=device)
@@ -530,12 +612,16 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_micro(args: argparse.Namespace) -> dict[str, Any]:
-    """Forward + backward of single layers with the shapes of the MOLoRA components, three ways.
+    """Forward + backward of single layers with the shapes of the MOLoRA components, four ways.
 
-    base (frozen linear alone), peft LoRA with r = experts x rank, and MOLoRA (the engine's
-    layer); everything trainable of the adapters, the input requiring grad (as inside a network),
-    bf16 autocast, ``--tokens`` tokens. Times are summed over the MOLoRA set's module types
-    weighted by how often each type occurs in it.
+    base (frozen linear alone), peft LoRA with r = experts x rank, MOLoRA (the engine's layer:
+    router and A in one matmul) and ``molora_2mm``, the same layer with router and A as two
+    matmuls (its path with dropout, here a dropout that drops nothing: the layer before the
+    one-matmul change, side by side with it); everything trainable of the adapters, the input
+    requiring grad (as inside a network), bf16 autocast, ``--tokens`` tokens. Times are summed
+    over the MOLoRA set's module types weighted by how often each type occurs in it. With
+    ``--profile DIR`` each layer is then profiled over ``--profile-steps`` more iterations:
+    ``<shape>_micro_molora.profile.{txt,json}``.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -580,45 +666,69 @@ def run_micro(args: argparse.Namespace) -> dict[str, Any]:
                                alpha=CITI["alpha"], init_weights=False)
         wrapped = get_peft_model(holder, cfg)
         layer = wrapped.base_model.model.proj
+        if kind == "molora_2mm":
+            # Not nn.Identity, so the layer keeps router and A apart; dropout with p=0 returns its input unchanged.
+            layer.molora_dropout["default"] = nn.Dropout(0.0)
         params = [p for p in layer.parameters() if p.requires_grad]
         return layer, params
+
+    def fwd_bwd(layer, x, grad):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            y = layer(x)
+        y.backward(grad)
 
     def time_layer(layer, x, grad, iters):
         clock = Clock(cuda)
         for i in range(args.warmup + iters):
             if i == args.warmup:
                 clock.mark()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-                y = layer(x)
-            y.backward(grad)
+            fwd_bwd(layer, x, grad)
         clock.mark()
         return clock.intervals()[0] / iters
 
     iters = args.steps if args.smoke else max(args.steps, 30)
+    kinds = ("base", "lora", "molora_2mm", "molora")
     rows = []
-    totals = {"base": 0.0, "lora": 0.0, "molora": 0.0}
+    totals = dict.fromkeys(kinds, 0.0)
+    texts, profiles = [], []
     for module, (din, dout) in dims.items():
         if module not in counts:
             continue
         x = torch.randn(args.tokens, din, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(args.tokens, dout, device=device, dtype=dtype)
         times = {}
-        for kind in ("base", "lora", "molora"):
+        for kind in kinds:
             layer, _ = layer_for(kind, din, dout)
             times[kind] = time_layer(layer, x, grad, iters)
+            if args.profile:
+                def work(layer=layer, x=x, grad=grad):
+                    for _ in range(args.profile_steps):
+                        fwd_bwd(layer, x, grad)
+
+                text, doc = kernel_report(profiled(work, cuda), cuda,
+                                          f"{module} {din}->{dout} {kind}, {args.profile_steps} fwd+bwd, {card}")
+                texts.append(text)
+                profiles.append({"module": module, "kind": kind, **doc})
             del layer
         rows.append({"module": module, "in": din, "out": dout, "count": counts[module],
                      **{f"{k}_ms": v * 1000 for k, v in times.items()}})
         for k in totals:
             totals[k] += times[k] * counts[module]
-    return {
+    result = {
         "kind": "micro_molora", "shape": args.shape, "card": card, "tokens": args.tokens,
         "num_experts": CITI["num_experts"], "rank": CITI["rank"], "lora_rank": CITI["num_experts"] * CITI["rank"],
         "rows": rows, "total_ms": {k: v * 1000 for k, v in totals.items()},
         "ratio_molora_vs_lora": totals["molora"] / totals["lora"],
+        "ratio_molora_2mm_vs_lora": totals["molora_2mm"] / totals["lora"],
+        "ratio_molora_vs_molora_2mm": totals["molora"] / totals["molora_2mm"],
         "overhead_ratio": (totals["molora"] - totals["base"]) / max(totals["lora"] - totals["base"], 1e-12),
         "commit": git_commit(), "versions": versions(), "status": "ok",
     }
+    if args.profile:
+        result["profile_files"] = write_profile(Path(args.profile), f"{args.shape}_micro_molora", texts, {
+            "of": "micro_molora", "shape": args.shape, "card": card, "tokens": args.tokens,
+            "steps": args.profile_steps, "commit": result["commit"], "layers": profiles})
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -636,7 +746,11 @@ def _child_args(args: argparse.Namespace, shape: str, method: str, packing: bool
         out.append("--smoke")
     if args.variant:
         out += ["--variant", args.variant]
-    return out
+    return out + _profile_args(args)
+
+
+def _profile_args(args: argparse.Namespace) -> list[str]:
+    return ["--profile", str(args.profile), "--profile-steps", str(args.profile_steps)] if args.profile else []
 
 
 def _classify_failure(log: str) -> str:
@@ -709,6 +823,7 @@ def run_all(args: argparse.Namespace) -> int:
                 continue
             cmd = [sys.executable, str(Path(__file__).resolve()), "--micro", "--shape", shape, "--out", str(out),
                    "--tokens", str(args.tokens)] + (["--smoke", "--steps", str(args.steps)] if args.smoke else [])
+            cmd += _profile_args(args)
             with open(out / f"{tag}.log", "w") as log:
                 try:
                     code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -764,6 +879,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=510.0, help="--all: stop starting runs after this many seconds")
     p.add_argument("--run-timeout-s", type=float, default=240.0, help="--all: kill a run after this many seconds")
     p.add_argument("--micro", action="store_true", help="the fused-MOLoRA micro-benchmark (with --all: after the runs)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also profile (torch profiler) each run after its timed steps, or each --micro layer after "
+                        "its timing, and write the kernel table (<name>.profile.txt) and the top kernels "
+                        "(<name>.profile.json) into DIR")
+    p.add_argument("--profile-steps", type=int, default=3, help="--profile: steps (or layer fwd+bwd) profiled")
     p.add_argument("--profile-lengths", action="store_true", help="write bench/data/bfcl_length_profile.json")
     p.add_argument("--train-file", default=".data/bfcl/train.jsonl", help="--profile-lengths: the training file")
     args = p.parse_args(argv)
@@ -799,7 +919,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.micro:
         result = run_micro(args)
         _write_json(out / f"{args.shape}_micro_molora.json", result)
-        print(json.dumps({k: result[k] for k in ("total_ms", "ratio_molora_vs_lora", "overhead_ratio")}))
+        keys = ("total_ms", "ratio_molora_vs_lora", "ratio_molora_2mm_vs_lora", "ratio_molora_vs_molora_2mm",
+                "overhead_ratio", "profile_files")
+        print(json.dumps({k: result.get(k) for k in keys}))
         return 0
     result = run_one(args)
     from citi_engine.distributed import is_main
@@ -807,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_main():
         name = result["tag"] + (f"_ddp{result['world_size']}" if args.ddp else "")
         _write_json(out / f"{name}.json", result)
-        keys = ("status", "tokens_per_s", "step_s", "peak_gib", "mfu", "attention", "reason")
+        keys = ("status", "tokens_per_s", "step_s", "peak_gib", "mfu", "attention", "reason", "profile_files")
         print(json.dumps({k: result.get(k) for k in keys}))
     if args.ddp:
         import torch.distributed as dist

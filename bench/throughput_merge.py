@@ -189,17 +189,21 @@ def markdown(doc: dict[str, Any], runs: list[dict], micro: list[dict], ddp: list
                        f"**{r['status']}** {reason}")
     out += ["", "## Targets (ratios within this run on this card)", ""] + targets(runs, micro, ddp)
     for m in micro:
+        two = "molora_2mm" in m["total_ms"]  # runs since the router and A share one matmul also time the two-matmul way
         out += ["", f"## Fused MOLoRA vs plain LoRA of rank {m['lora_rank']} ({m['shape']} module shapes, "
                 f"{m['tokens']} tokens, fwd+bwd)", "",
-                "| module | in | out | count in MOLoRA set | base ms | LoRA ms | MOLoRA ms |", "|---|---|---|---|---|---|---|"]
+                "| module | in | out | count in MOLoRA set | base ms | LoRA ms | MOLoRA ms |"
+                + (" MOLoRA, router and A apart, ms |" if two else ""), "|---|---|---|---|---|---|---|" + ("---|" if two else "")]
         for row in m["rows"]:
             out.append(f"| {row['module']} | {row['in']} | {row['out']} | {row['count']} | {row['base_ms']:.3f} | "
-                       f"{row['lora_ms']:.3f} | {row['molora_ms']:.3f} |")
+                       f"{row['lora_ms']:.3f} | {row['molora_ms']:.3f} |" + (f" {row['molora_2mm_ms']:.3f} |" if two else ""))
         t = m["total_ms"]
-        out.append(f"| weighted total | | | | {t['base']:.2f} | {t['lora']:.2f} | {t['molora']:.2f} |")
+        out.append(f"| weighted total | | | | {t['base']:.2f} | {t['lora']:.2f} | {t['molora']:.2f} |"
+                   + (f" {t['molora_2mm']:.2f} |" if two else ""))
         out.append("")
         out.append(f"MOLoRA / LoRA: {m['ratio_molora_vs_lora']:.3f}; adapter overhead over the frozen layer, "
-                   f"MOLoRA / LoRA: {m['overhead_ratio']:.3f}.")
+                   f"MOLoRA / LoRA: {m['overhead_ratio']:.3f}."
+                   + (f" One matmul for router and A against two: {m['ratio_molora_vs_molora_2mm']:.3f}." if two else ""))
     for d in ddp:
         out += ["", f"## Several GPUs ({d['shape']} {d['method']}, {'packed' if d['packing'] else 'padded'}; "
                 f"card {d.get('card')})", "", "| GPUs | tokens/s | tokens/s per GPU | step s | peak GiB | speed-up |",

@@ -10,10 +10,10 @@ B = [B_1 ... B_N] is (d_out x N*r), and the N*r intermediate is scaled by each e
 
 One formula, two layers: :func:`molora_mix` (G(x) and the gated expert inputs) is the method's math,
 and both layers below compute through it. :class:`MoloraLinear` is the peft layer that trains and
-saves (fp32 adapter weights, dropout, router probabilities kept for the routing loss);
-:class:`FrozenMoloraLinear` is the same adapter frozen for serving (``citi_engine.serving``), laid
-out for few kernels: the router and A share one matmul, B carries alpha/r and adds onto the base
-output in place.
+saves (fp32 adapter weights, dropout, router probabilities kept for the routing loss; without
+dropout the router and A share one matmul, as in serving); :class:`FrozenMoloraLinear` is the same
+adapter frozen for serving (``citi_engine.serving``), laid out for few kernels: the router and A
+are one weight, B carries alpha/r and adds onto the base output in place.
 """
 
 from __future__ import annotations
@@ -134,8 +134,15 @@ class MoloraLinear(nn.Module, MoloraLayer):
         n, r = self.num_experts[adapter], self.r[adapter]
         if not torch.is_autocast_enabled(x.device.type):
             x = self._cast_input_dtype(x, A.dtype)  # compute in the adapter's fp32 unless autocast decides
-        h = F.linear(self.molora_dropout[adapter](x), A)  # all A_i x at once: (..., N*r)
-        mixed, self.router_probs[adapter] = molora_mix(F.linear(x, W_r), h, n, r, self.scaling[adapter], dtype=x.dtype)
+        dropout = self.molora_dropout[adapter]
+        if isinstance(dropout, nn.Identity) or not dropout.training:
+            # Router and experts read the same x: one matmul over [W_r; A] ((N+1+N*r) x d_in) reads it once forward
+            # and once for both weight gradients, and gives x's gradient in one matmul. The parameters stay apart
+            # (saved adapters, peft's names, the optimizer); only this forward joins them.
+            logits, h = F.linear(x, torch.cat([W_r, A])).split([n + 1, n * r], dim=-1)  # W_r x, all A_i x
+        else:
+            logits, h = F.linear(x, W_r), F.linear(dropout(x), A)  # the router sees x without dropout
+        mixed, self.router_probs[adapter] = molora_mix(logits, h, n, r, self.scaling[adapter], dtype=x.dtype)
         return F.linear(mixed, B)  # sum over experts of B_i (...): (..., d_out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -11,7 +11,9 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,6 +26,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 import citi_engine.molora as molora  # noqa: E402
 from citi_engine import testing  # noqa: E402
 from citi_engine.molora import FrozenMoloraLinear, MoloraConfig, MoloraLinear, MoloraModel  # noqa: E402
+from citi_engine.molora.layer import molora_mix  # noqa: E402
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -67,6 +70,88 @@ def test_fused_layer_equals_per_expert_reference_in_outputs_and_gradients(bias):
                          (*ref_params, x_ref), strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
         assert want.grad.abs().max() > 0
+
+
+def two_matmul_molora(layer, x, x_experts=None, adapter="default"):
+    """The training layer before its router and A shared a matmul: W_r x and A x apart (A on ``x_experts`` if given)."""
+    W_r, A, B = layer.molora_router[adapter], layer.molora_A[adapter], layer.molora_B[adapter]
+    h = F.linear(x if x_experts is None else x_experts, A)
+    mixed, G = molora_mix(F.linear(x, W_r), h, layer.num_experts[adapter], layer.r[adapter], layer.scaling[adapter])
+    return layer.base_layer(x) + F.linear(mixed, B), G
+
+
+class LinearCalls(TorchFunctionMode):
+    """Records the weight shape of every ``F.linear`` (every matmul of a linear layer) run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            self.weights.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def molora_layer_fp32(dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(64, 48)
+    return MoloraLinear(base, "default", MoloraConfig(target_modules=["x"], num_experts=4, r=8, alpha=16.0,
+                                                      dropout=dropout, init_weights=False))
+
+
+def test_without_dropout_router_and_experts_share_one_matmul_and_match_the_two_matmul_path():
+    layer = molora_layer_fp32()
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    upstream = torch.randn(3, 7, 48)
+    with LinearCalls() as calls:
+        out = layer(x)
+    assert calls.weights == [(48, 64), (5 + 4 * 8, 64), (48, 4 * 8)]  # W0, [W_r; A] together, B
+    (out * upstream).sum().backward()
+
+    params = (layer.molora_router["default"], layer.molora_A["default"], layer.molora_B["default"])
+    ref_layer = molora_layer_fp32()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref, G = two_matmul_molora(ref_layer, x_ref)
+    (ref * upstream).sum().backward()
+    ref_params = (ref_layer.molora_router["default"], ref_layer.molora_A["default"], ref_layer.molora_B["default"])
+
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.router_probs["default"], G, rtol=1e-6, atol=1e-7)
+    assert (ref - layer.base_layer(x_ref)).abs().max() > 1e-2  # the experts really contribute
+    for got, want in zip((*params, x), (*ref_params, x_ref), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6)
+        assert want.grad.abs().max() > 1e-3
+    # The parameters stay three, under their own names: saved adapters and the optimizer see no change.
+    assert [n for n, _ in layer.named_parameters() if "molora" in n] == [
+        "molora_router.default", "molora_A.default", "molora_B.default"]
+
+
+def test_with_dropout_the_router_sees_x_without_dropout_and_the_experts_see_it_dropped():
+    layer = molora_layer_fp32(dropout=0.5)
+    x = torch.randn(3, 7, 64)
+    torch.manual_seed(7)
+    with LinearCalls() as calls:
+        out = layer(x)
+    assert calls.weights == [(48, 64), (5, 64), (4 * 8, 64), (48, 4 * 8)]  # W0, W_r, A, B: two matmuls on x
+    torch.manual_seed(7)
+    dropped = F.dropout(x, 0.5, training=True)  # the mask the layer drew
+    with torch.no_grad():
+        ref, G = two_matmul_molora(layer, x, x_experts=dropped)
+        G_dropped = torch.softmax(F.linear(dropped, layer.molora_router["default"]), dim=-1)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.router_probs["default"], G, rtol=1e-6, atol=1e-7)
+    assert (layer.router_probs["default"] - G_dropped).abs().max() > 1e-2  # routing dropped x would differ
+
+    # In eval mode dropout is the identity, so router and A share one matmul again.
+    layer.eval()
+    with torch.no_grad():
+        with LinearCalls() as calls:
+            out = layer(x)
+        ref, G = two_matmul_molora(layer, x)
+    assert calls.weights == [(48, 64), (5 + 4 * 8, 64), (48, 4 * 8)]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.router_probs["default"], G, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("bias", [False, True])
