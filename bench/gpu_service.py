@@ -12,9 +12,11 @@ server), started the way ``make demo`` starts them (``scripts/demo.py``), then d
 4. ``kill -9`` of the worker during stage 2, a new worker, and the job resumed from its checkpoint;
 5. chat latency through the HTTP endpoint, streamed: time to first token and per token, 1 and 16 concurrent
    clients, the base model against the adapter.
+6. the main job's training part against ``bench/quality.py`` training the same way on the same card
+   (:func:`compare_with_quality`; the service may add at most 5%).
 
-Writes ``OUT/gpu_service.json`` (everything measured, with the card and commit) and the services' logs under
-``OUT/logs``. On a machine without a GPU it runs the same steps (memory is then not sampled): with a tiny model
+Writes ``OUT/gpu_service.json`` after every step (everything measured so far, with the card and commit) and
+the services' logs under ``OUT/logs``. On a machine without a GPU it runs the same steps (memory is then not sampled): with a tiny model
 and a few steps it is the script's own check (``bench/gpu_service.sh --cpu-check``).
 
     python bench/gpu_service.py --model /path/smollm2.gguf --data .data/bfcl --out /tmp/gs
@@ -206,6 +208,37 @@ def stream_latency(api: str, key: str, model: str, question: dict, clients: int,
             "per_token_p99_s": percentile(per_token, 99)}
 
 
+TRAINING_PHASES = ("validating", "loading", "replay", "importance", "router_pretraining", "molora", "uco", "saving")
+
+
+def compare_with_quality(args: argparse.Namespace, model_path: Path, out: Path, phases: dict[str, float]) -> dict:
+    """The main job's training part against ``bench/quality.py`` training the same way on the same card.
+
+    The service's part is the job's phases from ``validating`` to ``saving`` (its process start, queueing and its
+    own evaluation left out); the benchmark's is its ``train_seconds`` (``finetune`` from loading the model to
+    saving the adapter, the same steps). Same data, seed 0, budget and hyperparameters; the benchmark's own
+    evaluation is cut to a few cases, it is not timed. Target: the service adds at most 5%.
+    """
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--model", str(model_path), "--method", "citi",
+           "--seed", "0", "--split", "test", "--data", args.data, "--out", str(out / "quality_compare"),
+           "--limit-test", "4", "--probe-limit", "2", "--no-humaneval", "--force"]
+    if args.limit_train:
+        cmd += ["--limit-train", str(args.limit_train)]
+    if args.max_steps:
+        cmd += ["--max-steps", str(args.max_steps)]
+    for name, value in args.hyperparameters.items():
+        cmd += ["--set", f"hyperparameters.{name}={json.dumps(value)}"]
+    with (out / "logs" / "quality_compare.log").open("w") as log:
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+    record = json.loads(next((out / "quality_compare").glob("*.json")).read_text())
+    service = round(sum(phases.get(name, 0.0) for name in TRAINING_PHASES), 2)
+    bench = round(record["train_seconds"], 2)
+    return {"service_train_s": service, "quality_train_s": bench, "service_over_quality": round(service / bench - 1, 4),
+            "phases_counted": list(TRAINING_PHASES), "quality_n_train": record.get("n_train"),
+            "quality_steps": record.get("steps"), "note": "--limit-train takes the first N examples here and a "
+            "fixed sample in bench/quality.py: compare full-size runs" if args.limit_train else None}
+
+
 def worker_pid(services) -> int:
     return next(p.pid for name, p in services.procs if name.startswith("worker"))
 
@@ -226,7 +259,7 @@ def main() -> int:
     p.add_argument("--chat-concurrency", type=int, default=8)
     p.add_argument("--latency-rounds", type=int, default=3)
     p.add_argument("--latency-tokens", type=int, default=64)
-    p.add_argument("--steps", default="job,chat,queue,kill,latency", help="comma list of the steps to run")
+    p.add_argument("--steps", default="job,chat,queue,kill,latency,compare", help="comma list of the steps to run")
     p.add_argument("--job-timeout", type=float, default=3600)
     args = p.parse_args()
     steps = set(args.steps.split(","))
@@ -239,6 +272,10 @@ def main() -> int:
                     "commit": os.environ.get("CITI_COMMIT") or _git_commit(), "card": _card()}
     key = "sk-" + secrets.token_urlsafe(16)
     services = demo.Services(out)
+
+    def save() -> None:  # after every step, so a run cut short still leaves what it measured
+        (out / "gpu_service.json").write_text(json.dumps(result, indent=1))
+
     try:
         t0 = time.perf_counter()
         urls = demo.start_services(services, key, extra_env={"CITI_MODEL_DIRS": str(model_path.parent)})
@@ -288,10 +325,12 @@ def main() -> int:
             (out / "main_events.json").write_text(json.dumps(events))
             print(f"main job: {result['job']['post_to_succeeded_s']} s, phases {result['job']['phases_s']}",
                   flush=True)
+            save()
         if "chat" in steps and fine_tuned:
             cases = [c for c in test_cases if c.get("ground_truth")][: args.chat_requests]
             result["chat"] = chat_accuracy(api, key, fine_tuned, cases, args.chat_concurrency)
             print(f"chat: {result['chat']['correct']}/{result['chat']['requests']} correct", flush=True)
+            save()
         if "queue" in steps:
             with GpuMemory() as mem:
                 jobs = [create_job(client, job_body(args.small_steps, f"queue{i}"))[0] for i in range(2)]
@@ -308,6 +347,7 @@ def main() -> int:
                 "gpu_pids_still_holding_memory_at_end": sorted(
                     pid for pid, seen in mem.last_seen.items() if seen >= time.time() - 2 * mem.interval - 1)}
             print(f"queue: {result['queue']['one_after_the_other']}", flush=True)
+            save()
         if "kill" in steps:
             killed = {}
 
@@ -331,6 +371,7 @@ def main() -> int:
                               if job["status"] == "succeeded" else None,
                               "post_to_end_s": round(time.time() - created, 2)}
             print(f"kill: {job['status']}, killed at {killed}", flush=True)
+            save()
         if "latency" in steps and fine_tuned:
             question = {"messages": [{"role": "user", "content": "Name three rivers in Europe."}]}
             result["latency"] = [stream_latency(api, key, model, question, clients, args.latency_rounds,
@@ -338,8 +379,13 @@ def main() -> int:
                                  for clients in (1, 16) for label, model in (("base", str(model_path)),
                                                                              ("adapter", fine_tuned))]
             print(f"latency: {result['latency']}", flush=True)
+            save()
+        if "compare" in steps and "job" in result:
+            result["compare"] = compare_with_quality(args, model_path, out, result["job"]["phases_s"])
+            print(f"compare: {result['compare']}", flush=True)
+            save()
     finally:
-        (out / "gpu_service.json").write_text(json.dumps(result, indent=1))
+        save()
         services.stop()
     return 0
 
