@@ -6,8 +6,14 @@ per step serves the whole batch), a KV cache, greedy decoding at temperature 0, 
 nucleus (top-p) sampling from a seeded generator. A row ends at the tokenizer's end-of-turn / EOS
 token, at a stop string, or after ``max_new_tokens``. The inference server's loop
 (:mod:`citi_engine.serving`: per-request sampling settings, finished rows leaving the batch, text
-streamed as it comes) is built on the same pieces: ``pad_left``, ``forward_last_logits``,
+streamed as it comes) is built on the same pieces: ``pad_left``, ``prefill``, ``forward_last_logits``,
 ``sample_tokens`` and ``stop_token_ids``.
+
+The prompts go into the KV cache in chunks of columns (:func:`prefill`), so the memory of a batch of long
+prompts grows linearly with batch x prompt length. Fed whole, a left-padded batch makes transformers build
+a dense (batch, 1, prompt, prompt) mask, which SDPA turns into an additive mask at every layer, and the
+attention kernels that take a mask may build batch x heads x prompt x prompt scores: quadratic in the
+prompt (evaluation at batch 96-128 over 1,000-3,000-token prompts took 38-50 GB for a 135M model).
 
 Why our own loop and not ``model.generate``: the same code must behave the same under the
 transformers versions of the CPU and GPU machines; stop strings, per-step cancellation and text
@@ -142,16 +148,63 @@ def _forward_names(model) -> tuple[str, bool]:
     return names
 
 
-def forward_last_logits(model, cache=None, **inputs) -> tuple[torch.Tensor, object]:
-    """Logits of the last position (fp32) and the KV cache; asks the model for the last position only when it can."""
+def forward_logits(model, cache=None, keep: int = 1, **inputs) -> tuple[torch.Tensor, object]:
+    """Logits of the last ``keep`` positions (rows x keep x vocabulary, the model's dtype) and the KV cache.
+
+    The model is asked for those positions only when it can (``logits_to_keep``), so a forward over a long
+    chunk never holds rows x chunk x vocabulary logits.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
     cache_name, keeps_logits = _forward_names(model)
     if cache is not None:
         inputs[cache_name] = cache
     if keeps_logits:
-        inputs["logits_to_keep"] = 1
+        inputs["logits_to_keep"] = keep
     out = model(**inputs, use_cache=True)
     new_cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
-    return out.logits[:, -1, :].float(), new_cache
+    return out.logits[:, -keep:, :], new_cache
+
+
+def forward_last_logits(model, cache=None, **inputs) -> tuple[torch.Tensor, object]:
+    """Logits of the last position (fp32) and the KV cache; asks the model for the last position only when it can."""
+    logits, new_cache = forward_logits(model, cache, 1, **inputs)
+    return logits[:, -1, :].float(), new_cache
+
+
+# Tokens of one prefill forward (rows x chunk columns) when the caller gives no chunk length: a chunk's
+# attention is rows x heads x chunk x prompt, so this caps it at heads x PREFILL_TOKENS x prompt, whatever
+# the batch size.
+PREFILL_TOKENS = 8192
+# Shortest chunk chosen for large batches: shorter ones add forwards without saving much.
+MIN_PREFILL_CHUNK = 32
+
+
+def prefill_chunk_for(rows: int) -> int:
+    """The chunk length :func:`generate_ids` uses for a batch of ``rows`` prompts unless told one."""
+    return max(MIN_PREFILL_CHUNK, PREFILL_TOKENS // max(1, rows))
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            chunk: int = 0) -> tuple[torch.Tensor, object]:
+    """Feed left-padded prompts into a new KV cache, ``chunk`` columns per forward (0: all in one forward).
+
+    Returns the last column's logits (fp32) and the cache. Each chunk attends to the cache and to itself
+    through the 2-D mask of every column so far, so every position sees the keys it would see in one
+    forward: greedy replies are the same, and a forward's attention is rows x heads x chunk x columns so far.
+    """
+    if chunk < 0:
+        raise ValueError(f"prefill_chunk must be 0 (whole prompts in one forward) or positive, got {chunk}")
+    width = input_ids.shape[1]
+    step = chunk if chunk > 0 else width
+    logits, cache = None, None
+    for start in range(0, width, step):
+        end = min(start + step, width)
+        logits, cache = forward_last_logits(
+            model, cache, input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+            position_ids=position_ids[:, start:end],
+        )
+    return logits, cache
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -180,11 +233,13 @@ def _token_steps(
     seed: int | None,
     done: list[bool],
     should_cancel: Callable[[], bool] | None,
+    prefill_chunk: int = 0,
 ) -> Iterator[list[int]]:
     """Yield the next token of every row, step by step, until ``max_new_tokens`` or every row is ``done``.
 
     The caller marks rows ``done``; a finished row still takes part in the forward (its token is
-    ignored), which keeps the batch shape and the cache simple.
+    ignored), which keeps the batch shape and the cache simple. The prompts go in ``prefill_chunk``
+    columns at a time (see :func:`prefill`).
     """
     device = model_device(model)
     # Grad mode is thread state: hold inference mode only around the compute, never across a yield,
@@ -196,9 +251,7 @@ def _token_steps(
         generator = None
         if temperature > 0 and seed is not None:
             generator = torch.Generator(device=device).manual_seed(int(seed))
-        logits, cache = forward_last_logits(
-            model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        )
+        logits, cache = prefill(model, input_ids, attention_mask, position_ids, prefill_chunk)
         next_position = position_ids[:, -1:] + 1
         tokens = sample_tokens(logits, temperature, top_p, generator)
     for step in range(max_new_tokens):
@@ -294,12 +347,15 @@ def generate_ids(
     stop: Sequence[str] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     parse: bool = True,
+    prefill_chunk: int | None = None,
 ) -> list[Generation]:
     """Generate a reply for each prompt given as token ids; the replies come back in the prompts' order.
 
     Prompts are batched by length (less padding). ``parse=False`` skips tool-call parsing (plain
     completions, e.g. code). ``should_cancel`` is checked between batches and between steps; when it
-    turns true, :class:`~citi_engine.errors.Cancelled` is raised.
+    turns true, :class:`~citi_engine.errors.Cancelled` is raised. ``prefill_chunk``: prompt tokens per
+    row that one prefill forward takes (:func:`prefill`); None picks :func:`prefill_chunk_for` the
+    batch, 0 feeds whole prompts in one forward (memory quadratic in the prompt length).
     """
     _check_sampling(max_new_tokens, batch_size, temperature, top_p)
     stop = [s for s in (stop or []) if s]
@@ -316,9 +372,11 @@ def generate_ids(
             done = [False] * len(batch)
             # One seed per batch position keeps sampled replies reproducible for a given batching.
             batch_seed = None if seed is None else seed + start
+            chunk = prefill_chunk_for(len(batch)) if prefill_chunk is None else prefill_chunk
             for tokens in _token_steps(
                 model, [prompts[i] for i in batch], pad_id=pad_id, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, seed=batch_seed, done=done, should_cancel=should_cancel,
+                prefill_chunk=chunk,
             ):
                 for j, token in enumerate(tokens):
                     if not done[j]:
@@ -341,15 +399,16 @@ def generate_chat(
     seed: int | None = None,
     stop: Sequence[str] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    prefill_chunk: int | None = None,
 ) -> list[Generation]:
     """Reply to each conversation (``{"messages": [...], "tools": [...]}``), batched, in order.
 
     Greedy when ``temperature`` is 0, else sampling with ``temperature`` and ``top_p`` (reproducible
     with ``seed``). Each reply stops at the end-of-turn token, at any of the ``stop`` strings, or after
-    ``max_new_tokens``; its tool calls are parsed from the text.
+    ``max_new_tokens``; its tool calls are parsed from the text. ``prefill_chunk`` as in :func:`generate_ids`.
     """
     prompts = [encode_prompt(tokenizer, c["messages"], c.get("tools")) for c in conversations]
     return generate_ids(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-        top_p=top_p, seed=seed, stop=stop, should_cancel=should_cancel,
+        top_p=top_p, seed=seed, stop=stop, should_cancel=should_cancel, prefill_chunk=prefill_chunk,
     )

@@ -17,11 +17,12 @@ models and adapters stay loaded and which requests share a batch; the compute is
    so one base model serves many adapters, one batch at a time.
 
 2. **Batched generation.** :func:`generate` runs one batch of :class:`GenerationRequest` on one model:
-   left-padded prefill, then a decode loop with a KV cache, each request with its own sampling
-   settings, stop strings, token budget, optional forced prefix and optional grammar, text deltas
-   reported as they come. Finished rows leave the batch and its KV cache. It is built on
-   :mod:`citi_engine.generate`'s pieces (padding, the forward, the sampler, end-of-turn tokens), so at
-   temperature 0 it gives the text :func:`~citi_engine.generate.generate_chat` gives.
+   left-padded prefill in chunks (:func:`~citi_engine.generate.prefill`), then a decode loop with a KV
+   cache, each request with its own sampling settings, stop strings, token budget, optional forced prefix
+   and optional grammar, text deltas reported as they come. Finished rows leave the batch and its KV
+   cache. It is built on :mod:`citi_engine.generate`'s pieces (padding, the prefill, the forward, the
+   sampler, end-of-turn tokens), so at temperature 0 it gives the text
+   :func:`~citi_engine.generate.generate_chat` gives.
 
 3. **Constrained rows.** A request with a ``grammar`` (:mod:`citi_engine.constrained`: forced tool calls
    whose arguments fit the tool's schema, JSON replies) gets a matcher that consumes its forced prefix
@@ -48,7 +49,14 @@ from torch import nn
 
 from citi_engine.adapter import read_job
 from citi_engine.constrained import Grammar, allocate_bitmask, apply_bitmask
-from citi_engine.generate import forward_last_logits, pad_left, sample_tokens, stop_token_ids
+from citi_engine.generate import (
+    forward_last_logits,
+    pad_left,
+    prefill,
+    prefill_chunk_for,
+    sample_tokens,
+    stop_token_ids,
+)
 from citi_engine.molora import PEFT_TYPE_NAME, FrozenMoloraLinear
 
 log = logging.getLogger("citi.serving")
@@ -254,8 +262,13 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]) -> None:
-    """Generate for every request of one batch on ``model`` (filling in their outcome fields)."""
+def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest],
+             prefill_chunk: int | None = None) -> None:
+    """Generate for every request of one batch on ``model`` (filling in their outcome fields).
+
+    ``prefill_chunk``: prompt tokens per row that one prefill forward takes, as in
+    :func:`citi_engine.generate.generate_ids` (None: chosen for the batch size, 0: whole prompts at once).
+    """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = stop_token_ids(model, tokenizer)
@@ -273,7 +286,8 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
     # Left padding: every row's next token lands in the last column; positions count real tokens only.
     input_ids, mask = pad_left([r.req.prompt_ids + r.prefix for r in rows], pad, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, kv = forward_last_logits(model, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    chunk = prefill_chunk_for(len(rows)) if prefill_chunk is None else prefill_chunk
+    logits, kv = prefill(model, input_ids, mask, positions, chunk)
     next_pos = mask.sum(-1, keepdim=True)
     live = list(range(len(rows)))  # batch row -> index into rows
     for _ in range(max(r.req.max_new_tokens for r in rows)):

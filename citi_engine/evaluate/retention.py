@@ -34,7 +34,16 @@ from pathlib import Path
 import torch
 
 from citi_engine.errors import Cancelled
-from citi_engine.generate import encode_prompt, eval_mode, generate_chat, generate_ids, model_device
+from citi_engine.generate import (
+    encode_prompt,
+    eval_mode,
+    forward_logits,
+    generate_chat,
+    generate_ids,
+    model_device,
+    pad_left,
+    prefill_chunk_for,
+)
 
 # Where a completion of a HumanEval function body ends: the next top-level statement.
 HUMANEVAL_STOP = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(")
@@ -120,26 +129,39 @@ def as_conversation(prompt) -> dict:
 
 
 def _answer_log_probs(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                      gate_meter=None) -> list[torch.Tensor]:
+                      gate_meter=None, chunk: int | None = None) -> list[torch.Tensor]:
     """Teacher-forced log-probabilities (float32, one row per answer token, over the vocabulary) of each
-    answer after its prompt, one batch (right padding: no grads here, and it keeps the indices simple).
-    ``gate_meter`` (a :class:`~citi_engine.adapter.GateMeter`) counts the router gates of every real token."""
+    answer after its prompt, one batch. ``gate_meter`` (a :class:`~citi_engine.adapter.GateMeter`) counts
+    the router gates of every real token.
+
+    The rows are padded on the left, so every answer ends in the last column, and go through the model in
+    chunks of ``chunk`` columns (default :func:`~citi_engine.generate.prefill_chunk_for` the batch) with a
+    KV cache, as generation's prefill does: memory grows with rows x (prompt + answer), and vocabulary
+    logits are asked for only in the columns that predict an answer token.
+    """
     device = model_device(model)
     seqs = [list(p) + list(a) for p, a in zip(prompts, answers, strict=True)]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+    ids, mask = pad_left(seqs, 0, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    width = ids.shape[1]
+    # Column t predicts token t+1: the longest answer is predicted from column width - len - 1 on.
+    first = max(0, width - 1 - max(len(a) for a in answers))
+    step = chunk or prefill_chunk_for(len(seqs))
+    cache, kept = None, []
     with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        if gate_meter is not None:
-            gate_meter.add(mask)
+        for start in range(0, width, step):
+            end = min(start + step, width)
+            keep = end - max(start, first)
+            logits, cache = forward_logits(model, cache, max(1, keep), input_ids=ids[:, start:end],
+                                           attention_mask=mask[:, :end], position_ids=positions[:, start:end])
+            if gate_meter is not None:
+                gate_meter.add(mask[:, start:end])
+            if keep > 0:
+                kept.append(logits.float())
+        logits = torch.cat(kept, dim=1)  # rows x (width - first) x vocabulary: columns first .. width-1
         out = []
-        for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-            # Position t predicts token t+1: the answer's tokens are predicted from len(p)-1 on.
-            rows = logits[i, len(p) - 1 : len(p) - 1 + len(a)].float()
+        for i, a in enumerate(answers):
+            rows = logits[i, logits.shape[1] - 1 - len(a): logits.shape[1] - 1]
             out.append(torch.log_softmax(rows, dim=-1))
     return out
 

@@ -19,15 +19,16 @@ from citi_engine.evaluate.tool_eval import ToolCase
 
 
 def tool_call_gates(model, tokenizer, cases: Sequence[ToolCase], *, batch_size: int = 8, max_length: int = 4096,
-                    limit: int | None = None) -> dict | None:
+                    limit: int | None = None, chunk: int | None = None) -> dict | None:
     """Mean backbone gate over the positions that write each case's ground-truth call(s), teacher-forced.
 
     ``{"mean", "per_layer", "tokens", "cases"}`` (see :class:`~citi_engine.adapter.GateMeter`), or None for
-    a model without MOLoRA layers. Cases without a call (irrelevance) are skipped; ``limit`` caps the cases.
+    a model without MOLoRA layers. Cases without a call (irrelevance) are skipped; ``limit`` caps the cases. ``chunk``: columns a forward
+    takes (default :func:`~citi_engine.generate.prefill_chunk_for` the batch).
     """
     from citi_engine.adapter import GateMeter
     from citi_engine.data.chat_format import encode_example
-    from citi_engine.generate import _forward_names, eval_mode, model_device
+    from citi_engine.generate import eval_mode, forward_logits, model_device, prefill_chunk_for
     from citi_engine.training.batches import collate
 
     meter = GateMeter(model)
@@ -38,16 +39,20 @@ def tool_call_gates(model, tokenizer, cases: Sequence[ToolCase], *, batch_size: 
     encoded = [e for e in encoded if not e["truncated"]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model_device(model)
-    # Only the routers are read: no logits for every position (batch x length x vocabulary).
-    extra = {"logits_to_keep": 1} if _forward_names(model)[1] else {}
     with eval_mode(model), torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
             batch = collate(encoded[start:start + batch_size], pad)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                  use_cache=False, **extra)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             writes = torch.zeros_like(batch["labels"], dtype=torch.bool)
             writes[:, :-1] = batch["labels"][:, 1:] != -100  # position t writes answer token t+1
-            meter.add(writes)
+            # Only the routers are read: one position of logits a forward, and the rows go through in chunks of
+            # columns with a KV cache (right padding: every real token sees what it would in one forward), so
+            # no batch x length x length mask is built for examples of up to max_length tokens.
+            step, cache = chunk or prefill_chunk_for(len(ids)), None
+            for col in range(0, ids.shape[1], step):
+                end = min(col + step, ids.shape[1])
+                _, cache = forward_logits(model, cache, 1, input_ids=ids[:, col:end], attention_mask=mask[:, :end])
+                meter.add(writes[:, col:end])
     return {**meter.result(), "cases": len(encoded)}
 
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from citi_engine.errors import Cancelled
-from citi_engine.generate import generate_chat, stop_token_ids
+from citi_engine.generate import (
+    generate_chat,
+    generate_ids,
+    pad_left,
+    prefill,
+    prefill_chunk_for,
+    stop_token_ids,
+)
 from citi_engine.models import load_model
 from citi_engine.testing import make_tiny_model_dir
 
@@ -148,3 +155,63 @@ def test_training_mode_is_restored(tiny):
         assert model.training
     finally:
         model.eval()
+
+
+def long_prompts(lengths, seed=1):
+    """Token-id prompts of the given lengths (random ids of the real vocabulary, no template)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 40000, (n,), generator=g).tolist() for n in lengths]
+
+
+LENGTHS = (150, 97, 33, 181, 64)  # left-padded to 181 columns in one batch
+
+
+@pytest.mark.parametrize("chunk", [16, 37, 181, 500])
+def test_chunked_prefill_gives_the_greedy_replies_of_one_shot_prefill(tiny, chunk):
+    model, tok = tiny
+    prompts = long_prompts(LENGTHS)
+    one_shot = generate_ids(model, tok, prompts, max_new_tokens=6, batch_size=5, prefill_chunk=0, parse=False)
+    chunked = generate_ids(model, tok, prompts, max_new_tokens=6, batch_size=5, prefill_chunk=chunk, parse=False)
+    assert [g.completion_ids for g in chunked] == [g.completion_ids for g in one_shot]
+    assert len({tuple(g.completion_ids) for g in one_shot}) == len(prompts)  # prompt-dependent, not degenerate
+
+
+def test_chunked_prefill_gives_the_logits_and_cache_of_one_shot_with_and_without_padding(tiny):
+    model, _ = tiny
+    for lengths in ((120, 120, 120), LENGTHS):  # without padding the first chunk runs on the causal fast path
+        ids, mask = pad_left(long_prompts(lengths, seed=2), 0, "cpu")
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            want, want_cache = prefill(model, ids, mask, positions, chunk=0)
+            got, got_cache = prefill(model, ids, mask, positions, chunk=25)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert got_cache.get_seq_length() == want_cache.get_seq_length() == ids.shape[1]
+
+
+def test_chunked_prefill_feeds_at_most_a_chunk_and_asks_for_one_position_of_logits(tiny):
+    model, tok = tiny
+    queries, logits = [], []
+    attn = model.model.layers[0].self_attn
+    handles = [
+        attn.register_forward_hook(lambda m, args, out: queries.append(out[0].shape[1])),
+        model.lm_head.register_forward_hook(lambda m, args, out: logits.append(tuple(out.shape))),
+    ]
+    try:
+        generate_ids(model, tok, long_prompts(LENGTHS), max_new_tokens=3, batch_size=5, prefill_chunk=40,
+                     parse=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert queries == [40, 40, 40, 40, 21, 1, 1]  # 181 columns in chunks of 40, then one column per new token
+    assert logits == [(5, 1, model.config.vocab_size)] * len(queries)  # never batch x prompt x vocabulary
+
+
+def test_default_prefill_chunk_keeps_one_forward_under_the_token_budget():
+    assert prefill_chunk_for(1) == 8192 and prefill_chunk_for(64) == 128 and prefill_chunk_for(128) == 64
+    assert prefill_chunk_for(1000) == 32  # a floor: shorter chunks would only add forwards
+
+
+def test_negative_prefill_chunk_is_refused(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        generate_ids(model, tok, long_prompts((10,)), max_new_tokens=2, prefill_chunk=-1)

@@ -216,3 +216,53 @@ def test_a_model_without_molora_reports_no_router():
     from citi_engine.evaluate.routing import separation
 
     assert separation(None, None, None) is None
+
+
+def test_answer_log_probs_in_chunks_equal_one_forward_over_right_padded_rows(base):
+    """Left padding and a chunked forward give the log-probabilities of the plain teacher-forced forward."""
+    from citi_engine.evaluate.retention import _answer_log_probs
+
+    model, _ = base
+    gen = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in (23, 7, 15)]
+    answers = [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in (4, 11, 1)]
+    expected = []
+    with torch.inference_mode():
+        for p, a in zip(prompts, answers, strict=True):  # one row at a time: no padding at all
+            logits = model(input_ids=torch.tensor([p + a]), use_cache=False).logits[0]
+            expected.append(torch.log_softmax(logits[len(p) - 1: len(p) - 1 + len(a)].float(), dim=-1))
+    for chunk in (5, 8, 64):
+        got = _answer_log_probs(model, prompts, answers, chunk=chunk)
+        assert [g.shape for g in got] == [(len(a), vocab) for a in answers]
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_tool_call_gates_in_chunks_equal_one_forward(base):
+    from citi_engine.adapter import apply_method, molora_layers
+    from citi_engine.evaluate.routing import tool_call_gates
+    from citi_engine.evaluate.tool_eval import cases_from_dicts
+
+    model, tok = base
+    tuned = apply_method(copy.deepcopy(model), "citi", molora=["model.layers.0.self_attn.q_proj",
+                                                               "model.layers.1.mlp.down_proj"],
+                         num_experts=2, rank=2, alpha=4)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in molora_layers(tuned):
+            for name, p in layer.named_parameters():
+                if not name.startswith("base_layer"):
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    cases = cases_from_dicts([
+        {"messages": [{"role": "user", "content": text}], "tools": [weather], "category": "simple",
+         "ground_truth": [{"get_weather": {"city": [city]}}]}
+        for text, city in (("Weather in Paris?", "Paris"), ("Is it raining in Rio de Janeiro right now?", "Rio"))])
+    whole = tool_call_gates(tuned, tok, cases, chunk=10**6)
+    chunked = tool_call_gates(tuned, tok, cases, chunk=7)
+    assert whole["tokens"] == chunked["tokens"] > 0 and whole["cases"] == chunked["cases"] == 2
+    assert chunked["mean"] == pytest.approx(whole["mean"], abs=1e-5)
+    for name, gate in whole["per_layer"].items():
+        assert chunked["per_layer"][name] == pytest.approx(gate, abs=1e-5)

@@ -79,3 +79,16 @@ def test_batched_serving_gives_generate_chats_greedy_text_in_streamed_deltas(tin
     assert ["".join(d) for d in deltas] == [r.text for r in reqs]
     assert any(len(d) > 1 for d in deltas), "text arrives as it is generated"
     assert not torch.is_inference_mode_enabled()
+
+
+def test_serving_prefill_in_chunks_gives_the_greedy_replies_of_one_shot_prefill(tiny):
+    model, tok = tiny
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 40000, (n,), generator=g).tolist() for n in (140, 61, 118)]  # left-padded to 140
+    replies = {}
+    for chunk in (0, 24):
+        reqs = [GenerationRequest(prompt_ids=p, max_new_tokens=6, ignore_eos=True) for p in prompts]
+        generate(model, tok, reqs, prefill_chunk=chunk)
+        replies[chunk] = [(r.text, r.completion_tokens) for r in reqs]
+    assert replies[24] == replies[0]
+    assert len({text for text, _ in replies[0]}) == len(prompts)

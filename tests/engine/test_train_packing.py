@@ -47,7 +47,10 @@ def _assert_same(a: tuple, b: tuple) -> None:
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         assert grads_a[name].abs().sum() > 0, name
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-7, msg=name)
+        # fp32 rounding of sums over the tensor's own scale (router and A share one matmul, whose reduction order
+        # differs between a padded and a packed batch): about 1e-7 of the largest entry, so allow 1e-6 of it
+        scale = float(grads_b[name].abs().max())
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=max(1e-7, 1e-6 * scale), msg=name)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "varlen"])
