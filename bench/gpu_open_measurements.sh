@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# What the open issues still need measured on one GPU, in the order the issues rank, in one lease: run it
+# through bench/gpu_lease.sh (stage, then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come
+# from there). Each part writes its own files under RESULTS as soon as they exist and has a time limit, so a
+# lease that ends early still returns what was measured.
+#   1. generation memory (performance issue): bench/gen_memory.py, prompts 512 / 2,048 / 4,096 at batch 64, whole
+#      prompts in one prefill against chunked prefill, replies compared token for token (first: the quality runs
+#      below use chunked prefill, and this shows on the card whether it changes greedy replies in bf16)
+#   2. method issue and OpenAI compatibility: bench/quality_gpu_method.sh (what is missing: function masking on
+#      test, the shipped default once more with calls constrained to the schemas)
+#   3. alone on the card, timings: bench/inference.py (runtime against plain transformers generate) and
+#      bench/throughput.py --micro on the 8B shape (router and A in one matmul against two) with the profiler
+#   4. the GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
+#      staged in ~/stage/svc; skipped without them)
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+: "${GGUF:?}" "${RESULTS:?}"
+mkdir -p "$RESULTS"
+part() { echo "$(date -u +%H:%M:%S) $*" >> "$RESULTS/parts.log"; }
+
+part "gen_memory"
+timeout 300 python3 bench/gen_memory.py --gguf "$GGUF" --out "$RESULTS/gen_memory" > "$RESULTS/gen_memory.log" 2>&1
+part "quality (masking, constrained)"
+timeout 1200 bash bench/quality_gpu_method.sh "$GGUF" "$RESULTS/quality"
+part "inference"
+timeout 420 python3 bench/inference.py --gguf "$GGUF" --rounds 6 --out "$RESULTS/inference" > "$RESULTS/inference.log" 2>&1
+part "throughput micro"
+timeout 300 python3 bench/throughput.py --micro --shape 8b --out "$RESULTS/throughput" \
+    --profile "$RESULTS/throughput/profile" > "$RESULTS/throughput.log" 2>&1
+if [ -d ~/stage/svc/.whl-svc ]; then
+    part "gpu_service"
+    cp -r ~/stage/svc/.whl-svc ~/stage/svc/.redis-deb .
+    timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" > "$RESULTS/gpu_service.log" 2>&1
+fi
+part "done"
+touch "$RESULTS/DONE"
