@@ -3,7 +3,8 @@
 # benchmark runs in the background on the held machine and every call waits for it a while, then copies what
 # exists into $OUT. The built-in model's GGUF (98 MB) is too big for one call's 64 MiB, so it travels in two
 # halves (.m1/, .m2/: `split -b 48M`), one per call, joined on the machine.
-#   bench/gpu_lease.sh stage          call 1: keep the first half in ~/stage, install the carried wheels
+#   bench/gpu_lease.sh stage          call 1: keep the first half in ~/stage, install the carried wheels (and
+#                                     keep the service's wheels and Redis, when carried, in ~/stage/svc)
 #   bench/gpu_lease.sh start CMD...   call 2: join the halves, copy the tree to ~/run, start CMD there (GGUF and
 #                                     RESULTS in its environment), then wait
 #   bench/gpu_lease.sh wait           later calls: wait, then copy results
@@ -24,8 +25,17 @@ collect() {
 
 case "${1:-}" in
 stage)
-    mkdir -p "$STAGE" && cp .m1/* "$STAGE"/
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$STAGE/site" .whl/*.whl
+    # whatever this call carries of: the GGUF's first half (.m1), wheels for the engine (.whl), the service's
+    # wheels and Redis (.whl-svc, .redis-deb: bench/gpu_service.sh fetch); with the service's folders the halves
+    # no longer fit beside them, so stage twice: the service's folders and .whl, then .m1
+    mkdir -p "$STAGE"
+    if [ -d .m1 ]; then cp .m1/* "$STAGE"/; fi
+    if ls .whl/*.whl > /dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$STAGE/site" .whl/*.whl
+    fi
+    for d in .whl-svc .redis-deb; do
+        if [ -d "$d" ]; then mkdir -p "$STAGE/svc" && rm -rf "${STAGE:?}/svc/$d" && cp -r "$d" "$STAGE/svc/"; fi
+    done
     nvidia-smi --query-gpu=name,memory.total --format=csv
     ls -la "$STAGE"
     ;;

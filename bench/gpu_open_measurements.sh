@@ -12,6 +12,9 @@
 #      bench/throughput.py --micro on the 8B shape (router and A in one matmul against two) with the profiler
 #   4. the GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
 #      staged in ~/stage/svc; skipped without them)
+# Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl .whl-svc .redis-deb; the
+# same carrying .m1; `WAIT_S=540 bash bench/gpu_lease.sh start bash bench/gpu_open_measurements.sh` carrying .m2
+# .data; then `WAIT_S=550 bash bench/gpu_lease.sh wait` until DONE or the GPU time is spent.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 : "${GGUF:?}" "${RESULTS:?}"
