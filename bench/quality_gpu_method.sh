@@ -8,6 +8,8 @@
 #      TEST_JOBS (default 6); these also evaluate with calls constrained to the tools' schemas (--constrained).
 #      Beside them, the chosen configuration's seed 0 once more into test_constrained/ (see below).
 #   3. The baselines (bench/plans/method_test_baselines.txt, seeds 0,1,2), where any is missing.
+# New runs pin generation_batch_size to 16 (the replay's batch when the earlier runs were made; the default is 64
+# on a GPU since), so they compare with those runs.
 # Runs start STAGGER seconds apart so CITI's importance scoring (its memory peak) does not fall together for all
 # of them; a run that dies of CUDA out of memory is queued once more at one run fewer at a time.
 # The GPU host lacks llguidance (for --constrained): carry its wheel with gguf's in .whl/ (bench/gpu_lease.sh stage
@@ -46,7 +48,7 @@ mkdir -p "$OUT/test_constrained"
 cp -n "$SEEDED"/test_constrained/*.json "$OUT/test_constrained/" 2>/dev/null
 sleep "$STAGGER"
 python3 bench/quality.py "${common[@]}" --constrained --jobs 1 --plan "$OUT/test_plan.txt" --split test --seed 0 \
-    --out "$OUT/test_constrained" > "$OUT/test_constrained.log" 2>&1
+    --set hyperparameters.generation_batch_size=16 --out "$OUT/test_constrained" > "$OUT/test_constrained.log" 2>&1
 wait $test_pool
 python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan bench/plans/method_test_baselines.txt --split test --seed 0,1,2 \
     --out "$OUT/test" > "$OUT/test_baselines.log" 2>&1

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from citi_engine.errors import Cancelled
+
+log = logging.getLogger("citi.generate")
 
 # End-of-turn tokens of common chat templates; each counts only when the tokenizer's vocabulary has it.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>")
@@ -355,7 +358,9 @@ def generate_ids(
     completions, e.g. code). ``should_cancel`` is checked between batches and between steps; when it
     turns true, :class:`~citi_engine.errors.Cancelled` is raised. ``prefill_chunk``: prompt tokens per
     row that one prefill forward takes (:func:`prefill`); None picks :func:`prefill_chunk_for` the
-    batch, 0 feeds whole prompts in one forward (memory quadratic in the prompt length).
+    batch, 0 feeds whole prompts in one forward (memory quadratic in the prompt length). A batch that runs
+    out of device memory is generated again as two halves (greedy replies are the same; a warning is logged),
+    so ``batch_size`` is a ceiling, not a promise the device must keep.
     """
     _check_sampling(max_new_tokens, batch_size, temperature, top_p)
     stop = [s for s in (stop or []) if s]
@@ -363,16 +368,13 @@ def generate_ids(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids, default=0)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
-    with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            if should_cancel is not None and should_cancel():
-                raise Cancelled()
-            batch = order[start:start + batch_size]
-            rows = [_Row(len(prompts[i])) for i in batch]
-            done = [False] * len(batch)
-            # One seed per batch position keeps sampled replies reproducible for a given batching.
-            batch_seed = None if seed is None else seed + start
-            chunk = prefill_chunk_for(len(batch)) if prefill_chunk is None else prefill_chunk
+
+    def run(batch: list[int], batch_seed: int | None) -> None:
+        """One batch; a batch the device has no memory for is done as two halves instead."""
+        rows = [_Row(len(prompts[i])) for i in batch]
+        done = [False] * len(batch)
+        chunk = prefill_chunk_for(len(batch)) if prefill_chunk is None else prefill_chunk
+        try:
             for tokens in _token_steps(
                 model, [prompts[i] for i in batch], pad_id=pad_id, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, seed=batch_seed, done=done, should_cancel=should_cancel,
@@ -382,8 +384,27 @@ def generate_ids(
                     if not done[j]:
                         rows[j].add(token, stop_ids, tokenizer, stop)
                         done[j] = rows[j].ended_by is not None
-            for j, i in enumerate(batch):
-                results[i] = _finish(rows[j], tokenizer, parse)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            rows = done = None  # let the half-built batch go before the halves run
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            log.warning("out of memory generating %d replies at once; going on %d and %d at a time",
+                        len(batch), half, len(batch) - half)
+            run(batch[:half], batch_seed)
+            run(batch[half:], None if batch_seed is None else batch_seed + half)
+            return
+        for j, i in enumerate(batch):
+            results[i] = _finish(rows[j], tokenizer, parse)
+
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled()
+            # One seed per batch position keeps sampled replies reproducible for a given batching.
+            run(order[start:start + batch_size], None if seed is None else seed + start)
     return results  # type: ignore[return-value]
 
 

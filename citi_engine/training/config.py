@@ -282,6 +282,13 @@ class Hyperparameters:
         "the end (0: skip).",
         Range(0, 1000, whole=True),
     )
+    generation_batch_size: int | None = setting(
+        None,
+        "Replies generated at once (greedy) when the job writes its replay answers and when it evaluates. "
+        "Default: 64 on a GPU, where decoding a few rows costs about what decoding many does, and batch_size "
+        "on CPU. A batch the device has no memory for is generated again in halves.",
+        Range(1, 4096, whole=True),
+    )
     baselines_use_general: bool = setting(
         False,
         "Let the lora/full baselines train on the general examples too. Off by default: the "

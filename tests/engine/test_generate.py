@@ -215,3 +215,37 @@ def test_negative_prefill_chunk_is_refused(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="prefill_chunk"):
         generate_ids(model, tok, long_prompts((10,)), max_new_tokens=2, prefill_chunk=-1)
+
+
+def test_a_batch_out_of_device_memory_is_generated_again_in_halves(tiny, monkeypatch, caplog):
+    """Fault injection: the model's forward raises out-of-memory for more than two rows (as a GPU would for a
+    batch too large for it); the replies are those of batches of two, and the fallback says so in the log."""
+    import functools
+
+    model, tok = tiny
+    prompts = long_prompts((40, 33, 27, 21, 18))
+    want = generate_ids(model, tok, prompts, max_new_tokens=5, batch_size=2, parse=False)
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def small_batches_only(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("injected: too many rows")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", small_batches_only)
+    with caplog.at_level("WARNING", logger="citi.generate"):
+        got = generate_ids(model, tok, prompts, max_new_tokens=5, batch_size=5, parse=False)
+    assert [g.completion_ids for g in got] == [g.completion_ids for g in want]
+    assert "out of memory generating 5 replies at once" in caplog.text
+
+
+def test_one_row_out_of_device_memory_is_an_error_not_a_retry(tiny, monkeypatch):
+    model, tok = tiny
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(model, "forward", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate_ids(model, tok, long_prompts((12,)), max_new_tokens=2, batch_size=4, parse=False)

@@ -213,10 +213,20 @@ def test_replay_builds_general_data_when_the_job_brings_none(tiny_model, tmp_pat
     finetune(small_config(tiny_model, data, out, budget={"max_steps": 3}), on_event=events.append)
     replay = [e for e in events if e["stage"] == "replay" and e["type"] == "progress"]
     assert replay and replay[-1]["step"] == replay[-1]["total_steps"] == 4
+    assert [e["step"] for e in replay] == [2, 4]  # on CPU the replay is generated batch_size (2) rows at a time
     importance = json.loads((out / "importance.json").read_text())
     assert "general/replay" in importance["components"][0]["T"]
     saved = (out / "checkpoints" / "stage-0-start" / "replay.jsonl").read_text().splitlines()
     assert 1 <= len(saved) <= 4 and json.loads(saved[0])["messages"][1]["role"] == "assistant"
+
+
+def test_generation_batch_size_sets_the_rows_the_replay_generates_at_once(tiny_model, tmp_path):
+    data = write_data(tmp_path, n_tool=12, n_general=0)
+    events = []
+    finetune(small_config(tiny_model, data, tmp_path / "out", budget={"max_steps": 3},
+                          hyperparameters={"generation_batch_size": 4}), on_event=events.append)
+    replay = [e["step"] for e in events if e["stage"] == "replay" and e["type"] == "progress"]
+    assert replay == [4]
 
 
 def test_held_out_test_split_is_evaluated_and_reported(tiny_model, data_file, tmp_path):
