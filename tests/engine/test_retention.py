@@ -38,6 +38,22 @@ def base(tmp_path_factory):
     return model, tok
 
 
+def citi_with_random_experts(model, seed):
+    """A copy of ``model`` with MOLoRA on two components whose router and experts are random (not zero)."""
+    from citi_engine.adapter import apply_method, molora_layers
+
+    tuned = apply_method(copy.deepcopy(model), "citi", molora=["model.layers.0.self_attn.q_proj",
+                                                               "model.layers.1.mlp.down_proj"],
+                         num_experts=2, rank=2, alpha=4)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in molora_layers(tuned):
+            for name, p in layer.named_parameters():
+                if not name.startswith("base_layer"):
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    return tuned
+
+
 def perturbed(model, scale=0.05, seed=1):
     other = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
@@ -180,18 +196,8 @@ def test_base_against_itself_with_unrelated_tools_offered_retains_everything(bas
 
 
 def test_citi_report_gives_router_separation_and_the_lower_retention_as_headline(base, tmp_path):
-    from citi_engine.adapter import apply_method, molora_layers
-
     model, tok = base
-    tuned = apply_method(copy.deepcopy(model), "citi", molora=["model.layers.0.self_attn.q_proj",
-                                                               "model.layers.1.mlp.down_proj"],
-                         num_experts=2, rank=2, alpha=4)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in molora_layers(tuned):
-            for name, p in layer.named_parameters():
-                if not name.startswith("base_layer"):
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    tuned = citi_with_random_experts(model, seed=5)
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
     cases = [{"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather],
@@ -240,20 +246,11 @@ def test_answer_log_probs_in_chunks_equal_one_forward_over_right_padded_rows(bas
 
 
 def test_tool_call_gates_in_chunks_equal_one_forward(base):
-    from citi_engine.adapter import apply_method, molora_layers
     from citi_engine.evaluate.routing import tool_call_gates
     from citi_engine.evaluate.tool_eval import cases_from_dicts
 
     model, tok = base
-    tuned = apply_method(copy.deepcopy(model), "citi", molora=["model.layers.0.self_attn.q_proj",
-                                                               "model.layers.1.mlp.down_proj"],
-                         num_experts=2, rank=2, alpha=4)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for layer in molora_layers(tuned):
-            for name, p in layer.named_parameters():
-                if not name.startswith("base_layer"):
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    tuned = citi_with_random_experts(model, seed=7)
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
     cases = cases_from_dicts([
