@@ -8,7 +8,8 @@
 #      below use chunked prefill, and this shows on the card whether it changes greedy replies in bf16)
 #   2. method issue and OpenAI compatibility: bench/quality_gpu_method.sh (what is missing: function masking on
 #      test, the shipped default once more with calls constrained to the schemas)
-#   3. alone on the card, timings: bench/inference.py (runtime against plain transformers generate) and
+#   3. alone on the card, timings: bench/inference.py (runtime against plain transformers generate; the dynamic
+#      KV cache, then static with CUDA graphs) and
 #      bench/throughput.py --micro on the 8B shape (router and A in one matmul against two) with the profiler
 #   4. the GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
 #      staged in ~/stage/svc; skipped without them)
@@ -25,8 +26,11 @@ part "gen_memory"
 timeout 300 python3 bench/gen_memory.py --gguf "$GGUF" --out "$RESULTS/gen_memory" > "$RESULTS/gen_memory.log" 2>&1
 part "quality (masking, constrained)"
 timeout 1200 bash bench/quality_gpu_method.sh "$GGUF" "$RESULTS/quality"
-part "inference"
-timeout 420 python3 bench/inference.py --gguf "$GGUF" --rounds 6 --out "$RESULTS/inference" > "$RESULTS/inference.log" 2>&1
+for decode in dynamic cuda_graphs; do
+    part "inference $decode"
+    timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode "$decode" --out "$RESULTS/inference" \
+        > "$RESULTS/inference_$decode.log" 2>&1
+done
 part "throughput micro"
 timeout 300 python3 bench/throughput.py --micro --shape 8b --out "$RESULTS/throughput" \
     --profile "$RESULTS/throughput/profile" > "$RESULTS/throughput.log" 2>&1

@@ -272,13 +272,14 @@ def run_one(args) -> dict[str, Any]:
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    cache = ModelCache(device=device, adapter_cache_size=2)
+    cache = ModelCache(device=device, adapter_cache_size=2, decode=args.decode)
     t0 = time.perf_counter()
     base, spec, info = load_base(args, cache)
     tag = "tiny" if args.tiny else (f"random-{args.shape}" if args.shape else "smollm2")
+    tag += "" if args.decode == "dynamic" else f"-{args.decode}"
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
                               "commit": os.environ.get("CITI_BENCH_COMMIT") or git_commit(), "versions": versions(), "new_tokens": args.new_tokens,
-                              "rounds": args.rounds, "batch_wait_ms": args.wait_ms}
+                              "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode}
     prompt_text = render_prompt(base.tokenizer, MESSAGES, TOOLS)
     prompt = base.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     result["prompt_tokens"] = len(prompt)
@@ -342,7 +343,9 @@ def merge(dirs: list[Path], md: Path, js: Path, notes: Path | None = None) -> No
         a = run["adapter"]
         commit = run.get("commit") or ""
         commit = commit[:10] if commit and commit != "HEAD" else "unknown"
-        lines += [f"## {m['model']} on {run['card']}, commit {commit}", "",
+        decode = run.get("decode", "dynamic")
+        lines += [f"## {m['model']} on {run['card']}, commit {commit}"
+                  + ("" if decode == "dynamic" else f", decode {decode}"), "",
                   f"{m['params'] / 1e6:.0f}M parameters, {m['layers']} layers, {m['dtype']}; prompt "
                   f"{run['prompt_tokens']} tokens, {run['new_tokens']} new tokens a request; torch "
                   f"{run['versions']['torch']}, transformers {run['versions']['transformers']}; commit "
@@ -396,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="rounds at batch 1 (half as many, at least 3, above)")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     parser.add_argument("--wait-ms", type=float, default=5.0)
+    parser.add_argument("--decode", choices=("dynamic", "static", "cuda_graphs"), default="dynamic",
+                        help="how the runtime decodes (CITI_INFERENCE_DECODE)")
     parser.add_argument("--md", type=Path, default=ROOT / "bench" / "results" / "inference.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "inference.json")
     parser.add_argument("--notes", type=Path, help="with --merge: a Markdown file of notes appended to the table")

@@ -261,14 +261,22 @@ def held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
+DECODE_MODES = ("dynamic", "static", "cuda_graphs")
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest],
-             prefill_chunk: int | None = None) -> None:
+             prefill_chunk: int | None = None, decode: str = "dynamic") -> None:
     """Generate for every request of one batch on ``model`` (filling in their outcome fields).
 
     ``prefill_chunk``: prompt tokens per row that one prefill forward takes, as in
     :func:`citi_engine.generate.generate_ids` (None: chosen for the batch size, 0: whole prompts at once).
+    ``decode``: ``dynamic`` (a growing KV cache; finished rows leave the batch), ``static`` (a static KV
+    cache, :class:`citi_engine.static_decode.StaticDecoder`) or ``cuda_graphs`` (static, each step replayed
+    from a captured CUDA graph on a GPU; static elsewhere). Greedy replies are the same in all three.
     """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = stop_token_ids(model, tokenizer)
@@ -285,8 +293,11 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
 
     # Left padding: every row's next token lands in the last column; positions count real tokens only.
     input_ids, mask = pad_left([r.req.prompt_ids + r.prefix for r in rows], pad, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     chunk = prefill_chunk_for(len(rows)) if prefill_chunk is None else prefill_chunk
+    if decode != "dynamic":
+        _decode_static(model, rows, input_ids, mask, chunk, eos, pad, graphs=decode == "cuda_graphs")
+        return
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, kv = prefill(model, input_ids, mask, positions, chunk)
     next_pos = mask.sum(-1, keepdim=True)
     live = list(range(len(rows)))  # batch row -> index into rows
@@ -312,6 +323,32 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
         logits, kv = forward_last_logits(model, kv, input_ids=step, attention_mask=mask, position_ids=next_pos)
         next_pos = next_pos + 1
     for row in rows:  # rows cut by the shared loop bound (cannot happen, but never leave one open)
+        if not row.done:
+            _finish(row, "length")
+
+
+def _decode_static(model: nn.Module, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor, chunk: int,
+                   eos: set[int], pad: int, *, graphs: bool) -> None:
+    """The decode loop of :func:`generate` over a static KV cache: every row stays in the batch to the end."""
+    from citi_engine.static_decode import StaticDecoder
+
+    decoder = StaticDecoder(model, input_ids, mask, max(r.req.max_new_tokens for r in rows), graphs=graphs)
+    logits = decoder.prefill(chunk)
+    live = list(range(len(rows)))
+    for _ in range(decoder.length - decoder.width):
+        view = logits if len(live) == len(rows) else logits.index_select(0, torch.tensor(live, device=logits.device))
+        _constrain(view, [rows[i] for i in live])
+        tokens = _next_tokens(view, [rows[i] for i in live])
+        now = time.perf_counter()
+        fed = [pad] * len(rows)  # finished rows are fed padding; their logits are never read again
+        for b, i in enumerate(live):
+            _advance(rows[i], tokens[b], eos, now)
+            fed[i] = tokens[b]
+        live = [i for i in live if not rows[i].done]
+        if not live:
+            break
+        logits = decoder.step(fed)
+    for row in rows:
         if not row.done:
             _finish(row, "length")
 

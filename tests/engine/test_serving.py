@@ -92,3 +92,53 @@ def test_serving_prefill_in_chunks_gives_the_greedy_replies_of_one_shot_prefill(
         replies[chunk] = [(r.text, r.completion_tokens) for r in reqs]
     assert replies[24] == replies[0]
     assert len({text for text, _ in replies[0]}) == len(prompts)
+
+
+def _static_requests(tok, deltas=None):
+    """Requests that end at different steps: different budgets, a stop string, end-of-turn allowed or not."""
+    prompts = [encode_prompt(tok, c["messages"]) for c in CONVERSATIONS]
+    settings = [dict(max_new_tokens=12), dict(max_new_tokens=5, ignore_eos=True), dict(max_new_tokens=9, stop=["e"])]
+    return [GenerationRequest(prompt_ids=p, on_text=None if deltas is None else deltas[i].append, **kw)
+            for i, (p, kw) in enumerate(zip(prompts, settings, strict=True))]
+
+
+@pytest.mark.parametrize("decode", ["static", "cuda_graphs"])
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_static_kv_cache_decoding_gives_the_replies_of_the_dynamic_cache(tiny, decode, chunk):
+    """On CPU ``cuda_graphs`` runs the same static steps eagerly; rows finish at different steps and stay."""
+    model, tok = tiny
+    want = _static_requests(tok)
+    generate(model, tok, want, prefill_chunk=chunk)
+    deltas: list[list[str]] = [[] for _ in want]
+    got = _static_requests(tok, deltas)
+    generate(model, tok, got, prefill_chunk=chunk, decode=decode)
+    assert [(r.text, r.completion_tokens, r.finish_reason) for r in got] == \
+        [(r.text, r.completion_tokens, r.finish_reason) for r in want]
+    assert len({r.completion_tokens for r in got}) > 1, "the rows ended at different steps"
+    assert ["".join(d) for d in deltas] == [r.text for r in got]
+
+
+def test_static_decoding_keeps_a_grammar_row_beside_free_rows(tiny):
+    pytest.importorskip("llguidance")
+    from citi_engine.constrained import compile_grammar, json_grammar
+
+    model, tok = tiny
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["a"], "additionalProperties": False}
+    outcomes = {}
+    for decode in ("dynamic", "static"):
+        reqs = _static_requests(tok)
+        reqs[1].grammar = compile_grammar(json_grammar(schema), tok)
+        reqs[1].max_new_tokens, reqs[1].ignore_eos = 24, False
+        generate(model, tok, reqs, decode=decode)
+        outcomes[decode] = [(r.text, r.finish_reason) for r in reqs]
+    assert outcomes["static"] == outcomes["dynamic"]
+    import json
+
+    assert set(json.loads(outcomes["static"][1][0])) == {"a"}
+
+
+def test_unknown_decode_mode_is_refused(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="decode must be one of"):
+        generate(model, tok, _static_requests(tok), decode="fast")

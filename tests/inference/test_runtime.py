@@ -243,3 +243,27 @@ def test_a_cancelled_request_stops_at_its_next_token(varied_model):
     Generator(cache).run(served, [req, other])
     assert req.finish_reason == "cancelled" and req.completion_tokens == 0
     assert other.finish_reason == "length" and other.completion_tokens == 6
+
+
+def test_static_decoding_serves_base_and_adapter_with_the_dynamic_caches_answers(varied_model, citi_dir):
+    """CITI_INFERENCE_DECODE=static (and cuda_graphs, eager on CPU) change how decoding runs, never what it says."""
+    answers = {}
+    for decode in ("dynamic", "static", "cuda_graphs"):
+        cache = ModelCache(device="cpu", decode=decode)
+        served = {"base": ServedModel(base=cache.base(varied_model)), "citi": cache.adapter("ft:a", citi_dir)}
+        tok = served["base"].base.tokenizer
+        for name, model in served.items():
+            reqs = [GenerationRequest(prompt_ids=encode_prompt(tok, c["messages"], c.get("tools")), max_new_tokens=8)
+                    for c in CONVERSATIONS]
+            Generator(cache).run(model, reqs)
+            answers[decode, name] = [(r.text, r.completion_tokens, r.finish_reason) for r in reqs]
+    for name in ("base", "citi"):
+        assert answers["static", name] == answers["dynamic", name] == answers["cuda_graphs", name]
+    assert answers["dynamic", "base"] != answers["dynamic", "citi"]
+
+
+def test_an_unknown_decode_mode_is_refused_when_the_cache_is_made():
+    import pytest
+
+    with pytest.raises(ValueError, match="CITI_INFERENCE_DECODE must be one of"):
+        ModelCache(device="cpu", decode="turbo")

@@ -38,8 +38,8 @@ for a tool's ``parameters``) and the schema's ``param``. ``stop`` cannot be comb
 
 Configuration (environment): ``CITI_ADAPTER_CACHE_SIZE`` (8), ``CITI_INFERENCE_MAX_BATCH`` (16),
 ``CITI_INFERENCE_BATCH_WAIT_MS`` (5), ``CITI_INFERENCE_DEVICE`` (cuda if present, else cpu),
-``CITI_INFERENCE_DTYPE`` (bf16 on GPU, fp32 on CPU), ``CITI_INFERENCE_MAX_NEW_TOKENS`` (cap when a request
-sets none, 1024), ``CITI_INFERENCE_MAX_CONTEXT`` (cap on the model's context), ``CITI_INFERENCE_PRELOAD``
+``CITI_INFERENCE_DTYPE`` (bf16 on GPU, fp32 on CPU), ``CITI_INFERENCE_DECODE`` (dynamic; static, cuda_graphs),
+``CITI_INFERENCE_MAX_NEW_TOKENS`` (cap when a request sets none, 1024), ``CITI_INFERENCE_MAX_CONTEXT`` (cap on the model's context), ``CITI_INFERENCE_PRELOAD``
 (base specs loaded at start), ``CITI_INFERENCE_CACHE_DIR`` (where adapters from S3 are unpacked),
 plus the service's settings (:mod:`citi_service.settings`): storage, ``CITI_MODEL_DIRS``, ``CITI_ALLOWED_MODELS``
 and ``CITI_INFERENCE_TOKEN``. Everything is read from the environment or a ``.env`` file, as the API reads it.
@@ -64,7 +64,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -107,6 +107,9 @@ class InferenceSettings(BaseSettings):
                                    "at start.")
     inference_cache_dir: str | None = Field(None, description="CITI_INFERENCE_CACHE_DIR: where adapters fetched "
                                             "from a remote store are kept.")
+    inference_decode: Literal["dynamic", "static", "cuda_graphs"] = Field(
+        "dynamic", description="CITI_INFERENCE_DECODE: dynamic (a growing KV cache), static (a static KV cache) or "
+        "cuda_graphs (static, each decode step replayed from a CUDA graph on a GPU); greedy replies are the same.")
 
 
 # ------------------------------------------------------------------------------------------ service
@@ -120,7 +123,8 @@ class InferenceService:
         service = get_settings()
         self.model_dirs = service.model_dirs_list or None
         self.cache = ModelCache(device=self.settings.inference_device, dtype=self.settings.inference_dtype,
-                                model_dirs=self.model_dirs, adapter_cache_size=self.settings.adapter_cache_size)
+                                model_dirs=self.model_dirs, adapter_cache_size=self.settings.adapter_cache_size,
+                                decode=self.settings.inference_decode)
         self.scheduler = BatchScheduler(self.cache, max_batch_size=self.settings.inference_max_batch,
                                         max_wait_ms=self.settings.inference_batch_wait_ms)
         self._storage = None

@@ -141,11 +141,15 @@ class ModelCache:
     """
 
     def __init__(self, *, device: str | None = None, dtype: Any = None, model_dirs: list[str] | None = None,
-                 adapter_cache_size: int = 8):
+                 adapter_cache_size: int = 8, decode: str = "dynamic"):
         from citi_engine.models import default_device
+        from citi_engine.serving import DECODE_MODES
 
         if adapter_cache_size < 1:
             raise ValueError("CITI_ADAPTER_CACHE_SIZE must be at least 1")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"CITI_INFERENCE_DECODE must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.decode = decode  # how generation decodes (citi_engine.serving.generate)
         self.device = device or default_device()
         self.dtype = dtype
         self.model_dirs = model_dirs
@@ -299,7 +303,7 @@ class Generator:
     def run(self, served: ServedModel, requests: list[GenerationRequest]) -> None:
         """Generate for every request in ``requests`` (filling in their outcome fields)."""
         self.cache.activate(served)
-        generate(served.base.model, served.base.tokenizer, requests)
+        generate(served.base.model, served.base.tokenizer, requests, decode=self.cache.decode)
 
 # --------------------------------------------------------------------------------------------------
 # The batching loop
