@@ -317,7 +317,7 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     from citi_engine.data.prompts import PROBE_PROMPTS, probes_with_tools
     from citi_engine.evaluate.retention import general_retention
     from citi_engine.evaluate.routing import separation, tool_call_gates
-    from citi_engine.evaluate.tool_eval import evaluate_tool_calls, load_tool_cases
+    from citi_engine.evaluate.tool_eval import call_margins, evaluate_tool_calls, load_tool_cases
     from citi_engine.models import load_model
 
     spec = args.gguf or args.model
@@ -379,6 +379,8 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         failure_counts=tool.failure_counts, per_example=tool.outcomes,
         failure_examples=tool.failures[:20],
     )
+    # How strongly each reply opens with a call (one prefill a case): the merge's abstention curve.
+    record["call_margins"] = call_margins(tuned, tokenizer, cases, batch_size=args.eval_batch_size)
     if args.constrained:
         start = time.perf_counter()
         held = evaluate_tool_calls(tuned, tokenizer, cases, batch_size=args.eval_batch_size,

@@ -24,6 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 METRICS = ("tool_accuracy", "irrelevance_accuracy", "parse_rate", "general_retention", "kl", "agreement",
            "humaneval_nll_delta", "train_seconds", "retention_with_tools", "kl_with_tools", "headline_retention",
            "backbone_gate_general", "backbone_gate_general_with_tools", "backbone_gate_tool_call",
@@ -71,7 +75,24 @@ def summarize_label(runs: list[dict]) -> dict:
     out["humaneval_tuned_nll"] = _mean([h.get("tuned_nll") for h in he])
     if len({json.dumps(r.get("overrides", {}), sort_keys=True) for r in runs}) > 1:
         out["warning"] = "runs of this label have different settings"
+    out["abstention"] = abstention(runs)
     return out
+
+
+ABSTENTION_THRESHOLDS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def abstention(runs: list[dict]) -> list[dict] | None:
+    """Mean over the runs of :func:`~citi_engine.evaluate.tool_eval.abstention_curve` (runs with call margins)."""
+    from citi_engine.evaluate.tool_eval import abstention_curve
+
+    curves = [abstention_curve(r["per_example"], r["call_margins"], ABSTENTION_THRESHOLDS)
+              for r in runs if r.get("call_margins") and len(r["call_margins"]) == len(r["per_example"])]
+    if not curves:
+        return None
+    return [{"threshold": t, "seeds": len(curves),
+             **{k: _mean([c[i][k] for c in curves]) for k in ("tool_accuracy", "irrelevance_accuracy", "held_back")}}
+            for i, t in enumerate(ABSTENTION_THRESHOLDS)]
 
 
 def _retention(kl: np.ndarray, tokens: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -193,6 +214,18 @@ def render_markdown(merged: dict) -> str:
                          f"| {_fmt(m['irrelevance_accuracy'], True)} | "
                          f"{_fmt(m.get('irrelevance_accuracy_constrained'), True)} | {_fmt(m['parse_rate'], True)} | "
                          f"{_fmt(m.get('parse_rate_constrained'), True)} |")
+    curves = {label: m["abstention"] for label, m in merged["methods"].items() if m.get("abstention")}
+    if curves:
+        lines += ["", "## Calls held back by a margin (abstention curve)", "",
+                  "A call is made only when the first token of `<tool_call>` leads every other token at the reply's "
+                  "first position by at least t logits (a logit bias of -t there); from each run's greedy replies "
+                  "and its call margins (`citi_engine.evaluate.tool_eval.call_margins`). t = 0 is greedy decoding. "
+                  "Cells: tool accuracy % / irrelevance %.", "",
+                  "| label | " + " | ".join(f"t = {t:g}" for t in ABSTENTION_THRESHOLDS) + " |",
+                  "|---|" + "---|" * len(ABSTENTION_THRESHOLDS)]
+        for label, rows in curves.items():
+            lines.append(f"| {label} | " + " | ".join(
+                f"{_fmt(r['tool_accuracy'], True)} / {_fmt(r['irrelevance_accuracy'], True)}" for r in rows) + " |")
     if merged["comparisons"]:
         lines += ["", "## Paired differences (bootstrap 95% intervals)", "",
                   "| comparison | seeds | tool accuracy (points) | general retention | headline retention |",

@@ -344,7 +344,7 @@ def score_replies(cases: Sequence[ToolCase], replies: Sequence, *, keep_reply_ch
             irr_total += 1
             irr_correct += int(verdict.correct)
         outcomes.append({"id": case.id, "category": case.category, "correct": verdict.correct,
-                         "reason": verdict.reason})
+                         "reason": verdict.reason, "expects_call": case.expects_call})
         if not verdict.correct:
             reasons[verdict.reason] += 1
             failures.append({"id": case.id, "category": case.category, "reason": verdict.reason,
@@ -391,6 +391,65 @@ def evaluate_tool_calls(
         batch_size=batch_size, temperature=0.0, should_cancel=should_cancel,
     )
     return score_replies(cases, replies)
+
+
+def call_margins(model, tokenizer, cases: Sequence[ToolCase], *, batch_size: int = 16) -> list[float]:
+    """How strongly the model opens each case's reply with a call, from one prefill of its prompt.
+
+    At the reply's first position: the logit of the first token of ``<tool_call>`` minus the largest logit of
+    any other token. Above 0, greedy decoding starts a call. Raising the bar to a margin ``t > 0`` (a logit bias
+    of ``-t`` on that token there) turns every call whose margin is below ``t`` into a text reply, so one
+    greedy pass and these margins give the whole trade between calls made and calls held back
+    (:func:`abstention_curve`) without generating again.
+    """
+    import torch
+
+    from citi_engine.data.chat_format import TOOL_CALL_OPEN
+    from citi_engine.generate import (
+        encode_prompt,
+        eval_mode,
+        model_device,
+        pad_left,
+        prefill,
+        prefill_chunk_for,
+    )
+
+    first = tokenizer(TOOL_CALL_OPEN, add_special_tokens=False)["input_ids"][0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompts = [encode_prompt(tokenizer, c.messages, c.tools) for c in cases]
+    margins: list[float] = []
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = pad_left(prompts[start:start + batch_size], pad, model_device(model))
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits, _ = prefill(model, ids, mask, positions, prefill_chunk_for(len(ids)))
+            call = logits[:, first].clone()
+            logits[:, first] = float("-inf")
+            margins += (call - logits.max(-1).values).tolist()
+    return margins
+
+
+def abstention_curve(outcomes: Sequence[dict], margins: Sequence[float], thresholds: Sequence[float]) -> list[dict]:
+    """Tool and irrelevance accuracy if only calls with a margin of at least ``t`` were made, for each ``t`` >= 0.
+
+    ``outcomes`` are :func:`score_replies`'s (greedy replies); a case whose margin is in (0, t) becomes a text
+    reply: right if it expects no call, wrong if it expects one. Cases at or below 0 keep their outcome.
+    """
+    rows = []
+    for t in thresholds:
+        correct = irr = irr_correct = 0
+        for outcome, margin in zip(outcomes, margins, strict=True):
+            held_back = 0 < margin < t
+            expects_none = not outcome.get("expects_call", outcome["category"] != IRRELEVANCE)
+            right = expects_none if held_back else outcome["correct"]
+            correct += int(right)
+            if expects_none:
+                irr += 1
+                irr_correct += int(right)
+        rows.append({"threshold": t, "tool_accuracy": correct / len(outcomes) if outcomes else None,
+                     "irrelevance_accuracy": irr_correct / irr if irr else None,
+                     "held_back": sum(1 for m in margins if 0 < m < t)})
+    return rows
 
 
 def _constrained_replies(model, tokenizer, cases: Sequence[ToolCase], *, batch_size: int, max_new_tokens: int,

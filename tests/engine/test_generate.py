@@ -249,3 +249,32 @@ def test_one_row_out_of_device_memory_is_an_error_not_a_retry(tiny, monkeypatch)
     monkeypatch.setattr(model, "forward", no_memory)
     with pytest.raises(torch.OutOfMemoryError):
         generate_ids(model, tok, long_prompts((12,)), max_new_tokens=2, batch_size=4, parse=False)
+
+
+def test_call_margin_is_positive_exactly_when_greedy_decoding_opens_a_call(tiny):
+    """A bias on the lm_head puts the first token of <tool_call> near the top for some prompts, not for others;
+    the margin's sign must say which replies greedy decoding opens with it."""
+    from citi_engine.data.chat_format import TOOL_CALL_OPEN
+    from citi_engine.evaluate.tool_eval import call_margins, cases_from_dicts
+
+    model, tok = tiny
+    first = tok(TOOL_CALL_OPEN, add_special_tokens=False)["input_ids"][0]
+    cases = cases_from_dicts([{"messages": c["messages"], "tools": c.get("tools") or [], "category": "irrelevance",
+                               "ground_truth": []} for c in CONVERSATIONS])
+    plain = call_margins(model, tok, cases)
+    low = sorted(plain)
+    bias = -(low[0] + low[1]) / 2  # the lowest margin ends below 0, the others above, each by half a gap
+
+    def push(module, inputs, output):
+        output[..., first] += bias
+        return output
+
+    handle = model.lm_head.register_forward_hook(push)
+    try:
+        margins = call_margins(model, tok, cases)
+        replies = generate_chat(model, tok, [c.conversation() for c in cases], max_new_tokens=1, batch_size=2)
+    finally:
+        handle.remove()
+    assert margins == pytest.approx([m + bias for m in plain], abs=1e-3)
+    opens = [r.completion_ids[0] == first for r in replies]
+    assert opens == [m > 0 for m in margins] and any(opens) and not all(opens)

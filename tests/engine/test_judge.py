@@ -275,3 +275,21 @@ def test_report_files_are_written_next_to_the_adapter(tmp_path):
     assert "| simple | 2 | 1 | 50.0% |" in md and "no_call" in md and "s2" in md
     for name in ("tool_accuracy", "failures", "retention"):
         assert paths[name].is_file() and paths[name].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_abstention_curve_turns_weak_calls_into_text_replies():
+    from citi_engine.evaluate.tool_eval import abstention_curve
+
+    outcomes = [  # greedy: two right calls, one wrong call, a call where none fits, one right abstention
+        {"category": "simple", "correct": True, "expects_call": True},
+        {"category": "simple", "correct": True, "expects_call": True},
+        {"category": "simple", "correct": False, "expects_call": True},
+        {"category": "irrelevance", "correct": False, "expects_call": False},
+        {"category": "irrelevance", "correct": True, "expects_call": False},
+    ]
+    margins = [5.0, 1.0, 0.5, 2.0, -3.0]
+    rows = {r["threshold"]: r for r in abstention_curve(outcomes, margins, [0.0, 1.5, 3.0, 10.0])}
+    assert rows[0.0] == {"threshold": 0.0, "tool_accuracy": 0.6, "irrelevance_accuracy": 0.5, "held_back": 0}
+    assert rows[1.5]["tool_accuracy"] == 0.4 and rows[1.5]["held_back"] == 2  # the 1.0 call is lost, 0.5 was wrong
+    assert rows[3.0]["irrelevance_accuracy"] == 1.0 and rows[3.0]["tool_accuracy"] == 0.6
+    assert rows[10.0] == {"threshold": 10.0, "tool_accuracy": 0.4, "irrelevance_accuracy": 1.0, "held_back": 4}
