@@ -10,7 +10,8 @@
 #      test, the shipped default once more with calls constrained to the schemas)
 #   3. alone on the card, timings: bench/inference.py (runtime against plain transformers generate; the dynamic
 #      KV cache, then static with CUDA graphs) and
-#      bench/throughput.py --micro on the 8B shape (router and A in one matmul against two) with the profiler
+#      bench/throughput.py --micro on the 8B shape (router and A in one matmul against two) with the profiler,
+#      and 8B stage 2 packed with and without the soft targets' teacher pass
 #   4. the GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
 #      staged in ~/stage/svc; skipped without them)
 # Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl .whl-svc .redis-deb; the
@@ -34,6 +35,11 @@ done
 part "throughput micro"
 timeout 300 python3 bench/throughput.py --micro --shape 8b --out "$RESULTS/throughput" \
     --profile "$RESULTS/throughput/profile" > "$RESULTS/throughput.log" 2>&1
+part "throughput stage 2, with and without soft targets"
+timeout 300 python3 bench/throughput.py --shape 8b --method citi_stage2 --packing true --out "$RESULTS/throughput" \
+    --profile "$RESULTS/throughput/profile" > "$RESULTS/throughput_stage2.log" 2>&1
+timeout 300 python3 bench/throughput.py --shape 8b --method citi_stage2 --packing true --loss soft --variant soft \
+    --out "$RESULTS/throughput" > "$RESULTS/throughput_stage2_soft.log" 2>&1
 if [ -d ~/stage/svc/.whl-svc ]; then
     part "gpu_service"
     cp -r ~/stage/svc/.whl-svc ~/stage/svc/.redis-deb .

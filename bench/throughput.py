@@ -510,8 +510,23 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             compute_importance(model, {"tool": timed[: args.profile_steps]}, device=device)
     else:
         routing = method in ("citi_stage1", "citi_stage2")
+        if args.loss == "soft" and method == "full":
+            raise SystemExit("--loss soft needs adapters to switch off for the teacher (lora or citi_stage*)")
+
         def loss_fn(m, batch):
             with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+                if args.loss == "soft":
+                    # The trainer's loss with soft targets: cross-entropy on tool answers, KL to the same model
+                    # with its adapters off on general answers (a teacher pass over the general examples only).
+                    from citi_engine.adapter import routing_loss
+                    from citi_engine.losses import Teacher, answer_losses
+
+                    ce_sum, kl_sum, _, _ = answer_losses(m, batch, teacher=Teacher(m))
+                    loss = (ce_sum + kl_sum) / max(int(batch["num_label_tokens"]), 1)
+                    if routing:
+                        mask = batch.get("sequence_mask", batch.get("attention_mask"))
+                        loss = loss + ROUTING_BETA * routing_loss(m, batch["task_type"], mask)
+                    return loss
                 if args.loss == "hf":
                     from citi_engine.packing import model_inputs
 
@@ -867,8 +882,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the RMSNorms (cheap: one shared graph) or every decoder layer (slow to build)")
     p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen"),
                    help="packed rows: auto = the checked variable-length flash kernel when usable, else sdpa")
-    p.add_argument("--loss", default="chunked", choices=("chunked", "hf"),
-                   help="chunked: the engine's loss; hf: the model's own loss over full logits")
+    p.add_argument("--loss", default="chunked", choices=("chunked", "hf", "soft"),
+                   help="chunked: the engine's loss; hf: the model's own loss over full logits; soft: the trainer's "
+                        "loss with soft targets on the general examples (a teacher pass with adapters off)")
     p.add_argument("--variant", default="", help="suffix of the run tag, for runs with non-default options")
     p.add_argument("--ddp", action="store_true", help="running under torchrun: data-parallel over its processes")
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU, a few steps (checks the code paths)")

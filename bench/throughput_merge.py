@@ -26,7 +26,7 @@ RUN_KEYS = ("shape", "method", "packing", "tokens_per_s", "step_s", "peak_gib", 
 EXTRA_KEYS = ("attention", "grad_ckpt", "compile", "loss", "variant", "padding_fraction", "real_tokens_per_step",
               "token_slots_per_step", "label_tokens_per_step", "step_s_median", "reserved_gib", "N", "N_t",
               "first_attempt")
-TARGETS = {"stage2_vs_lora": 1.3, "mfu": 0.45, "importance_time": 1.0, "importance_memory": 1.0, "micro": 1.10,
+TARGETS = {"stage2_vs_lora": 1.3, "soft_targets": 1.10, "mfu": 0.50, "importance_time": 1.0, "importance_memory": 1.0, "micro": 1.10,
            "ddp": 1.8}
 
 
@@ -82,7 +82,7 @@ def find(runs: list[dict], shape: str, method: str, packing: bool, variant: str 
     if variant is not None:
         matches = [r for r in matches if r.get("variant", "") == variant]
     else:
-        matches = [r for r in matches if "hfloss" not in r.get("variant", "")]
+        matches = [r for r in matches if "hfloss" not in r.get("variant", "") and r.get("loss") != "soft"]
     return max(matches, key=lambda r: r["tokens_per_s"]) if matches else None
 
 
@@ -121,6 +121,14 @@ def targets(runs: list[dict], micro: list[dict], ddp: list[dict]) -> list[str]:
             lines.append(ratio_line(f"{shape}: citi_stage2 packed / lora padded with the model's own loss "
                                     "(what most users run)", value, TARGETS["stage2_vs_lora"], True,
                                     "peft LoRA + full-logit cross-entropy, padded"))
+    for shape in shapes:
+        plain = find(runs, shape, "citi_stage2", True)
+        soft = next((r for r in runs if (r["shape"], r["method"], r["packing"], r.get("loss")) ==
+                     (shape, "citi_stage2", True, "soft")), None)
+        if soft:
+            value = soft["step_s"] / plain["step_s"] if plain else None
+            lines.append(ratio_line(f"{shape}: citi_stage2 step with soft targets / without (packed)", value,
+                                    TARGETS["soft_targets"], False, f"{label(soft)} vs {label(plain)}"))
     for packing in (True, False):
         s2 = find(runs, "8b", "citi_stage2", packing)
         lines.append(ratio_line(f"8b: citi_stage2 MFU ({'packed' if packing else 'padded'})",
