@@ -16,6 +16,8 @@ Outputs under ``--out``:
   left out. Irrelevance examples get a short plain answer saying that no available function fits.
 - ``val.jsonl`` and ``test.jsonl``: tool test format (messages up to the last user turn, ``tools``,
   ``category``, ``ground_truth``; ``[]`` for irrelevance), plus the BFCL ``id``.
+- ``live_irrelevance.jsonl``: ``--live-irrelevance`` requests of BFCL's live_irrelevance (real users' functions,
+  none fits the request) in tool test format, for abstention on unseen tools.
 - ``split.json``: the counts per category and side, and the arguments used.
 
 BFCL's schemas use Python-flavoured types; they are converted to JSON Schema (dict->object, float->number,
@@ -116,7 +118,7 @@ def load_records(source: Path, categories: tuple[str, ...] = CATEGORIES) -> list
         answers_text = read(f"possible_answer/BFCL_v4_{category}.json")
         answers = {a["id"]: a["ground_truth"] for a in _json_lines(answers_text)} if answers_text else {}
         for item in _json_lines(questions):
-            if category != "irrelevance" and item["id"] not in answers:
+            if not category.endswith("irrelevance") and item["id"] not in answers:
                 raise SystemExit(f"{item['id']} has no possible answer in the data; the release looks incomplete")
             records.append(
                 {
@@ -283,6 +285,18 @@ def _id_number(record_id: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+def live_irrelevance_sample(source: Path, train_functions: set[str], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` of BFCL's live_irrelevance requests (functions from real users; none fits the request), in a seeded
+    hash order, leaving out any that offers a function the training data has. The test split's irrelevance
+    cases come from the same curated set as the training data; these show abstention on unseen, messier tools."""
+    if n <= 0:
+        return []
+    records = load_records(source, ("live_irrelevance",))
+    records = [r for r in records if not function_names([r]) & train_functions]
+    records.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
+    return records[:n]
+
+
 def function_names(records: list[dict[str, Any]]) -> set[str]:
     """Every function name the records define."""
     return {fn["name"] for r in records for fn in r["functions"]}
@@ -307,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of each category for validation (0: no val.jsonl)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the group order")
+    parser.add_argument("--live-irrelevance", type=int, default=200, metavar="N",
+                        help="cases of BFCL's live_irrelevance (real users' functions, no call fits) written to "
+                             "live_irrelevance.jsonl, a seeded sample without functions of the training data "
+                             "(0: none)")
     args = parser.parse_args(argv)
 
     source = find_source(args.source)
@@ -324,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         _write_jsonl(out / "val.jsonl", [to_test_example(r) for r in sides["val"]])
     elif (out / "val.jsonl").exists():
         (out / "val.jsonl").unlink()  # a stale file from an earlier run would no longer be disjoint
+    live = live_irrelevance_sample(source, function_names(sides["train"]), args.live_irrelevance, args.seed)
+    if live:
+        _write_jsonl(out / "live_irrelevance.jsonl", [to_test_example(r) for r in live])
     counts = {side: dict(Counter(r["category"] for r in sides[side])) for side in SIDES}
     summary = {
         "source": source.name,
@@ -332,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "counts": counts,
         "n_functions": {side: len(function_names(sides[side])) for side in SIDES},
+        "live_irrelevance": len(live),
     }
     (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
@@ -340,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     for category in CATEGORIES:
         print(f"{category:<20}" + "".join(f"{counts[side].get(category, 0):>8}" for side in SIDES))
     print(f"{'total':<20}" + "".join(f"{len(sides[side]):>8}" for side in SIDES))
+    if live:
+        print(f"live_irrelevance.jsonl: {len(live)} requests over real users' functions that none fits")
     return 0
 
 

@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest tool-eval reply")
     p.add_argument("--retention-max-new-tokens", type=int, default=128, help="longest base answer to a probe")
     p.add_argument("--eval-batch-size", type=int, default=32, help="generation batch size in evaluation")
+    p.add_argument("--no-live", action="store_true", help="skip the live irrelevance set (DATA/live_irrelevance.jsonl: "
+                   "real users' functions, no call fits), evaluated by default when the file exists")
+    p.add_argument("--live-limit", type=int, default=None, help="cases of the live irrelevance set (default: all)")
     p.add_argument("--constrained", action="store_true", help="also run the tool eval with calls constrained to the "
                    "tools' schemas (citi eval --constrained); recorded as tool_accuracy_constrained, "
                    "irrelevance_accuracy_constrained, parse_rate_constrained beside the free numbers")
@@ -222,11 +225,11 @@ def child_argv(args: argparse.Namespace, run: dict) -> list[str]:
         argv += ["--" + name.replace("_", "-"), repr(value) if isinstance(value, int | float) else str(value)]
     for name in ("data", "split", "out", "work", "device", "dtype", "limit_train", "max_steps", "batch_size",
                  "limit_test", "probe_limit", "humaneval", "humaneval_limit", "max_new_tokens",
-                 "retention_max_new_tokens", "eval_batch_size", "commit"):
+                 "retention_max_new_tokens", "eval_batch_size", "commit", "live_limit"):
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
-    for flag in ("keep_adapters", "force", "no_humaneval", "constrained"):
+    for flag in ("keep_adapters", "force", "no_humaneval", "constrained", "no_live"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     for item in args.set:
@@ -381,6 +384,17 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     )
     # How strongly each reply opens with a call (one prefill a case): the merge's abstention curve.
     record["call_margins"] = call_margins(tuned, tokenizer, cases, batch_size=args.eval_batch_size)
+    live_path = Path(args.data) / "live_irrelevance.jsonl"
+    if live_path.is_file() and not args.no_live:
+        # Requests over real users' functions that none fits (bench/build_bfcl_data.py): abstention on unseen tools.
+        live_cases = load_tool_cases(live_path, limit=args.live_limit)
+        print(f"[{run['run_id']}] live irrelevance on {len(live_cases)} cases", flush=True)
+        start = time.perf_counter()
+        live = evaluate_tool_calls(tuned, tokenizer, live_cases, batch_size=args.eval_batch_size,
+                                   max_new_tokens=args.max_new_tokens)
+        record.update(live_irrelevance_accuracy=live.accuracy, live_per_example=live.outcomes,
+                      live_call_margins=call_margins(tuned, tokenizer, live_cases, batch_size=args.eval_batch_size),
+                      live_eval_seconds=time.perf_counter() - start)
     if args.constrained:
         start = time.perf_counter()
         held = evaluate_tool_calls(tuned, tokenizer, cases, batch_size=args.eval_batch_size,

@@ -49,6 +49,11 @@ cp -n "$SEEDED"/test_constrained/*.json "$OUT/test_constrained/" 2>/dev/null
 sleep "$STAGGER"
 python3 bench/quality.py "${common[@]}" --constrained --jobs 1 --plan "$OUT/test_plan.txt" --split test --seed 0 \
     --set hyperparameters.generation_batch_size=16 --out "$OUT/test_constrained" > "$OUT/test_constrained.log" 2>&1
+# The base model on the live irrelevance set (real users' functions; the runs above evaluate it too), for reference.
+mkdir -p "$OUT/test_live"
+cp -n "$SEEDED"/test_live/*.json "$OUT/test_live/" 2>/dev/null
+python3 bench/quality.py "${common[@]}" --method base --split test --seed 0 --out "$OUT/test_live" \
+    > "$OUT/test_live.log" 2>&1
 wait $test_pool
 python3 bench/quality.py "${common[@]}" --jobs "$JOBS" --plan bench/plans/method_test_baselines.txt --split test --seed 0,1,2 \
     --out "$OUT/test" > "$OUT/test_baselines.log" 2>&1

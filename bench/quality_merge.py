@@ -76,18 +76,23 @@ def summarize_label(runs: list[dict]) -> dict:
     if len({json.dumps(r.get("overrides", {}), sort_keys=True) for r in runs}) > 1:
         out["warning"] = "runs of this label have different settings"
     out["abstention"] = abstention(runs)
+    live = [r for r in runs if r.get("live_irrelevance_accuracy") is not None]
+    if live:
+        out["live_irrelevance_accuracy"] = _mean([r["live_irrelevance_accuracy"] for r in live])
+        out["live_n"] = len(live[0]["live_per_example"])
+        out["live_abstention"] = abstention(live, "live_per_example", "live_call_margins")
     return out
 
 
 ABSTENTION_THRESHOLDS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
-def abstention(runs: list[dict]) -> list[dict] | None:
+def abstention(runs: list[dict], outcomes: str = "per_example", margins: str = "call_margins") -> list[dict] | None:
     """Mean over the runs of :func:`~citi_engine.evaluate.tool_eval.abstention_curve` (runs with call margins)."""
     from citi_engine.evaluate.tool_eval import abstention_curve
 
-    curves = [abstention_curve(r["per_example"], r["call_margins"], ABSTENTION_THRESHOLDS)
-              for r in runs if r.get("call_margins") and len(r["call_margins"]) == len(r["per_example"])]
+    curves = [abstention_curve(r[outcomes], r[margins], ABSTENTION_THRESHOLDS)
+              for r in runs if r.get(margins) and len(r[margins]) == len(r[outcomes])]
     if not curves:
         return None
     return [{"threshold": t, "seeds": len(curves),
@@ -226,6 +231,19 @@ def render_markdown(merged: dict) -> str:
         for label, rows in curves.items():
             lines.append(f"| {label} | " + " | ".join(
                 f"{_fmt(r['tool_accuracy'], True)} / {_fmt(r['irrelevance_accuracy'], True)}" for r in rows) + " |")
+    live = {label: m for label, m in merged["methods"].items() if m.get("live_irrelevance_accuracy") is not None}
+    if live:
+        lines += ["", "## Real users' functions: no call fits (BFCL live irrelevance)", "",
+                  "Requests over functions from BFCL's live set, none of which fits the request and none of which the "
+                  "training data has (`live_irrelevance.jsonl`, bench/build_bfcl_data.py): the share answered "
+                  "without a call, greedy and with calls held back below a margin t (as above).", "",
+                  "| label | cases | " + " | ".join(f"t = {t:g}" for t in ABSTENTION_THRESHOLDS) + " |",
+                  "|---|---|" + "---|" * len(ABSTENTION_THRESHOLDS)]
+        for label, m in live.items():
+            rows = m.get("live_abstention") or []
+            cells = [_fmt(r["irrelevance_accuracy"], True) for r in rows] or \
+                [_fmt(m["live_irrelevance_accuracy"], True)] + ["-"] * (len(ABSTENTION_THRESHOLDS) - 1)
+            lines.append(f"| {label} | {m['live_n']} | " + " | ".join(cells) + " |")
     if merged["comparisons"]:
         lines += ["", "## Paired differences (bootstrap 95% intervals)", "",
                   "| comparison | seeds | tool accuracy (points) | general retention | headline retention |",
