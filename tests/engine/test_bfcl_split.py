@@ -144,3 +144,16 @@ def test_schema_conversion_is_recursive():
         "required": ["point"],
     }
     assert module.target_arguments({"a": [1, 2], "b": ["", "x"], "c": [[3, 4]]}) == {"a": 1, "c": [3, 4]}
+
+
+def test_live_irrelevance_set_offers_only_unseen_functions_and_loads_as_no_call_cases(built):
+    from citi_engine.evaluate.tool_eval import load_tool_cases
+
+    out, stdout = built
+    live = read_jsonl(out / "live_irrelevance.jsonl")
+    assert len(live) == 200 and "live_irrelevance.jsonl: 200" in stdout
+    assert not names(live) & names(read_jsonl(out / "train.jsonl"))
+    assert all(r["category"] == "live_irrelevance" and r["ground_truth"] == [] for r in live)
+    cases = load_tool_cases(out / "live_irrelevance.jsonl")
+    assert len(cases) == 200 and not any(c.expects_call for c in cases)
+    assert json.loads((out / "split.json").read_text())["live_irrelevance"] == 200
