@@ -188,26 +188,37 @@ def prefill_chunk_for(rows: int) -> int:
     return max(MIN_PREFILL_CHUNK, PREFILL_TOKENS // max(1, rows))
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            chunk: int = 0) -> tuple[torch.Tensor, object]:
-    """Feed left-padded prompts into a new KV cache, ``chunk`` columns per forward (0: all in one forward).
+def forward_in_chunks(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor | None = None, chunk: int = 0,
+                      keep: Callable[[int, int], int] | None = None) -> Iterator[tuple[int, int, torch.Tensor, object]]:
+    """Run rows through the model ``chunk`` columns per forward (0: all in one), with a KV cache between forwards.
 
-    Returns the last column's logits (fp32) and the cache. Each chunk attends to the cache and to itself
-    through the 2-D mask of every column so far, so every position sees the keys it would see in one
-    forward: greedy replies are the same, and a forward's attention is rows x heads x chunk x columns so far.
+    Yields ``(start, end, logits, cache)`` per chunk: ``logits`` of the chunk's last ``keep(start, end)`` columns
+    (default 1), asked of the model alone (no rows x chunk x vocabulary tensor). Each chunk attends to the cache and
+    to itself through the 2-D mask of every column so far, so every position sees the keys it would see in one
+    forward, and a forward's attention is rows x heads x chunk x columns so far: memory linear in the row length.
     """
     if chunk < 0:
         raise ValueError(f"prefill_chunk must be 0 (whole prompts in one forward) or positive, got {chunk}")
     width = input_ids.shape[1]
     step = chunk if chunk > 0 else width
-    logits, cache = None, None
+    cache = None
     for start in range(0, width, step):
         end = min(start + step, width)
-        logits, cache = forward_last_logits(
-            model, cache, input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
-            position_ids=position_ids[:, start:end],
-        )
-    return logits, cache
+        inputs = {"input_ids": input_ids[:, start:end], "attention_mask": attention_mask[:, :end]}
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[:, start:end]
+        logits, cache = forward_logits(model, cache, keep(start, end) if keep else 1, **inputs)
+        yield start, end, logits, cache
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            chunk: int = 0) -> tuple[torch.Tensor, object]:
+    """Feed left-padded prompts into a new KV cache, ``chunk`` columns per forward (0: all in one forward;
+    :func:`forward_in_chunks`). Returns the last column's logits (fp32) and the cache; greedy replies are those
+    of one forward."""
+    *_, (_, _, logits, cache) = forward_in_chunks(model, input_ids, attention_mask, position_ids, chunk)
+    return logits[:, -1, :].float(), cache
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

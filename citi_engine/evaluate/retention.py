@@ -37,7 +37,7 @@ from citi_engine.errors import Cancelled
 from citi_engine.generate import (
     encode_prompt,
     eval_mode,
-    forward_logits,
+    forward_in_chunks,
     generate_chat,
     generate_ids,
     model_device,
@@ -146,17 +146,16 @@ def _answer_log_probs(model, prompts: Sequence[Sequence[int]], answers: Sequence
     width = ids.shape[1]
     # Column t predicts token t+1: the longest answer is predicted from column width - len - 1 on.
     first = max(0, width - 1 - max(len(a) for a in answers))
-    step = chunk or prefill_chunk_for(len(seqs))
-    cache, kept = None, []
+    def keep(start: int, end: int) -> int:  # the chunk's columns from ``first`` on (at least one is asked for)
+        return max(1, end - max(start, first))
+
+    kept = []
     with torch.inference_mode():
-        for start in range(0, width, step):
-            end = min(start + step, width)
-            keep = end - max(start, first)
-            logits, cache = forward_logits(model, cache, max(1, keep), input_ids=ids[:, start:end],
-                                           attention_mask=mask[:, :end], position_ids=positions[:, start:end])
+        chunks = forward_in_chunks(model, ids, mask, positions, chunk or prefill_chunk_for(len(seqs)), keep)
+        for start, end, logits, _ in chunks:
             if gate_meter is not None:
                 gate_meter.add(mask[:, start:end])
-            if keep > 0:
+            if end > first:
                 kept.append(logits.float())
         logits = torch.cat(kept, dim=1)  # rows x (width - first) x vocabulary: columns first .. width-1
         out = []

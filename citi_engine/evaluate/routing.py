@@ -28,7 +28,7 @@ def tool_call_gates(model, tokenizer, cases: Sequence[ToolCase], *, batch_size: 
     """
     from citi_engine.adapter import GateMeter
     from citi_engine.data.chat_format import encode_example
-    from citi_engine.generate import eval_mode, forward_logits, model_device, prefill_chunk_for
+    from citi_engine.generate import eval_mode, forward_in_chunks, model_device, prefill_chunk_for
     from citi_engine.training.batches import collate
 
     meter = GateMeter(model)
@@ -48,11 +48,8 @@ def tool_call_gates(model, tokenizer, cases: Sequence[ToolCase], *, batch_size: 
             # Only the routers are read: one position of logits a forward, and the rows go through in chunks of
             # columns with a KV cache (right padding: every real token sees what it would in one forward), so
             # no batch x length x length mask is built for examples of up to max_length tokens.
-            step, cache = chunk or prefill_chunk_for(len(ids)), None
-            for col in range(0, ids.shape[1], step):
-                end = min(col + step, ids.shape[1])
-                _, cache = forward_logits(model, cache, 1, input_ids=ids[:, col:end], attention_mask=mask[:, :end])
-                meter.add(writes[:, col:end])
+            for start, end, _, _ in forward_in_chunks(model, ids, mask, chunk=chunk or prefill_chunk_for(len(ids))):
+                meter.add(writes[:, start:end])
     return {**meter.result(), "cases": len(encoded)}
 
 
