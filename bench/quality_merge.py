@@ -87,6 +87,12 @@ def summarize_label(runs: list[dict]) -> dict:
 ABSTENTION_THRESHOLDS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
+def _threshold_head(first: list[str]) -> list[str]:
+    """Header and rule of a table with the columns ``first``, then one per abstention threshold."""
+    columns = first + [f"t = {t:g}" for t in ABSTENTION_THRESHOLDS]
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def abstention(runs: list[dict], outcomes: str = "per_example", margins: str = "call_margins") -> list[dict] | None:
     """Mean over the runs of :func:`~citi_engine.evaluate.tool_eval.abstention_curve` (runs with call margins)."""
     from citi_engine.evaluate.tool_eval import abstention_curve
@@ -226,8 +232,7 @@ def render_markdown(merged: dict) -> str:
                   "first position by at least t logits (a logit bias of -t there); from each run's greedy replies "
                   "and its call margins (`citi_engine.evaluate.tool_eval.call_margins`). t = 0 is greedy decoding. "
                   "Cells: tool accuracy % / irrelevance %.", "",
-                  "| label | " + " | ".join(f"t = {t:g}" for t in ABSTENTION_THRESHOLDS) + " |",
-                  "|---|" + "---|" * len(ABSTENTION_THRESHOLDS)]
+                  *_threshold_head(["label"])]
         for label, rows in curves.items():
             lines.append(f"| {label} | " + " | ".join(
                 f"{_fmt(r['tool_accuracy'], True)} / {_fmt(r['irrelevance_accuracy'], True)}" for r in rows) + " |")
@@ -237,8 +242,7 @@ def render_markdown(merged: dict) -> str:
                   "Requests over functions from BFCL's live set, none of which fits the request and none of which the "
                   "training data has (`live_irrelevance.jsonl`, bench/build_bfcl_data.py): the share answered "
                   "without a call, greedy and with calls held back below a margin t (as above).", "",
-                  "| label | cases | " + " | ".join(f"t = {t:g}" for t in ABSTENTION_THRESHOLDS) + " |",
-                  "|---|---|" + "---|" * len(ABSTENTION_THRESHOLDS)]
+                  *_threshold_head(["label", "cases"])]
         for label, m in live.items():
             rows = m.get("live_abstention") or []
             cells = [_fmt(r["irrelevance_accuracy"], True) for r in rows] or \
