@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from citi_engine.components import MODULE_ORDER, component_info, list_components, select_components
@@ -30,18 +29,6 @@ from citi_engine.errors import Cancelled, CitiError
 from citi_engine.losses import causal_lm_loss
 
 TOOL_SET = "tool"
-
-
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over answer tokens (labels != -100), next-token shifted.
-
-    Summed rather than averaged so that every answer token weighs the same whatever batch it lands in;
-    the constant disappears in the normalisation of M and C.
-    """
-    logits = logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
-    targets = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 class ImportanceProbe:

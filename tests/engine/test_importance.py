@@ -18,11 +18,20 @@ from citi_engine.errors import Cancelled  # noqa: E402
 from citi_engine.importance import (  # noqa: E402
     ImportanceProbe,
     ImportanceResult,
-    answer_loss,
     compute_importance,
 )
 
 VOCAB = 96
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reference loss: cross-entropy summed over the answer tokens (labels != -100), next-token shifted, from
+    full logits (the engine's importance scoring computes it without them, through ``causal_lm_loss``)."""
+    logits = logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = labels[:, 1:].to(logits.device)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
 PAD = 0
 
 
