@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constrained", action="store_true", help="also run the tool eval with calls constrained to the "
                    "tools' schemas (citi eval --constrained); recorded as tool_accuracy_constrained, "
                    "irrelevance_accuracy_constrained, parse_rate_constrained beside the free numbers")
+    p.add_argument("--calibrate", choices=("val",), default=None, help="give each job this split as its "
+                   "validation_file, so it chooses its call threshold there as a job does on its held-out examples "
+                   "(hyperparameters.call_threshold unset; no retention probes in the job), and evaluate the test "
+                   "and live sets once more at that threshold (*_calibrated); the base model's threshold is chosen "
+                   "on the split the same way")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD when available)")
     return p
 
@@ -276,8 +281,13 @@ def finetune_config(args: argparse.Namespace, run: dict, train_path: Path, out_d
     hp = sections.setdefault("hyperparameters", {})
     comp = sections.setdefault("components", {})
     budget = sections.setdefault("budget", {})
-    # We evaluate ourselves on the chosen split: no held-out part of the training file, no job evaluation.
+    # We evaluate ourselves on the chosen split: no held-out part of the training file, no job evaluation;
+    # with --calibrate, the job evaluates tool calls on that split only to choose its call threshold there.
     hp["eval_examples"] = 0
+    validation_file = None
+    if args.calibrate:
+        validation_file = str(Path(args.data) / f"{args.calibrate}.jsonl")
+        hp.update(eval_examples=100_000, eval_probes=0, eval_humaneval=0)
     if args.batch_size is not None:
         hp["batch_size"] = args.batch_size
     if args.max_steps is not None:
@@ -295,7 +305,7 @@ def finetune_config(args: argparse.Namespace, run: dict, train_path: Path, out_d
             (hp if section == "hyperparameters" else comp)[field_name] = value
     return FinetuneConfig(
         model=args.gguf or args.model, training_file=str(train_path), out_dir=str(out_dir), method=run["method"],
-        seed=run["seed"], test_fraction=0.0, budget=budget, components=comp, hyperparameters=hp,
+        seed=run["seed"], test_fraction=0.0, validation_file=validation_file, budget=budget, components=comp, hyperparameters=hp,
         device=args.device, dtype=args.dtype, preset=preset,
     )
 
@@ -347,7 +357,7 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     record["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                           "peft": peft.__version__, "python": sys.version.split()[0]}
 
-    tuned = None
+    tuned = adapter_dir = None
     if run["method"] != "base":
         from citi_engine.train import finetune
 
@@ -395,6 +405,8 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         record.update(live_irrelevance_accuracy=live.accuracy, live_per_example=live.outcomes,
                       live_call_margins=call_margins(tuned, tokenizer, live_cases, batch_size=args.eval_batch_size),
                       live_eval_seconds=time.perf_counter() - start)
+    if args.calibrate:
+        calibrated_eval(args, record, tuned, tokenizer, cases, adapter_dir)
     if args.constrained:
         start = time.perf_counter()
         held = evaluate_tool_calls(tuned, tokenizer, cases, batch_size=args.eval_batch_size,
@@ -444,6 +456,61 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     if not args.keep_adapters and run["method"] != "base":
         shutil.rmtree(work, ignore_errors=True)
     return record
+
+
+def calibrated_eval(args: argparse.Namespace, record: dict, tuned, tokenizer, cases: list, adapter_dir) -> None:
+    """The test and live sets once more at the call threshold the job chose on ``--calibrate``'s split (read from
+    the adapter's calibration.json; for the base model, chosen here the same way), served as the inference
+    server serves it: a bias of minus the threshold on the tokens that open a call while the reply is blank. Also
+    what the margins predicted."""
+    from citi_engine.adapter import CALIBRATION_FILE
+    from citi_engine.evaluate.tool_eval import (
+        abstention_curve,
+        calibrate_call_threshold,
+        evaluate_tool_calls,
+        load_tool_cases,
+    )
+
+    if adapter_dir is not None:
+        path = Path(adapter_dir) / CALIBRATION_FILE
+        calibration = json.loads(path.read_text()) if path.is_file() else {"call_threshold": 0.0}
+    else:
+        val = load_tool_cases(Path(args.data) / f"{args.calibrate}.jsonl")
+        free = evaluate_tool_calls(tuned, tokenizer, val, batch_size=args.eval_batch_size,
+                                   max_new_tokens=args.max_new_tokens)
+        chosen = calibrate_call_threshold(tuned, tokenizer, val, free.outcomes, batch_size=args.eval_batch_size)
+        calibration = {"call_threshold": chosen.pop("threshold"), **chosen}
+    t = float(calibration["call_threshold"])
+    record["calibration"] = {**calibration, "split": args.calibrate}
+    record["call_threshold"] = t
+    sets = [("", cases, "per_example", "call_margins")]
+    if "live_per_example" in record:
+        sets.append(("live_", load_tool_cases(Path(args.data) / "live_irrelevance.jsonl", limit=args.live_limit),
+                     "live_per_example", "live_call_margins"))
+    for prefix, these, outcomes, margins in sets:
+        record[f"{prefix}calibrated_predicted"] = abstention_curve(record[outcomes], record[margins], [t])[0]
+        # Greedy decoding with the bias differs from greedy decoding without it only where a call was held back
+        # (margin in (0, t)) or where the reply opened with whitespace (the bias lasts while the reply is blank):
+        # those cases are generated again, the others keep their reply.
+        redo = [i for i, (o, m) in enumerate(zip(record[outcomes], record[margins], strict=True))
+                if 0 < m < t or o.get("opens_blank", True)]
+        merged = [dict(o) for o in record[outcomes]]
+        if t > 0 and redo:
+            print(f"[{record['run_id']}] {prefix}eval at call threshold {t:.3f}: {len(redo)} cases again", flush=True)
+            start = time.perf_counter()
+            again = evaluate_tool_calls(tuned, tokenizer, [these[i] for i in redo], batch_size=args.eval_batch_size,
+                                        max_new_tokens=args.max_new_tokens, call_threshold=t)
+            record[f"{prefix}calibrated_eval_seconds"] = time.perf_counter() - start
+            for i, outcome in zip(redo, again.outcomes, strict=True):
+                merged[i] = outcome
+        record[f"{prefix}calibrated_regenerated"] = len(redo) if t > 0 else 0
+        accuracy = sum(o["correct"] for o in merged) / len(merged)
+        nones = [o["correct"] for o in merged if not o["expects_call"]]
+        if prefix:
+            record.update(live_irrelevance_accuracy_calibrated=accuracy, live_per_example_calibrated=merged)
+        else:
+            record.update(tool_accuracy_calibrated=accuracy, per_example_calibrated=merged,
+                          irrelevance_accuracy_calibrated=sum(nones) / len(nones) if nones else None)
 
 
 def result_path(args: argparse.Namespace, run: dict) -> Path:

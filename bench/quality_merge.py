@@ -31,7 +31,9 @@ if str(ROOT) not in sys.path:
 METRICS = ("tool_accuracy", "irrelevance_accuracy", "parse_rate", "general_retention", "kl", "agreement",
            "humaneval_nll_delta", "train_seconds", "retention_with_tools", "kl_with_tools", "headline_retention",
            "backbone_gate_general", "backbone_gate_general_with_tools", "backbone_gate_tool_call",
-           "tool_accuracy_constrained", "irrelevance_accuracy_constrained", "parse_rate_constrained")
+           "tool_accuracy_constrained", "irrelevance_accuracy_constrained", "parse_rate_constrained",
+           "call_threshold", "tool_accuracy_calibrated", "irrelevance_accuracy_calibrated",
+           "live_irrelevance_accuracy", "live_irrelevance_accuracy_calibrated")
 
 
 def load_runs(dirs: list[str]) -> list[dict]:
@@ -119,20 +121,26 @@ def paired_bootstrap(a_runs: dict[int, dict], b_runs: dict[int, dict], *, iterat
     rng = np.random.default_rng(seed)
     out: dict = {"seeds": seeds}
 
-    # Tool accuracy: per-example outcomes, matched by example id.
-    ids = sorted(set.intersection(*[
-        {o["id"] for o in runs[s]["per_example"]} for runs in (a_runs, b_runs) for s in seeds]))
-    if ids:
-        def matrix(runs):
+    # Tool accuracy: per-example outcomes, matched by example id (greedy; and at each run's call threshold, where
+    # both labels have it).
+    for key, outcomes in (("tool_accuracy", "per_example"), ("tool_accuracy_calibrated", "per_example_calibrated")):
+        if not all(runs[s].get(outcomes) for runs in (a_runs, b_runs) for s in seeds):
+            continue
+        ids = sorted(set.intersection(*[
+            {o["id"] for o in runs[s][outcomes]} for runs in (a_runs, b_runs) for s in seeds]))
+        if not ids:
+            continue
+
+        def matrix(runs, outcomes=outcomes, ids=frozenset(ids)):
             return np.array([[float(o["correct"]) for o in sorted(
-                (o for o in runs[s]["per_example"] if o["id"] in set(ids)), key=lambda o: o["id"])] for s in seeds])
+                (o for o in runs[s][outcomes] if o["id"] in ids), key=lambda o: o["id"])] for s in seeds])
 
         a, b = matrix(a_runs), matrix(b_runs)
         observed = float((a.mean(1) - b.mean(1)).mean())
         draws = rng.integers(0, len(ids), size=(iterations, len(ids)))
         diffs = (a[:, draws].mean(-1) - b[:, draws].mean(-1)).mean(0)
-        out["tool_accuracy"] = {"diff": observed, "ci95": [float(np.percentile(diffs, 2.5)),
-                                                           float(np.percentile(diffs, 97.5))], "n": len(ids)}
+        out[key] = {"diff": observed, "ci95": [float(np.percentile(diffs, 2.5)),
+                                               float(np.percentile(diffs, 97.5))], "n": len(ids)}
 
     # Retention: per-probe KL and answer tokens, matched by probe position (the same probe list in every run).
     n_probes = min(len(runs[s].get("per_probe") or []) for runs in (a_runs, b_runs) for s in seeds)
@@ -225,6 +233,26 @@ def render_markdown(merged: dict) -> str:
                          f"| {_fmt(m['irrelevance_accuracy'], True)} | "
                          f"{_fmt(m.get('irrelevance_accuracy_constrained'), True)} | {_fmt(m['parse_rate'], True)} | "
                          f"{_fmt(m.get('parse_rate_constrained'), True)} |")
+    calibrated = {label: m for label, m in merged["methods"].items() if m.get("tool_accuracy_calibrated") is not None}
+    if calibrated:
+        lines += ["", "## At the call threshold each job chose on the validation split", "",
+                  "Each job chose its call threshold t on the validation split as a job does on its held-out "
+                  "examples (the t with the best balanced accuracy between calls kept and calls wrongly made, "
+                  "`citi_engine.evaluate.tool_eval.choose_call_threshold`); the test and live sets were then answered "
+                  "as the inference server answers with it: a bias of -t on the tokens that open `<tool_call>` while "
+                  "the reply is blank. Cells: greedy -> at t (means over seeds).", "",
+                  "| label | seeds | t | tool acc % | irrelevance % | live irrelevance % | tool acc % constrained |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, m in calibrated.items():
+            ps = m["per_seed"]["call_threshold"]
+            lines.append(
+                f"| {label} | {len(m['seeds'])} | {_fmt(m['call_threshold'], digits=2)} "
+                f"({', '.join(_fmt(t, digits=2) for t in ps)}) | "
+                f"{_fmt(m['tool_accuracy'], True)} -> {_fmt(m['tool_accuracy_calibrated'], True)} | "
+                f"{_fmt(m['irrelevance_accuracy'], True)} -> {_fmt(m['irrelevance_accuracy_calibrated'], True)} | "
+                f"{_fmt(m.get('live_irrelevance_accuracy'), True)} -> "
+                f"{_fmt(m.get('live_irrelevance_accuracy_calibrated'), True)} | "
+                f"{_fmt(m.get('tool_accuracy_constrained'), True)} |")
     curves = {label: m["abstention"] for label, m in merged["methods"].items() if m.get("abstention")}
     if curves:
         lines += ["", "## Calls held back by a margin (abstention curve)", "",
@@ -249,16 +277,20 @@ def render_markdown(merged: dict) -> str:
                 [_fmt(m["live_irrelevance_accuracy"], True)] + ["-"] * (len(ABSTENTION_THRESHOLDS) - 1)
             lines.append(f"| {label} | {m['live_n']} | " + " | ".join(cells) + " |")
     if merged["comparisons"]:
+        at_t = any(c.get("tool_accuracy_calibrated") for c in merged["comparisons"].values())
         lines += ["", "## Paired differences (bootstrap 95% intervals)", "",
-                  "| comparison | seeds | tool accuracy (points) | general retention | headline retention |",
-                  "|---|---|---|---|---|"]
+                  "| comparison | seeds | tool accuracy (points) | " + ("at each one's t | " if at_t else "")
+                  + "general retention | headline retention |", "|---|---|---|---|---|" + ("---|" if at_t else "")]
         for name, c in merged["comparisons"].items():
             ta, gr, hr = c.get("tool_accuracy"), c.get("general_retention"), c.get("headline_retention")
+            tc = c.get("tool_accuracy_calibrated")
             tool = (f"{100 * ta['diff']:+.1f} [{100 * ta['ci95'][0]:+.1f}, {100 * ta['ci95'][1]:+.1f}]"
                     if ta else "n/a")
+            cal = (f"{100 * tc['diff']:+.1f} [{100 * tc['ci95'][0]:+.1f}, {100 * tc['ci95'][1]:+.1f}] | " if tc
+                   else "n/a | ") if at_t else ""
             ret = f"{gr['diff']:+.4f} [{gr['ci95'][0]:+.4f}, {gr['ci95'][1]:+.4f}]" if gr else "n/a"
             head = f"{hr['diff']:+.4f} [{hr['ci95'][0]:+.4f}, {hr['ci95'][1]:+.4f}]" if hr else "n/a"
-            lines.append(f"| {name} | {c.get('seeds')} | {tool} | {ret} | {head} |")
+            lines.append(f"| {name} | {c.get('seeds')} | {tool} | {cal}{ret} | {head} |")
     if merged.get("not_measured"):
         lines += ["", "## Not measured", ""]
         lines += [f"- {method}: {why}" for method, why in merged["not_measured"].items()]

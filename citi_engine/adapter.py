@@ -30,6 +30,8 @@ from citi_engine.molora import MoloraConfig, MoloraLayer
 METHODS = ("citi", "lora", "full")
 STAGES = ("router_pretraining", "molora", "uco", "lora", "full")
 JOB_FILE = "citi_job.json"
+# The call threshold the adapter is served with, and how it was chosen (citi_engine.evaluate.tool_eval).
+CALIBRATION_FILE = "calibration.json"
 
 
 class Fp32MasterLinear(nn.Linear):
@@ -417,6 +419,21 @@ def read_job(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The ``citi_job.json`` of an adapter directory, or ``{}`` when it has none."""
     path = Path(adapter_dir) / JOB_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_calibration(adapter_dir: str | os.PathLike, threshold: float, **details: Any) -> Path:
+    """Record the call threshold to serve the adapter in ``adapter_dir`` with (and how it was chosen)."""
+    path = Path(adapter_dir) / CALIBRATION_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"call_threshold": float(threshold), **details}, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_call_threshold(adapter_dir: str | os.PathLike) -> float:
+    """The call threshold recorded for an adapter (0 when none is: plain greedy decoding)."""
+    path = Path(adapter_dir) / CALIBRATION_FILE
+    return float(json.loads(path.read_text()).get("call_threshold", 0.0)) if path.is_file() else 0.0
 
 
 def load_adapter(

@@ -202,6 +202,9 @@ class GenerationRequest:
     used. ``on_text`` receives text deltas from the generating thread (the forced prefix first); text
     that might be the start of a stop string is held back until it is clear. ``grammar``
     (:func:`citi_engine.constrained.compile_grammar`) constrains the whole reply, forced prefix included.
+    ``opening_bias`` (token id -> number) is added to the logits while the reply holds nothing but whitespace,
+    when no prefix is forced: the served adapter's call threshold (a bias of ``-t`` on the tokens that open
+    ``<tool_call>``, :func:`citi_engine.evaluate.tool_eval.choose_call_threshold`) lives here.
     """
 
     prompt_ids: list[int]
@@ -213,6 +216,7 @@ class GenerationRequest:
     prefix_options: list[list[int]] = field(default_factory=list)
     ignore_eos: bool = False
     grammar: Grammar | None = None
+    opening_bias: dict[int, float] = field(default_factory=dict)
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # outcome
@@ -302,6 +306,7 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
     next_pos = mask.sum(-1, keepdim=True)
     live = list(range(len(rows)))  # batch row -> index into rows
     for _ in range(max(r.req.max_new_tokens for r in rows)):
+        _bias_opening(logits, [rows[i] for i in live])
         _constrain(logits, [rows[i] for i in live])
         tokens = _next_tokens(logits, [rows[i] for i in live])
         now = time.perf_counter()
@@ -337,6 +342,7 @@ def _decode_static(model: nn.Module, rows: list[_Row], input_ids: torch.Tensor, 
     live = list(range(len(rows)))
     for _ in range(decoder.length - decoder.width):
         view = logits if len(live) == len(rows) else logits.index_select(0, torch.tensor(live, device=logits.device))
+        _bias_opening(view, [rows[i] for i in live])
         _constrain(view, [rows[i] for i in live])
         tokens = _next_tokens(view, [rows[i] for i in live])
         now = time.perf_counter()
@@ -367,6 +373,15 @@ def most_likely_prefix(model: nn.Module, prompt: list[int], options: list[list[i
         preds = logp[i, -(len(o) + 1):-1]
         scores.append(preds.gather(-1, torch.tensor(o, device=device).unsqueeze(-1)).sum().item())
     return options[max(range(len(options)), key=scores.__getitem__)]
+
+
+def _bias_opening(logits: torch.Tensor, rows: list[_Row]) -> None:
+    """Add each row's ``opening_bias`` to its logits while its reply is empty or whitespace (rows without a forced
+    prefix: a forced prefix has already chosen how the reply starts)."""
+    for b, row in enumerate(rows):
+        if row.req.opening_bias and not row.prefix and not (row.ids and row.text().strip()):
+            for token, bias in row.req.opening_bias.items():
+                logits[b, token] += bias
 
 
 def _constrain(logits: torch.Tensor, rows: list[_Row]) -> None:

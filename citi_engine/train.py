@@ -71,6 +71,7 @@ from citi_engine.adapter import (
     save_adapter,
     set_trainable,
     token_routing_loss,
+    write_calibration,
 )
 from citi_engine.budget import RunClock, StagePlan, check_budget, plan_stages
 from citi_engine.data.augment import build_negatives, mask_some, unrelated_tool_lists
@@ -492,6 +493,8 @@ class FinetuneRecipe:
         self.ctx.phase("saving")
         self.model.eval()
         save_adapter(self.model, self.out_dir, metadata=self.cfg.to_dict())
+        if self.hp.call_threshold is not None:
+            write_calibration(self.out_dir, self.hp.call_threshold, source="the job's call_threshold")
         if self.importance is not None:
             self.importance.save(self.out_dir)
         _write_model_card(self.out_dir, self.cfg, self.selected_components, self.stage_steps, self.state.tokens)
@@ -535,15 +538,20 @@ class FinetuneRecipe:
             event = dict(event)
             ctx.emit(event.pop("type", "message"), "eval", **{k: v for k, v in event.items() if k != "stage"})
 
-        evaluate_adapter(
+        report = evaluate_adapter(
             self.model, self.tokenizer, base_model, test_cases, None if probe_limit > 0 else [], out_dir,
             batch_size=generation_batch_size(hp, self.model), max_new_tokens=hp.eval_max_new_tokens,
             retention_max_new_tokens=min(128, hp.eval_max_new_tokens), test_limit=test_limit,
             probe_limit=probe_limit or None, humaneval=humaneval_limit > 0, humaneval_limit=humaneval_limit or None,
             metadata={"model": cfg.model, "method": cfg.method, "adapter": str(out_dir)},
             should_cancel=ctx.should_cancel, on_event=forward_event,
+            calibrate_calls=hp.call_threshold is None, seed=cfg.seed,
         )
         self.report_path = str(out_dir / "report.json")
+        calibration = report.get("calibration")
+        if calibration:
+            write_calibration(out_dir, calibration["threshold"], source="chosen on the job's held-out tool examples",
+                              **{k: v for k, v in calibration.items() if k != "threshold"})
 
     @property
     def stage_steps(self) -> dict[str, int]:

@@ -20,6 +20,7 @@ This module imports neither torch nor transformers; the functions that render ta
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -107,6 +108,25 @@ def _read_block(text: str, start: int) -> tuple[dict[str, Any] | None, int]:
         "function": {"name": name.strip(), "arguments": json.dumps(arguments, ensure_ascii=False)},
     }
     return call, close.end()
+
+
+def opens_with_call(text: str) -> bool:
+    """Whether a reply opens with a ``<tool_call>`` block (after any whitespace), as every trained call does.
+    Served with a call threshold, a reply that does not is text: a block further on is not a call."""
+    return text.lstrip().startswith(TOOL_CALL_OPEN)
+
+
+@functools.lru_cache(maxsize=16)
+def call_open_tokens(tokenizer) -> tuple[int, ...]:
+    """The tokens a reply can open a call with: those whose text, after any leading whitespace, starts
+    ``<tool_call>`` (``<`` and `` <`` for SmolLM2's tokenizer; the first token of the tag comes first)."""
+    first = tokenizer(TOOL_CALL_OPEN, add_special_tokens=False)["input_ids"][0]
+    others = []
+    for token in range(len(tokenizer)):
+        text = tokenizer.decode([token]).lstrip()
+        if token != first and text and (TOOL_CALL_OPEN.startswith(text) or text.startswith(TOOL_CALL_OPEN)):
+            others.append(token)
+    return (first, *others)
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:

@@ -85,6 +85,8 @@ def evaluate_adapter(
     should_cancel: Callable[[], bool] | None = None,
     on_event: Callable[[dict], None] | None = None,
     constrained: bool = False,
+    calibrate_calls: bool = False,
+    seed: int = 0,
 ) -> dict:
     """Evaluate a tuned ``model`` and write its report into ``out_dir`` (skipped when ``out_dir`` is None).
 
@@ -96,7 +98,9 @@ def evaluate_adapter(
     ``metadata`` (model spec, method, ...) is copied into the report. ``constrained``: also evaluate the tool
     cases with every call held to the case's tools and schemas (constrained decoding); that result is
     ``tool_constrained`` beside ``tool``, and the summary gains ``tool_accuracy_constrained``,
-    ``irrelevance_accuracy_constrained`` and ``parse_rate_constrained``.
+    ``irrelevance_accuracy_constrained`` and ``parse_rate_constrained``. ``calibrate_calls``: choose the call
+    threshold on the tool cases (:func:`~citi_engine.evaluate.tool_eval.calibrate_call_threshold`; ``seed``
+    for the no-call cases it may build): ``calibration`` in the report, ``call_threshold`` in the summary.
 
     Returns the report: ``summary`` (headline numbers), ``tool`` (see
     :class:`~citi_engine.evaluate.tool_eval.ToolEvalResult`), ``retention`` (see
@@ -124,6 +128,14 @@ def evaluate_adapter(
                                        should_cancel=should_cancel, constrained=True)
             report["seconds"]["tool_constrained"] = time.perf_counter() - start
             report["tool_constrained"] = held.to_dict()
+        if calibrate_calls:
+            from citi_engine.evaluate.tool_eval import calibrate_call_threshold
+
+            emit(f"choosing the call threshold on {len(cases)} test cases")
+            start = time.perf_counter()
+            report["calibration"] = calibrate_call_threshold(model, tokenizer, cases, result.outcomes,
+                                                             batch_size=batch_size, seed=seed)
+            report["seconds"]["calibration"] = time.perf_counter() - start
 
     if probes is None:
         from citi_engine.data.prompts import PROBE_PROMPTS
@@ -167,6 +179,8 @@ def evaluate_adapter(
         report["summary"].update(tool_accuracy_constrained=held["accuracy"],
                                  irrelevance_accuracy_constrained=held["irrelevance_accuracy"],
                                  parse_rate_constrained=held["parse_rate"])
+    if report.get("calibration"):
+        report["summary"]["call_threshold"] = report["calibration"]["threshold"]
     if out_dir is not None:
         write_report(out_dir, report)
     s = report["summary"]
@@ -175,6 +189,8 @@ def evaluate_adapter(
         parts.append(f"tool accuracy {s['tool_accuracy']:.3f}")
     if s.get("tool_accuracy_constrained") is not None:
         parts.append(f"constrained {s['tool_accuracy_constrained']:.3f}")
+    if s.get("call_threshold") is not None:
+        parts.append(f"call threshold {s['call_threshold']:.2f}")
     if s["general_retention"] is not None:
         parts.append(f"general retention {s['general_retention']:.3f} (KL {s['kl']:.4f})")
     if s.get("retention_with_tools") is not None:

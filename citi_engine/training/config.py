@@ -282,6 +282,16 @@ class Hyperparameters:
         "the end (0: skip).",
         Range(0, 1000, whole=True),
     )
+    call_threshold: float | None = setting(
+        None,
+        "How sure the tuned model must be before a reply opens with a tool call: served with a bias of minus this "
+        "on the first token of <tool_call> (tool_choice auto), so requests no offered tool fits get text. Default "
+        "(unset): chosen at the end of the job on its held-out tool examples (the test split or validation_file; "
+        "with requests none of whose tools fits built from them when the set has none) as the threshold with the "
+        "best balanced accuracy between calls kept and calls wrongly made; 0 when the job does not evaluate. "
+        "0 turns it off; a number sets it.",
+        Range(0.0, 100.0),
+    )
     generation_batch_size: int | None = setting(
         None,
         "Replies generated at once (greedy) when the job writes its replay answers and when it evaluates. "

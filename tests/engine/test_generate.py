@@ -254,11 +254,11 @@ def test_one_row_out_of_device_memory_is_an_error_not_a_retry(tiny, monkeypatch)
 def test_call_margin_is_positive_exactly_when_greedy_decoding_opens_a_call(tiny):
     """A bias on the lm_head puts the first token of <tool_call> near the top for some prompts, not for others;
     the margin's sign must say which replies greedy decoding opens with it."""
-    from citi_engine.data.chat_format import TOOL_CALL_OPEN
+    from citi_engine.data.chat_format import call_open_tokens
     from citi_engine.evaluate.tool_eval import call_margins, cases_from_dicts
 
     model, tok = tiny
-    first = tok(TOOL_CALL_OPEN, add_special_tokens=False)["input_ids"][0]
+    opening = list(call_open_tokens(tok))
     cases = cases_from_dicts([{"messages": c["messages"], "tools": c.get("tools") or [], "category": "irrelevance",
                                "ground_truth": []} for c in CONVERSATIONS])
     plain = call_margins(model, tok, cases)
@@ -266,7 +266,7 @@ def test_call_margin_is_positive_exactly_when_greedy_decoding_opens_a_call(tiny)
     bias = -(low[0] + low[1]) / 2  # the lowest margin ends below 0, the others above, each by half a gap
 
     def push(module, inputs, output):
-        output[..., first] += bias
+        output[..., opening] += bias
         return output
 
     handle = model.lm_head.register_forward_hook(push)
@@ -276,5 +276,43 @@ def test_call_margin_is_positive_exactly_when_greedy_decoding_opens_a_call(tiny)
     finally:
         handle.remove()
     assert margins == pytest.approx([m + bias for m in plain], abs=1e-3)
-    opens = [r.completion_ids[0] == first for r in replies]
+    opens = [r.completion_ids[0] in opening for r in replies]
     assert opens == [m > 0 for m in margins] and any(opens) and not all(opens)
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_call_threshold_holds_back_exactly_the_calls_whose_margin_is_below_it(tiny, decode):
+    """Served with a threshold t (a bias of -t on the tokens that open a call while the reply is empty), a reply
+    opens with a call exactly when its margin is above t; a forced prefix is left alone."""
+    from citi_engine.data.chat_format import call_open_tokens
+    from citi_engine.evaluate.tool_eval import call_margins, cases_from_dicts
+    from citi_engine.generate import encode_prompt
+    from citi_engine.serving import GenerationRequest, generate
+
+    model, tok = tiny
+    opening = call_open_tokens(tok)
+    first = opening[0]
+    cases = cases_from_dicts([{"messages": c["messages"], "tools": c.get("tools") or [], "category": "irrelevance",
+                               "ground_truth": []} for c in CONVERSATIONS])
+    plain = call_margins(model, tok, cases)
+    bias = 1.0 - min(plain)  # every reply opens with a call now, the weakest by a margin of 1
+
+    def push(module, inputs, output):
+        output[..., list(opening)] += bias
+        return output
+
+    handle = model.lm_head.register_forward_hook(push)
+    try:
+        margins = call_margins(model, tok, cases)
+        ranked = sorted(margins)
+        t = (ranked[1] + ranked[2]) / 2  # two margins below, two above
+        reqs = [GenerationRequest(prompt_ids=encode_prompt(tok, c.messages, c.tools), max_new_tokens=2,
+                                  opening_bias={o: -t for o in opening}) for c in cases]
+        forced = [GenerationRequest(prompt_ids=encode_prompt(tok, cases[0].messages), max_new_tokens=3,
+                                    prefix_options=[[first]], opening_bias=b) for b in ({first: -1e4}, {})]
+        generate(model, tok, [*reqs, *forced], decode=decode)
+    finally:
+        handle.remove()
+    opens = [r.text.lstrip().startswith("<") for r in reqs]
+    assert opens == [m > t for m in margins] and sum(opens) == 2
+    assert forced[0].text == forced[1].text  # the bias does not reach past a forced prefix

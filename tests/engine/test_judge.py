@@ -293,3 +293,45 @@ def test_abstention_curve_turns_weak_calls_into_text_replies():
     assert rows[1.5]["tool_accuracy"] == 0.4 and rows[1.5]["held_back"] == 2  # the 1.0 call is lost, 0.5 was wrong
     assert rows[3.0]["irrelevance_accuracy"] == 1.0 and rows[3.0]["tool_accuracy"] == 0.6
     assert rows[10.0] == {"threshold": 10.0, "tool_accuracy": 0.4, "irrelevance_accuracy": 1.0, "held_back": 4}
+
+
+def test_call_threshold_is_chosen_for_the_best_balanced_accuracy_on_the_held_out_set():
+    from citi_engine.evaluate.tool_eval import choose_call_threshold
+
+    outcomes = [  # three right calls, one wrong; two requests no tool fits, answered with calls anyway, one not
+        {"category": "simple", "correct": True, "expects_call": True},
+        {"category": "simple", "correct": True, "expects_call": True},
+        {"category": "simple", "correct": True, "expects_call": True},
+        {"category": "simple", "correct": False, "expects_call": True},
+        {"category": "irrelevance", "correct": False, "expects_call": False},
+        {"category": "irrelevance", "correct": False, "expects_call": False},
+        {"category": "irrelevance", "correct": True, "expects_call": False},
+    ]
+    margins = [6.0, 5.0, 4.0, 0.5, 1.0, 2.0, -1.0]
+    chosen = choose_call_threshold(outcomes, margins)
+    # holding back everything below 3 (midpoint of 2 and 4) keeps the right calls and stops both wrong ones
+    assert chosen["threshold"] == pytest.approx(3.0)
+    assert chosen["at_threshold"]["call_accuracy"] == 0.75 and chosen["at_threshold"]["irrelevance_accuracy"] == 1.0
+    assert chosen["at_zero"]["balanced_accuracy"] == pytest.approx((0.75 + 1 / 3) / 2)
+    assert (chosen["n_call_cases"], chosen["n_no_call_cases"]) == (4, 3)
+    # a set with one kind of case only cannot choose: plain greedy decoding
+    assert choose_call_threshold(outcomes[:4], margins[:4])["threshold"] == 0.0
+    # when every call is right and no request lacks its tool, nothing is held back
+    assert choose_call_threshold(outcomes[:3] + outcomes[6:], margins[:3] + margins[6:])["threshold"] == 0.0
+
+
+def test_no_call_cases_built_from_held_out_calls_never_offer_the_called_function():
+    from citi_engine.evaluate.tool_eval import cases_from_dicts, no_call_cases
+
+    def tool(name):
+        return {"type": "function", "function": {"name": name, "description": name,
+                                                 "parameters": {"type": "object", "properties": {}}}}
+
+    rows = [{"messages": [{"role": "user", "content": f"do {n}"}], "tools": [tool(n), tool(f"other_{i}")],
+             "category": "simple", "ground_truth": [{n: {}}]} for i, n in enumerate(["alpha", "beta", "gamma"])]
+    built = no_call_cases(cases_from_dicts(rows))
+    assert sorted(c.messages[0]["content"] for c in built) == ["do alpha", "do beta", "do gamma"]
+    for case in built:
+        called = case.messages[0]["content"].removeprefix("do ")
+        assert not case.expects_call and case.category == "irrelevance" and case.tools
+        assert called not in {t["function"]["name"] for t in case.tools}

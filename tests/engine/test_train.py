@@ -14,6 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from citi_engine.adapter import read_call_threshold  # noqa: E402
 from citi_engine.budget import Budget, plan_stages  # noqa: E402
 from citi_engine.errors import Cancelled, DataValidationError  # noqa: E402
 from citi_engine.train import (  # noqa: E402
@@ -240,6 +241,47 @@ def test_held_out_test_split_is_evaluated_and_reported(tiny_model, data_file, tm
     report = json.loads(Path(result.report_path).read_text())
     assert report["summary"]["n_test"] == 2 and report["summary"]["n_probes"] == 2
     assert (out / "report.md").is_file()
+    # call_threshold unset: chosen on the held-out calls; every example offers one function only, so no request
+    # that no offered tool fits can be built from them and nothing is held back
+    calibration = report["calibration"]
+    assert calibration["n_call_cases"] == 2 and calibration["built_no_call_cases"] == 0
+    assert read_call_threshold(out) == calibration["threshold"] == report["summary"]["call_threshold"] == 0
+
+
+def test_call_threshold_is_chosen_on_held_out_calls_and_no_call_requests_built_from_them(tiny_model, tmp_path):
+    clock = {"type": "function", "function": {"name": "get_time", "description": "Local time in a city",
+                                              "parameters": {"type": "object", "properties": {
+                                                  "city": {"type": "string"}}, "required": ["city"]}}}
+    rows = [tool_example(i) for i in range(16)]
+    for row in rows[::2]:  # every other example asks the time, with both functions offered
+        call = row["messages"][1]["tool_calls"][0]
+        row["messages"][0]["content"] = row["messages"][0]["content"].replace("weather", "time")
+        call["function"]["name"] = "get_time"
+        row["tools"] = [clock, WEATHER]
+    data = write_jsonl(tmp_path / "train.jsonl", rows + [general_example(i) for i in range(6)])
+    out = tmp_path / "out"
+    cfg = small_config(tiny_model, data, out, method="lora", test_fraction=0.25, budget={"max_steps": 1},
+                       hyperparameters={"eval_examples": 4, "eval_max_new_tokens": 4, "max_length": 320})
+    report = json.loads(Path(finetune(cfg).report_path).read_text())
+    calibration = report["calibration"]
+    assert calibration["n_call_cases"] == 4 and calibration["built_no_call_cases"] >= 2
+    assert calibration["n_no_call_cases"] == calibration["built_no_call_cases"]
+    at_t = calibration["at_threshold"]["balanced_accuracy"]
+    assert at_t >= calibration["at_zero"]["balanced_accuracy"]
+    assert read_call_threshold(out) == calibration["threshold"] >= 0
+
+
+def test_a_call_threshold_set_by_the_job_is_recorded_for_serving_without_calibrating(tiny_model, data_file,
+                                                                                     tmp_path):
+    out = tmp_path / "out"
+    cfg = small_config(tiny_model, data_file, out, method="lora", test_fraction=0.25, budget={"max_steps": 1},
+                       hyperparameters={"eval_examples": 2, "eval_probes": 0, "eval_max_new_tokens": 4,
+                                        "call_threshold": 1.5})
+    result = finetune(cfg)
+    assert read_call_threshold(out) == 1.5
+    assert "calibration" not in json.loads(Path(result.report_path).read_text())
+    with pytest.raises(ValueError, match="call_threshold"):
+        small_config(tiny_model, data_file, out, hyperparameters={"call_threshold": -1.0})
 
 
 # ------------------------------------------------------------------------------------------ cancel

@@ -267,3 +267,47 @@ def test_an_unknown_decode_mode_is_refused_when_the_cache_is_made():
 
     with pytest.raises(ValueError, match="CITI_INFERENCE_DECODE must be one of"):
         ModelCache(device="cpu", decode="turbo")
+
+
+def test_an_adapters_call_threshold_is_served_under_auto_tool_choice_only(tmp_path, citi_dir):
+    from citi_engine.adapter import write_calibration
+    from citi_engine.data.chat_format import call_open_tokens
+    from citi_service.chat import ChatCompletionRequest
+    from worker.inference.app import InferenceService
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(citi_dir, calibrated)
+    write_calibration(calibrated, 2.5, source="a test")
+    service = InferenceService()
+    plain, served = service.cache.adapter("plain", citi_dir), service.cache.adapter("calibrated", calibrated)
+    assert (plain.call_threshold, served.call_threshold) == (0.0, 2.5)
+    held = {token: -2.5 for token in call_open_tokens(served.tokenizer)}
+
+    def bias(model, **body):
+        req = ChatCompletionRequest(model="ft:x", messages=ASK, max_tokens=8, **body)
+        return service.prepare(req, model)[0].opening_bias
+
+    tools = {"tools": [WEATHER_TOOL]}
+    assert len(held) >= 1 and bias(served, **tools) == held and bias(served, tool_choice="auto", **tools) == held
+    assert bias(plain, **tools) == {} and bias(served) == {}  # no threshold, or no tools offered
+    assert bias(served, tool_choice="required", **tools) == {}  # a forced call is not held back
+    assert bias(served, tool_choice="none", **tools) == {}
+
+
+def test_served_with_a_call_threshold_a_reply_that_opens_with_text_has_no_calls_streamed_or_not():
+    from citi_service.chat import ChatCompletionRequest
+    from worker.inference.app import ToolCallStream, build_completion
+
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    req = ChatCompletionRequest(model="ft:x", messages=ASK, tools=[WEATHER_TOOL])
+    for text, threshold, calls in [(call, True, 1), ("\n" + call, True, 1), ("Reply with " + call, True, 0),
+                                   ("Reply with " + call, False, 1)]:
+        gen = GenerationRequest(prompt_ids=[1], max_new_tokens=8, opening_bias={7: -2.0} if threshold else {})
+        gen.text, gen.finish_reason = text, "stop"
+        message = build_completion(req, gen, 1, "fp")["choices"][0]["message"]
+        assert len(message.get("tool_calls", [])) == calls, text
+        stream = ToolCallStream(req, opening_only=threshold)
+        deltas = [d for k in range(0, len(text), 5) for d in stream.feed(text[k:k + 5])] + stream.finish()
+        assert sum(1 for d in deltas if "tool_calls" in d and "id" in d["tool_calls"][0]) == calls, text
+        if not calls:
+            assert "".join(d.get("content", "") for d in deltas) == text == message["content"]

@@ -12,7 +12,10 @@ Tool calls (``tool_choice``):
 - ``none``: the model is not shown the tools and its text is never parsed for calls.
 - ``auto``: the tools are in the prompt; ``<tool_call>`` blocks in the reply become ``tool_calls``. The text
   is free, but a call to a function that ``tools`` does not define is dropped: it never comes back as a
-  tool call (nor as content).
+  tool call (nor as content). An adapter whose job chose a call threshold (``calibration.json``, the
+  ``call_threshold`` hyperparameter) opens a reply with a call only when the model is that sure: a bias of
+  minus the threshold on the tokens that open ``<tool_call>`` while the reply is still empty (or whitespace);
+  a reply that then opens with text is text, whatever it writes further on (every trained call opens its reply).
 - ``required``: the reply is tool calls and nothing else. The start of a call block up to and including
   the function name, ``<tool_call>{"name": "<name>", "arguments":``, is fed as a generation prefix; the
   name is the tool the model itself finds most likely (the summed log-probability of each candidate
@@ -73,7 +76,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from citi_engine.constrained import GrammarError, reply_grammar
-from citi_engine.data.chat_format import TOOL_CALL_OPEN, format_tool_calls, parse_tool_calls, render_prompt
+from citi_engine.data.chat_format import (
+    TOOL_CALL_OPEN,
+    call_open_tokens,
+    format_tool_calls,
+    opens_with_call,
+    parse_tool_calls,
+    render_prompt,
+)
 from citi_engine.errors import CitiError, ModelSpecError
 from citi_service.chat import ChatCompletionRequest, check_request, inference_token
 from citi_service.errors import APIError, error_body, install_error_handlers
@@ -242,6 +252,8 @@ class InferenceService:
             prefix_options=options,
             grammar=grammar,
         )
+        if mode == "auto" and req.tools and served.call_threshold > 0:
+            gen.opening_bias = {token: -served.call_threshold for token in call_open_tokens(tok)}
         return gen, n_prompt
 
 
@@ -307,7 +319,7 @@ def build_completion(req: ChatCompletionRequest, gen: GenerationRequest, n_promp
     mode, _ = req.tool_mode()
     content: str | None = gen.text
     calls: list[dict] = []
-    if mode != "none":
+    if mode != "none" and not (gen.opening_bias and not opens_with_call(gen.text)):
         content, calls = parse_tool_calls(gen.text)
         calls = accepted_calls(req, calls)
         if not calls and content is None:
@@ -341,9 +353,10 @@ class ToolCallStream:
     did not parse) is sent.
     """
 
-    def __init__(self, req: ChatCompletionRequest):
+    def __init__(self, req: ChatCompletionRequest, opening_only: bool = False):
         self.req = req
         self.parse = req.tool_mode()[0] != "none"
+        self.opening_only = opening_only  # served with a call threshold: only a reply that opens with a call has any
         self.text = ""
         self.sent = 0  # characters of self.text sent as content
         self.calls_from = None  # where the first <tool_call> starts
@@ -363,6 +376,11 @@ class ToolCallStream:
         if not self.parse:
             return self._content(len(self.text))
         out: list[dict] = []
+        if self.calls_from is None and self.opening_only:
+            start = self.text.lstrip()
+            if start and not (TOOL_CALL_OPEN.startswith(start) or start.startswith(TOOL_CALL_OPEN)):
+                self.parse = False  # the reply opened with text: all of it is content
+                return self._content(len(self.text))
         if self.calls_from is None:
             at = self.text.find(TOOL_CALL_OPEN, self.sent)
             if at < 0:
@@ -524,7 +542,7 @@ async def _stream(service: InferenceService, served: ServedModel, req: ChatCompl
 
     service._in_flight += 1
     task = asyncio.create_task(service.scheduler.submit(served, gen))
-    assembler = ToolCallStream(req)
+    assembler = ToolCallStream(req, opening_only=bool(gen.opening_bias))
     try:
         yield chunk({"role": "assistant", "content": "", "refusal": None})
         while True:

@@ -43,6 +43,7 @@ from typing import Any
 
 from torch import nn
 
+from citi_engine.adapter import read_call_threshold
 from citi_engine.molora import PEFT_TYPE_NAME
 from citi_engine.serving import (
     GenerationRequest,
@@ -98,6 +99,7 @@ class ServedAdapter:
     own: LoadedBase | None = None
     nbytes: int = 0
     load_seconds: float = 0.0
+    call_threshold: float = 0.0  # calibration.json's: a bias of minus this on a call's first token (tool_choice auto)
 
 
 @dataclass
@@ -106,6 +108,7 @@ class ServedModel:
 
     base: LoadedBase
     adapter: ServedAdapter | None = None
+    call_threshold: float = 0.0
 
     @property
     def key(self) -> tuple[int, str | None]:
@@ -230,8 +233,8 @@ class ModelCache:
                             evicted, _ = self._adapters.popitem(last=False)
                             log.info("evicted adapter %s from the cache", evicted)
         if hit.own is not None:
-            return ServedModel(base=hit.own)
-        return ServedModel(base=self.base(hit.base_spec), adapter=hit)
+            return ServedModel(base=hit.own, call_threshold=hit.call_threshold)
+        return ServedModel(base=self.base(hit.base_spec), adapter=hit, call_threshold=hit.call_threshold)
 
     def _load_adapter(self, adapter_id: str, adapter_dir: Path, base_spec: str | None) -> ServedAdapter:
         t0 = time.perf_counter()
@@ -253,6 +256,7 @@ class ModelCache:
         adapter.nbytes = sum(p.numel() * p.element_size() for m in adapter.modules.values()
                              for name, p in m.named_parameters() if not name.startswith("base."))
         adapter.load_seconds = time.perf_counter() - t0
+        adapter.call_threshold = read_call_threshold(adapter_dir)
         log.info("loaded adapter %s (%s, %d modules, %.1f MB) in %.2fs", adapter_id, adapter.kind,
                  len(adapter.modules), adapter.nbytes / 1e6, adapter.load_seconds)
         return adapter
