@@ -230,7 +230,7 @@ def child_argv(args: argparse.Namespace, run: dict) -> list[str]:
         argv += ["--" + name.replace("_", "-"), repr(value) if isinstance(value, int | float) else str(value)]
     for name in ("data", "split", "out", "work", "device", "dtype", "limit_train", "max_steps", "batch_size",
                  "limit_test", "probe_limit", "humaneval", "humaneval_limit", "max_new_tokens",
-                 "retention_max_new_tokens", "eval_batch_size", "commit", "live_limit"):
+                 "retention_max_new_tokens", "eval_batch_size", "commit", "live_limit", "calibrate"):
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
