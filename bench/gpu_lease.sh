@@ -45,8 +45,12 @@ start)
     echo "$SHA  $STAGE/smollm2.gguf" | sha256sum -c - || exit 1
     rm -rf "$RUN" && mkdir -p "$RUN" "$RESULTS" && rm -f "$RESULTS/DONE"
     tar -cf - --exclude=.m1 --exclude=.m2 --exclude=.git . | tar -xf - -C "$RUN"
-    CITI_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-    [ -z "$(git status --porcelain -- citi_engine bench 2>/dev/null)" ] || CITI_COMMIT="$CITI_COMMIT+dirty"
+    # The GPU machine's .git need not be the checkout's (the files are): name the commit in the call, as
+    # `CITI_COMMIT=$(git rev-parse --short HEAD)` expanded here, e.g. CITI_COMMIT=27b295b bash bench/gpu_lease.sh start
+    if [ -z "${CITI_COMMIT:-}" ]; then
+        CITI_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+        [ -z "$(git status --porcelain -- citi_engine bench 2>/dev/null)" ] || CITI_COMMIT="$CITI_COMMIT+dirty"
+    fi
     echo "$CITI_COMMIT" > "$RESULTS/commit.txt"
     cd "$RUN" || exit 1
     export PYTHONPATH="$STAGE/site" GGUF="$STAGE/smollm2.gguf" RESULTS PYTHONUNBUFFERED=1 CITI_COMMIT
