@@ -309,11 +309,44 @@ def run_one(args) -> dict[str, Any]:
         result["results"], result["adapter_overhead"] = asyncio.run(measure(cache, base, served, prompt, args))
         cache.activate(ServedModel(base=base))
         result["reference_hf_generate"] = measure_reference(base.model, prompt, args)
+        if args.decode != "dynamic":
+            result["same_replies_as_dynamic"] = compare_replies(cache, base, served, args.decode)
+            cache.activate(ServedModel(base=base))
 
     b1 = result["adapter_overhead"].get("1")
     result["adapter_overhead_batch1"] = b1
     result["target_met"] = None if b1 is None else b1 <= TARGET_OVERHEAD
     return result
+
+
+def compare_replies(cache, base, served, decode: str, n: int = 16, new_tokens: int = 64) -> dict[str, Any]:
+    """Greedy replies to ``n`` different prompts (general probes, some with the benchmark's tools offered), one
+    batch, under ``decode`` and under the dynamic KV cache, for the base and the adapter: the share of replies
+    that are the same token for token (the mode may become the server's default only if they are)."""
+    from citi_engine.data.prompts import PROBE_PROMPTS
+    from citi_engine.generate import encode_prompt
+    from citi_engine.serving import GenerationRequest, generate
+    from worker.inference.cache import ServedModel
+
+    tok = base.tokenizer
+    prompts = [encode_prompt(tok, [{"role": "user", "content": p}], TOOLS if i % 2 else None)
+               for i, p in enumerate(PROBE_PROMPTS[:n])]
+    out: dict[str, Any] = {"prompts": len(prompts), "new_tokens": new_tokens}
+    for name, model in (("base", ServedModel(base=base)), ("citi", served)):
+        cache.activate(model)
+        texts = {}
+        for mode in ("dynamic", decode):
+            reqs = [GenerationRequest(prompt_ids=p, max_new_tokens=new_tokens) for p in prompts]
+            generate(base.model, tok, reqs, decode=mode)
+            texts[mode] = [r.text for r in reqs]
+        same = sum(a == b for a, b in zip(texts["dynamic"], texts[decode], strict=True))
+        out[name] = round(same / len(prompts), 4)
+        out[f"{name}_first_difference"] = next(
+            ({"prompt": i, "dynamic": a[:200], decode: b[:200]}
+             for i, (a, b) in enumerate(zip(texts["dynamic"], texts[decode], strict=True)) if a != b), None)
+    print(f"same greedy replies as the dynamic cache ({decode}): base {out['base']:.0%}, adapter {out['citi']:.0%}",
+          flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,6 +412,10 @@ def merge(dirs: list[Path], md: Path, js: Path, notes: Path | None = None) -> No
         if "1" in overhead:
             verdict = "met" if overhead["1"] <= TARGET_OVERHEAD else "not met"
             lines.append(f"Target at batch 1 (<= {TARGET_OVERHEAD:.0%}) in this run: {verdict}.")
+        same = run.get("same_replies_as_dynamic")
+        if same:
+            lines.append(f"Greedy replies the same token for token as with the dynamic KV cache ({same['prompts']} "
+                         f"prompts, {same['new_tokens']} tokens): base {same['base']:.0%}, adapter {same['citi']:.0%}.")
         lines.append("")
     if notes is not None:
         lines += [notes.read_text().rstrip(), ""]

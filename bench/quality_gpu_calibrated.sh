@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The call threshold measured on one GPU host (bench/plans/method_test_calibrated.txt), in one pool of JOBS runs
-# at a time (default 6), STAGGER seconds apart; every run also evaluates with calls constrained to the tools'
+# at a time (default 5: four CITI runs beside two baselines ran out of the H100's memory once), STAGGER seconds apart; every run also evaluates with calls constrained to the tools'
 # schemas. New runs pin generation_batch_size to 16, as every earlier method run, so they compare with those.
 # Retention is measured on 40 probes here (120 in the method runs, whose retention numbers stand): these runs are
 # for the tool-call side, and the time of one GPU lease is short.
@@ -8,7 +8,7 @@
 set -uo pipefail
 GGUF=$1; OUT=$2
 cd "$(dirname "$0")/.." || exit 1
-JOBS=${JOBS:-6}; STAGGER=${STAGGER:-25}
+JOBS=${JOBS:-5}; STAGGER=${STAGGER:-25}
 mkdir -p "$OUT/test_calibrated"
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 > "$OUT/gpu_memory.csv" 2>&1 &
 smi=$!
