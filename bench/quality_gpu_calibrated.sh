@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The call threshold measured on one GPU host (bench/plans/method_test_calibrated.txt), in one pool of JOBS runs
-# at a time (default 5: four CITI runs beside two baselines ran out of the H100's memory once), STAGGER seconds apart; every run also evaluates with calls constrained to the tools'
-# schemas. New runs pin generation_batch_size to 16, as every earlier method run, so they compare with those.
+# at a time (default 5: four CITI runs beside two baselines ran out of the H100's memory once), STAGGER seconds
+# apart; every run also evaluates with calls constrained to the tools' schemas. New runs pin generation_batch_size to 16, as every earlier method run, so they compare with those.
 # Retention is measured on 40 probes here (120 in the method runs, whose retention numbers stand): these runs are
 # for the tool-call side, and the time of one GPU lease is short.
 # Usage: bench/quality_gpu_calibrated.sh GGUF OUTDIR      (results in OUTDIR/test_calibrated; OUTDIR/DONE at the end)
