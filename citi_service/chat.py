@@ -145,6 +145,10 @@ class ChatCompletionRequest(_Open):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     n: int | None = Field(None, ge=1)
+    call_threshold: float | None = Field(
+        None, ge=0.0, le=100.0, description="Our extension: how far the tokens that open a tool call must lead every "
+        "other token at the reply's start for the reply to be a call (tool_choice auto). Default: the threshold the "
+        "fine-tuning job chose (calibration.json; 0 for base models); 0 turns it off for this request.")
     citi_adapter: dict[str, Any] | None = Field(
         None, description="Internal: set by the API for the inference server; refused from callers."
     )

@@ -292,6 +292,9 @@ def test_an_adapters_call_threshold_is_served_under_auto_tool_choice_only(tmp_pa
     assert bias(plain, **tools) == {} and bias(served) == {}  # no threshold, or no tools offered
     assert bias(served, tool_choice="required", **tools) == {}  # a forced call is not held back
     assert bias(served, tool_choice="none", **tools) == {}
+    # a request's own threshold wins: 0 turns the adapter's off, a number sets one where the adapter has none
+    assert bias(served, call_threshold=0, **tools) == {}
+    assert bias(plain, call_threshold=1.0, **tools) == {token: -1.0 for token in held}
 
 
 def test_served_with_a_call_threshold_a_reply_that_opens_with_text_has_no_calls_streamed_or_not():

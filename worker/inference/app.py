@@ -14,7 +14,8 @@ Tool calls (``tool_choice``):
   is free, but a call to a function that ``tools`` does not define is dropped: it never comes back as a
   tool call (nor as content). An adapter whose job chose a call threshold (``calibration.json``, the
   ``call_threshold`` hyperparameter) opens a reply with a call only when the model is that sure: a bias of
-  minus the threshold on the tokens that open ``<tool_call>`` while the reply is still empty (or whitespace);
+  minus the threshold on the tokens that open ``<tool_call>`` while the reply is still empty (or whitespace; a
+  request's own ``call_threshold``, our extension, takes its place, 0 turning it off);
   a reply that then opens with text is text, whatever it writes further on (every trained call opens its reply).
 - ``required``: the reply is tool calls and nothing else. The start of a call block up to and including
   the function name, ``<tool_call>{"name": "<name>", "arguments":``, is fed as a generation prefix; the
@@ -252,8 +253,9 @@ class InferenceService:
             prefix_options=options,
             grammar=grammar,
         )
-        if mode == "auto" and req.tools and served.call_threshold > 0:
-            gen.opening_bias = {token: -served.call_threshold for token in call_open_tokens(tok)}
+        threshold = served.call_threshold if req.call_threshold is None else req.call_threshold
+        if mode == "auto" and req.tools and threshold > 0:
+            gen.opening_bias = {token: -threshold for token in call_open_tokens(tok)}
         return gen, n_prompt
 
 
