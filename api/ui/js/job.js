@@ -202,7 +202,11 @@ export async function renderJob(main, { params }) {
         fact('Mean KL(base ‖ tuned) per token', num(s.kl)),
         fact('Agreement with the base model', pct(s.agreement)),
         s.humaneval_nll_delta !== null && s.humaneval_nll_delta !== undefined
-          ? fact('HumanEval NLL change', num(s.humaneval_nll_delta)) : null),
+          ? fact('HumanEval NLL change', num(s.humaneval_nll_delta)) : null,
+        report.calibration
+          ? fact('Call threshold (served: a reply is a call only when this sure)',
+            `${num(report.calibration.threshold)} logits, chosen on ${report.calibration.n_call_cases} held-out calls `
+            + `and ${report.calibration.n_no_call_cases} requests no offered tool fits`, 'report-call-threshold') : null),
     ];
     if (tool && tool.per_category && Object.keys(tool.per_category).length) {
       const canvas = el('canvas', { id: 'accuracy-chart', role: 'img', 'aria-label': 'Tool-call accuracy by category (numbers in the table)' });
