@@ -36,6 +36,9 @@ def register(subparsers) -> None:
                    help="also evaluate with every call held to the offered tools and their parameter schemas "
                         "(constrained decoding, as the inference server does for forced calls); reported as "
                         "tool_accuracy_constrained beside tool_accuracy")
+    p.add_argument("--call-threshold", type=float, default=None,
+                   help="also evaluate the tool cases as served with this call threshold (default: the one the job "
+                        "chose, the adapter's calibration.json, when above 0; 0: greedy decoding only)")
     p.add_argument("--no-retention", action="store_true", help="skip the general-retention measurement")
     p.add_argument("--no-humaneval", action="store_true", help="skip the HumanEval NLL")
     p.add_argument("--humaneval-limit", type=int, default=None, help="use at most N HumanEval problems")
@@ -53,6 +56,8 @@ def _check_positive(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {value}"
+    if args.call_threshold is not None and not 0 <= args.call_threshold <= 100:
+        return f"--call-threshold must be between 0 and 100 (logits), got {args.call_threshold}"
     return None
 
 
@@ -79,6 +84,10 @@ def print_summary(report: dict, console=None) -> None:
     if s.get("tool_accuracy_constrained") is not None:
         table.add_row("tool-call accuracy, constrained to schemas", pct(s["tool_accuracy_constrained"]))
         table.add_row("irrelevance accuracy, constrained", pct(s.get("irrelevance_accuracy_constrained")))
+    if s.get("tool_accuracy_at_threshold") is not None:
+        t = report["tool_at_threshold"]["call_threshold"]
+        table.add_row(f"tool-call accuracy at call threshold {t:g}", pct(s["tool_accuracy_at_threshold"]))
+        table.add_row(f"irrelevance accuracy at call threshold {t:g}", pct(s.get("irrelevance_accuracy_at_threshold")))
     table.add_row("general retention exp(-KL)", num(s["general_retention"]))
     table.add_row("KL(base || tuned) per token", num(s["kl"]))
     table.add_row("agreement with base", pct(s["agreement"]))
@@ -117,10 +126,11 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"citi eval: {exc.message}", file=sys.stderr)
         return 2
 
-    from citi_engine.adapter import load_adapter, read_job
+    from citi_engine.adapter import load_adapter, read_call_threshold, read_job
     from citi_engine.models import load_model
 
     job = read_job(args.adapter)
+    threshold = read_call_threshold(args.adapter) if args.call_threshold is None else args.call_threshold
     try:
         model, tokenizer = load_adapter(args.adapter, base=args.base, device=args.device)
         base_spec = args.base or job.get("base_model")
@@ -136,7 +146,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model, tokenizer, base_model, cases, [] if args.no_retention else None, args.out or args.adapter,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, probe_limit=args.probe_limit,
         humaneval=not args.no_humaneval, humaneval_limit=args.humaneval_limit, pass_at_1=args.pass_at_1,
-        constrained=args.constrained,
+        constrained=args.constrained, call_threshold=threshold,
         metadata={"model": base_spec, "method": job.get("method"), "adapter": str(args.adapter),
                   "tool_test": str(args.tool_test)},
     )

@@ -87,6 +87,7 @@ def evaluate_adapter(
     constrained: bool = False,
     calibrate_calls: bool = False,
     seed: int = 0,
+    call_threshold: float = 0.0,
 ) -> dict:
     """Evaluate a tuned ``model`` and write its report into ``out_dir`` (skipped when ``out_dir`` is None).
 
@@ -101,6 +102,8 @@ def evaluate_adapter(
     ``irrelevance_accuracy_constrained`` and ``parse_rate_constrained``. ``calibrate_calls``: choose the call
     threshold on the tool cases (:func:`~citi_engine.evaluate.tool_eval.calibrate_call_threshold`; ``seed``
     for the no-call cases it may build): ``calibration`` in the report, ``call_threshold`` in the summary.
+    ``call_threshold`` above 0: the tool cases answered once more as served with that threshold
+    (``tool_at_threshold``; ``tool_accuracy_at_threshold`` and ``irrelevance_accuracy_at_threshold`` in the summary).
 
     Returns the report: ``summary`` (headline numbers), ``tool`` (see
     :class:`~citi_engine.evaluate.tool_eval.ToolEvalResult`), ``retention`` (see
@@ -128,6 +131,13 @@ def evaluate_adapter(
                                        should_cancel=should_cancel, constrained=True)
             report["seconds"]["tool_constrained"] = time.perf_counter() - start
             report["tool_constrained"] = held.to_dict()
+        if call_threshold > 0:
+            emit(f"evaluating tool calls on {len(cases)} test cases at call threshold {call_threshold:g}")
+            start = time.perf_counter()
+            at_t = evaluate_tool_calls(model, tokenizer, cases, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       should_cancel=should_cancel, call_threshold=call_threshold)
+            report["seconds"]["tool_at_threshold"] = time.perf_counter() - start
+            report["tool_at_threshold"] = {**at_t.to_dict(), "call_threshold": call_threshold}
         if calibrate_calls:
             from citi_engine.evaluate.tool_eval import calibrate_call_threshold
 
@@ -181,6 +191,10 @@ def evaluate_adapter(
                                  parse_rate_constrained=held["parse_rate"])
     if report.get("calibration"):
         report["summary"]["call_threshold"] = report["calibration"]["threshold"]
+    if report.get("tool_at_threshold"):
+        at_t = report["tool_at_threshold"]
+        report["summary"].update(tool_accuracy_at_threshold=at_t["accuracy"],
+                                 irrelevance_accuracy_at_threshold=at_t["irrelevance_accuracy"])
     if out_dir is not None:
         write_report(out_dir, report)
     s = report["summary"]

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from citi_engine.data.chat_format import call_open_tokens
 from citi_engine.errors import Cancelled
 from citi_engine.evaluate import evaluate_adapter
 from citi_engine.evaluate.retention import (
@@ -182,6 +183,32 @@ def test_evaluate_adapter_writes_a_report(base, tmp_path):
     assert saved["method"] == "lora" and saved["summary"]["n_test"] == 2
     assert (tmp_path / "report.md").is_file() and (tmp_path / "eval_tool_accuracy.png").is_file()
     assert events[-1]["type"] == "eval" and events[-1]["stage"] == "eval"
+
+
+def test_evaluate_adapter_at_a_call_threshold_answers_as_served(base, tmp_path):
+    """With a threshold far above any margin, no reply opens a call, where greedy replies all would."""
+    model, tok = base
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    cases = [{"messages": [{"role": "user", "content": f"Weather in {x}?"}], "tools": [weather],
+              "category": "simple", "ground_truth": [{"get_weather": {"city": [x]}}]} for x in ("Oslo", "Rome", "Lima")]
+    opening = list(call_open_tokens(tok))
+
+    def push(module, inputs, output):  # every reply would open with a call
+        output[..., opening] += 30.0
+        return output
+
+    handle = model.lm_head.register_forward_hook(push)
+    try:
+        report = evaluate_adapter(model, tok, None, cases, [], tmp_path, max_new_tokens=4, call_threshold=1e3)
+    finally:
+        handle.remove()
+    greedy, at_t = report["tool"]["failures"], report["tool_at_threshold"]["failures"]
+    assert len(greedy) == len(at_t) == 3  # a random model calls nothing right either way
+    assert all(f["reply"].lstrip().startswith("<") for f in greedy)
+    assert not any(f["reply"].lstrip().startswith("<") for f in at_t)
+    assert report["tool_at_threshold"]["call_threshold"] == 1e3
+    assert report["summary"]["tool_accuracy_at_threshold"] == 0.0
 
 
 def test_base_against_itself_with_unrelated_tools_offered_retains_everything(base):
