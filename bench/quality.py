@@ -163,11 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constrained", action="store_true", help="also run the tool eval with calls constrained to the "
                    "tools' schemas (citi eval --constrained); recorded as tool_accuracy_constrained, "
                    "irrelevance_accuracy_constrained, parse_rate_constrained beside the free numbers")
-    p.add_argument("--calibrate", choices=("val",), default=None, help="give each job this split as its "
-                   "validation_file, so it chooses its call threshold there as a job does on its held-out examples "
-                   "(hyperparameters.call_threshold unset; no retention probes in the job), and evaluate the test "
-                   "and live sets once more at that threshold (*_calibrated); the base model's threshold is chosen "
-                   "on the split the same way")
+    p.add_argument("--calibrate", choices=("val", "val-calls"), default=None, help="give each job the "
+                   "validation split as its validation_file, so it chooses its call threshold there as a job does on "
+                   "its held-out examples (hyperparameters.call_threshold unset; no retention probes in the job), "
+                   "and evaluate the test and live sets once more at that threshold (*_calibrated); val-calls: only "
+                   "its cases that expect a call, so the job builds the requests no tool fits itself, as it does "
+                   "for a user whose held-out examples all call (the base model's threshold is chosen the same way)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD when available)")
     return p
 
@@ -274,6 +275,18 @@ def training_file(args: argparse.Namespace, work: Path) -> tuple[Path, int]:
     return target, len(keep)
 
 
+def calibration_file(args: argparse.Namespace, work: Path) -> Path:
+    """The validation split for ``--calibrate``: whole, or (val-calls) only its cases that expect a call."""
+    source = Path(args.data) / "val.jsonl"
+    if args.calibrate == "val":
+        return source
+    lines = [line for line in source.read_text().splitlines() if line.strip() and json.loads(line).get("ground_truth")]
+    work.mkdir(parents=True, exist_ok=True)
+    target = work / "val_calls.jsonl"
+    target.write_text("".join(line + "\n" for line in lines))
+    return target
+
+
 def finetune_config(args: argparse.Namespace, run: dict, train_path: Path, out_dir: Path):
     from citi_engine.train import FinetuneConfig
 
@@ -286,7 +299,7 @@ def finetune_config(args: argparse.Namespace, run: dict, train_path: Path, out_d
     hp["eval_examples"] = 0
     validation_file = None
     if args.calibrate:
-        validation_file = str(Path(args.data) / f"{args.calibrate}.jsonl")
+        validation_file = str(calibration_file(args, out_dir.parent))
         hp.update(eval_examples=100_000, eval_probes=0, eval_humaneval=0)
     if args.batch_size is not None:
         hp["batch_size"] = args.batch_size
@@ -475,7 +488,7 @@ def calibrated_eval(args: argparse.Namespace, record: dict, tuned, tokenizer, ca
         path = Path(adapter_dir) / CALIBRATION_FILE
         calibration = json.loads(path.read_text()) if path.is_file() else {"call_threshold": 0.0}
     else:
-        val = load_tool_cases(Path(args.data) / f"{args.calibrate}.jsonl")
+        val = load_tool_cases(calibration_file(args, Path(args.work or "/tmp/citi-quality-work")))
         free = evaluate_tool_calls(tuned, tokenizer, val, batch_size=args.eval_batch_size,
                                    max_new_tokens=args.max_new_tokens)
         chosen = calibrate_call_threshold(tuned, tokenizer, val, free.outcomes, batch_size=args.eval_batch_size)
