@@ -18,13 +18,17 @@ common=(--gguf "$GGUF" --eval-batch-size 32 --probe-limit 40 --constrained --set
         --split test)
 python3 bench/quality.py "${common[@]}" --stagger "$STAGGER" --jobs "$JOBS" --calibrate val \
     --plan bench/plans/method_test_calibrated.txt --out "$OUT/test_calibrated" > "$OUT/test_calibrated.log" 2>&1
-# Then two at once: function masking, and the shipped defaults choosing their threshold on calls only.
+# Then three at once: function masking; near-miss negatives (every negative's tools the closest other example's,
+# for the live set's near misses); and the shipped defaults choosing their threshold on calls only.
 python3 bench/quality.py "${common[@]}" --method citi --masking 0.25 --seed 0 --calibrate val \
     --out "$OUT/test_calibrated" > "$OUT/test_masking.log" 2>&1 &
 masking=$!
+python3 bench/quality.py "${common[@]}" --method citi --seed 0 --label citi_near1 --calibrate val \
+    --set hyperparameters.negatives_near=1.0 --out "$OUT/test_calibrated" > "$OUT/test_near.log" 2>&1 &
+near=$!
 mkdir -p "$OUT/test_calibrated_calls"
 python3 bench/quality.py "${common[@]}" --method citi --seed 0 --calibrate val-calls \
     --out "$OUT/test_calibrated_calls" > "$OUT/test_calibrated_calls.log" 2>&1
-wait $masking
+wait $masking $near
 kill $smi 2>/dev/null
 touch "$OUT/DONE"

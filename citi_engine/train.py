@@ -881,8 +881,8 @@ def _prepare_data(cfg: FinetuneConfig, ctx: RunContext) -> tuple[_Data, list[dic
                    hp.max_length, "training_file")
     general = _encode(tokenizer, data.general, data.general_lines, hp.max_length, data.general_param)
     # Built from the job's own tool examples; one cut to max_length would lose its answer, so it is left out.
-    negatives = [e for e in _encode(tokenizer, build_negatives(data.tool, hp.negatives_ratio, seed=cfg.seed),
-                                    None, hp.max_length, "negatives") if not e.pop("truncated")]
+    built = build_negatives(data.tool, hp.negatives_ratio, seed=cfg.seed, near=hp.negatives_near)
+    negatives = [e for e in _encode(tokenizer, built, None, hp.max_length, "negatives") if not e.pop("truncated")]
     if not tool:
         raise DataValidationError(
             "the training file holds no tool examples (examples with 'tools' or tool calls) to train on once the "

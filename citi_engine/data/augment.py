@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,13 +54,15 @@ def _other_tools(examples: Sequence[dict], me: int, avoid: set[str], rng: random
     return []
 
 
-def build_negatives(examples: Sequence[dict], ratio: float, *, seed: int) -> list[dict]:
+def build_negatives(examples: Sequence[dict], ratio: float, *, seed: int, near: float = 0.0) -> list[dict]:
     """About ``ratio * len(examples)`` irrelevance examples from the tool examples that call a function.
 
     Each keeps the request of one example (its messages before the first call), offers tools none of which is a
     function that call used, and answers in plain text naming the tools it has. Half the time (and always when
-    the example's own list holds nothing else) the tools come from another example. Examples are drawn without
-    repetition while there are enough, then again.
+    the example's own list holds nothing else) the tools come from another example. With ``near`` (a share of
+    the negatives), the tools come from the other example, of up to 200 drawn, whose tools share the most words
+    with the request: near misses, a function close to what is asked that does not do it. Examples are drawn
+    without repetition while there are enough, then again.
     """
     if ratio <= 0:
         return []
@@ -80,7 +83,10 @@ def build_negatives(examples: Sequence[dict], ratio: float, *, seed: int) -> lis
         first = _first_call(messages)
         called = _called_names(messages[first])
         own = [t for t in example.get("tools") or [] if function_of(t).get("name") not in called]
-        tools = copy.deepcopy(own) if own and rng.random() < 0.5 else _other_tools(examples, i, called, rng)
+        if near > 0 and rng.random() < near:
+            tools = _near_tools(examples, i, called, _words(messages[:first]), rng)
+        else:
+            tools = copy.deepcopy(own) if own and rng.random() < 0.5 else _other_tools(examples, i, called, rng)
         if not tools:
             tools = copy.deepcopy(own)
         if not tools:
@@ -92,6 +98,28 @@ def build_negatives(examples: Sequence[dict], ratio: float, *, seed: int) -> lis
         prefix = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in prefix]
         out.append({"messages": [*prefix, {"role": "assistant", "content": answer}], "tools": tools})
     return out
+
+
+def _words(value: Any) -> set[str]:
+    """The lower-case words of four letters or more in any text inside ``value`` (names split at ``_`` and ``.``)."""
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return set(re.findall(r"[a-z]{4,}", text.lower().replace("_", " ").replace(".", " ")))
+
+
+def _near_tools(examples: Sequence[dict], me: int, avoid: set[str], request: set[str],
+                rng: random.Random) -> list[dict]:
+    """The tools (those not named like a called function) of the other example, of up to 200 drawn, whose names
+    and descriptions share the most words with ``request``; ties go to the first drawn."""
+    others = [i for i in range(len(examples)) if i != me and examples[i].get("tools")]
+    rng.shuffle(others)
+    best: list[dict] = []
+    best_score = -1
+    for i in others[:200]:
+        tools = [t for t in examples[i]["tools"] if function_of(t).get("name") not in avoid]
+        score = len(request & _words([(function_of(t).get("name"), function_of(t).get("description")) for t in tools]))
+        if tools and score > best_score:
+            best, best_score = tools, score
+    return copy.deepcopy(best)
 
 
 def mask_functions(example: dict, rng: random.Random) -> dict:

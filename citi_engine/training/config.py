@@ -220,6 +220,13 @@ class Hyperparameters:
         "them off.",
         Range(0.0, 4.0),
     )
+    negatives_near: float = setting(
+        0.0,
+        "Share of the irrelevance negatives built as near misses: their tools come from the example (of up to 200 "
+        "drawn) whose functions share the most words with the request, a function close to what is asked that "
+        "does not do it, rather than from a random one. 0 turns it off.",
+        Range(0.0, 1.0),
+    )
     function_masking: float = setting(
         0.0,
         "Fraction of tool examples whose function and parameter names are replaced by neutral ones "

@@ -195,6 +195,27 @@ def test_negatives_are_the_same_for_the_same_seed_and_none_at_ratio_zero():
     assert build_negatives(examples, 0.0, seed=3) == []
 
 
+def test_near_miss_negatives_offer_the_closest_other_tools_never_the_called_function_and_validate():
+    from citi_engine.data.augment import _words, build_negatives
+    from citi_engine.data.validate import validate_jsonl
+
+    examples = _tool_examples()
+    near = build_negatives(examples, 1.0, seed=0, near=1.0)
+    plain = build_negatives(examples, 1.0, seed=0)
+    assert len(near) == len(plain) and near != plain
+    assert validate_jsonl("\n".join(json.dumps(n) for n in near).encode(), min_examples=1).ok
+
+    def shared(neg):  # words the request shares with the offered tools' names and descriptions
+        tools = [(t["function"]["name"], t["function"].get("description")) for t in neg["tools"]]
+        return len(_words(neg["messages"][:-1]) & _words(tools))
+
+    for neg in near:
+        source = next(e for e in examples if e["messages"][:1] == neg["messages"][:1])
+        called = {c["function"]["name"] for m in source["messages"] for c in m.get("tool_calls") or []}
+        assert neg["tools"] and not {t["function"]["name"] for t in neg["tools"]} & called
+    assert sum(map(shared, near)) > sum(map(shared, plain))
+
+
 def test_function_masking_renames_functions_and_parameters_consistently():
     from citi_engine.data.augment import mask_functions
     from citi_engine.data.validate import validate_jsonl
