@@ -9,6 +9,7 @@
 #   2. method issue: bench/quality_gpu_calibrated.sh (each job chooses its call threshold on the validation
 #      split, then test and live irrelevance are answered at it; CITI's 3 seeds and the baselines, then function
 #      masking and a threshold chosen on calls only; free against constrained decoding; about 24 minutes)
+#   then, if the lease lasts: 8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
 #   3. the GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
 #      staged in ~/stage/svc; skipped without them; needs a lease of its own once the two above are measured)
 # Measured in the fifth session and not run again: generation memory, the dynamic KV cache's timings, the MOLoRA
@@ -35,6 +36,11 @@ done
 part "quality (call threshold, masking, constrained)"
 timeout 1500 bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
 pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
+part "throughput 8b citi stage 2 with torch.compile (norms, then whole layers)"
+for mode in norms layers; do
+    timeout 300 python3 bench/throughput.py --shape 8b --method citi_stage2 --packing true --compile "$mode" \
+        --variant "compile_$mode" --out "$RESULTS/throughput" > "$RESULTS/throughput_compile_$mode.log" 2>&1
+done
 if [ -d ~/stage/svc/.whl-svc ]; then
     part "gpu_service"
     cp -r ~/stage/svc/.whl-svc ~/stage/svc/.redis-deb .

@@ -256,7 +256,7 @@ def render_markdown(merged: dict) -> str:
     curves = {label: m["abstention"] for label, m in merged["methods"].items() if m.get("abstention")}
     if curves:
         lines += ["", "## Calls held back by a margin (abstention curve)", "",
-                  "A call is made only when the first token of `<tool_call>` leads every other token at the reply's "
+                  "A call is made only when the tokens that open `<tool_call>` lead every other token at the reply's "
                   "first position by at least t logits (a logit bias of -t there); from each run's greedy replies "
                   "and its call margins (`citi_engine.evaluate.tool_eval.call_margins`). t = 0 is greedy decoding. "
                   "Cells: tool accuracy % / irrelevance %.", "",
