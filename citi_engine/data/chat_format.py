@@ -116,6 +116,20 @@ def opens_with_call(text: str) -> bool:
     return text.lstrip().startswith(TOOL_CALL_OPEN)
 
 
+def parse_reply(text: str, *, opening_only: bool = False) -> tuple[str | None, list[dict[str, Any]]]:
+    """:func:`parse_tool_calls`, except that with ``opening_only`` (served with a call threshold) a reply that
+    does not open with a call is all content and has no calls."""
+    if opening_only and not opens_with_call(text):
+        return text, []
+    return parse_tool_calls(text)
+
+
+def call_threshold_bias(tokenizer, threshold: float) -> dict[int, float]:
+    """The ``opening_bias`` (:class:`citi_engine.serving.GenerationRequest`) that serves a call threshold: minus
+    the threshold on every token that opens a call (:func:`call_open_tokens`); none at 0."""
+    return {token: -threshold for token in call_open_tokens(tokenizer)} if threshold > 0 else {}
+
+
 @functools.lru_cache(maxsize=16)
 def call_open_tokens(tokenizer) -> tuple[int, ...]:
     """The tokens a reply can open a call with: those whose text, after any leading whitespace, starts

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from citi_engine.data.chat_format import call_open_tokens
+from citi_engine.data.chat_format import call_open_tokens, call_threshold_bias
 from citi_engine.data.schemas import Problem
 from citi_engine.errors import DataValidationError
 from citi_engine.evaluate.judge import (
@@ -535,12 +535,12 @@ def _runtime_replies(model, tokenizer, cases: Sequence[ToolCase], *, batch_size:
     grammar when ``constrained``, with a bias of ``-call_threshold`` on the tokens that open a call when it is above 0.
     Also how many cases had to go free (a schema the grammar library cannot compile)."""
     from citi_engine.constrained import GrammarError, compile_grammar, text_or_calls_grammar
-    from citi_engine.data.chat_format import opens_with_call, parse_tool_calls
+    from citi_engine.data.chat_format import parse_reply
     from citi_engine.errors import Cancelled
     from citi_engine.generate import encode_prompt, eval_mode
     from citi_engine.serving import GenerationRequest, generate
 
-    bias = {token: -call_threshold for token in call_open_tokens(tokenizer)} if call_threshold > 0 else {}
+    bias = call_threshold_bias(tokenizer, call_threshold)
     requests, unconstrained = [], 0
     for case in cases:
         grammar = None
@@ -558,6 +558,5 @@ def _runtime_replies(model, tokenizer, cases: Sequence[ToolCase], *, batch_size:
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
             generate(model, tokenizer, [requests[i] for i in order[start:start + batch_size]])
-    # Served with a threshold, a reply that does not open with a call is text (as the inference server reads it).
-    return [{"text": r.text, "tool_calls": parse_tool_calls(r.text)[1]
-             if not r.opening_bias or opens_with_call(r.text) else []} for r in requests], unconstrained
+    return [{"text": r.text, "tool_calls": parse_reply(r.text, opening_only=bool(r.opening_bias))[1]}
+            for r in requests], unconstrained

@@ -79,9 +79,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from citi_engine.constrained import GrammarError, reply_grammar
 from citi_engine.data.chat_format import (
     TOOL_CALL_OPEN,
-    call_open_tokens,
+    call_threshold_bias,
     format_tool_calls,
-    opens_with_call,
+    parse_reply,
     parse_tool_calls,
     render_prompt,
 )
@@ -253,9 +253,9 @@ class InferenceService:
             prefix_options=options,
             grammar=grammar,
         )
-        threshold = served.call_threshold if req.call_threshold is None else req.call_threshold
-        if mode == "auto" and req.tools and threshold > 0:
-            gen.opening_bias = {token: -threshold for token in call_open_tokens(tok)}
+        if mode == "auto" and req.tools:
+            gen.opening_bias = call_threshold_bias(
+                tok, served.call_threshold if req.call_threshold is None else req.call_threshold)
         return gen, n_prompt
 
 
@@ -321,8 +321,8 @@ def build_completion(req: ChatCompletionRequest, gen: GenerationRequest, n_promp
     mode, _ = req.tool_mode()
     content: str | None = gen.text
     calls: list[dict] = []
-    if mode != "none" and not (gen.opening_bias and not opens_with_call(gen.text)):
-        content, calls = parse_tool_calls(gen.text)
+    if mode != "none":
+        content, calls = parse_reply(gen.text, opening_only=bool(gen.opening_bias))
         calls = accepted_calls(req, calls)
         if not calls and content is None:
             content = ""
