@@ -3,28 +3,30 @@
 # through bench/gpu_lease.sh (stage, then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come
 # from there). Each part writes its own files under RESULTS as soon as they exist and has a time limit, so a
 # lease that ends early still returns what was measured.
-#   1. performance issue, alone on the card (about 5 minutes): bench/inference.py --decode cuda_graphs (with the
+#   1. method issue: bench/quality_gpu_calibrated.sh (each job chooses its call threshold on the validation
+#      split, then test and live irrelevance are answered at it: CITI's 3 seeds and the baselines, then near-miss
+#      negatives, function masking and a threshold chosen on calls only; five at a time, about 22 minutes)
+#   2. performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs (with the
 #      greedy replies compared against the dynamic cache's: the check before cuda_graphs may become the server's
 #      default), and 8B LoRA against CITI stage 2, packed, on this card (the 1.3x target)
-#   2. method issue: bench/quality_gpu_calibrated.sh (each job chooses its call threshold on the validation
-#      split, then test and live irrelevance are answered at it; CITI's 3 seeds and the baselines, then function
-#      masking and a threshold chosen on calls only; free against constrained decoding; about 24 minutes)
 #   then, if the lease lasts: 8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
 #   3. the GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
-#      staged in ~/stage/svc; skipped without them; needs a lease of its own once the two above are measured)
+#      staged in ~/stage/svc; skipped without them; it needs a lease of its own)
 # Measured in the fifth session and not run again: generation memory, the dynamic KV cache's timings, the MOLoRA
-# micro-benchmark, stage 2 with and without soft targets (bench/results/).
-# Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl .whl-svc .redis-deb; the
-# same carrying .m1; `CITI_COMMIT=<short hash> WAIT_S=540 bash bench/gpu_lease.sh start bash
-# bench/gpu_open_measurements.sh` carrying .m2 .data; then `WAIT_S=550 bash bench/gpu_lease.sh wait` until DONE or
-# the GPU time is spent.
+# micro-benchmark, stage 2 with and without soft targets, constrained decoding (bench/results/).
+# Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl; the same carrying .m1;
+# `CITI_COMMIT=<short hash> WAIT_S=540 bash bench/gpu_lease.sh start bash bench/gpu_open_measurements.sh` carrying
+# .m2 .data; then `WAIT_S=550 bash bench/gpu_lease.sh wait` until DONE or the GPU time is spent.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 : "${GGUF:?}" "${RESULTS:?}"
 mkdir -p "$RESULTS"
 part() { echo "$(date -u +%H:%M:%S) $*" >> "$RESULTS/parts.log"; }
 
-# The short timings first, alone on the card (a few minutes), so the long quality pool cannot crowd them out.
+part "quality (call threshold chosen on validation; near-miss negatives, masking, calls-only threshold)"
+timeout 1380 bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
+pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
+# The short timings after the pool, alone on the card.
 part "inference cuda_graphs"
 timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode cuda_graphs --out "$RESULTS/inference" \
     > "$RESULTS/inference_cuda_graphs.log" 2>&1
@@ -33,9 +35,6 @@ for method in lora citi_stage2; do
     timeout 300 python3 bench/throughput.py --shape 8b --method "$method" --packing true --out "$RESULTS/throughput" \
         > "$RESULTS/throughput_$method.log" 2>&1
 done
-part "quality (call threshold, masking, constrained)"
-timeout 1500 bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
-pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
 part "throughput 8b citi stage 2 with torch.compile (norms, then whole layers)"
 for mode in norms layers; do
     timeout 300 python3 bench/throughput.py --shape 8b --method citi_stage2 --packing true --compile "$mode" \

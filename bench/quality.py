@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
     p.add_argument("--stagger", type=float, default=0.0, help="seconds between starting runs, so their memory "
                    "peaks (CITI's importance scoring) do not fall together")
+    p.add_argument("--in-order", action="store_true", help="start the runs in the order given (the plan's lines) "
+                   "instead of longest first: for a pool that may not finish, the runs that matter most go first")
     p.add_argument("--oom-retries", type=int, default=1, help="times a run that died of CUDA out of memory is "
                    "queued again (it waits until fewer runs share its card)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when visible)")
@@ -584,7 +586,8 @@ def drive(args: argparse.Namespace, runs: list[tuple[argparse.Namespace, dict]])
     threads = max(1, (os.cpu_count() or 2) // slots)
     # Longest first (CITI has three stages, replay and scoring; the base model only evaluates), so the last
     # wave is short runs and no card waits long on one straggler.
-    pending = sorted(runs, key=lambda item: ("citi", "full", "lora", "base").index(item[1]["method"]))
+    pending = list(runs) if args.in_order else sorted(
+        runs, key=lambda item: ("citi", "full", "lora", "base").index(item[1]["method"]))
     running: list[tuple] = []
     failed = []
     began = time.perf_counter()

@@ -25,7 +25,7 @@ def _value(action):
 def test_every_option_of_the_pool_reaches_each_runs_own_process():
     parser = quality.build_parser()
     pool_only = {"help", "method", "seed", "plan", "label", "jobs", "gpus", "deadline", "stagger", "oom_retries",
-                 "missing", "model", "set"}
+                 "in_order", "missing", "model", "set"}
     sweep = set(quality.SWEEP)
     argv = ["--gguf", "model.gguf", "--method", "citi", "--seed", "3", "--set", "hyperparameters.seed_x=1"]
     for action in parser._actions:
