@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The call threshold measured on one GPU host (bench/plans/method_test_calibrated.txt), in one pool of JOBS runs
-# at a time (default 5: four CITI runs beside two baselines ran out of the H100's memory once), STAGGER seconds
+# at a time (default 5 on an 80 GB card, 8 on a larger one), STAGGER seconds
 # apart, in the plan's order (the runs the method issue's targets read first, so a lease that ends early keeps
 # them). New runs pin generation_batch_size to 16, as every earlier method run, so they compare with those.
 # Retention is measured on 40 probes here (120 in the method runs, whose retention numbers stand): these runs are
@@ -10,7 +10,10 @@
 set -uo pipefail
 GGUF=$1; OUT=$2
 cd "$(dirname "$0")/.." || exit 1
-JOBS=${JOBS:-5}; STAGGER=${STAGGER:-25}
+# Five runs at a time fit an 80 GB card (four CITI runs beside two baselines did not); a 141 GB card is given all
+# eight (a CITI run peaks at 22 GiB early on; a run that runs out of memory is queued again, one run fewer at a time).
+mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+JOBS=${JOBS:-$([ "${mem_mib:-0}" -gt 120000 ] && echo 8 || echo 5)}; STAGGER=${STAGGER:-25}
 mkdir -p "$OUT/test_calibrated"
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 > "$OUT/gpu_memory.csv" 2>&1 &
 smi=$!
