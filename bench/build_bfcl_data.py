@@ -18,6 +18,9 @@ Outputs under ``--out``:
   ``category``, ``ground_truth``; ``[]`` for irrelevance), plus the BFCL ``id``.
 - ``live_irrelevance.jsonl``: ``--live-irrelevance`` requests of BFCL's live_irrelevance (real users' functions,
   none fits the request) in tool test format, for abstention on unseen tools.
+- ``live_irrelevance_val.jsonl``: ``--live-irrelevance-val`` more of them, the next in the same order (no request
+  in both files): the live set's validation side, on which settings for unseen tools are chosen, so the live test
+  set stays unseen.
 - ``split.json``: the counts per category and side, and the arguments used.
 
 BFCL's schemas use Python-flavoured types; they are converted to JSON Schema (dict->object, float->number,
@@ -285,16 +288,18 @@ def _id_number(record_id: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-def live_irrelevance_sample(source: Path, train_functions: set[str], n: int, seed: int) -> list[dict[str, Any]]:
+def live_irrelevance_sample(source: Path, train_functions: set[str], n: int, seed: int,
+                            skip: int = 0) -> list[dict[str, Any]]:
     """``n`` of BFCL's live_irrelevance requests (functions from real users; none fits the request), in a seeded
-    hash order, leaving out any that offers a function the training data has. The test split's irrelevance
-    cases come from the same curated set as the training data; these show abstention on unseen, messier tools."""
+    hash order after the first ``skip``, leaving out any that offers a function the training data has. The test
+    split's irrelevance cases come from the same curated set as the training data; these show abstention on
+    unseen, messier tools."""
     if n <= 0:
         return []
     records = load_records(source, ("live_irrelevance",))
     records = [r for r in records if not function_names([r]) & train_functions]
     records.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
-    return records[:n]
+    return records[skip:skip + n]
 
 
 def function_names(records: list[dict[str, Any]]) -> set[str]:
@@ -325,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cases of BFCL's live_irrelevance (real users' functions, no call fits) written to "
                              "live_irrelevance.jsonl, a seeded sample without functions of the training data "
                              "(0: none)")
+    parser.add_argument("--live-irrelevance-val", type=int, default=200, metavar="N",
+                        help="the next N of the same order, written to live_irrelevance_val.jsonl: the live set's "
+                             "validation side, for choosing settings (0: none)")
     args = parser.parse_args(argv)
 
     source = find_source(args.source)
@@ -345,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     live = live_irrelevance_sample(source, function_names(sides["train"]), args.live_irrelevance, args.seed)
     if live:
         _write_jsonl(out / "live_irrelevance.jsonl", [to_test_example(r) for r in live])
+    live_val = live_irrelevance_sample(source, function_names(sides["train"]), args.live_irrelevance_val, args.seed,
+                                       skip=len(live))
+    if live_val:
+        _write_jsonl(out / "live_irrelevance_val.jsonl", [to_test_example(r) for r in live_val])
     counts = {side: dict(Counter(r["category"] for r in sides[side])) for side in SIDES}
     summary = {
         "source": source.name,
@@ -354,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "counts": counts,
         "n_functions": {side: len(function_names(sides[side])) for side in SIDES},
         "live_irrelevance": len(live),
+        "live_irrelevance_val": len(live_val),
     }
     (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
@@ -364,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'total':<20}" + "".join(f"{len(sides[side]):>8}" for side in SIDES))
     if live:
         print(f"live_irrelevance.jsonl: {len(live)} requests over real users' functions that none fits")
+    if live_val:
+        print(f"live_irrelevance_val.jsonl: {len(live_val)} more, for choosing settings")
     return 0
 
 

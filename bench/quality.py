@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=32, help="generation batch size in evaluation")
     p.add_argument("--no-live", action="store_true", help="skip the live irrelevance set (DATA/live_irrelevance.jsonl: "
                    "real users' functions, no call fits), evaluated by default when the file exists")
+    p.add_argument("--live-file", default=None, help="the live irrelevance file under --data (default: "
+                   "live_irrelevance_val.jsonl with --split val, so settings are chosen on the live set's validation "
+                   "side, else live_irrelevance.jsonl)")
     p.add_argument("--live-limit", type=int, default=None, help="cases of the live irrelevance set (default: all)")
     p.add_argument("--constrained", action="store_true", help="also run the tool eval with calls constrained to the "
                    "tools' schemas (citi eval --constrained); recorded as tool_accuracy_constrained, "
@@ -233,7 +236,7 @@ def child_argv(args: argparse.Namespace, run: dict) -> list[str]:
         argv += ["--" + name.replace("_", "-"), repr(value) if isinstance(value, int | float) else str(value)]
     for name in ("data", "split", "out", "work", "device", "dtype", "limit_train", "max_steps", "batch_size",
                  "limit_test", "probe_limit", "humaneval", "humaneval_limit", "max_new_tokens",
-                 "retention_max_new_tokens", "eval_batch_size", "commit", "live_limit", "calibrate"):
+                 "retention_max_new_tokens", "eval_batch_size", "commit", "live_limit", "live_file", "calibrate"):
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
@@ -409,8 +412,9 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     )
     # How strongly each reply opens with a call (one prefill a case): the merge's abstention curve.
     record["call_margins"] = call_margins(tuned, tokenizer, cases, batch_size=args.eval_batch_size)
-    live_path = Path(args.data) / "live_irrelevance.jsonl"
+    live_path = live_file(args)
     if live_path.is_file() and not args.no_live:
+        record["live_file"] = live_path.name
         # Requests over real users' functions that none fits (bench/build_bfcl_data.py): abstention on unseen tools.
         live_cases = load_tool_cases(live_path, limit=args.live_limit)
         print(f"[{run['run_id']}] live irrelevance on {len(live_cases)} cases", flush=True)
@@ -500,7 +504,7 @@ def calibrated_eval(args: argparse.Namespace, record: dict, tuned, tokenizer, ca
     record["call_threshold"] = t
     sets = [("", cases, "per_example", "call_margins")]
     if "live_per_example" in record:
-        sets.append(("live_", load_tool_cases(Path(args.data) / "live_irrelevance.jsonl", limit=args.live_limit),
+        sets.append(("live_", load_tool_cases(live_file(args), limit=args.live_limit),
                      "live_per_example", "live_call_margins"))
     for prefix, these, outcomes, margins in sets:
         record[f"{prefix}calibrated_predicted"] = abstention_curve(record[outcomes], record[margins], [t])[0]
@@ -551,6 +555,12 @@ def run_in_process(args: argparse.Namespace, run: dict) -> int:
     return 0
 
 
+def live_file(args: argparse.Namespace) -> Path:
+    """The live irrelevance set a run answers: its validation side when settings are being chosen (--split val)."""
+    name = args.live_file or ("live_irrelevance_val.jsonl" if args.split == "val" else "live_irrelevance.jsonl")
+    return Path(args.data) / name
+
+
 def child_env(gpu: str | None, threads: int) -> dict[str, str]:
     """The environment of one run: its GPU (when runs are spread over several) and its share of the CPU threads.
 
@@ -561,6 +571,9 @@ def child_env(gpu: str | None, threads: int) -> dict[str, str]:
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     env.setdefault("OMP_NUM_THREADS", str(threads))
+    # Runs sharing a card hand memory back to one another between their peaks; growable segments keep each
+    # process from holding freed blocks it cannot reuse (five runs on an 80 GB card ran out with fixed ones).
+    env.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     return env
 
 
@@ -620,7 +633,8 @@ def drive(args: argparse.Namespace, runs: list[tuple[argparse.Namespace, dict]])
             if proc.returncode != 0 and retries.get(run["run_id"], 0) < args.oom_retries and _died_of_oom(
                     logs / f"{run['run_id']}.log"):
                 retries[run["run_id"]] = retries.get(run["run_id"], 0) + 1
-                pending.append((run_args, run))
+                # in the plan's order a retry keeps its place (it starts once a slot is free); else it goes last
+                pending.insert(0 if args.in_order else len(pending), (run_args, run))
                 slots = max(1, slots - 1)  # one run fewer at a time from now on
                 print(f"OOM {run['run_id']}: out of CUDA memory beside {len(running)} run(s); queued again, "
                       f"{slots} run(s) at a time from now on", flush=True)

@@ -82,6 +82,7 @@ def summarize_label(runs: list[dict]) -> dict:
     if live:
         out["live_irrelevance_accuracy"] = _mean([r["live_irrelevance_accuracy"] for r in live])
         out["live_n"] = len(live[0]["live_per_example"])
+        out["live_file"] = live[0].get("live_file", "live_irrelevance.jsonl")
         out["live_abstention"] = abstention(live, "live_per_example", "live_call_margins")
     return out
 
@@ -266,9 +267,10 @@ def render_markdown(merged: dict) -> str:
                 f"{_fmt(r['tool_accuracy'], True)} / {_fmt(r['irrelevance_accuracy'], True)}" for r in rows) + " |")
     live = {label: m for label, m in merged["methods"].items() if m.get("live_irrelevance_accuracy") is not None}
     if live:
+        files = ", ".join(sorted({f"`{m['live_file']}`" for m in live.values()}))
         lines += ["", "## Real users' functions: no call fits (BFCL live irrelevance)", "",
                   "Requests over functions from BFCL's live set, none of which fits the request and none of which the "
-                  "training data has (`live_irrelevance.jsonl`, bench/build_bfcl_data.py): the share answered "
+                  f"training data has ({files}, bench/build_bfcl_data.py): the share answered "
                   "without a call, greedy and with calls held back below a margin t (as above).", "",
                   *_threshold_head(["label", "cases"])]
         for label, m in live.items():

@@ -157,3 +157,7 @@ def test_live_irrelevance_set_offers_only_unseen_functions_and_loads_as_no_call_
     cases = load_tool_cases(out / "live_irrelevance.jsonl")
     assert len(cases) == 200 and not any(c.expects_call for c in cases)
     assert json.loads((out / "split.json").read_text())["live_irrelevance"] == 200
+    # the validation side: as many again, unseen functions too, and no request in both
+    live_val = read_jsonl(out / "live_irrelevance_val.jsonl")
+    assert len(live_val) == 200 and not names(live_val) & names(read_jsonl(out / "train.jsonl"))
+    assert not {r["id"] for r in live} & {r["id"] for r in live_val}
