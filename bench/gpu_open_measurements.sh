@@ -1,46 +1,56 @@
 #!/usr/bin/env bash
-# What the open issues still need measured on one GPU, in the order the issues rank, in one lease: run it
-# through bench/gpu_lease.sh (stage, then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come
-# from there). Each part writes its own files under RESULTS as soon as they exist and has a time limit, so a
-# lease that ends early still returns what was measured.
-#   1. method issue: bench/quality_gpu_calibrated.sh (each job chooses its call threshold on the validation
-#      split, then test and live irrelevance are answered at it: CITI's 3 seeds and the baselines, then near-miss
-#      negatives, function masking and a threshold chosen on calls only; five at a time, about 22 minutes)
-#   2. performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs (with the
-#      greedy replies compared against the dynamic cache's: the check before cuda_graphs may become the server's
-#      default), and 8B LoRA against CITI stage 2, packed, on this card (the 1.3x target)
-#   then, if the lease lasts: 8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
-#   3. the GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
-#      staged in ~/stage/svc; skipped without them; it needs a lease of its own)
-# Measured in the fifth session and not run again: generation memory, the dynamic KV cache's timings, the MOLoRA
-# micro-benchmark, stage 2 with and without soft targets, constrained decoding (bench/results/).
-# Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl; the same carrying .m1;
-# `CITI_COMMIT=<short hash> WAIT_S=540 bash bench/gpu_lease.sh start bash bench/gpu_open_measurements.sh` carrying
-# .m2 .data; then `WAIT_S=550 bash bench/gpu_lease.sh wait` until DONE or the GPU time is spent.
+# What the open issues still need measured on one GPU, in one lease: run it through bench/gpu_lease.sh (stage,
+# then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
+# files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
+# was measured. PARTS (a comma list, default all, in this order) picks what a lease runs:
+#   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (default bench/plans/method_next.txt: the
+#             baselines at the threshold each job chooses, then near-miss negatives on the validation side;
+#             five at a time on an 80 GB card, about 20 minutes)
+#   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
+#             (greedy replies compared against the dynamic cache's: the check before cuda_graphs may become the
+#             server's default) and 8B LoRA against CITI stage 2, packed (the 1.3x target)
+#   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
+#   service   GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
+#             staged in ~/stage/svc; about 20 minutes: a lease of its own, PARTS=service)
+# Measured already and not run again: generation memory, the dynamic KV cache's timings, the MOLoRA
+# micro-benchmark, stage 2 with and without soft targets, constrained decoding, CITI at its own threshold
+# (bench/results/).
+# Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl and .m1 (and, for the
+# service, first a call carrying .whl-svc .redis-deb); `PARTS=... CITI_COMMIT=<short hash> WAIT_S=540 bash
+# bench/gpu_lease.sh start bash bench/gpu_open_measurements.sh` carrying .m2 .data; then `WAIT_S=550 bash
+# bench/gpu_lease.sh wait` until DONE or the GPU time is spent.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 : "${GGUF:?}" "${RESULTS:?}"
 mkdir -p "$RESULTS"
 part() { echo "$(date -u +%H:%M:%S) $*" >> "$RESULTS/parts.log"; }
+PARTS=",${PARTS:-quality,timings,compile,service},"
+want() { [[ "$PARTS" == *",$1,"* ]]; }
 
-part "quality (call threshold chosen on validation; near-miss negatives, masking, calls-only threshold)"
-timeout 1380 bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
-pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
-# The short timings after the pool, alone on the card.
-part "inference cuda_graphs"
-timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode cuda_graphs --out "$RESULTS/inference" \
-    > "$RESULTS/inference_cuda_graphs.log" 2>&1
-part "throughput 8b lora and citi stage 2, packed"
-for method in lora citi_stage2; do
-    timeout 300 python3 bench/throughput.py --shape 8b --method "$method" --packing true --out "$RESULTS/throughput" \
-        > "$RESULTS/throughput_$method.log" 2>&1
-done
-part "throughput 8b citi stage 2 with torch.compile (norms, then whole layers)"
-for mode in norms layers; do
-    timeout 300 python3 bench/throughput.py --shape 8b --method citi_stage2 --packing true --compile "$mode" \
-        --variant "compile_$mode" --out "$RESULTS/throughput" > "$RESULTS/throughput_compile_$mode.log" 2>&1
-done
-if [ -d ~/stage/svc/.whl-svc ]; then
+if want quality; then
+    part "quality (PLAN ${PLAN:=bench/plans/method_next.txt})"
+    PLAN=$PLAN timeout 1380 bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
+    pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
+fi
+if want timings; then
+    # The short timings after the pool, alone on the card.
+    part "inference cuda_graphs"
+    timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode cuda_graphs --out "$RESULTS/inference" \
+        > "$RESULTS/inference_cuda_graphs.log" 2>&1
+    part "throughput 8b lora and citi stage 2, packed"
+    for method in lora citi_stage2; do
+        timeout 300 python3 bench/throughput.py --shape 8b --method "$method" --packing true --out "$RESULTS/throughput" \
+            > "$RESULTS/throughput_$method.log" 2>&1
+    done
+fi
+if want compile; then
+    part "throughput 8b citi stage 2 with torch.compile (norms, then whole layers)"
+    for mode in norms layers; do
+        timeout 300 python3 bench/throughput.py --shape 8b --method citi_stage2 --packing true --compile "$mode" \
+            --variant "compile_$mode" --out "$RESULTS/throughput" > "$RESULTS/throughput_compile_$mode.log" 2>&1
+    done
+fi
+if want service && [ -d ~/stage/svc/.whl-svc ]; then
     part "gpu_service"
     cp -r ~/stage/svc/.whl-svc ~/stage/svc/.redis-deb .
     timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" > "$RESULTS/gpu_service.log" 2>&1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The call threshold measured on one GPU host (bench/plans/method_test_calibrated.txt), in one pool of JOBS runs
+# The call threshold measured on one GPU host (PLAN, default bench/plans/method_test_calibrated.txt), in one pool of JOBS runs
 # at a time (default 5 on an 80 GB card, 8 on a larger one), STAGGER seconds
 # apart, in the plan's order (the runs the method issue's targets read first, so a lease that ends early keeps
 # them). New runs pin generation_batch_size to 16, as every earlier method run, so they compare with those.
@@ -18,8 +18,8 @@ mkdir -p "$OUT/test_calibrated"
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 > "$OUT/gpu_memory.csv" 2>&1 &
 smi=$!
 python3 bench/quality.py --gguf "$GGUF" --eval-batch-size 32 --probe-limit 40 \
-    --set hyperparameters.generation_batch_size=16 --split test --calibrate val \
+    --set hyperparameters.generation_batch_size=16 --split test \
     --stagger "$STAGGER" --jobs "$JOBS" --in-order \
-    --plan bench/plans/method_test_calibrated.txt --out "$OUT/test_calibrated" > "$OUT/test_calibrated.log" 2>&1
+    --plan "${PLAN:-bench/plans/method_test_calibrated.txt}" --out "$OUT/test_calibrated" > "$OUT/test_calibrated.log" 2>&1
 kill $smi 2>/dev/null
 touch "$OUT/DONE"
