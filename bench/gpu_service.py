@@ -339,8 +339,11 @@ def main() -> int:
             for job, events in done:
                 started = min((float(e.get("created_at", 0)) for e in events
                                if (e.get("data") or {}).get("stage") not in (None, "queued")), default=None)
+                # each queued job is the kill step's job run through: its report is the uninterrupted one to compare
+                summary = (client.get(f"/jobs/{job['id']}/report").json() or {}).get("summary") \
+                    if job["status"] == "succeeded" else None
                 spans.append({"id": job["id"], "status": job["status"], "started_at": started,
-                              "finished_at": job.get("finished_at")})
+                              "finished_at": job.get("finished_at"), "report_summary": summary})
             result["queue"] = {"jobs": spans, "one_after_the_other": bool(
                 spans[1]["started_at"] and spans[0]["finished_at"] and spans[1]["started_at"] >= spans[0]["finished_at"]),
                 "gpu_peak_mib_by_pid": mem.peak,
