@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "and evaluate the test and live sets once more at that threshold (*_calibrated); val-calls: only "
                    "its cases that expect a call, so the job builds the requests no tool fits itself, as it does "
                    "for a user whose held-out examples all call (the base model's threshold is chosen the same way)")
+    p.add_argument("--decode", choices=("dynamic", "static", "cuda_graphs"), default="dynamic", help="KV cache of "
+                   "the tool evals' decode loop: dynamic (every result so far), or static / cuda_graphs through the "
+                   "serving runtime (each step replayed from a CUDA graph on a GPU)")
+    p.add_argument("--decode-check", choices=("dynamic", "static", "cuda_graphs"), default=None, help="answer the "
+                   "test cases once more with this decode loop and record how many replies are the same and the "
+                   "time of each (decode_check): the check before a faster loop evaluates")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD when available)")
     return p
 
@@ -236,7 +242,8 @@ def child_argv(args: argparse.Namespace, run: dict) -> list[str]:
         argv += ["--" + name.replace("_", "-"), repr(value) if isinstance(value, int | float) else str(value)]
     for name in ("data", "split", "out", "work", "device", "dtype", "limit_train", "max_steps", "batch_size",
                  "limit_test", "probe_limit", "humaneval", "humaneval_limit", "max_new_tokens",
-                 "retention_max_new_tokens", "eval_batch_size", "commit", "live_limit", "live_file", "calibrate"):
+                 "retention_max_new_tokens", "eval_batch_size", "commit", "live_limit", "live_file", "calibrate",
+                 "decode", "decode_check"):
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
@@ -367,7 +374,7 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         "eval_settings": {"limit_test": args.limit_test, "probe_limit": args.probe_limit,
                           "humaneval_limit": args.humaneval_limit, "max_new_tokens": args.max_new_tokens,
                           "retention_max_new_tokens": args.retention_max_new_tokens,
-                          "eval_batch_size": args.eval_batch_size},
+                          "eval_batch_size": args.eval_batch_size, "decode": args.decode},
     }
     import peft
     import transformers
@@ -401,8 +408,10 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     print(f"[{run['run_id']}] tool-call eval on {len(cases)} {args.split} cases", flush=True)
     start = time.perf_counter()
     tool = evaluate_tool_calls(tuned, tokenizer, cases, batch_size=args.eval_batch_size,
-                               max_new_tokens=args.max_new_tokens)
+                               max_new_tokens=args.max_new_tokens, decode=args.decode)
     record["tool_eval_seconds"] = time.perf_counter() - start
+    if args.decode_check:
+        record["decode_check"] = decode_check(args, tuned, tokenizer, cases, tool, record["tool_eval_seconds"])
     record.update(
         tool_accuracy=tool.accuracy, irrelevance_accuracy=tool.irrelevance_accuracy, parse_rate=tool.parse_rate,
         per_category={c: v["accuracy"] for c, v in tool.per_category.items()},
@@ -420,7 +429,7 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         print(f"[{run['run_id']}] live irrelevance on {len(live_cases)} cases", flush=True)
         start = time.perf_counter()
         live = evaluate_tool_calls(tuned, tokenizer, live_cases, batch_size=args.eval_batch_size,
-                                   max_new_tokens=args.max_new_tokens)
+                                   max_new_tokens=args.max_new_tokens, decode=args.decode)
         record.update(live_irrelevance_accuracy=live.accuracy, live_per_example=live.outcomes,
                       live_call_margins=call_margins(tuned, tokenizer, live_cases, batch_size=args.eval_batch_size),
                       live_eval_seconds=time.perf_counter() - start)
@@ -496,7 +505,7 @@ def calibrated_eval(args: argparse.Namespace, record: dict, tuned, tokenizer, ca
     else:
         val = load_tool_cases(calibration_file(args, Path(args.work or "/tmp/citi-quality-work")))
         free = evaluate_tool_calls(tuned, tokenizer, val, batch_size=args.eval_batch_size,
-                                   max_new_tokens=args.max_new_tokens)
+                                   max_new_tokens=args.max_new_tokens, decode=args.decode)
         chosen = calibrate_call_threshold(tuned, tokenizer, val, free.outcomes, batch_size=args.eval_batch_size)
         calibration = {"call_threshold": chosen.pop("threshold"), **chosen}
     t = float(calibration["call_threshold"])
@@ -518,7 +527,7 @@ def calibrated_eval(args: argparse.Namespace, record: dict, tuned, tokenizer, ca
             print(f"[{record['run_id']}] {prefix}eval at call threshold {t:.3f}: {len(redo)} cases again", flush=True)
             start = time.perf_counter()
             again = evaluate_tool_calls(tuned, tokenizer, [these[i] for i in redo], batch_size=args.eval_batch_size,
-                                        max_new_tokens=args.max_new_tokens, call_threshold=t)
+                                        max_new_tokens=args.max_new_tokens, call_threshold=t, decode=args.decode)
             record[f"{prefix}calibrated_eval_seconds"] = time.perf_counter() - start
             for i, outcome in zip(redo, again.outcomes, strict=True):
                 merged[i] = outcome
@@ -553,6 +562,22 @@ def run_in_process(args: argparse.Namespace, run: dict) -> int:
           f"{record['backbone_gate_general']} / tool call {record['backbone_gate_tool_call']}, HumanEval NLL "
           f"change {record['humaneval_nll_delta']} -> {path}", flush=True)
     return 0
+
+
+def decode_check(args: argparse.Namespace, tuned, tokenizer, cases: list, tool, seconds: float) -> dict:
+    """The test cases answered again with ``--decode-check``'s loop: replies the same as ``--decode``'s, case by
+    case (by fingerprint), the verdicts that changed, and each loop's time (the same batches, one after the other)."""
+    from citi_engine.evaluate.tool_eval import evaluate_tool_calls
+
+    start = time.perf_counter()
+    other = evaluate_tool_calls(tuned, tokenizer, cases, batch_size=args.eval_batch_size,
+                                max_new_tokens=args.max_new_tokens, decode=args.decode_check)
+    took = time.perf_counter() - start
+    pairs = list(zip(tool.outcomes, other.outcomes, strict=True))
+    return {"decode": args.decode, "other": args.decode_check, "cases": len(pairs),
+            "same_replies": sum(a["reply_hash"] == b["reply_hash"] for a, b in pairs),
+            "verdicts_changed": sum(a["correct"] != b["correct"] for a, b in pairs),
+            "tool_accuracy_other": other.accuracy, "seconds": seconds, "seconds_other": took}
 
 
 def live_file(args: argparse.Namespace) -> Path:

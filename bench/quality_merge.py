@@ -278,6 +278,15 @@ def render_markdown(merged: dict) -> str:
             cells = [_fmt(r["irrelevance_accuracy"], True) for r in rows] or \
                 [_fmt(m["live_irrelevance_accuracy"], True)] + ["-"] * (len(ABSTENTION_THRESHOLDS) - 1)
             lines.append(f"| {label} | {m['live_n']} | " + " | ".join(cells) + " |")
+    if merged.get("decode_checks"):
+        lines += ["", "## The decode loop checked", "",
+                  "The same test cases answered twice by one run, with two decode loops (`bench/quality.py "
+                  "--decode-check`): replies the same (by fingerprint), verdicts that changed, and each loop's time.",
+                  "", "| run | loops (first / second) | same replies | verdicts changed | tool acc % (second) | seconds (first / second) |", "|---|---|---|---|---|---|"]
+        for c in merged["decode_checks"]:
+            lines.append(f"| {c['run']} | {c['decode']} / {c['other']} | {c['same_replies']} of {c['cases']} | "
+                         f"{c['verdicts_changed']} | {_fmt(c['tool_accuracy_other'], True)} | "
+                         f"{c['seconds']:.1f} / {c['seconds_other']:.1f} |")
     if merged["comparisons"]:
         at_t = any(c.get("tool_accuracy_calibrated") for c in merged["comparisons"].values())
         lines += ["", "## Paired differences (bootstrap 95% intervals)", "",
@@ -345,6 +354,7 @@ def merge(runs: list[dict], comparisons: list[tuple[str, str]], iterations: int,
         "methods": {label: summarize_label(list(by_label[label].values())) for label in labels},
         "comparisons": {},
         "commit": commit or next((r.get("commit") for r in runs if r.get("commit")), None),
+        "decode_checks": [{"run": r["run_id"], **r["decode_check"]} for r in runs if r.get("decode_check")],
     }
     for a, b in comparisons:
         if a in by_label and b in by_label:

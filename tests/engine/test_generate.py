@@ -316,3 +316,17 @@ def test_call_threshold_holds_back_exactly_the_calls_whose_margin_is_below_it(ti
     opens = [r.text.lstrip().startswith("<") for r in reqs]
     assert opens == [m > t for m in margins] and sum(opens) == 2
     assert forced[0].text == forced[1].text  # the bias does not reach past a forced prefix
+
+
+def test_tool_eval_through_a_static_cache_gives_the_replies_of_the_dynamic_one(tiny):
+    """`decode="static"` (the CUDA-graph path's cache, eager on CPU) answers every case as the dynamic cache does,
+    reply for reply; the fingerprints differ between cases, so the comparison can fail."""
+    from citi_engine.evaluate.tool_eval import cases_from_dicts, evaluate_tool_calls
+
+    model, tok = tiny
+    cases = cases_from_dicts([{"messages": c["messages"], "tools": c.get("tools") or [], "category": "irrelevance",
+                               "ground_truth": []} for c in CONVERSATIONS])
+    dynamic = evaluate_tool_calls(model, tok, cases, batch_size=3, max_new_tokens=12)
+    static = evaluate_tool_calls(model, tok, cases, batch_size=3, max_new_tokens=12, decode="static")
+    assert [o["reply_hash"] for o in static.outcomes] == [o["reply_hash"] for o in dynamic.outcomes]
+    assert len({o["reply_hash"] for o in dynamic.outcomes}) > 1
