@@ -278,6 +278,16 @@ def render_markdown(merged: dict) -> str:
             cells = [_fmt(r["irrelevance_accuracy"], True) for r in rows] or \
                 [_fmt(m["live_irrelevance_accuracy"], True)] + ["-"] * (len(ABSTENTION_THRESHOLDS) - 1)
             lines.append(f"| {label} | {m['live_n']} | " + " | ".join(cells) + " |")
+    if merged.get("choice"):
+        c = merged["choice"]
+        lines += ["", "## The setting the rule chooses", "",
+                  f"Among `{c['reference']}` and the candidates, those whose tool accuracy and headline retention are "
+                  f"each at most {c['tool_slack']:g} and {c['retention_slack']:g} below the reference's; of them, the "
+                  f"highest {c['goal']}. Chosen: **{c['chosen']}**.", "",
+                  f"| label | passes | tool acc % | headline retention | {c['goal']} |", "|---|---|---|---|---|"]
+        for label, row in c["labels"].items():
+            lines.append(f"| {label} | {'yes' if row['passed'] else 'no'} | {_fmt(row['tool_accuracy'], True)} | "
+                         f"{_fmt(row['headline_retention'])} | {_fmt(row[c['goal']])} |")
     if merged.get("decode_checks"):
         lines += ["", "## The decode loop checked", "",
                   "The same test cases answered twice by one run, with two decode loops (`bench/quality.py "
@@ -362,6 +372,26 @@ def merge(runs: list[dict], comparisons: list[tuple[str, str]], iterations: int,
     return merged
 
 
+def choose_setting(methods: dict[str, dict], reference: str, candidates: list[str], *, goal: str,
+                   tool_slack: float = 0.01, retention_slack: float = 0.01) -> dict:
+    """The rule a default is chosen by on the validation side: among ``reference`` and ``candidates`` (labels of
+    ``methods``, each a :func:`summarize_label` summary), those whose tool accuracy and headline retention are each
+    no more than their slack below the reference's, the one with the highest ``goal`` metric; the reference when
+    none beats it. Returns the chosen label and, for each label, whether it passed and its three numbers."""
+    ref = methods[reference]
+    table, best = {}, reference
+    for label in [reference, *candidates]:
+        m = methods[label]
+        passed = (m["tool_accuracy"] >= ref["tool_accuracy"] - tool_slack
+                  and m["headline_retention"] >= ref["headline_retention"] - retention_slack)
+        table[label] = {"passed": passed, "tool_accuracy": m["tool_accuracy"],
+                        "headline_retention": m["headline_retention"], goal: m[goal]}
+        if passed and m[goal] > methods[best][goal]:
+            best = label
+    return {"chosen": best, "reference": reference, "goal": goal, "tool_slack": tool_slack,
+            "retention_slack": retention_slack, "labels": table}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="folders (or files) of bench/quality.py results")
@@ -383,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop-constrained", default=None, metavar="LABELS",
                    help="comma list of labels whose constrained numbers are left out (a run whose constrained "
                         "eval was broken; say why in --notes)")
+    p.add_argument("--choose", default=None, metavar="REF:CAND,CAND[:GOAL]",
+                   help="apply the rule defaults are chosen by (choose_setting): the reference label, the candidate "
+                        "labels, and the metric to raise (default live_irrelevance_accuracy)")
     args = p.parse_args(argv)
     runs = load_runs(args.runs)
     dropped = set((args.drop_constrained or "").split(","))
@@ -412,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         for method, m in merged["methods"].items():
             m["label"] = next(iter(labels_of[method]))
         merged["not_measured"] = {m: args.missing_note for m in args.expect.split(",") if m and m not in labels_of}
+    if args.choose:
+        reference, candidates, *goal = args.choose.split(":")
+        merged["choice"] = choose_setting(merged["methods"], reference, candidates.split(","),
+                                          goal=goal[0] if goal else "live_irrelevance_accuracy")
     merged["title"] = args.title
     merged["plot"] = f"{args.prefix}.png"
     if args.notes:
