@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "its cases that expect a call, so the job builds the requests no tool fits itself, as it does "
                    "for a user whose held-out examples all call (the base model's threshold is chosen the same way)")
     p.add_argument("--decode", choices=("dynamic", "static", "cuda_graphs"), default="dynamic", help="KV cache of "
-                   "the tool evals' decode loop: dynamic (every result so far), or static / cuda_graphs through the "
-                   "serving runtime (each step replayed from a CUDA graph on a GPU)")
+                   "the decode loop, in the tool evals and in the job's own generation (hyperparameters."
+                   "generation_decode, unless --set gives it): dynamic (every result so far), static, or cuda_graphs "
+                   "(each step replayed from a CUDA graph on a GPU)")
     p.add_argument("--decode-check", choices=("dynamic", "static", "cuda_graphs"), default=None, help="answer the "
                    "test cases once more with this decode loop and record how many replies are the same and the "
                    "time of each (decode_check): the check before a faster loop evaluates")
@@ -313,6 +314,8 @@ def finetune_config(args: argparse.Namespace, run: dict, train_path: Path, out_d
     if args.calibrate:
         validation_file = str(calibration_file(args, out_dir.parent))
         hp.update(eval_examples=100_000, eval_probes=0, eval_humaneval=0)
+    # the job's own generation (replay answers, the replies its threshold is chosen on) decodes as the evals do
+    hp.setdefault("generation_decode", args.decode)
     if args.batch_size is not None:
         hp["batch_size"] = args.batch_size
     if args.max_steps is not None:

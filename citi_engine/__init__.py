@@ -7,5 +7,8 @@ validator from here. The training path lives in submodules that import torch the
 __version__ = "0.1.0"
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# KV caches of the decode loop (citi_engine.generate.generate_ids, citi_engine.serving.generate): growing with the
+# replies, allocated once per batch, or allocated once and each step replayed from a CUDA graph.
+DECODE_MODES = ("dynamic", "static", "cuda_graphs")
 
-__all__ = ["DEFAULT_MODEL", "__version__"]
+__all__ = ["DECODE_MODES", "DEFAULT_MODEL", "__version__"]

@@ -24,6 +24,7 @@ streaming fall out of it directly, and ``generate`` merges the checkpoint's gene
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from citi_engine import DECODE_MODES
 from citi_engine.errors import Cancelled
 
 log = logging.getLogger("citi.generate")
@@ -285,6 +287,43 @@ def _token_steps(
             tokens = sample_tokens(logits, temperature, top_p, generator)
 
 
+def _static_token_steps(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    done: list[bool],
+    should_cancel: Callable[[], bool] | None,
+    prefill_chunk: int = 0,
+    graphs: bool = False,
+) -> Iterator[list[int]]:
+    """:func:`_token_steps` over a static KV cache (:class:`citi_engine.static_decode.StaticDecoder`), each step
+    replayed from a CUDA graph when ``graphs`` and the model is on a GPU; the same tokens as the dynamic cache's."""
+    from citi_engine.static_decode import StaticDecoder
+
+    device = model_device(model)
+    with torch.inference_mode():
+        input_ids, attention_mask = pad_left(prompt_ids, pad_id, device)
+        generator = None
+        if temperature > 0 and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(seed))
+        decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens, graphs=graphs)
+        tokens = sample_tokens(decoder.prefill(prefill_chunk), temperature, top_p, generator)
+    for step in range(max_new_tokens):
+        yield tokens.tolist()
+        if all(done) or step == max_new_tokens - 1:
+            return
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
+        with torch.inference_mode():
+            fed = [pad_id if finished else token for token, finished in zip(tokens.tolist(), done, strict=True)]
+            tokens = sample_tokens(decoder.step(fed), temperature, top_p, generator)
+
+
 class _Row:
     """The reply of one row as it grows: token ids, why it ended, and where a stop string cut it."""
 
@@ -362,6 +401,7 @@ def generate_ids(
     should_cancel: Callable[[], bool] | None = None,
     parse: bool = True,
     prefill_chunk: int | None = None,
+    decode: str = "dynamic",
 ) -> list[Generation]:
     """Generate a reply for each prompt given as token ids; the replies come back in the prompts' order.
 
@@ -371,9 +411,16 @@ def generate_ids(
     row that one prefill forward takes (:func:`prefill`); None picks :func:`prefill_chunk_for` the
     batch, 0 feeds whole prompts in one forward (memory quadratic in the prompt length). A batch that runs
     out of device memory is generated again as two halves (greedy replies are the same; a warning is logged),
-    so ``batch_size`` is a ceiling, not a promise the device must keep.
+    so ``batch_size`` is a ceiling, not a promise the device must keep. ``decode``: the KV cache of the decode
+    loop, ``dynamic`` (grows with the replies), ``static`` (allocated once per batch) or ``cuda_graphs`` (static,
+    each step replayed from a CUDA graph on a GPU: far fewer kernel launches for a small model; static elsewhere);
+    the replies are the same up to the device's arithmetic.
     """
     _check_sampling(max_new_tokens, batch_size, temperature, top_p)
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    steps = _token_steps if decode == "dynamic" else functools.partial(_static_token_steps,
+                                                                       graphs=decode == "cuda_graphs")
     stop = [s for s in (stop or []) if s]
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids, default=0)
@@ -386,7 +433,7 @@ def generate_ids(
         done = [False] * len(batch)
         chunk = prefill_chunk_for(len(batch)) if prefill_chunk is None else prefill_chunk
         try:
-            for tokens in _token_steps(
+            for tokens in steps(
                 model, [prompts[i] for i in batch], pad_id=pad_id, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, seed=batch_seed, done=done, should_cancel=should_cancel,
                 prefill_chunk=chunk,
@@ -432,15 +479,17 @@ def generate_chat(
     stop: Sequence[str] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     prefill_chunk: int | None = None,
+    decode: str = "dynamic",
 ) -> list[Generation]:
     """Reply to each conversation (``{"messages": [...], "tools": [...]}``), batched, in order.
 
     Greedy when ``temperature`` is 0, else sampling with ``temperature`` and ``top_p`` (reproducible
     with ``seed``). Each reply stops at the end-of-turn token, at any of the ``stop`` strings, or after
-    ``max_new_tokens``; its tool calls are parsed from the text. ``prefill_chunk`` as in :func:`generate_ids`.
+    ``max_new_tokens``; its tool calls are parsed from the text. ``prefill_chunk`` and ``decode`` as in
+    :func:`generate_ids`.
     """
     prompts = [encode_prompt(tokenizer, c["messages"], c.get("tools")) for c in conversations]
     return generate_ids(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-        top_p=top_p, seed=seed, stop=stop, should_cancel=should_cancel, prefill_chunk=prefill_chunk,
+        top_p=top_p, seed=seed, stop=stop, should_cancel=should_cancel, prefill_chunk=prefill_chunk, decode=decode,
     )

@@ -35,6 +35,7 @@ def build_replay(
     should_cancel: Callable[[], bool] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     tool_lists: Sequence[list[dict]] = (),
+    decode: str = "dynamic",
 ) -> list[dict]:
     """Let ``model`` answer ``count`` general prompts greedily; return them as training examples.
 
@@ -47,7 +48,8 @@ def build_replay(
     ``tool_lists`` offers the k-th list of tools with the k-th chosen prompt (the prompts are in a seeded random
     order, so which prompts get tools is random too): the model answers with those tools in its prompt, and the
     example keeps them, marked general (``citi_kind``) since no tool is called. An answer that calls a tool
-    anyway is not a general answer: that example is left out.
+    anyway is not a general answer: that example is left out. ``decode``: the decode loop's KV cache
+    (:func:`citi_engine.generate.generate_ids`).
     """
     from citi_engine.data.chat_format import parse_tool_calls
     from citi_engine.data.schemas import KIND_KEY
@@ -68,7 +70,7 @@ def build_replay(
         conversations = [{"messages": [{"role": "user", "content": p}], "tools": t} for p, t in zip(batch, tools,
                                                                                                  strict=True)]
         replies = generate_chat(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, temperature=0.0, should_cancel=should_cancel)
+                                batch_size=batch_size, temperature=0.0, should_cancel=should_cancel, decode=decode)
         for prompt, offered, reply in zip(batch, tools, replies, strict=True):
             answer = (reply.text or "").strip()
             if not answer:

@@ -50,6 +50,7 @@ from torch import nn
 from citi_engine.adapter import read_job
 from citi_engine.constrained import Grammar, allocate_bitmask, apply_bitmask
 from citi_engine.generate import (
+    DECODE_MODES,
     forward_last_logits,
     pad_left,
     prefill,
@@ -263,9 +264,6 @@ def held_back(text: str, stops: list[str]) -> int:
     if text.endswith("\ufffd"):  # a multi-byte character split across tokens
         hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
     return hold
-
-
-DECODE_MODES = ("dynamic", "static", "cuda_graphs")
 
 
 @torch.inference_mode()

@@ -545,7 +545,7 @@ class FinetuneRecipe:
             probe_limit=probe_limit or None, humaneval=humaneval_limit > 0, humaneval_limit=humaneval_limit or None,
             metadata={"model": cfg.model, "method": cfg.method, "adapter": str(out_dir)},
             should_cancel=ctx.should_cancel, on_event=forward_event,
-            calibrate_calls=hp.call_threshold is None, seed=cfg.seed,
+            calibrate_calls=hp.call_threshold is None, seed=cfg.seed, decode=hp.generation_decode,
         )
         self.report_path = str(out_dir / "report.json")
         calibration = report.get("calibration")
@@ -988,7 +988,7 @@ def _build_replay(ctx: RunContext, cfg: FinetuneConfig, model, tokenizer, tool_e
     examples = build_replay(
         model, tokenizer, count=hp.replay_examples, seed=cfg.seed, max_new_tokens=hp.replay_max_new_tokens,
         batch_size=generation_batch_size(hp, model), should_cancel=ctx.should_cancel,
-        tool_lists=unrelated_tool_lists(tool_examples, n_tools, seed=cfg.seed),
+        tool_lists=unrelated_tool_lists(tool_examples, n_tools, seed=cfg.seed), decode=hp.generation_decode,
         on_progress=lambda done, total: ctx.emit("progress", "replay", step=done, total_steps=total),
     )
     per_item = (time.monotonic() - t0) / max(hp.replay_examples, 1)

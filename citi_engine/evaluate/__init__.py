@@ -88,6 +88,7 @@ def evaluate_adapter(
     calibrate_calls: bool = False,
     seed: int = 0,
     call_threshold: float = 0.0,
+    decode: str = "dynamic",
 ) -> dict:
     """Evaluate a tuned ``model`` and write its report into ``out_dir`` (skipped when ``out_dir`` is None).
 
@@ -104,6 +105,7 @@ def evaluate_adapter(
     for the no-call cases it may build): ``calibration`` in the report, ``call_threshold`` in the summary.
     ``call_threshold`` above 0: the tool cases answered once more as served with that threshold
     (``tool_at_threshold``; ``tool_accuracy_at_threshold`` and ``irrelevance_accuracy_at_threshold`` in the summary).
+    ``decode``: the decode loop's KV cache for the greedy tool replies (:func:`citi_engine.generate.generate_ids`).
 
     Returns the report: ``summary`` (headline numbers), ``tool`` (see
     :class:`~citi_engine.evaluate.tool_eval.ToolEvalResult`), ``retention`` (see
@@ -121,7 +123,7 @@ def evaluate_adapter(
         emit(f"evaluating tool calls on {len(cases)} test cases")
         start = time.perf_counter()
         result = evaluate_tool_calls(model, tokenizer, cases, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                     should_cancel=should_cancel)
+                                     should_cancel=should_cancel, decode=decode)
         report["seconds"]["tool"] = time.perf_counter() - start
         report["tool"] = result.to_dict()
         if constrained:

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from citi_engine import DEFAULT_MODEL
+from citi_engine import DECODE_MODES, DEFAULT_MODEL
 from citi_engine.budget import Budget
 from citi_engine.ranges import Range, SettingError, check_ranges, setting
 
@@ -306,6 +306,13 @@ class Hyperparameters:
         "on CPU. A batch the device has no memory for is generated again in halves.",
         Range(1, 4096, whole=True),
     )
+    generation_decode: str = setting(
+        "dynamic",
+        "KV cache of the decode loop when the job writes its replay answers and its greedy tool replies in "
+        "evaluation: dynamic (grows with the replies), static (allocated once per batch) or cuda_graphs (static, "
+        "each step replayed from a CUDA graph on a GPU: far fewer kernel launches for a small model; static on "
+        "CPU). The same replies up to the device's arithmetic (tested on CPU token for token).",
+    )
     baselines_use_general: bool = setting(
         False,
         "Let the lora/full baselines train on the general examples too. Off by default: the "
@@ -332,6 +339,9 @@ class Hyperparameters:
         if self.general_loss not in GENERAL_LOSSES:
             raise SettingError(f"hyperparameters.general_loss must be one of {', '.join(GENERAL_LOSSES)}, got "
                                f"{self.general_loss!r}", param="hyperparameters.general_loss")
+        if self.generation_decode not in DECODE_MODES:
+            raise SettingError(f"hyperparameters.generation_decode must be one of {', '.join(DECODE_MODES)}, got "
+                               f"{self.generation_decode!r}", param="hyperparameters.generation_decode")
         if self.packing is not None and not isinstance(self.packing, bool):
             raise SettingError(f"hyperparameters.packing must be true, false or null (automatic), got "
                                f"{self.packing!r}", param="hyperparameters.packing")

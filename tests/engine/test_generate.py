@@ -330,3 +330,27 @@ def test_tool_eval_through_a_static_cache_gives_the_replies_of_the_dynamic_one(t
     static = evaluate_tool_calls(model, tok, cases, batch_size=3, max_new_tokens=12, decode="static")
     assert [o["reply_hash"] for o in static.outcomes] == [o["reply_hash"] for o in dynamic.outcomes]
     assert len({o["reply_hash"] for o in dynamic.outcomes}) > 1
+
+
+@pytest.mark.parametrize("decode", ["static", "cuda_graphs"])
+def test_a_static_cache_generates_the_tokens_of_the_dynamic_one(tiny, decode):
+    """Prompts of several lengths in two batches with chunked prefill, and chat replies: every greedy reply the
+    same, token for token (cuda_graphs runs the static path eagerly where there is no GPU). Sampled replies are not
+    compared: the two caches sum in different orders, and a draw near a boundary of the distribution may fall
+    the other way."""
+    model, tok = tiny
+    prompts = long_prompts(LENGTHS)
+    kw = dict(max_new_tokens=8, batch_size=3, prefill_chunk=37, parse=False)
+    dynamic = generate_ids(model, tok, prompts, **kw)
+    static = generate_ids(model, tok, prompts, decode=decode, **kw)
+    assert [g.completion_ids for g in static] == [g.completion_ids for g in dynamic]
+    assert len({tuple(g.completion_ids) for g in dynamic}) == len(prompts)
+    chats = generate_chat(model, tok, CONVERSATIONS, max_new_tokens=12, batch_size=4)
+    assert [g.text for g in generate_chat(model, tok, CONVERSATIONS, max_new_tokens=12, batch_size=4,
+                                          decode=decode)] == [g.text for g in chats]
+
+
+def test_an_unknown_decode_loop_is_refused(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="decode must be one of"):
+        generate_ids(model, tok, [[5, 6, 7]], max_new_tokens=2, decode="graphs")

@@ -230,6 +230,17 @@ def test_generation_batch_size_sets_the_rows_the_replay_generates_at_once(tiny_m
     assert replay == [4]
 
 
+def test_a_job_decoding_through_a_static_cache_writes_the_replay_answers_of_a_dynamic_one(tiny_model, tmp_path):
+    data = write_data(tmp_path, n_tool=12, n_general=0)
+    answers = {}
+    for decode in ("dynamic", "static"):
+        out = tmp_path / decode
+        finetune(small_config(tiny_model, data, out, budget={"max_steps": 3},
+                              hyperparameters={"generation_decode": decode}))
+        answers[decode] = (out / "checkpoints" / "stage-0-start" / "replay.jsonl").read_text()
+    assert answers["static"] == answers["dynamic"] and answers["dynamic"].strip()
+
+
 def test_held_out_test_split_is_evaluated_and_reported(tiny_model, data_file, tmp_path):
     out = tmp_path / "out"
     cfg = small_config(tiny_model, data_file, out, method="lora", test_fraction=0.25, budget={"max_steps": 1},
@@ -438,6 +449,7 @@ def test_ablations_no_uco_stage_and_random_components(tiny_model, data_file, tmp
         ({"hyperparameters": {"learning_rate": 1e-4}}, "unknown hyperparameters field"),
         ({"test_fraction": 0.9}, "test_fraction"),
         ({"dtype": "fp16"}, "fp16 is not supported"),
+        ({"hyperparameters": {"generation_decode": "graphs"}}, "generation_decode must be one of dynamic, static"),
     ],
 )
 def test_impossible_configs_are_refused_with_the_reason(fields, message):
