@@ -24,7 +24,6 @@ streaming fall out of it directly, and ``generate`` merges the checkpoint's gene
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -238,6 +237,30 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
     return order.gather(-1, rank).squeeze(-1)
 
 
+class _DynamicDecoder:
+    """Prefill and decode steps of one left-padded batch over a KV cache that grows with the replies; the same
+    two calls as :class:`citi_engine.static_decode.StaticDecoder`."""
+
+    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor):
+        self.model, self.input_ids, self.mask = model, input_ids, mask
+        # Positions count real tokens only, so a left-padded row sees the same positions as alone.
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = None
+
+    def prefill(self, chunk: int) -> torch.Tensor:
+        logits, self.cache = prefill(self.model, self.input_ids, self.mask, self.positions, chunk)
+        self.positions = self.positions[:, -1:] + 1
+        return logits
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        feed = torch.tensor(tokens, device=self.mask.device).unsqueeze(-1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], dim=-1)
+        logits, self.cache = forward_last_logits(self.model, input_ids=feed, attention_mask=self.mask,
+                                                 position_ids=self.positions, cache=self.cache)
+        self.positions = self.positions + 1
+        return logits
+
+
 def _token_steps(
     model,
     prompt_ids: Sequence[Sequence[int]],
@@ -250,68 +273,28 @@ def _token_steps(
     done: list[bool],
     should_cancel: Callable[[], bool] | None,
     prefill_chunk: int = 0,
+    decode: str = "dynamic",
 ) -> Iterator[list[int]]:
     """Yield the next token of every row, step by step, until ``max_new_tokens`` or every row is ``done``.
 
-    The caller marks rows ``done``; a finished row still takes part in the forward (its token is
-    ignored), which keeps the batch shape and the cache simple. The prompts go in ``prefill_chunk``
-    columns at a time (see :func:`prefill`).
+    The caller marks rows ``done``; a finished row still takes part in the forward (it is fed padding and its
+    token is ignored), which keeps the batch shape and the cache simple. The prompts go in ``prefill_chunk``
+    columns at a time (see :func:`prefill`). ``decode`` picks the KV cache (:func:`generate_ids`).
     """
+    from citi_engine.static_decode import StaticDecoder
+
     device = model_device(model)
     # Grad mode is thread state: hold inference mode only around the compute, never across a yield,
     # so a caller iterating a stream does not run its own code in inference mode.
     with torch.inference_mode():
         input_ids, attention_mask = pad_left(prompt_ids, pad_id, device)
-        # Positions count real tokens only, so a left-padded row sees the same positions as alone.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         generator = None
         if temperature > 0 and seed is not None:
             generator = torch.Generator(device=device).manual_seed(int(seed))
-        logits, cache = prefill(model, input_ids, attention_mask, position_ids, prefill_chunk)
-        next_position = position_ids[:, -1:] + 1
-        tokens = sample_tokens(logits, temperature, top_p, generator)
-    for step in range(max_new_tokens):
-        yield tokens.tolist()
-        if all(done) or step == max_new_tokens - 1:
-            return
-        if should_cancel is not None and should_cancel():
-            raise Cancelled()
-        with torch.inference_mode():
-            feed = tokens.masked_fill(torch.tensor(done, device=device), pad_id).unsqueeze(-1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(done), 1))], dim=-1)
-            logits, cache = forward_last_logits(
-                model, input_ids=feed, attention_mask=attention_mask, position_ids=next_position,
-                cache=cache,
-            )
-            next_position = next_position + 1
-            tokens = sample_tokens(logits, temperature, top_p, generator)
-
-
-def _static_token_steps(
-    model,
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    done: list[bool],
-    should_cancel: Callable[[], bool] | None,
-    prefill_chunk: int = 0,
-    graphs: bool = False,
-) -> Iterator[list[int]]:
-    """:func:`_token_steps` over a static KV cache (:class:`citi_engine.static_decode.StaticDecoder`), each step
-    replayed from a CUDA graph when ``graphs`` and the model is on a GPU; the same tokens as the dynamic cache's."""
-    from citi_engine.static_decode import StaticDecoder
-
-    device = model_device(model)
-    with torch.inference_mode():
-        input_ids, attention_mask = pad_left(prompt_ids, pad_id, device)
-        generator = None
-        if temperature > 0 and seed is not None:
-            generator = torch.Generator(device=device).manual_seed(int(seed))
-        decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens, graphs=graphs)
+        if decode == "dynamic":
+            decoder = _DynamicDecoder(model, input_ids, attention_mask)
+        else:
+            decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens, graphs=decode == "cuda_graphs")
         tokens = sample_tokens(decoder.prefill(prefill_chunk), temperature, top_p, generator)
     for step in range(max_new_tokens):
         yield tokens.tolist()
@@ -419,8 +402,7 @@ def generate_ids(
     _check_sampling(max_new_tokens, batch_size, temperature, top_p)
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-    steps = _token_steps if decode == "dynamic" else functools.partial(_static_token_steps,
-                                                                       graphs=decode == "cuda_graphs")
+
     stop = [s for s in (stop or []) if s]
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids, default=0)
@@ -433,10 +415,10 @@ def generate_ids(
         done = [False] * len(batch)
         chunk = prefill_chunk_for(len(batch)) if prefill_chunk is None else prefill_chunk
         try:
-            for tokens in steps(
+            for tokens in _token_steps(
                 model, [prompts[i] for i in batch], pad_id=pad_id, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, seed=batch_seed, done=done, should_cancel=should_cancel,
-                prefill_chunk=chunk,
+                prefill_chunk=chunk, decode=decode,
             ):
                 for j, token in enumerate(tokens):
                     if not done[j]:
