@@ -5,7 +5,7 @@
 # was measured. PARTS (a comma list, default all, in this order) picks what a lease runs:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (default bench/plans/method_next.txt: the
 #             baselines at the threshold each job chooses, then near-miss negatives on the validation side;
-#             five at a time on an 80 GB card, about 20 minutes)
+#             five at a time on an 80 GB card, about 20 minutes); runs in RESULTS/quality/<plan name>/
 #   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
 #             (greedy replies compared against the dynamic cache's: the check before cuda_graphs may become the
 #             server's default) and 8B LoRA against CITI stage 2, packed (the 1.3x target)
