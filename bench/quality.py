@@ -441,7 +441,7 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     if args.constrained:
         start = time.perf_counter()
         held = evaluate_tool_calls(tuned, tokenizer, cases, batch_size=args.eval_batch_size,
-                                   max_new_tokens=args.max_new_tokens, constrained=True)
+                                   max_new_tokens=args.max_new_tokens, constrained=True, decode=args.decode)
         record.update(tool_eval_constrained_seconds=time.perf_counter() - start,
                       tool_accuracy_constrained=held.accuracy,
                       irrelevance_accuracy_constrained=held.irrelevance_accuracy,

@@ -105,7 +105,8 @@ def evaluate_adapter(
     for the no-call cases it may build): ``calibration`` in the report, ``call_threshold`` in the summary.
     ``call_threshold`` above 0: the tool cases answered once more as served with that threshold
     (``tool_at_threshold``; ``tool_accuracy_at_threshold`` and ``irrelevance_accuracy_at_threshold`` in the summary).
-    ``decode``: the decode loop's KV cache for the greedy tool replies (:func:`citi_engine.generate.generate_ids`).
+    ``decode``: the decode loop's KV cache for every tool reply, free, constrained or at the threshold
+    (:func:`citi_engine.generate.generate_ids`).
 
     Returns the report: ``summary`` (headline numbers), ``tool`` (see
     :class:`~citi_engine.evaluate.tool_eval.ToolEvalResult`), ``retention`` (see
@@ -130,14 +131,14 @@ def evaluate_adapter(
             emit(f"evaluating tool calls on {len(cases)} test cases, calls constrained to the tools' schemas")
             start = time.perf_counter()
             held = evaluate_tool_calls(model, tokenizer, cases, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                       should_cancel=should_cancel, constrained=True)
+                                       should_cancel=should_cancel, constrained=True, decode=decode)
             report["seconds"]["tool_constrained"] = time.perf_counter() - start
             report["tool_constrained"] = held.to_dict()
         if call_threshold > 0:
             emit(f"evaluating tool calls on {len(cases)} test cases at call threshold {call_threshold:g}")
             start = time.perf_counter()
             at_t = evaluate_tool_calls(model, tokenizer, cases, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                       should_cancel=should_cancel, call_threshold=call_threshold)
+                                       should_cancel=should_cancel, call_threshold=call_threshold, decode=decode)
             report["seconds"]["tool_at_threshold"] = time.perf_counter() - start
             report["tool_at_threshold"] = {**at_t.to_dict(), "call_threshold": call_threshold}
         if calibrate_calls:
