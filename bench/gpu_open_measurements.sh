@@ -2,19 +2,19 @@
 # What the open issues still need measured on one GPU, in one lease: run it through bench/gpu_lease.sh (stage,
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
-# was measured. PARTS (a comma list, default all, in this order) picks what a lease runs:
+# was measured. PARTS (a comma list, default quality,compile,service, run in this order) picks what a lease runs:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (default bench/plans/method_next.txt: the
-#             baselines at the threshold each job chooses, then near-miss negatives on the validation side;
-#             five at a time on an 80 GB card, about 20 minutes); runs in RESULTS/quality/<plan name>/
+#             new default negatives_near 0.5, three CITI seeds and both baselines on test at the threshold each
+#             job chooses; one wave of five on an 80 GB card, about 14 minutes); runs in RESULTS/quality/<plan>/
 #   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
-#             (greedy replies compared against the dynamic cache's: the check before cuda_graphs may become the
-#             server's default) and 8B LoRA against CITI stage 2, packed (the 1.3x target)
+#             (greedy replies compared against the dynamic cache's) and 8B LoRA against CITI stage 2, packed;
+#             measured in the seventh session (bench/results/inference.md, throughput_h100_lora/): only on request
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
 #   service   GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
 #             staged in ~/stage/svc; about 20 minutes: a lease of its own, PARTS=service)
 # Measured already and not run again: generation memory, the dynamic KV cache's timings, the MOLoRA
-# micro-benchmark, stage 2 with and without soft targets, constrained decoding, CITI at its own threshold
-# (bench/results/).
+# micro-benchmark, stage 2 with and without soft targets, constrained decoding, CITI and the baselines at their
+# own threshold, negatives_near on the validation side (bench/results/).
 # Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl and .m1 (and, for the
 # service, first a call carrying .whl-svc .redis-deb); `PARTS=... CITI_COMMIT=<short hash> WAIT_S=540 bash
 # bench/gpu_lease.sh start bash bench/gpu_open_measurements.sh` carrying .m2 .data; then `WAIT_S=550 bash
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.." || exit 1
 : "${GGUF:?}" "${RESULTS:?}"
 mkdir -p "$RESULTS"
 part() { echo "$(date -u +%H:%M:%S) $*" >> "$RESULTS/parts.log"; }
-PARTS=",${PARTS:-quality,timings,compile,service},"
+PARTS=",${PARTS:-quality,compile,service},"
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 
 if want quality; then

@@ -182,6 +182,12 @@ def _fmt(x, pct=False, digits=3) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.{digits}f}"
 
 
+def _choice_cell(row: dict, key: str, pct: bool = False) -> str:
+    """A candidate's number in the chosen-setting table, with the reference's on the same seeds beside it."""
+    own, ref = _fmt(row[key], pct), row.get("reference")
+    return own if ref is None else f"{own} (ref. {_fmt(ref[key], pct)})"
+
+
 def render_markdown(merged: dict) -> str:
     lines = [
         f"# {merged.get('title') or 'Quality: tool-call accuracy vs general retention'}", "",
@@ -281,13 +287,16 @@ def render_markdown(merged: dict) -> str:
     if merged.get("choice"):
         c = merged["choice"]
         lines += ["", "## The setting the rule chooses", "",
-                  f"Among `{c['reference']}` and the candidates, those whose tool accuracy and headline retention are "
-                  f"each at most {c['tool_slack']:g} and {c['retention_slack']:g} below the reference's; of them, the "
-                  f"highest {c['goal']}. Chosen: **{c['chosen']}**.", "",
-                  f"| label | passes | tool acc % | headline retention | {c['goal']} |", "|---|---|---|---|---|"]
+                  f"Each candidate against `{c['reference']}` on the seeds both have: it passes when its tool accuracy "
+                  f"and headline retention are each at most {c['tool_slack']:g} and {c['retention_slack']:g} below "
+                  f"the reference's on those seeds; of those that pass, the one that raises {c['goal']} most. "
+                  f"Chosen: **{c['chosen']}**.", "",
+                  f"| label | seeds | passes | tool acc % | headline retention | {c['goal']} |",
+                  "|---|---|---|---|---|---|"]
         for label, row in c["labels"].items():
-            lines.append(f"| {label} | {'yes' if row['passed'] else 'no'} | {_fmt(row['tool_accuracy'], True)} | "
-                         f"{_fmt(row['headline_retention'])} | {_fmt(row[c['goal']])} |")
+            lines.append(f"| {label} | {', '.join(map(str, row['seeds'])) or 'none in common'} | "
+                         f"{'yes' if row['passed'] else 'no'} | {_choice_cell(row, 'tool_accuracy', True)} | "
+                         f"{_choice_cell(row, 'headline_retention')} | {_choice_cell(row, c['goal'])} |")
     if merged.get("decode_checks"):
         lines += ["", "## The decode loop checked", "",
                   "The same test cases answered twice by one run, with two decode loops (`bench/quality.py "
@@ -376,18 +385,33 @@ def choose_setting(methods: dict[str, dict], reference: str, candidates: list[st
                    tool_slack: float = 0.01, retention_slack: float = 0.01) -> dict:
     """The rule a default is chosen by on the validation side: among ``reference`` and ``candidates`` (labels of
     ``methods``, each a :func:`summarize_label` summary), those whose tool accuracy and headline retention are each
-    no more than their slack below the reference's, the one with the highest ``goal`` metric; the reference when
-    none beats it. Returns the chosen label and, for each label, whether it passed and its three numbers."""
-    ref = methods[reference]
-    table, best = {}, reference
-    for label in [reference, *candidates]:
+    no more than their slack below the reference's, the one that raises the ``goal`` metric most over the reference;
+    the reference when none does. Each candidate is compared with the reference on the seeds both have (means over
+    those seeds), so a seed the candidate lacks cannot move the reference's side; a candidate with no seed in
+    common does not pass. Returns the chosen label and, for each label, the seeds compared, whether it passed and
+    its three numbers (with the reference's on the same seeds)."""
+    keys = ("tool_accuracy", "headline_retention", goal)
+
+    def mean_on(label: str, seeds: list[int]) -> dict:
         m = methods[label]
+        rows = [m["seeds"].index(s) for s in seeds]
+        return {k: sum(m["per_seed"][k][i] for i in rows) / len(rows) for k in keys}
+
+    ref_seeds = methods[reference]["seeds"]
+    table = {reference: {"seeds": ref_seeds, "passed": True, **mean_on(reference, ref_seeds)}}
+    best, best_gain = reference, 0.0
+    for label in candidates:
+        seeds = [s for s in methods[label]["seeds"] if s in ref_seeds]
+        if not seeds:
+            table[label] = {"seeds": [], "passed": False, **{k: None for k in keys}, "reference": None}
+            continue
+        m, ref = mean_on(label, seeds), mean_on(reference, seeds)
         passed = (m["tool_accuracy"] >= ref["tool_accuracy"] - tool_slack
                   and m["headline_retention"] >= ref["headline_retention"] - retention_slack)
-        table[label] = {"passed": passed, "tool_accuracy": m["tool_accuracy"],
-                        "headline_retention": m["headline_retention"], goal: m[goal]}
-        if passed and m[goal] > methods[best][goal]:
-            best = label
+        table[label] = {"seeds": seeds, "passed": passed, **m, "reference": ref}
+        gain = m[goal] - ref[goal]
+        if passed and gain > best_gain:
+            best, best_gain = label, gain
     return {"chosen": best, "reference": reference, "goal": goal, "tool_slack": tool_slack,
             "retention_slack": retention_slack, "labels": table}
 
