@@ -2,13 +2,16 @@
 # What the open issues still need measured on one GPU, in one lease: run it through bench/gpu_lease.sh (stage,
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
-# was measured. PARTS (a comma list, default quality,compile,service, run in this order) picks what a lease runs:
+# was measured. PARTS (a comma list, default quality,serving1b,compile,service, in this order) picks what a lease runs:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (default bench/plans/method_next.txt: the
 #             new default negatives_near 0.5, three CITI seeds and both baselines on test at the threshold each
 #             job chooses; one wave of five on an 80 GB card, about 14 minutes); runs in RESULTS/quality/<plan>/
 #   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
 #             (greedy replies compared against the dynamic cache's) and 8B LoRA against CITI stage 2, packed;
 #             measured in the seventh session (bench/results/inference.md, throughput_h100_lora/): only on request
+#   serving1b performance issue's serving target on the 1B shape (random weights, SmolLM2's tokenizer), about 5
+#             minutes: bench/inference.py with the dynamic cache, then with CUDA graphs, one after the other
+#             (<= 4 ms/token at batch 1, >= 4x the dynamic aggregate at 16 concurrent, adapter <= 1.15x)
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
 #   service   GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
 #             staged in ~/stage/svc; about 20 minutes: a lease of its own, PARTS=service)
@@ -24,7 +27,7 @@ cd "$(dirname "$0")/.." || exit 1
 : "${GGUF:?}" "${RESULTS:?}"
 mkdir -p "$RESULTS"
 part() { echo "$(date -u +%H:%M:%S) $*" >> "$RESULTS/parts.log"; }
-PARTS=",${PARTS:-quality,compile,service},"
+PARTS=",${PARTS:-quality,serving1b,compile,service},"
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 
 if want quality; then
@@ -41,6 +44,13 @@ if want timings; then
     for method in lora citi_stage2; do
         timeout 300 python3 bench/throughput.py --shape 8b --method "$method" --packing true --out "$RESULTS/throughput" \
             > "$RESULTS/throughput_$method.log" 2>&1
+    done
+fi
+if want serving1b; then
+    for decode in dynamic cuda_graphs; do
+        part "inference 1b $decode"
+        timeout 300 python3 bench/inference.py --shape 1b --tokenizer-gguf "$GGUF" --rounds 4 --decode "$decode" \
+            --out "$RESULTS/inference" > "$RESULTS/inference_1b_$decode.log" 2>&1
     done
 fi
 if want compile; then

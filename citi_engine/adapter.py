@@ -123,6 +123,13 @@ def molora_layers(model: nn.Module) -> list[MoloraLayer]:
     return [m for m in model.modules() if isinstance(m, MoloraLayer)]
 
 
+def detach_routers(model: nn.Module, on: bool) -> None:
+    """Set every MOLoRA layer of ``model`` to pass G(x) to its output without its gradient (``on``), so only the
+    routing terms train the routers (``hyperparameters.routing_detach``), or back to the paper's way."""
+    for layer in molora_layers(model):
+        layer.detach_router = on
+
+
 def routing_loss(
     model: nn.Module, task_type: torch.Tensor, attention_mask: torch.Tensor, delta: float = 0.95
 ) -> torch.Tensor:

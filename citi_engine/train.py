@@ -66,6 +66,7 @@ import torch
 from citi_engine.adapter import (
     apply_method,
     backbone_targets,
+    detach_routers,
     molora_layers,
     routing_loss,
     save_adapter,
@@ -395,6 +396,8 @@ class FinetuneRecipe:
             scheduler.load_state_dict(optimizer_state["scheduler"])
         order = StageOrder(len(self.pool), seed=cfg.seed, stage_index=stage_index, examples_per_step=self.per_step)
         with_routing = cfg.method == "citi"
+        if with_routing:
+            detach_routers(self.model, hp.routing_detach)
         step_module = step_loss_module(self.model, cfg, routing_loss=routing_loss if with_routing else None,
                                        device=self.device, frozen_dtype=self.frozen_dtype, dist=dist,
                                        teacher=self.teacher)

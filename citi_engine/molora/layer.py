@@ -37,6 +37,7 @@ def molora_mix(
     scaling: float = 1.0,
     probs_dtype: torch.dtype = torch.float32,
     dtype: torch.dtype | None = None,
+    detach_gates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G(x) = softmax(W_r x) and each expert's A_i x times scaling * G(x)[i]; the caller applies B.
 
@@ -44,9 +45,13 @@ def molora_mix(
     (..., N*r), so that ``B mixed`` is the MOLoRA delta, and ``gates`` = G(x) computed in at least
     ``probs_dtype`` (fp32 for the routing loss; serving passes the logits' dtype: the softmax kernel
     accumulates in fp32 either way). ``dtype`` is the dtype of the gate factors (default: ``h``'s).
+    ``detach_gates``: ``mixed`` takes the gates without their gradient (the same values), so a loss on the
+    layer's output trains the experts and not the router; ``gates`` keeps it for the routing terms.
     """
     gates = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, probs_dtype))  # G(x): (..., N+1)
     expert_gates = gates[..., 1:]  # drop the backbone neuron G(x)[0]
+    if detach_gates:
+        expert_gates = expert_gates.detach()
     if scaling != 1.0:
         expert_gates = expert_gates * scaling
     expert_gates = expert_gates.to(dtype or h.dtype)
@@ -73,6 +78,8 @@ class MoloraLayer(BaseTunerLayer):
         # G(x) of the last forward per adapter, (..., N+1); kept for the routing loss. A plain dict, so it
         # is neither a parameter nor saved.
         self.router_probs: dict[str, torch.Tensor] = {}
+        # Training only, not saved (hyperparameters.routing_detach): the output takes G(x) without its gradient.
+        self.detach_router = False
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -142,7 +149,8 @@ class MoloraLinear(nn.Module, MoloraLayer):
             logits, h = F.linear(x, torch.cat([W_r, A])).split([n + 1, n * r], dim=-1)  # W_r x, all A_i x
         else:
             logits, h = F.linear(x, W_r), F.linear(dropout(x), A)  # the router sees x without dropout
-        mixed, self.router_probs[adapter] = molora_mix(logits, h, n, r, self.scaling[adapter], dtype=x.dtype)
+        mixed, self.router_probs[adapter] = molora_mix(logits, h, n, r, self.scaling[adapter], dtype=x.dtype,
+                                                       detach_gates=self.detach_router)
         return F.linear(mixed, B)  # sum over experts of B_i (...): (..., d_out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -205,6 +205,14 @@ class Hyperparameters:
         "which can be used beside it.",
         Range(0.0, 100.0),
     )
+    routing_detach: bool = setting(
+        False,
+        "Train each router by the routing terms alone (not in the paper): the experts' weights G(x)[1:] reach "
+        "the layer's output detached, so the answer loss trains the experts and leaves the router to the "
+        "token-level objective (and routing_beta's balancing); the router becomes a classifier of general "
+        "against tool-call tokens, which the answer loss no longer pulls towards the experts. Needs "
+        "routing_token_weight > 0.",
+    )
     general_loss: str = setting(
         "kl",
         "Loss on the answers of general examples: kl (soft targets, not in the paper: the KL from "
@@ -344,6 +352,14 @@ class Hyperparameters:
         if self.generation_decode not in DECODE_MODES:
             raise SettingError(f"hyperparameters.generation_decode must be one of {', '.join(DECODE_MODES)}, got "
                                f"{self.generation_decode!r}", param="hyperparameters.generation_decode")
+        if not isinstance(self.routing_detach, bool):
+            raise SettingError(f"hyperparameters.routing_detach must be true or false, got {self.routing_detach!r}",
+                               param="hyperparameters.routing_detach")
+        if self.routing_detach and self.routing_token_weight == 0:
+            raise SettingError("hyperparameters.routing_detach trains the routers by the token-level routing "
+                               "objective alone, and routing_token_weight is 0, so they would never train: set "
+                               "routing_token_weight above 0 (default 0.1) or routing_detach to false",
+                               param="hyperparameters.routing_detach")
         if self.packing is not None and not isinstance(self.packing, bool):
             raise SettingError(f"hyperparameters.packing must be true, false or null (automatic), got "
                                f"{self.packing!r}", param="hyperparameters.packing")

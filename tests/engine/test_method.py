@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from citi_engine.adapter import AdaptersOff, apply_method, backbone_targets, molora_layers, token_routing_loss
+from citi_engine.adapter import (
+    AdaptersOff,
+    apply_method,
+    backbone_targets,
+    detach_routers,
+    molora_layers,
+    token_routing_loss,
+)
 from citi_engine.components import list_components
 from citi_engine.data.schemas import ExampleKind
 from citi_engine.losses import Teacher, answer_losses
@@ -147,6 +154,50 @@ def test_token_routing_objective_moves_the_backbone_gate_up_on_general_and_down_
     with torch.no_grad():
         g1, t1 = _mean_backbone_gate(model, batch, general), _mean_backbone_gate(model, batch, tool_call)
     assert g1 > g0 + 0.2 and t1 < t0 - 0.1, (g0, g1, t0, t1)
+
+
+def _router_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return [p.grad for n, p in model.named_parameters() if "molora_router" in n]
+
+
+def test_detached_routers_take_no_gradient_from_the_answer_loss_and_all_of_it_from_the_routing_objective():
+    model = _citi_model(seed=5)
+    _move_adapters(model, seed=2)
+    batch = pad_batches(_examples([ExampleKind.GENERAL, ExampleKind.TOOL] * 2, seed=4), max_tokens=10_000)[0]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        attached = model(**inputs).logits
+    detach_routers(model, True)
+    out = model(**inputs).logits
+    torch.testing.assert_close(out, attached)  # the same forward, only the gradient's path changes
+    answer = out.float().logsumexp(-1).mean()
+    assert all(g is None or float(g.abs().sum()) == 0.0 for g in _router_grads(model, answer))
+    experts = [p.grad for n, p in model.named_parameters() if "molora_A" in n]
+    assert experts and all(g is not None and g.abs().sum() > 0 for g in experts)
+    from citi_engine.losses import label_positions
+
+    positions, _ = label_positions(batch["labels"])
+    target = backbone_targets(batch["token_kind"], positions, batch["token_kind"].reshape(-1)[positions])
+    routed = _router_grads(model, token_routing_loss(model, target))
+    assert routed and all(g is not None and g.abs().sum() > 0 for g in routed)
+    detach_routers(model, False)
+    model(**inputs)
+    assert any(g is not None and g.abs().sum() > 0
+               for g in _router_grads(model, model(**inputs).logits.float().logsumexp(-1).mean()))
+
+
+def test_routing_detach_without_the_token_objective_is_refused_with_the_fix():
+    from citi_engine.ranges import SettingError
+    from citi_engine.training.config import Hyperparameters
+
+    with pytest.raises(SettingError, match="routing_token_weight above 0") as caught:
+        Hyperparameters(routing_detach=True, routing_token_weight=0.0)
+    assert caught.value.param == "hyperparameters.routing_detach"
+    with pytest.raises(SettingError, match="true or false"):
+        Hyperparameters(routing_detach="yes")
+    assert Hyperparameters(routing_detach=True).routing_token_weight > 0
 
 
 def test_backbone_targets_mark_general_tokens_one_tool_call_writers_zero_and_the_rest_unset():

@@ -160,6 +160,20 @@ def test_each_citi_stage_changes_exactly_its_parameters_and_nothing_else(tiny_mo
         assert _changed(before, _snapshot(model)) == expected[stage], stage
 
 
+def test_routing_detach_reaches_every_molora_layer_and_the_routers_still_train(tiny_model, tmp_path):
+    from citi_engine.adapter import molora_layers
+
+    model, tokenizer, pool, cfg = _stage_setup(tiny_model, "citi", tmp_path)
+    cfg.hyperparameters.routing_detach = True
+    cfg.hyperparameters.routing_beta = 0.0  # the token-level objective alone trains the routers
+    plan = plan_stages(list(CITI_STAGES), [1, 1, 1], [2, 2, 2], Budget(), tokens_per_step=1.0)
+    before = _snapshot(model)
+    _recipe(model, tokenizer, pool, cfg, plan, TrainState(stage_index=1)).train_stage(1)
+    assert all(layer.detach_router for layer in molora_layers(model))
+    changed = _changed(before, _snapshot(model))
+    assert {n for n in changed if "molora_router" in n} == {n for n in before if "molora_router" in n}
+
+
 def test_lora_stage_changes_only_lora_weights(tiny_model, tmp_path):
     model, tokenizer, pool, cfg = _stage_setup(tiny_model, "lora", tmp_path)
     plan = plan_stages(["train"], [1], [2], Budget(), tokens_per_step=1.0)
