@@ -12,7 +12,7 @@ tool accuracy on ``examples/tools_test.jsonl``.
 
 What it can say: whether the gates move the way the setting is meant to move them, in a real model trained by the
 real job. What it cannot: quality. Twenty test cases and a few probes after a few dozen CPU steps are no measure
-of tool accuracy or retention; those are the GPU pool's (``bench/plans/router_detach_val.txt``).
+of tool accuracy or retention; those are the GPU pool's (``bench/plans/router_val.txt``).
 """
 
 from __future__ import annotations

@@ -10,5 +10,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # KV caches of the decode loop (citi_engine.generate.generate_ids, citi_engine.serving.generate): growing with the
 # replies, allocated once per batch, or allocated once and each step replayed from a CUDA graph.
 DECODE_MODES = ("dynamic", "static", "cuda_graphs")
+# How the balancing loss totals an example's router weights: the paper's sum over its tokens, or their mean.
+ROUTING_BALANCES = ("sum", "mean")
 
-__all__ = ["DECODE_MODES", "DEFAULT_MODEL", "__version__"]
+__all__ = ["DECODE_MODES", "DEFAULT_MODEL", "ROUTING_BALANCES", "__version__"]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from citi_engine import ROUTING_BALANCES
 from citi_engine.components import list_components
 from citi_engine.errors import CitiError
 from citi_engine.molora import MoloraConfig, MoloraLayer
@@ -131,7 +132,8 @@ def detach_routers(model: nn.Module, on: bool) -> None:
 
 
 def routing_loss(
-    model: nn.Module, task_type: torch.Tensor, attention_mask: torch.Tensor, delta: float = 0.95
+    model: nn.Module, task_type: torch.Tensor, attention_mask: torch.Tensor, delta: float = 0.95,
+    balance: str = "sum",
 ) -> torch.Tensor:
     """The localized balancing loss, summed over MOLoRA layers, from the router weights of the last forward.
 
@@ -139,7 +141,14 @@ def routing_loss(
     I = [1+delta, 1-delta, ..., 1-delta] for tool examples (task_type 1), [1-delta, 1+delta, ...] for
     general ones; Z = I * g; L_r = var(Z) / mean(Z)^2 over all B*(N+1) entries. ``var`` is the
     population variance (divide by the number of entries, not one less).
+
+    ``balance="mean"`` (not in the paper) takes g as the mean over each example's tokens instead of the sum, so
+    the loss compares how examples route and not how long they are: with sums, a batch of long tool examples
+    and short general ones is "balanced" by moving the short ones' weight to their amplified entries, the
+    experts, which works against general tokens going to the backbone.
     """
+    if balance not in ROUTING_BALANCES:
+        raise ValueError(f"balance must be one of {', '.join(ROUTING_BALANCES)}, got {balance!r}")
     layers = molora_layers(model)
     if not layers:
         raise ValueError("routing_loss needs a model with MOLoRA layers: apply_method(model, 'citi', ...) first")
@@ -150,7 +159,10 @@ def routing_loss(
             if probs is None:
                 raise RuntimeError("routing_loss reads the router weights of the last forward: run the model first")
             mask = attention_mask.to(device=probs.device, dtype=probs.dtype)
-            g_per_layer.append(torch.einsum("btn,bt->bn", probs, mask))
+            g = torch.einsum("btn,bt->bn", probs, mask)
+            if balance == "mean":
+                g = g / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+            g_per_layer.append(g)
     g = torch.stack(g_per_layer)  # (layers, B, N+1)
     n_out = g.shape[-1]
     # +1 on the backbone neuron and -1 on the experts for tool examples; the opposite for general ones.

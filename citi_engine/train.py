@@ -673,14 +673,14 @@ def step_loss_module(
         token_weight = hp.routing_token_weight
     loss_fn = functools.partial(_micro_loss, device=device, autocast=_autocast(device, frozen_dtype),
                                 beta=beta, token_weight=token_weight, delta=hp.routing_delta,
-                                world_size=dist.world_size, teacher=teacher)
+                                balance=hp.routing_balance, world_size=dist.world_size, teacher=teacher)
     # Every process already holds the same weights (broadcast once after the method is applied).
     return wrap_ddp(LossModule(model, loss_fn), dist, init_sync=False)
 
 
 def _micro_loss(
     model, batch: dict, *, n_answer: int, n_examples: int, n_route: tuple[int, int] | None = None, device, autocast,
-    beta: float, token_weight: float, delta: float, world_size: int, teacher=None,
+    beta: float, token_weight: float, delta: float, world_size: int, teacher=None, balance: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss to backpropagate, answer part, weighted routing part)`` of one micro-batch of a step.
 
@@ -702,7 +702,7 @@ def _micro_loss(
     share = int(batch["task_type"].numel()) / n_examples
     if beta > 0:
         mask = batch["sequence_mask"] if "sequence_mask" in batch else batch["attention_mask"]
-        routing = routing + beta * routing_loss(model, batch["task_type"], mask, delta) * share
+        routing = routing + beta * routing_loss(model, batch["task_type"], mask, delta, balance) * share
     if token_weight > 0:
         target = backbone_targets(batch["token_kind"], positions, kinds)
         routing = routing + token_weight * token_routing_loss(model, target, n_route)

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from citi_engine import DECODE_MODES, DEFAULT_MODEL
+from citi_engine import DECODE_MODES, DEFAULT_MODEL, ROUTING_BALANCES
 from citi_engine.budget import Budget
 from citi_engine.ranges import Range, SettingError, check_ranges, setting
 
@@ -205,6 +205,12 @@ class Hyperparameters:
         "which can be used beside it.",
         Range(0.0, 100.0),
     )
+    routing_balance: str = setting(
+        "sum",
+        "How the balancing loss (routing_beta) totals each example's router weights: sum over its tokens (the "
+        "paper's) or mean (not in the paper: the loss then compares how examples route, not how long they are; "
+        "with sums, long tool examples beside short general ones push the general tokens' weight to the experts).",
+    )
     routing_detach: bool = setting(
         False,
         "Train each router by the routing terms alone (not in the paper): the experts' weights G(x)[1:] reach "
@@ -352,6 +358,9 @@ class Hyperparameters:
         if self.generation_decode not in DECODE_MODES:
             raise SettingError(f"hyperparameters.generation_decode must be one of {', '.join(DECODE_MODES)}, got "
                                f"{self.generation_decode!r}", param="hyperparameters.generation_decode")
+        if self.routing_balance not in ROUTING_BALANCES:
+            raise SettingError(f"hyperparameters.routing_balance must be one of {', '.join(ROUTING_BALANCES)}, got "
+                               f"{self.routing_balance!r}", param="hyperparameters.routing_balance")
         if not isinstance(self.routing_detach, bool):
             raise SettingError(f"hyperparameters.routing_detach must be true or false, got {self.routing_detach!r}",
                                param="hyperparameters.routing_detach")

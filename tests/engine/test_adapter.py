@@ -100,6 +100,25 @@ def test_routing_loss_matches_a_hand_computation():
     assert model.a.molora_router["default"].grad.abs().sum() > 0
 
 
+def test_routing_loss_with_mean_balance_matches_a_hand_computation_and_ignores_length():
+    x1, x2, pad = [1.0, 0.0], [0.0, 1.0], [5.0, -3.0]
+    task_type = torch.tensor([1, 0])
+    model = TwoRouters()
+    model(torch.tensor([[x1, x2, pad], [x2, pad, pad]]))
+    # Example 1 (tool):    g = mean([1/4, 3/4], [1/2, 1/2]) = [3/8, 5/8]; I = [1.5, 0.5] -> Z = [9/16, 5/16]
+    # Example 2 (general): g = [1/2, 1/2];                                I = [0.5, 1.5] -> Z = [1/4, 3/4]
+    # mean(Z) = 15/32; population var(Z) = 41/1024; var/mean^2 = 41/225 per layer.
+    short = routing_loss(model, task_type, torch.tensor([[1, 1, 0], [1, 0, 0]]), delta=0.5, balance="mean")
+    assert short.item() == pytest.approx(2 * 41 / 225, rel=1e-6)
+    # The general example twice as long with the same tokens: the mean sees the same routing, the sum does not.
+    model(torch.tensor([[x1, x2, pad], [x2, x2, pad]]))
+    longer = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    assert routing_loss(model, task_type, longer, delta=0.5, balance="mean").item() == pytest.approx(short.item())
+    assert routing_loss(model, task_type, longer, delta=0.5).item() != pytest.approx(2 * 25 / 121, rel=1e-3)
+    with pytest.raises(ValueError, match="sum, mean"):
+        routing_loss(model, task_type, longer, balance="median")
+
+
 def test_routing_loss_needs_molora_layers_and_a_forward():
     with pytest.raises(ValueError, match="MOLoRA layers"):
         routing_loss(tiny_llama(), torch.tensor([1]), torch.ones(1, 4))

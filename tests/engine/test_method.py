@@ -197,6 +197,9 @@ def test_routing_detach_without_the_token_objective_is_refused_with_the_fix():
     assert caught.value.param == "hyperparameters.routing_detach"
     with pytest.raises(SettingError, match="true or false"):
         Hyperparameters(routing_detach="yes")
+    with pytest.raises(SettingError, match="routing_balance must be one of sum, mean") as caught:
+        Hyperparameters(routing_balance="avg")
+    assert caught.value.param == "hyperparameters.routing_balance"
     assert Hyperparameters(routing_detach=True).routing_token_weight > 0
 
 

@@ -174,6 +174,31 @@ def test_routing_detach_reaches_every_molora_layer_and_the_routers_still_train(t
     assert {n for n in changed if "molora_router" in n} == {n for n in before if "molora_router" in n}
 
 
+@pytest.mark.parametrize("balance", ["sum", "mean"])
+def test_a_job_adds_the_balancing_loss_its_routing_balance_names(tiny_model, tmp_path, balance):
+    from citi_engine.adapter import routing_loss
+    from citi_engine.packing import pad_batches
+    from citi_engine.train import step_loss_module
+    from citi_engine.training.batches import answer_tokens, routing_token_counts
+
+    model, _, pool, cfg = _stage_setup(tiny_model, "citi", tmp_path)
+    cfg.hyperparameters.routing_balance = balance
+    cfg.hyperparameters.routing_token_weight = 0.0  # the balancing term alone
+    examples = [pool[0], pool[7]]  # a tool example and a general one, of different lengths
+    assert len(examples[0]["input_ids"]) != len(examples[1]["input_ids"])
+    module = step_loss_module(model, cfg, routing_loss=routing_loss, device=torch.device("cpu"),
+                              frozen_dtype=torch.float32)
+    batch = pad_batches(examples, max_tokens=10_000)[0]
+    _, _, routed = module(batch, n_answer=answer_tokens(examples), n_examples=2,
+                          n_route=routing_token_counts(examples))
+    expected = cfg.hyperparameters.routing_beta * routing_loss(model, batch["task_type"], batch["attention_mask"],
+                                                               cfg.hyperparameters.routing_delta, balance)
+    other = routing_loss(model, batch["task_type"], batch["attention_mask"], cfg.hyperparameters.routing_delta,
+                         "mean" if balance == "sum" else "sum")
+    torch.testing.assert_close(routed, expected.detach())
+    assert abs(float(other) - float(expected) / cfg.hyperparameters.routing_beta) > 1e-6
+
+
 def test_lora_stage_changes_only_lora_weights(tiny_model, tmp_path):
     model, tokenizer, pool, cfg = _stage_setup(tiny_model, "lora", tmp_path)
     plan = plan_stages(["train"], [1], [2], Budget(), tokens_per_step=1.0)
