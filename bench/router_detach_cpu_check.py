@@ -32,6 +32,18 @@ KEYS = ("backbone_gate_general", "backbone_gate_general_with_tools", "backbone_g
         "headline_retention", "tool_accuracy")
 
 
+def tree_commit() -> str:
+    """The commit the code ran at, ``git rev-parse --short HEAD``, plus `` + working tree`` when tracked files differ
+    from it (a run on uncommitted code must not be recorded as the commit before it)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + (" + working tree" if dirty else "")
+
+
 def run_job(name: str, overrides: dict, out: Path, steps: int, seed: int) -> dict:
     """One CITI job in this process; its report's summary, the per-layer gates and its wall time."""
     from citi_engine.train import finetune
@@ -75,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     import platform
-    import subprocess
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = tree_commit()
     runs = {name: run_job(name, overrides, args.out / "jobs", args.steps, args.seed)
             for name, overrides in SETTINGS.items()}
     result = {"commit": commit, "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or 'x86-64'})",

@@ -95,10 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    import subprocess
+    from router_detach_cpu_check import tree_commit
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = tree_commit()
     runs = {}
     for name, (beta, balance, detach) in SETTINGS.items():
         runs[name] = {"routing_beta": beta, "routing_balance": balance, "routing_detach": detach,

@@ -402,7 +402,6 @@ def generate_ids(
     _check_sampling(max_new_tokens, batch_size, temperature, top_p)
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-
     stop = [s for s in (stop or []) if s]
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids, default=0)
