@@ -62,6 +62,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from citi_engine import DECODE_MODES  # noqa: E402 (light: no torch)
+
 METHODS = ("base", "lora", "full", "citi")
 
 # Options that take comma lists (crossed into runs) and where each lands in FinetuneConfig.
@@ -174,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "and evaluate the test and live sets once more at that threshold (*_calibrated); val-calls: only "
                    "its cases that expect a call, so the job builds the requests no tool fits itself, as it does "
                    "for a user whose held-out examples all call (the base model's threshold is chosen the same way)")
-    p.add_argument("--decode", choices=("dynamic", "static", "cuda_graphs"), default="dynamic", help="KV cache of "
+    p.add_argument("--decode", choices=DECODE_MODES, default="dynamic", help="KV cache of "
                    "the decode loop, in the tool evals and in the job's own generation (hyperparameters."
                    "generation_decode, unless --set gives it): dynamic (every result so far), static, or cuda_graphs "
                    "(each step replayed from a CUDA graph on a GPU)")
-    p.add_argument("--decode-check", choices=("dynamic", "static", "cuda_graphs"), default=None, help="answer the "
+    p.add_argument("--decode-check", choices=DECODE_MODES, default=None, help="answer the "
                    "test cases once more with this decode loop and record how many replies are the same and the "
                    "time of each (decode_check): the check before a faster loop evaluates")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD when available)")
