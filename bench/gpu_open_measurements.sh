@@ -3,7 +3,8 @@
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
 # was measured. PARTS (a comma list, default quality,serving1b,compile,service, in this order) picks what a lease runs:
-#   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (default bench/plans/method_next.txt: the
+#   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
+#             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/method_next.txt: the
 #             new default negatives_near 0.5, three CITI seeds and both baselines on test at the threshold each
 #             job chooses; one wave of five on an 80 GB card, about 14 minutes); runs in RESULTS/quality/<plan>/
 #   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
@@ -31,8 +32,12 @@ PARTS=",${PARTS:-quality,serving1b,compile,service},"
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 
 if want quality; then
-    part "quality (PLAN ${PLAN:=bench/plans/method_next.txt})"
-    PLAN=$PLAN timeout 1380 bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
+    # PLAN_LARGE, when set, replaces PLAN on a card of more than 120 GB (eight runs at a time there, five on 80 GB);
+    # QUALITY_S limits the pool (default 1380 s: one wave of five takes about 14 minutes, two waves 23).
+    mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+    if [ -n "${PLAN_LARGE:-}" ] && [ "${mem_mib:-0}" -gt 120000 ]; then PLAN=$PLAN_LARGE; fi
+    part "quality (PLAN ${PLAN:=bench/plans/method_next.txt}, limit ${QUALITY_S:=1380} s)"
+    PLAN=$PLAN timeout "$QUALITY_S" bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
     pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
 fi
 if want timings; then
