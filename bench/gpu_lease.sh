@@ -2,7 +2,9 @@
 # One GPU lease, several calls of the device tool: each call is given back 30 s after it returns, so a long
 # benchmark runs in the background on the held machine and every call waits for it a while, then copies what
 # exists into $OUT. The built-in model's GGUF (98 MB) is too big for one call's 64 MiB, so it travels in two
-# halves (.m1/, .m2/: `split -b 48M`), one per call, joined on the machine.
+# halves (.m1/, .m2/: `split -b 48M`), one per call, joined on the machine. When the tree has grown so that a half
+# and the tree no longer fit one call, split in three (`split -n 3`) and stage twice, .m1 holding gg.aa, then gg.ab;
+# .m2 holds the last part.
 #   bench/gpu_lease.sh stage          call 1: keep the first half in ~/stage, install the carried wheels (and
 #                                     keep the service's wheels and Redis, when carried, in ~/stage/svc)
 #   bench/gpu_lease.sh start CMD...   call 2: join the halves, copy the tree to ~/run, start CMD there (GGUF and
@@ -41,7 +43,7 @@ stage)
     ;;
 start)
     shift
-    cat "$STAGE"/gg.aa .m2/gg.ab > "$STAGE/smollm2.gguf"
+    cat "$STAGE"/gg.* .m2/gg.* > "$STAGE/smollm2.gguf"  # the parts in name order, those staged first
     echo "$SHA  $STAGE/smollm2.gguf" | sha256sum -c - || exit 1
     rm -rf "$RUN" && mkdir -p "$RUN" "$RESULTS" && rm -f "$RESULTS/DONE"
     tar -cf - --exclude=.m1 --exclude=.m2 --exclude=.git . | tar -xf - -C "$RUN"
