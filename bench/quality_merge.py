@@ -289,14 +289,17 @@ def render_markdown(merged: dict) -> str:
         lines += ["", "## The setting the rule chooses", "",
                   f"Each candidate against `{c['reference']}` on the seeds both have: it passes when its tool accuracy "
                   f"and headline retention are each at most {c['tool_slack']:g} and {c['retention_slack']:g} below "
-                  f"the reference's on those seeds; of those that pass, the one that raises {c['goal']} most. "
-                  f"Chosen: **{c['chosen']}**.", "",
-                  f"| label | seeds | passes | tool acc % | headline retention | {c['goal']} |",
-                  "|---|---|---|---|---|---|"]
+                  f"the reference's on those seeds"
+                  + "".join(f" and its {k} at most {b:g}" for k, b in (c.get("ceilings") or {}).items())
+                  + f"; of those that pass, the one that raises {c['goal']} most. Chosen: **{c['chosen']}**.", "",
+                  f"| label | seeds | passes | tool acc % | headline retention | {c['goal']} |"
+                  + "".join(f" {k} |" for k in (c.get("ceilings") or {}) if k != c["goal"]),
+                  "|---|---|---|---|---|---|" + "---|" * len([k for k in (c.get("ceilings") or {}) if k != c["goal"]])]
         for label, row in c["labels"].items():
             lines.append(f"| {label} | {', '.join(map(str, row['seeds'])) or 'none in common'} | "
                          f"{'yes' if row['passed'] else 'no'} | {_choice_cell(row, 'tool_accuracy', True)} | "
-                         f"{_choice_cell(row, 'headline_retention')} | {_choice_cell(row, c['goal'])} |")
+                         f"{_choice_cell(row, 'headline_retention')} | {_choice_cell(row, c['goal'])} |"
+                         + "".join(f" {_choice_cell(row, k)} |" for k in (c.get("ceilings") or {}) if k != c["goal"]))
     if merged.get("decode_checks"):
         lines += ["", "## The decode loop checked", "",
                   "The same test cases answered twice by one run, with two decode loops (`bench/quality.py "
@@ -382,15 +385,19 @@ def merge(runs: list[dict], comparisons: list[tuple[str, str]], iterations: int,
 
 
 def choose_setting(methods: dict[str, dict], reference: str, candidates: list[str], *, goal: str,
-                   tool_slack: float = 0.01, retention_slack: float = 0.01) -> dict:
+                   tool_slack: float = 0.01, retention_slack: float = 0.01,
+                   ceilings: dict[str, float] | None = None) -> dict:
     """The rule a default is chosen by on the validation side: among ``reference`` and ``candidates`` (labels of
     ``methods``, each a :func:`summarize_label` summary), those whose tool accuracy and headline retention are each
     no more than their slack below the reference's, the one that raises the ``goal`` metric most over the reference;
     the reference when none does. Each candidate is compared with the reference on the seeds both have (means over
     those seeds), so a seed the candidate lacks cannot move the reference's side; a candidate with no seed in
     common does not pass. Returns the chosen label and, for each label, the seeds compared, whether it passed and
-    its three numbers (with the reference's on the same seeds)."""
-    keys = ("tool_accuracy", "headline_retention", goal)
+    its three numbers (with the reference's on the same seeds). ``ceilings`` ({metric: bound}) are further
+    conditions a candidate must meet on its own, its mean over the compared seeds at most the bound (the router
+    runs: the gate on tool-call tokens may not rise above the method issue's 0.2 while the general gate rises)."""
+    ceilings = dict(ceilings or {})
+    keys = ("tool_accuracy", "headline_retention", goal, *(k for k in ceilings if k != goal))
 
     def mean_on(label: str, seeds: list[int]) -> dict:
         m = methods[label]
@@ -407,13 +414,14 @@ def choose_setting(methods: dict[str, dict], reference: str, candidates: list[st
             continue
         m, ref = mean_on(label, seeds), mean_on(reference, seeds)
         passed = (m["tool_accuracy"] >= ref["tool_accuracy"] - tool_slack
-                  and m["headline_retention"] >= ref["headline_retention"] - retention_slack)
+                  and m["headline_retention"] >= ref["headline_retention"] - retention_slack
+                  and all(m[k] <= bound for k, bound in ceilings.items()))
         table[label] = {"seeds": seeds, "passed": passed, **m, "reference": ref}
         gain = m[goal] - ref[goal]
         if passed and gain > best_gain:
             best, best_gain = label, gain
     return {"chosen": best, "reference": reference, "goal": goal, "tool_slack": tool_slack,
-            "retention_slack": retention_slack, "labels": table}
+            "retention_slack": retention_slack, "ceilings": ceilings, "labels": table}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--choose", default=None, metavar="REF:CAND,CAND[:GOAL]",
                    help="apply the rule defaults are chosen by (choose_setting): the reference label, the candidate "
                         "labels, and the metric to raise (default live_irrelevance_accuracy)")
+    p.add_argument("--choose-ceiling", default=None, metavar="METRIC=BOUND,...",
+                   help="with --choose: a candidate passes only with each such metric at most its bound, e.g. "
+                        "backbone_gate_tool_call=0.2")
     args = p.parse_args(argv)
     runs = load_runs(args.runs)
     dropped = set((args.drop_constrained or "").split(","))
@@ -471,8 +482,15 @@ def main(argv: list[str] | None = None) -> int:
         merged["not_measured"] = {m: args.missing_note for m in args.expect.split(",") if m and m not in labels_of}
     if args.choose:
         reference, candidates, *goal = args.choose.split(":")
+        ceilings = {}
+        for item in filter(None, (args.choose_ceiling or "").split(",")):
+            metric, _, bound = item.partition("=")
+            try:
+                ceilings[metric] = float(bound)
+            except ValueError:
+                p.error(f"--choose-ceiling takes METRIC=BOUND items, e.g. backbone_gate_tool_call=0.2; got {item!r}")
         merged["choice"] = choose_setting(merged["methods"], reference, candidates.split(","),
-                                          goal=goal[0] if goal else "live_irrelevance_accuracy")
+                                          goal=goal[0] if goal else "live_irrelevance_accuracy", ceilings=ceilings)
     merged["title"] = args.title
     merged["plot"] = f"{args.prefix}.png"
     if args.notes:

@@ -57,3 +57,21 @@ def test_a_candidate_is_compared_on_the_seeds_it_shares_with_the_reference():
     markdown = quality_merge.render_markdown({"card": "cpu", "model": "m", "split": "val", "seeds": [0, 1],
                                             "commit": "x", "methods": {}, "comparisons": {}, "choice": choice})
     assert "none in common" in markdown and "(ref. 49.0)" in markdown
+
+
+def test_a_candidate_over_a_ceiling_does_not_pass_however_much_it_raises_the_goal():
+    keys = ("tool_accuracy", "headline_retention", "backbone_gate_general", "backbone_gate_tool_call")
+
+    def m(*values):
+        return {"seeds": [0], "per_seed": {k: [v] for k, v in zip(keys, values, strict=True)},
+                **dict(zip(keys, values, strict=True))}
+
+    methods = {"ref": m(0.45, 0.94, 0.46, 0.08), "open_calls": m(0.45, 0.94, 0.90, 0.35),
+               "kept": m(0.45, 0.94, 0.60, 0.15)}
+    choice = quality_merge.choose_setting(methods, "ref", ["open_calls", "kept"], goal="backbone_gate_general",
+                                          ceilings={"backbone_gate_tool_call": 0.2})
+    assert choice["chosen"] == "kept"
+    assert not choice["labels"]["open_calls"]["passed"] and choice["labels"]["kept"]["passed"]
+    markdown = quality_merge.render_markdown({"card": "cpu", "model": "m", "split": "val", "seeds": [0],
+                                            "commit": "x", "methods": {}, "comparisons": {}, "choice": choice})
+    assert "backbone_gate_tool_call at most 0.2" in markdown and "0.350 (ref. 0.080)" in markdown
