@@ -1,15 +1,17 @@
 """What holds the router's backbone gate down? A short CPU probe on the built-in model, one routing term at a time.
 
-    python bench/router_probe_cpu.py --out bench/results/router_detach_cpu_check   # about 10 minutes on 2 cores
+    python bench/router_probe_cpu.py --out bench/results/router_detach_cpu_check   # about 20 minutes on 2 cores
 
 SmolLM2-135M-Instruct in fp32 with CITI's MOLoRA on every second component (4 experts, rank 8), the routers and
 experts trained together for ``--steps`` AdamW steps at a constant 1e-3 through the job's own loss of a
 micro-batch (``citi_engine.train._micro_loss``: cross-entropy on the answers, the token-level routing objective
-at 0.1 and the balancing loss at ``routing_beta``), on batches of two tool and two general examples from
-``examples/``. After every ten steps, the mean backbone gate G(x)[0] on held-out examples (4 tool, 6 general):
-on the tokens of the general ones and on the positions that write the tool calls. Settings, one run each, same
-seed and batches: the balancing loss off, as the paper sums router weights (the shipped default), and as
-per-token means (``routing_balance: mean``); then the shipped default without ``routing_detach``.
+at ``routing_token_weight`` and the balancing loss at ``routing_beta``), on batches of two tool and two general
+examples from ``examples/``. After every ten steps, on held-out examples (4 tool, 6 general): the mean backbone
+gate G(x)[0] on the tokens of the general ones and on the positions that write the tool calls, and the KL from the
+adapter-disabled model's next-token distribution on the general tokens (how far general behaviour has moved).
+Settings, one run each, same seed and batches: the balancing loss off, as the paper sums router weights (the
+shipped default), and as per-token means (``routing_balance: mean``); the shipped default without
+``routing_detach``; and the token-level objective at 1.0, with and without ``routing_detach_input``.
 
 A probe of the training signal, not of quality: no answer is generated and nothing is evaluated.
 """
@@ -26,20 +28,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-# name: (routing_beta, routing_balance, routing_detach)
+# name: (routing_beta, routing_balance, routing_detach, routing_token_weight, routing_detach_input)
 SETTINGS = {
-    "no balancing loss (detached)": (0.0, "sum", True),
-    "balancing loss, sums (shipped; detached)": (5e-4, "sum", True),
-    "balancing loss, means (detached)": (5e-4, "mean", True),
-    "balancing loss, sums (shipped, not detached)": (5e-4, "sum", False),
+    "no balancing loss (detached)": (0.0, "sum", True, 0.1, False),
+    "balancing loss, sums (shipped; detached)": (5e-4, "sum", True, 0.1, False),
+    "balancing loss, means (detached)": (5e-4, "mean", True, 0.1, False),
+    "balancing loss, sums (shipped, not detached)": (5e-4, "sum", False, 0.1, False),
+    "shipped, token weight 1.0": (5e-4, "sum", False, 1.0, False),
+    "shipped, token weight 1.0, router input detached": (5e-4, "sum", False, 1.0, True),
 }
 
 
-def probe(beta: float, balance: str, detach: bool, steps: int, seed: int) -> list[dict]:
-    """Held-out gates every ten steps of one setting."""
+def probe(beta: float, balance: str, detach: bool, token_weight: float, detach_input: bool, steps: int,
+          seed: int) -> list[dict]:
+    """Held-out gates, and the KL from the adapter-disabled model on general tokens, every ten steps of one
+    setting."""
     import torch
 
-    from citi_engine.adapter import apply_method, backbone_targets, detach_routers, molora_layers
+    from citi_engine.adapter import AdaptersOff, apply_method, backbone_targets, detach_routers, molora_layers
     from citi_engine.components import list_components
     from citi_engine.data.chat_format import encode_example
     from citi_engine.losses import label_positions
@@ -51,7 +57,7 @@ def probe(beta: float, balance: str, detach: bool, steps: int, seed: int) -> lis
     torch.manual_seed(seed)
     model, tokenizer = load_model("smollm2-135m-instruct")
     model = apply_method(model, "citi", molora=list_components(model)[::2], uco=[], num_experts=4, rank=8, alpha=16)
-    detach_routers(model, detach)
+    detach_routers(model, detach, inputs=detach_input)
     read = lambda name: [json.loads(line) for line in (ROOT / "examples" / name).read_text().splitlines()]  # noqa: E731
     tools, general = read("tools_train.jsonl"), read("general.jsonl")
     encode = lambda examples: [encode_example(tokenizer, e, 1024) for e in examples]  # noqa: E731
@@ -66,12 +72,19 @@ def probe(beta: float, balance: str, detach: bool, steps: int, seed: int) -> lis
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.0)
 
+    adapters_off = AdaptersOff(model)
+
     def gates(step: int) -> dict:
+        inputs = {"input_ids": held["input_ids"], "attention_mask": held["attention_mask"]}
         with torch.no_grad():
-            model(input_ids=held["input_ids"], attention_mask=held["attention_mask"])
+            tuned = model(**inputs).logits.float().log_softmax(-1)
             g = torch.stack([layer.router_probs["default"][..., 0] for layer in molora_layers(model)])
+            with adapters_off():
+                base = model(**inputs).logits.float().log_softmax(-1)
+            kl = (base.exp() * (base - tuned)).sum(-1)  # KL(base || tuned) per token
         return {"step": step, "general": round(float(g[:, target == 1].mean()), 3),
-                "tool_call": round(float(g[:, target == 0].mean()), 3)}
+                "tool_call": round(float(g[:, target == 0].mean()), 3),
+                "kl_general": round(float(kl[target == 1].mean()), 4)}
 
     curve = [gates(0)]
     for step in range(steps):
@@ -79,7 +92,7 @@ def probe(beta: float, balance: str, detach: bool, steps: int, seed: int) -> lis
         batch = pad_batches(examples, max_tokens=100_000)[0]
         loss, _, _ = _micro_loss(model, batch, n_answer=answer_tokens(examples), n_examples=len(examples),
                                  n_route=routing_token_counts(examples), device=torch.device("cpu"),
-                                 autocast=contextlib.nullcontext(), beta=beta, token_weight=0.1, delta=0.95,
+                                 autocast=contextlib.nullcontext(), beta=beta, token_weight=token_weight, delta=0.95,
                                  world_size=1, balance=balance)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -99,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
     commit = tree_commit()
     runs = {}
-    for name, (beta, balance, detach) in SETTINGS.items():
+    for name, (beta, balance, detach, token_weight, detach_input) in SETTINGS.items():
         runs[name] = {"routing_beta": beta, "routing_balance": balance, "routing_detach": detach,
-                      "curve": probe(beta, balance, detach, args.steps, args.seed)}
+                      "routing_token_weight": token_weight, "routing_detach_input": detach_input,
+                      "curve": probe(beta, balance, detach, token_weight, detach_input, args.steps, args.seed)}
         print(name, runs[name]["curve"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "router_probe_cpu.json").write_text(json.dumps({"commit": commit, "cpus": os.cpu_count(),
@@ -110,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
              f"`bench/router_probe_cpu.py` at {commit}, {os.cpu_count()} CPU cores: SmolLM2-135M-Instruct fp32, "
              f"routers and experts trained {args.steps} AdamW steps at 1e-3 through the job's micro-batch loss on "
              "the example data; backbone gate G(x)[0] on held-out examples (general tokens / tool-call positions) "
-             "every ten steps. A probe of the training signal, not of quality.", "",
+             "and KL(adapters off || tuned) on the general tokens every ten steps. A probe of the training signal, "
+             "not of quality.", "",
              "| setting | " + " | ".join(f"step {c['step']}" for c in next(iter(runs.values()))["curve"]) + " |",
              "|---|" + "---|" * len(next(iter(runs.values()))["curve"])]
     for name, run in runs.items():
-        lines.append(f"| {name} | " + " | ".join(f"{c['general']:.3f} / {c['tool_call']:.3f}" for c in run["curve"])
-                     + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{c['general']:.3f} / {c['tool_call']:.3f} / {c['kl_general']:.2f}"
+                                                  for c in run["curve"]) + " |")
+    lines += ["", "Cells: general gate / tool-call gate / KL on general tokens (gate 1 = experts off; the goal is the "
+              "general gate high, the tool-call gate low, the KL low)."]
     (args.out / "router_probe_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

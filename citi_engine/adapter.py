@@ -124,11 +124,14 @@ def molora_layers(model: nn.Module) -> list[MoloraLayer]:
     return [m for m in model.modules() if isinstance(m, MoloraLayer)]
 
 
-def detach_routers(model: nn.Module, on: bool) -> None:
+def detach_routers(model: nn.Module, on: bool, inputs: bool = False) -> None:
     """Set every MOLoRA layer of ``model`` to pass G(x) to its output without its gradient (``on``), so only the
-    routing terms train the routers (``hyperparameters.routing_detach``), or back to the paper's way."""
+    routing terms train the routers (``hyperparameters.routing_detach``), and to give its router x without x's
+    gradient (``inputs``, ``hyperparameters.routing_detach_input``), so no routing term trains the layers below;
+    false for either is the paper's way. The forward's values are the same in every case."""
     for layer in molora_layers(model):
         layer.detach_router = on
+        layer.detach_router_input = inputs
 
 
 def routing_loss(

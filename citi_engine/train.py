@@ -397,7 +397,7 @@ class FinetuneRecipe:
         order = StageOrder(len(self.pool), seed=cfg.seed, stage_index=stage_index, examples_per_step=self.per_step)
         with_routing = cfg.method == "citi"
         if with_routing:
-            detach_routers(self.model, hp.routing_detach)
+            detach_routers(self.model, hp.routing_detach, inputs=hp.routing_detach_input)
         step_module = step_loss_module(self.model, cfg, routing_loss=routing_loss if with_routing else None,
                                        device=self.device, frozen_dtype=self.frozen_dtype, dist=dist,
                                        teacher=self.teacher)

@@ -80,6 +80,8 @@ class MoloraLayer(BaseTunerLayer):
         self.router_probs: dict[str, torch.Tensor] = {}
         # Training only, not saved (hyperparameters.routing_detach): the output takes G(x) without its gradient.
         self.detach_router = False
+        # Training only, not saved (hyperparameters.routing_detach_input): the router reads x without its gradient.
+        self.detach_router_input = False
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -142,7 +144,11 @@ class MoloraLinear(nn.Module, MoloraLayer):
         if not torch.is_autocast_enabled(x.device.type):
             x = self._cast_input_dtype(x, A.dtype)  # compute in the adapter's fp32 unless autocast decides
         dropout = self.molora_dropout[adapter]
-        if isinstance(dropout, nn.Identity) or not dropout.training:
+        if self.detach_router_input:
+            # The same values; the router's gradient stops at its own weights, so the routing terms cannot reshape
+            # the layers below to make routing easier. Two matmuls: x's gradient comes from the experts alone.
+            logits, h = F.linear(x.detach(), W_r), F.linear(dropout(x), A)
+        elif isinstance(dropout, nn.Identity) or not dropout.training:
             # Router and experts read the same x: one matmul over [W_r; A] ((N+1+N*r) x d_in) reads it once forward
             # and once for both weight gradients, and gives x's gradient in one matmul. The parameters stay apart
             # (saved adapters, peft's names, the optimizer); only this forward joins them.

@@ -219,6 +219,13 @@ class Hyperparameters:
         "against tool-call tokens, which the answer loss no longer pulls towards the experts. Needs "
         "routing_token_weight > 0.",
     )
+    routing_detach_input: bool = setting(
+        False,
+        "Each router reads its layer's input without the input's gradient (not in the paper): the routing terms "
+        "train the routers' own weights and nothing below them, so a strong routing_token_weight cannot reshape "
+        "the model's hidden states to make routing easier (the way it cost general behaviour when it was raised). "
+        "Costs one extra matmul per MOLoRA layer in training (the router and experts no longer share one).",
+    )
     general_loss: str = setting(
         "kl",
         "Loss on the answers of general examples: kl (soft targets, not in the paper: the KL from "
@@ -364,6 +371,9 @@ class Hyperparameters:
         if not isinstance(self.routing_detach, bool):
             raise SettingError(f"hyperparameters.routing_detach must be true or false, got {self.routing_detach!r}",
                                param="hyperparameters.routing_detach")
+        if not isinstance(self.routing_detach_input, bool):
+            raise SettingError("hyperparameters.routing_detach_input must be true or false, got "
+                               f"{self.routing_detach_input!r}", param="hyperparameters.routing_detach_input")
         if self.routing_detach and self.routing_token_weight == 0:
             raise SettingError("hyperparameters.routing_detach trains the routers by the token-level routing "
                                "objective alone, and routing_token_weight is 0, so they would never train: set "

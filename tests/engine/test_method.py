@@ -188,6 +188,38 @@ def test_detached_routers_take_no_gradient_from_the_answer_loss_and_all_of_it_fr
                for g in _router_grads(model, model(**inputs).logits.float().logsumexp(-1).mean()))
 
 
+def test_routers_reading_a_detached_input_train_only_their_own_weights_from_the_routing_objective():
+    model = _citi_model(seed=5)
+    _move_adapters(model, seed=2)
+    batch = pad_batches(_examples([ExampleKind.GENERAL, ExampleKind.TOOL] * 2, seed=4), max_tokens=10_000)[0]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    from citi_engine.losses import label_positions
+
+    positions, _ = label_positions(batch["labels"])
+    target = backbone_targets(batch["token_kind"], positions, batch["token_kind"].reshape(-1)[positions])
+
+    def grads_of_routing_objective():
+        model.zero_grad(set_to_none=True)
+        logits = model(**inputs).logits
+        token_routing_loss(model, target).backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if "molora_" in n}
+
+    attached_logits, attached = grads_of_routing_objective()
+    # The paper's way: the routing objective reaches the experts of the layers below through their output.
+    assert any(g is not None and g.abs().sum() > 0 for n, g in attached.items() if "molora_A" in n)
+    detach_routers(model, False, inputs=True)
+    logits, detached = grads_of_routing_objective()
+    torch.testing.assert_close(logits, attached_logits)  # the same forward
+    assert all(g is None or float(g.abs().sum()) == 0.0 for n, g in detached.items() if "molora_router" not in n)
+    routers = [g for n, g in detached.items() if "molora_router" in n]
+    assert routers and all(g is not None and g.abs().sum() > 0 for g in routers)
+    # The answer loss still trains everything (the experts' path to the input is untouched).
+    model.zero_grad(set_to_none=True)
+    model(**inputs).logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "molora_A" in n)
+    detach_routers(model, False)
+
+
 def test_routing_detach_without_the_token_objective_is_refused_with_the_fix():
     from citi_engine.ranges import SettingError
     from citi_engine.training.config import Hyperparameters
@@ -197,6 +229,9 @@ def test_routing_detach_without_the_token_objective_is_refused_with_the_fix():
     assert caught.value.param == "hyperparameters.routing_detach"
     with pytest.raises(SettingError, match="true or false"):
         Hyperparameters(routing_detach="yes")
+    with pytest.raises(SettingError, match="routing_detach_input must be true or false") as caught:
+        Hyperparameters(routing_detach_input=1)
+    assert caught.value.param == "hyperparameters.routing_detach_input"
     with pytest.raises(SettingError, match="routing_balance must be one of sum, mean") as caught:
         Hyperparameters(routing_balance="avg")
     assert caught.value.param == "hyperparameters.routing_balance"
