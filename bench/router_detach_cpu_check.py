@@ -1,10 +1,13 @@
 """Does ``routing_detach`` move the router where the method issue wants it? A CPU check on the built-in model.
 
     python bench/router_detach_cpu_check.py --out bench/results/router_detach_cpu_check   # 16 min on 2 cores
+    python bench/router_detach_cpu_check.py --settings token_weight_1,token_weight_1_input_detached \
+        --prefix input_detach_cpu_check --out bench/results/router_detach_cpu_check
 
 Two CITI jobs on SmolLM2-135M-Instruct, fp32 on CPU, the same seed, data and budget, one with the shipped settings
 and one with ``hyperparameters.routing_detach`` (the experts' gates reach each layer's output without their
-gradient, so only the routing terms train the routers): the small example set (``examples/tools_train.jsonl``,
+gradient, so only the routing terms train the routers), or with ``--settings`` others of ``SETTINGS`` (the
+token-level objective at 1.0 with and without ``routing_detach_input``): the small example set (``examples/tools_train.jsonl``,
 33 tool conversations; ``examples/general.jsonl``, 24 general ones), ``--steps`` optimizer steps over the three
 stages. Each job's own report gives the router's separation (mean backbone gate G(x)[0] on the tokens of general
 probes, without and with tools offered, and on the tokens that write the test calls), retention on the probes and
@@ -27,7 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"shipped": {}, "routing_detach": {"routing_detach": True}}
+SETTINGS = {"shipped": {}, "routing_detach": {"routing_detach": True},
+            "token_weight_1": {"routing_token_weight": 1.0},
+            "token_weight_1_input_detached": {"routing_token_weight": 1.0, "routing_detach_input": True}}
 KEYS = ("backbone_gate_general", "backbone_gate_general_with_tools", "backbone_gate_tool_call",
         "headline_retention", "tool_accuracy")
 
@@ -67,7 +72,7 @@ def run_job(name: str, overrides: dict, out: Path, steps: int, seed: int) -> dic
 
 
 def render(result: dict) -> str:
-    lines = ["# routing_detach on CPU: where the router's gates go", "",
+    lines = [f"# {', '.join(result['runs'])} on CPU: where the router's gates go", "",
              f"SmolLM2-135M-Instruct, fp32, {result['machine']}; commit {result['commit']}; seed {result['seed']}, "
              f"{result['steps']} optimizer steps (batch 4) over the three stages on the example data "
              "(`bench/router_detach_cpu_check.py`). Gates: mean backbone gate G(x)[0] (1 = experts off). "
@@ -85,17 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for the jobs and the results (.md, .json)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settings", default="shipped,routing_detach",
+                   help=f"comma list of jobs to run, of: {', '.join(SETTINGS)}")
+    p.add_argument("--prefix", default="router_detach_cpu_check", help="file names: PREFIX.json, PREFIX.md")
     args = p.parse_args(argv)
+    names = [n for n in args.settings.split(",") if n]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names:
+        p.error(f"--settings takes names of: {', '.join(SETTINGS)}; got {args.settings!r}")
     import platform
 
     commit = tree_commit()
-    runs = {name: run_job(name, overrides, args.out / "jobs", args.steps, args.seed)
-            for name, overrides in SETTINGS.items()}
+    runs = {name: run_job(name, SETTINGS[name], args.out / "jobs", args.steps, args.seed) for name in names}
     result = {"commit": commit, "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or 'x86-64'})",
               "seed": args.seed, "steps": args.steps, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "router_detach_cpu_check.json").write_text(json.dumps(result, indent=1))
-    (args.out / "router_detach_cpu_check.md").write_text(render(result))
+    (args.out / f"{args.prefix}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{args.prefix}.md").write_text(render(result))
     print(render(result))
     return 0
 
