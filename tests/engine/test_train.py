@@ -160,29 +160,23 @@ def test_each_citi_stage_changes_exactly_its_parameters_and_nothing_else(tiny_mo
         assert _changed(before, _snapshot(model)) == expected[stage], stage
 
 
-def test_routing_detach_reaches_every_molora_layer_and_the_routers_still_train(tiny_model, tmp_path):
+@pytest.mark.parametrize("setting", ["routing_detach", "routing_detach_input"])
+def test_a_routing_detach_setting_reaches_every_molora_layer_and_the_routers_still_train(tiny_model, tmp_path,
+                                                                                          setting):
     from citi_engine.adapter import molora_layers
 
     model, tokenizer, pool, cfg = _stage_setup(tiny_model, "citi", tmp_path)
-    cfg.hyperparameters.routing_detach = True
-    cfg.hyperparameters.routing_beta = 0.0  # the token-level objective alone trains the routers
+    setattr(cfg.hyperparameters, setting, True)
+    if setting == "routing_detach":
+        cfg.hyperparameters.routing_beta = 0.0  # the token-level objective alone trains the routers
     plan = plan_stages(list(CITI_STAGES), [1, 1, 1], [2, 2, 2], Budget(), tokens_per_step=1.0)
     before = _snapshot(model)
     _recipe(model, tokenizer, pool, cfg, plan, TrainState(stage_index=1)).train_stage(1)
-    assert all(layer.detach_router and not layer.detach_router_input for layer in molora_layers(model))
-    changed = _changed(before, _snapshot(model))
-    assert {n for n in changed if "molora_router" in n} == {n for n in before if "molora_router" in n}
-
-
-def test_routing_detach_input_reaches_every_molora_layer_of_a_job(tiny_model, tmp_path):
-    from citi_engine.adapter import molora_layers
-
-    model, tokenizer, pool, cfg = _stage_setup(tiny_model, "citi", tmp_path)
-    cfg.hyperparameters.routing_detach_input = True
-    plan = plan_stages(list(CITI_STAGES), [1, 1, 1], [2, 2, 2], Budget(), tokens_per_step=1.0)
-    before = _snapshot(model)
-    _recipe(model, tokenizer, pool, cfg, plan, TrainState(stage_index=1)).train_stage(1)
-    assert all(layer.detach_router_input and not layer.detach_router for layer in molora_layers(model))
+    layers = molora_layers(model)
+    assert layers
+    on, off = (("detach_router", "detach_router_input") if setting == "routing_detach"
+               else ("detach_router_input", "detach_router"))
+    assert all(getattr(layer, on) and not getattr(layer, off) for layer in layers)
     changed = _changed(before, _snapshot(model))
     assert {n for n in changed if "molora_router" in n} == {n for n in before if "molora_router" in n}
 
