@@ -21,7 +21,8 @@ collect() {
     while [ ! -f "$RESULTS/DONE" ] && [ "$waited" -lt "$WAIT_S" ]; do sleep 10; waited=$((waited + 10)); done
     nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv > "$RESULTS/gpu.csv" 2>&1
     tar -czf "$OUT/results.tgz" -C "$RESULTS" --exclude='work' --exclude='artifacts' --exclude='*.jsonl' . 2>/dev/null
-    echo "result files: $(find "$RESULTS" -mindepth 2 -maxdepth 3 -name '*.json' | wc -l)"
+    echo "result files: $(find "$RESULTS" -mindepth 2 -maxdepth 3 -name '*.json' | wc -l)," \
+        "runs cut or under way with a partial record: $(find "$RESULTS" -mindepth 2 -maxdepth 3 -name '*.json.partial' | wc -l)"
     tail -n 3 "$RESULTS"/*.log 2>/dev/null
 }
 

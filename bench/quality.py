@@ -403,6 +403,7 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         record.update(steps=result.steps, stage_steps=result.stage_steps, trained_tokens=result.trained_tokens,
                       final_loss=result.final_loss, components=result.selected_components)
         del result
+        save_partial(args, run, record)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -426,6 +427,9 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     )
     # How strongly each reply opens with a call (one prefill a case): the merge's abstention curve.
     record["call_margins"] = call_margins(tuned, tokenizer, cases, batch_size=args.eval_batch_size)
+    # The router on the tokens of the expected calls (one prefill a case; None without MOLoRA).
+    tool_gates = tool_call_gates(tuned, tokenizer, cases, batch_size=args.eval_batch_size)
+    save_partial(args, run, {**record, "backbone_gate_tool_call": (tool_gates or {}).get("mean")})
     live_path = live_file(args)
     if live_path.is_file() and not args.no_live:
         record["live_file"] = live_path.name
@@ -438,8 +442,10 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         record.update(live_irrelevance_accuracy=live.accuracy, live_per_example=live.outcomes,
                       live_call_margins=call_margins(tuned, tokenizer, live_cases, batch_size=args.eval_batch_size),
                       live_eval_seconds=time.perf_counter() - start)
+        save_partial(args, run, record)
     if args.calibrate:
         calibrated_eval(args, record, tuned, tokenizer, cases, adapter_dir)
+        save_partial(args, run, record)
     if args.constrained:
         start = time.perf_counter()
         held = evaluate_tool_calls(tuned, tokenizer, cases, batch_size=args.eval_batch_size,
@@ -457,6 +463,9 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         humaneval=not args.no_humaneval, humaneval_file=args.humaneval, humaneval_limit=args.humaneval_limit,
     )
     record["retention_seconds"] = time.perf_counter() - start
+    save_partial(args, run, {**record, "general_retention": retention["general_retention"], "kl": retention["kl"],
+                             "backbone_gate_general": (retention.get("router_gates") or {}).get("mean"),
+                             "backbone_gate_tool_call": (tool_gates or {}).get("mean")})
 
     print(f"[{run['run_id']}] general retention with unrelated tools offered", flush=True)
     start = time.perf_counter()
@@ -465,8 +474,7 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         max_new_tokens=args.retention_max_new_tokens, batch_size=args.eval_batch_size, humaneval=False,
     )
     record["retention_with_tools_seconds"] = time.perf_counter() - start
-    router = separation(retention.get("router_gates"), with_tools.get("router_gates"),
-                        tool_call_gates(tuned, tokenizer, cases, batch_size=args.eval_batch_size))
+    router = separation(retention.get("router_gates"), with_tools.get("router_gates"), tool_gates)
     record.update(
         retention_with_tools=with_tools["general_retention"], kl_with_tools=with_tools["kl"],
         agreement_with_tools=with_tools["agreement"], per_probe_with_tools=with_tools["per_probe"],
@@ -550,6 +558,32 @@ def result_path(args: argparse.Namespace, run: dict) -> Path:
     return Path(args.out) / f"{run['run_id']}.json"
 
 
+def partial_path(args: argparse.Namespace, run: dict) -> Path:
+    """What a run has measured so far, ``<run_id>.json.partial``: rewritten after training and after each
+    evaluation, removed once the result is written. A GPU lease that ends in the middle of a run (the machines are
+    scarce, the pool has a time limit) still brings back the training record and the evaluations done. The merge
+    reads ``*.json`` alone, so a partial record never stands in for a finished one."""
+    return result_path(args, run).with_suffix(".json.partial")
+
+
+def write_json(path: Path, record: dict) -> None:
+    """``record`` to ``path`` whole or not at all (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def save_partial(args: argparse.Namespace, run: dict, record: dict) -> None:
+    write_json(partial_path(args, run), {**record, "partial": True})
+
+
+def finish(args: argparse.Namespace, run: dict, record: dict) -> None:
+    """The run's result in its place, and its partial record gone."""
+    write_json(result_path(args, run), record)
+    partial_path(args, run).unlink(missing_ok=True)
+
+
 def run_in_process(args: argparse.Namespace, run: dict) -> int:
     path = result_path(args, run)
     record = run_one(args, run)
@@ -557,10 +591,7 @@ def run_in_process(args: argparse.Namespace, run: dict) -> int:
 
     if torch.cuda.is_available():  # what this run held at its peak, so a card's concurrency can be planned
         record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    finish(args, run, record)
     print(f"[{run['run_id']}] tool accuracy {record['tool_accuracy']:.3f}, irrelevance "
           f"{record['irrelevance_accuracy']}, general retention {record['general_retention']:.4f} "
           f"(KL {record['kl']:.4f}), with tools {record['retention_with_tools']:.4f}, backbone gate general "
