@@ -21,8 +21,9 @@
 # own threshold, negatives_near on the validation side (bench/results/).
 # Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl and .m1 (and, for the
 # service, first a call carrying .whl-svc .redis-deb); since the tree passed 14 MB the GGUF goes in three parts
-# (`split -n 3`: stage .m1 holding gg.aa with .whl, then .m1 holding gg.ab, and .m2 holding gg.ac at the start); `PARTS=... CITI_COMMIT=<short hash> WAIT_S=540 bash
-# bench/gpu_lease.sh start bash bench/gpu_open_measurements.sh` carrying .m2 .data; then `WAIT_S=550 bash
+# (`split -n 3`: stage .m1 holding gg.aa with .whl, then .m1 holding gg.ab, and .m2 holding gg.ac at the start);
+# `PARTS=... CITI_COMMIT=<short hash> WAIT_S=540 bash bench/gpu_lease.sh start bash bench/gpu_open_measurements.sh`
+# carrying .m2 .data; then `WAIT_S=550 bash
 # bench/gpu_lease.sh wait` until DONE or the GPU time is spent.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1

@@ -429,7 +429,8 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     record["call_margins"] = call_margins(tuned, tokenizer, cases, batch_size=args.eval_batch_size)
     # The router on the tokens of the expected calls (one prefill a case; None without MOLoRA).
     tool_gates = tool_call_gates(tuned, tokenizer, cases, batch_size=args.eval_batch_size)
-    save_partial(args, run, {**record, "backbone_gate_tool_call": (tool_gates or {}).get("mean")})
+    record["backbone_gate_tool_call"] = (tool_gates or {}).get("mean")
+    save_partial(args, run, record)
     live_path = live_file(args)
     if live_path.is_file() and not args.no_live:
         record["live_file"] = live_path.name
@@ -463,9 +464,9 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         humaneval=not args.no_humaneval, humaneval_file=args.humaneval, humaneval_limit=args.humaneval_limit,
     )
     record["retention_seconds"] = time.perf_counter() - start
-    save_partial(args, run, {**record, "general_retention": retention["general_retention"], "kl": retention["kl"],
-                             "backbone_gate_general": (retention.get("router_gates") or {}).get("mean"),
-                             "backbone_gate_tool_call": (tool_gates or {}).get("mean")})
+    record.update(general_retention=retention["general_retention"], kl=retention["kl"],
+                  backbone_gate_general=(retention.get("router_gates") or {}).get("mean"))
+    save_partial(args, run, record)
 
     print(f"[{run['run_id']}] general retention with unrelated tools offered", flush=True)
     start = time.perf_counter()

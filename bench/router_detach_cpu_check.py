@@ -1,16 +1,16 @@
 """Does ``routing_detach`` move the router where the method issue wants it? A CPU check on the built-in model.
 
     python bench/router_detach_cpu_check.py --out bench/results/router_detach_cpu_check   # 16 min on 2 cores
-    python bench/router_detach_cpu_check.py --settings token_weight_1,token_weight_1_input_detached \
-        --prefix input_detach_cpu_check --out bench/results/router_detach_cpu_check
+    python bench/router_detach_cpu_check.py --settings token_weight_1_input_detached \
+        --prefix router_tw1_input_cpu_check --out bench/results/router_detach_cpu_check   # 11 min
 
 Two CITI jobs on SmolLM2-135M-Instruct, fp32 on CPU, the same seed, data and budget, one with the shipped settings
 and one with ``hyperparameters.routing_detach`` (the experts' gates reach each layer's output without their
 gradient, so only the routing terms train the routers), or with ``--settings`` others of ``SETTINGS`` (the
-token-level objective at 1.0 with and without ``routing_detach_input``): the small example set (``examples/tools_train.jsonl``,
-33 tool conversations; ``examples/general.jsonl``, 24 general ones), ``--steps`` optimizer steps over the three
-stages. Each job's own report gives the router's separation (mean backbone gate G(x)[0] on the tokens of general
-probes, without and with tools offered, and on the tokens that write the test calls), retention on the probes and
+token-level objective at 1.0 with and without ``routing_detach_input``): the small example set
+(``examples/tools_train.jsonl``, 33 tool conversations; ``examples/general.jsonl``, 24 general ones), ``--steps``
+optimizer steps over the three stages. Each job's own report gives the router's separation (mean backbone gate
+G(x)[0] on the tokens of general probes, without and with tools offered, and on the tokens that write the test calls), retention on the probes and
 tool accuracy on ``examples/tools_test.jsonl``.
 
 What it can say: whether the gates move the way the setting is meant to move them, in a real model trained by the

@@ -160,9 +160,10 @@ def test_each_citi_stage_changes_exactly_its_parameters_and_nothing_else(tiny_mo
         assert _changed(before, _snapshot(model)) == expected[stage], stage
 
 
-@pytest.mark.parametrize("setting", ["routing_detach", "routing_detach_input"])
+@pytest.mark.parametrize(("setting", "on", "off"), [("routing_detach", "detach_router", "detach_router_input"),
+                                                     ("routing_detach_input", "detach_router_input", "detach_router")])
 def test_a_routing_detach_setting_reaches_every_molora_layer_and_the_routers_still_train(tiny_model, tmp_path,
-                                                                                          setting):
+                                                                                          setting, on, off):
     from citi_engine.adapter import molora_layers
 
     model, tokenizer, pool, cfg = _stage_setup(tiny_model, "citi", tmp_path)
@@ -174,8 +175,6 @@ def test_a_routing_detach_setting_reaches_every_molora_layer_and_the_routers_sti
     _recipe(model, tokenizer, pool, cfg, plan, TrainState(stage_index=1)).train_stage(1)
     layers = molora_layers(model)
     assert layers
-    on, off = (("detach_router", "detach_router_input") if setting == "routing_detach"
-               else ("detach_router_input", "detach_router"))
     assert all(getattr(layer, on) and not getattr(layer, off) for layer in layers)
     changed = _changed(before, _snapshot(model))
     assert {n for n in changed if "molora_router" in n} == {n for n in before if "molora_router" in n}
