@@ -10,8 +10,8 @@ gradient, so only the routing terms train the routers), or with ``--settings`` o
 token-level objective at 1.0 with and without ``routing_detach_input``): the small example set
 (``examples/tools_train.jsonl``, 33 tool conversations; ``examples/general.jsonl``, 24 general ones), ``--steps``
 optimizer steps over the three stages. Each job's own report gives the router's separation (mean backbone gate
-G(x)[0] on the tokens of general probes, without and with tools offered, and on the tokens that write the test calls), retention on the probes and
-tool accuracy on ``examples/tools_test.jsonl``.
+G(x)[0] on the tokens of general probes, without and with tools offered, and on the tokens that write the test
+calls), retention on the probes and tool accuracy on ``examples/tools_test.jsonl``.
 
 What it can say: whether the gates move the way the setting is meant to move them, in a real model trained by the
 real job. What it cannot: quality. Twenty test cases and a few probes after a few dozen CPU steps are no measure
