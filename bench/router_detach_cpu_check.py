@@ -7,11 +7,16 @@
 Two CITI jobs on SmolLM2-135M-Instruct, fp32 on CPU, the same seed, data and budget, one with the shipped settings
 and one with ``hyperparameters.routing_detach`` (the experts' gates reach each layer's output without their
 gradient, so only the routing terms train the routers), or with ``--settings`` others of ``SETTINGS`` (the
-token-level objective at 1.0 with and without ``routing_detach_input``): the small example set
+token-level objective at 1.0 with and without ``routing_detach_input``, the balancing loss over per-token means):
+the small example set
 (``examples/tools_train.jsonl``, 33 tool conversations; ``examples/general.jsonl``, 24 general ones), ``--steps``
 optimizer steps over the three stages. Each job's own report gives the router's separation (mean backbone gate
 G(x)[0] on the tokens of general probes, without and with tools offered, and on the tokens that write the test
 calls), retention on the probes and tool accuracy on ``examples/tools_test.jsonl``.
+
+``shipped`` is the checkout's defaults: up to 7840f31 those summed the balancing loss over each example's tokens
+(``routing_balance: sum``), which the results in ``bench/results/router_detach_cpu_check/`` before
+``router_balance_mean_cpu_check`` were measured with; since then they take per-token means.
 
 What it can say: whether the gates move the way the setting is meant to move them, in a real model trained by the
 real job. What it cannot: quality. Twenty test cases and a few probes after a few dozen CPU steps are no measure
@@ -32,7 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"shipped": {}, "routing_detach": {"routing_detach": True},
             "token_weight_1": {"routing_token_weight": 1.0},
-            "token_weight_1_input_detached": {"routing_token_weight": 1.0, "routing_detach_input": True}}
+            "token_weight_1_input_detached": {"routing_token_weight": 1.0, "routing_detach_input": True},
+            "routing_balance_mean": {"routing_balance": "mean"}}
 KEYS = ("backbone_gate_general", "backbone_gate_general_with_tools", "backbone_gate_tool_call",
         "headline_retention", "tool_accuracy")
 

@@ -238,6 +238,24 @@ def test_routing_detach_without_the_token_objective_is_refused_with_the_fix():
     assert Hyperparameters(routing_detach=True).routing_token_weight > 0
 
 
+def test_the_paper_preset_lays_the_papers_settings_under_the_jobs_own():
+    from citi_engine.training.config import FinetuneConfig
+
+    paths = {"model": "m", "training_file": "tools.jsonl", "out_dir": "out"}
+    ours = FinetuneConfig(**paths).hyperparameters
+    paper = FinetuneConfig(**paths, preset="paper", hyperparameters={"lr_molora": 5e-4})
+    hp = paper.hyperparameters
+    # where our defaults differ from the paper, the preset takes the paper's
+    assert (ours.routing_balance, hp.routing_balance) == ("mean", "sum")
+    assert (ours.general_loss, hp.general_loss) == ("kl", "ce")
+    assert ours.negatives_ratio > 0 and hp.negatives_ratio == 0
+    assert hp.routing_beta == 0.01 and hp.routing_token_weight == 0
+    assert (paper.components.alpha, paper.components.molora_fraction) == (2.0, 0.20)
+    assert hp.lr_molora == 5e-4  # a setting given explicitly wins over the preset
+    with pytest.raises(ValueError, match="unknown preset 'papr': use one of paper"):
+        FinetuneConfig(**paths, preset="papr")
+
+
 def test_backbone_targets_mark_general_tokens_one_tool_call_writers_zero_and_the_rest_unset():
     kinds = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2]])
     positions = torch.tensor([1, 4, 5, 6])
