@@ -14,11 +14,15 @@
 #             minutes: bench/inference.py with the dynamic cache, then with CUDA graphs, one after the other
 #             (<= 4 ms/token at batch 1, >= 4x the dynamic aggregate at 16 concurrent, adapter <= 1.15x)
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
+#   micro     performance issue's layer target (MOLoRA <= 1.10x a LoRA of rank 32): the 8B micro-benchmark again,
+#             each layer the median of 7 rounds (the fifth session's single stretch per way was as noisy as the
+#             effect), eager and under torch.compile, with the profiler's kernel tables; a few minutes, alone
+#             on the card; only on request
 #   service   GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
 #             staged in ~/stage/svc; about 20 minutes: a lease of its own, PARTS=service)
-# Measured already and not run again: generation memory, the dynamic KV cache's timings, the MOLoRA
-# micro-benchmark, stage 2 with and without soft targets, constrained decoding, CITI and the baselines at their
-# own threshold, negatives_near on the validation side (bench/results/).
+# Measured already and not run again: generation memory, the dynamic KV cache's timings, stage 2 with and
+# without soft targets, constrained decoding, CITI and the baselines at their own threshold, negatives_near and
+# the router settings on the validation side (bench/results/).
 # Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl and .m1 (and, for the
 # service, first a call carrying .whl-svc .redis-deb); since the tree passed 14 MB the GGUF goes in three parts
 # (`split -n 3`: stage .m1 holding gg.aa with .whl, then .m1 holding gg.ab, and .m2 holding gg.ac at the start);
@@ -66,6 +70,11 @@ if want compile; then
         timeout 300 python3 bench/throughput.py --shape 8b --method citi_stage2 --packing true --compile "$mode" \
             --variant "compile_$mode" --out "$RESULTS/throughput" > "$RESULTS/throughput_compile_$mode.log" 2>&1
     done
+fi
+if want micro; then
+    part "throughput 8b micro: MOLoRA against LoRA r=32 per layer, eager and compiled, with kernel tables"
+    timeout 480 python3 bench/throughput.py --micro --micro-compile --shape 8b --out "$RESULTS/throughput" \
+        --profile "$RESULTS/throughput" --profile-steps 10 > "$RESULTS/throughput_micro.log" 2>&1
 fi
 if want service && [ -d ~/stage/svc/.whl-svc ]; then
     part "gpu_service"

@@ -54,6 +54,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -627,16 +628,21 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_micro(args: argparse.Namespace) -> dict[str, Any]:
-    """Forward + backward of single layers with the shapes of the MOLoRA components, four ways.
+    """Forward + backward of single layers with the shapes of the MOLoRA components, four ways (six).
 
     base (frozen linear alone), peft LoRA with r = experts x rank, MOLoRA (the engine's layer:
     router and A in one matmul) and ``molora_2mm``, the same layer with router and A as two
     matmuls (its path with dropout, here a dropout that drops nothing: the layer before the
-    one-matmul change, side by side with it); everything trainable of the adapters, the input
-    requiring grad (as inside a network), bf16 autocast, ``--tokens`` tokens. Times are summed
-    over the MOLoRA set's module types weighted by how often each type occurs in it. With
-    ``--profile DIR`` each layer is then profiled over ``--profile-steps`` more iterations:
-    ``<shape>_micro_molora.profile.{txt,json}``.
+    one-matmul change, side by side with it); with ``--micro-compile`` also LoRA and MOLoRA each
+    under ``torch.compile`` (the elementwise work between the matmuls fused into few kernels);
+    everything trainable of the adapters, the input requiring grad (as inside a network), bf16
+    autocast, ``--tokens`` tokens. Each layer's time is the median of ``--micro-rounds`` rounds of
+    ``--steps`` (at least 30) iterations, the ways taking turns within a round and each round
+    starting one way later: a single stretch per way let one module type come out up to 1.8x apart
+    from another of the same shape (fifth session), which is as large as the effects measured.
+    Times are summed over the MOLoRA set's module types weighted by how often each type occurs in
+    it. With ``--profile DIR`` each layer is then profiled over ``--profile-steps`` more
+    iterations: ``<shape>_micro_molora.profile.{txt,json}``.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -702,20 +708,40 @@ def run_micro(args: argparse.Namespace) -> dict[str, Any]:
         return clock.intervals()[0] / iters
 
     iters = args.steps if args.smoke else max(args.steps, 30)
-    kinds = ("base", "lora", "molora_2mm", "molora")
+    kinds = ("base", "lora", "molora_2mm", "molora") + (("lora_compiled", "molora_compiled") if args.micro_compile
+                                                        else ())
     rows = []
     totals = dict.fromkeys(kinds, 0.0)
+    # With --profile on a GPU: the kernels' own time per fwd+bwd (the profiler's busy time), which leaves out
+    # what the host spends launching them; a layer timed alone in a loop pays that, a layer inside a model
+    # mostly hides it behind the kernels queued before.
+    totals_busy: dict[str, float] = {}
     texts, profiles = [], []
     for module, (din, dout) in dims.items():
         if module not in counts:
             continue
         x = torch.randn(args.tokens, din, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(args.tokens, dout, device=device, dtype=dtype)
-        times = {}
+        if args.micro_compile:
+            # A fresh cache per module: dynamo keys its graphs by code object, and seven module shapes times the
+            # router's two states would pass its recompile limit, past which it runs the layer eagerly unannounced.
+            torch._dynamo.reset()
+        layers = {}
         for kind in kinds:
-            layer, _ = layer_for(kind, din, dout)
-            times[kind] = time_layer(layer, x, grad, iters)
-            if args.profile:
+            layer, _ = layer_for(kind.removesuffix("_compiled"), din, dout)
+            layers[kind] = torch.compile(layer) if kind.endswith("_compiled") else layer
+            # Built (and compiled) before any round is timed: MOLoRA's second call compiles again (the router's
+            # probabilities kept from the first change what its graph guards on), the third runs the graph.
+            time_layer(layers[kind], x, grad, 2)
+        samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for round_ in range(args.micro_rounds):
+            turn = round_ % len(kinds)
+            for kind in kinds[turn:] + kinds[:turn]:
+                samples[kind].append(time_layer(layers[kind], x, grad, iters))
+        times = {kind: statistics.median(v) for kind, v in samples.items()}
+        busy = {}
+        if args.profile:
+            for kind, layer in layers.items():
                 def work(layer=layer, x=x, grad=grad):
                     for _ in range(args.profile_steps):
                         fwd_bwd(layer, x, grad)
@@ -724,14 +750,20 @@ def run_micro(args: argparse.Namespace) -> dict[str, Any]:
                                           f"{module} {din}->{dout} {kind}, {args.profile_steps} fwd+bwd, {card}")
                 texts.append(text)
                 profiles.append({"module": module, "kind": kind, **doc})
-            del layer
+                busy[kind] = doc["busy_us"] / 1000 / args.profile_steps  # ms of kernels per fwd+bwd
+        del layers
         rows.append({"module": module, "in": din, "out": dout, "count": counts[module],
-                     **{f"{k}_ms": v * 1000 for k, v in times.items()}})
+                     **{f"{k}_ms": v * 1000 for k, v in times.items()},
+                     **{f"{k}_ms_range": [min(v) * 1000, max(v) * 1000] for k, v in samples.items()},
+                     **{f"{k}_busy_ms": v for k, v in busy.items()}})
         for k in totals:
             totals[k] += times[k] * counts[module]
+            if k in busy:
+                totals_busy[k] = totals_busy.get(k, 0.0) + busy[k] * counts[module]
     result = {
         "kind": "micro_molora", "shape": args.shape, "card": card, "tokens": args.tokens,
         "num_experts": CITI["num_experts"], "rank": CITI["rank"], "lora_rank": CITI["num_experts"] * CITI["rank"],
+        "rounds": args.micro_rounds, "iters_per_round": iters,
         "rows": rows, "total_ms": {k: v * 1000 for k, v in totals.items()},
         "ratio_molora_vs_lora": totals["molora"] / totals["lora"],
         "ratio_molora_2mm_vs_lora": totals["molora_2mm"] / totals["lora"],
@@ -739,6 +771,12 @@ def run_micro(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_ratio": (totals["molora"] - totals["base"]) / max(totals["lora"] - totals["base"], 1e-12),
         "commit": git_commit(), "versions": versions(), "status": "ok",
     }
+    if totals_busy and cuda:
+        result["busy_ms"] = totals_busy
+        result["ratio_molora_vs_lora_busy"] = totals_busy["molora"] / totals_busy["lora"]
+    if args.micro_compile:
+        result["ratio_molora_compiled_vs_lora_compiled"] = totals["molora_compiled"] / totals["lora_compiled"]
+        result["ratio_molora_compiled_vs_lora"] = totals["molora_compiled"] / totals["lora"]
     if args.profile:
         result["profile_files"] = write_profile(Path(args.profile), f"{args.shape}_micro_molora", texts, {
             "of": "micro_molora", "shape": args.shape, "card": card, "tokens": args.tokens,
@@ -837,7 +875,9 @@ def run_all(args: argparse.Namespace) -> int:
                 summary.append((tag, "skipped (time)"))
                 continue
             cmd = [sys.executable, str(Path(__file__).resolve()), "--micro", "--shape", shape, "--out", str(out),
-                   "--tokens", str(args.tokens)] + (["--smoke", "--steps", str(args.steps)] if args.smoke else [])
+                   "--tokens", str(args.tokens), "--micro-rounds", str(args.micro_rounds)]
+            cmd += (["--smoke", "--steps", str(args.steps)] if args.smoke else []) + (
+                ["--micro-compile"] if args.micro_compile else [])
             cmd += _profile_args(args)
             with open(out / f"{tag}.log", "w") as log:
                 try:
@@ -895,6 +935,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=510.0, help="--all: stop starting runs after this many seconds")
     p.add_argument("--run-timeout-s", type=float, default=240.0, help="--all: kill a run after this many seconds")
     p.add_argument("--micro", action="store_true", help="the fused-MOLoRA micro-benchmark (with --all: after the runs)")
+    p.add_argument("--micro-rounds", type=int, default=None,
+                   help="--micro: rounds per layer, the ways taking turns; the median is reported (default 7; smoke 2)")
+    p.add_argument("--micro-compile", action="store_true",
+                   help="--micro: also LoRA and MOLoRA under torch.compile (about a minute more on a GPU)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile (torch profiler) each run after its timed steps, or each --micro layer after "
                         "its timing, and write the kernel table (<name>.profile.txt) and the top kernels "
@@ -909,6 +953,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (2 if args.smoke else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     args.tokens = args.tokens if args.tokens is not None else (256 if args.smoke else 4096)
+    args.micro_rounds = args.micro_rounds if args.micro_rounds is not None else (2 if args.smoke else 7)
+    if args.micro_rounds < 1:
+        p.error(f"--micro-rounds must be at least 1, got {args.micro_rounds}")
     if not args.variant:  # runs with non-default options get their own tags, never overwriting the defaults
         parts = [f"compile-{args.compile}"] if args.compile != "off" else []
         parts += ["hfloss"] if args.loss == "hf" else []
@@ -936,7 +983,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_micro(args)
         _write_json(out / f"{args.shape}_micro_molora.json", result)
         keys = ("total_ms", "ratio_molora_vs_lora", "ratio_molora_2mm_vs_lora", "ratio_molora_vs_molora_2mm",
-                "overhead_ratio", "profile_files")
+                "overhead_ratio", "ratio_molora_compiled_vs_lora_compiled", "ratio_molora_vs_lora_busy",
+                "profile_files")
         print(json.dumps({k: result.get(k) for k in keys}))
         return 0
     result = run_one(args)

@@ -147,6 +147,14 @@ def targets(runs: list[dict], micro: list[dict], ddp: list[dict]) -> list[str]:
         lines.append(ratio_line(f"{doc['shape']}: fused MOLoRA / LoRA r={doc['lora_rank']} layer time",
                                 doc["ratio_molora_vs_lora"], TARGETS["micro"], False,
                                 f"fwd+bwd, {doc['tokens']} tokens, MOLoRA set's module shapes"))
+        if "ratio_molora_vs_lora_busy" in doc:
+            lines.append(ratio_line(f"{doc['shape']}: MOLoRA / LoRA r={doc['lora_rank']}, the kernels' GPU time alone",
+                                    doc["ratio_molora_vs_lora_busy"], TARGETS["micro"], False,
+                                    "profiler busy time per fwd+bwd, launch overhead left out"))
+        if "ratio_molora_compiled_vs_lora_compiled" in doc:
+            lines.append(ratio_line(f"{doc['shape']}: MOLoRA / LoRA r={doc['lora_rank']} layer time, both compiled",
+                                    doc["ratio_molora_compiled_vs_lora_compiled"], TARGETS["micro"], False,
+                                    "torch.compile of each layer, same shapes"))
     for doc in ddp:
         for n, value in doc.get("speedup", {}).items():
             if n != str(doc["reference_gpus"]):
@@ -197,21 +205,37 @@ def markdown(doc: dict[str, Any], runs: list[dict], micro: list[dict], ddp: list
                        f"**{r['status']}** {reason}")
     out += ["", "## Targets (ratios within this run on this card)", ""] + targets(runs, micro, ddp)
     for m in micro:
-        two = "molora_2mm" in m["total_ms"]  # runs since the router and A share one matmul also time the two-matmul way
+        # Later runs also time the two-matmul way and, with --micro-compile, both adapters under torch.compile.
+        extra = [(k, name) for k, name in (("molora_2mm", "MOLoRA, router and A apart"),
+                                           ("lora_compiled", "LoRA compiled"), ("molora_compiled", "MOLoRA compiled"))
+                 if k in m["total_ms"]]
+        how = (f"median of {m['rounds']} rounds of {m['iters_per_round']} iterations, the ways taking turns"
+               if m.get("rounds") else "one stretch of iterations per way")
         out += ["", f"## Fused MOLoRA vs plain LoRA of rank {m['lora_rank']} ({m['shape']} module shapes, "
-                f"{m['tokens']} tokens, fwd+bwd)", "",
+                f"{m['tokens']} tokens, fwd+bwd; {how})", "",
                 "| module | in | out | count in MOLoRA set | base ms | LoRA ms | MOLoRA ms |"
-                + (" MOLoRA, router and A apart, ms |" if two else ""), "|---|---|---|---|---|---|---|" + ("---|" if two else "")]
+                + "".join(f" {name}, ms |" for _, name in extra), "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
         for row in m["rows"]:
             out.append(f"| {row['module']} | {row['in']} | {row['out']} | {row['count']} | {row['base_ms']:.3f} | "
-                       f"{row['lora_ms']:.3f} | {row['molora_ms']:.3f} |" + (f" {row['molora_2mm_ms']:.3f} |" if two else ""))
+                       f"{row['lora_ms']:.3f} | {row['molora_ms']:.3f} |"
+                       + "".join(f" {row[k + '_ms']:.3f} |" for k, _ in extra))
         t = m["total_ms"]
         out.append(f"| weighted total | | | | {t['base']:.2f} | {t['lora']:.2f} | {t['molora']:.2f} |"
-                   + (f" {t['molora_2mm']:.2f} |" if two else ""))
+                   + "".join(f" {t[k]:.2f} |" for k, _ in extra))
         out.append("")
         out.append(f"MOLoRA / LoRA: {m['ratio_molora_vs_lora']:.3f}; adapter overhead over the frozen layer, "
                    f"MOLoRA / LoRA: {m['overhead_ratio']:.3f}."
-                   + (f" One matmul for router and A against two: {m['ratio_molora_vs_molora_2mm']:.3f}." if two else ""))
+                   + (f" One matmul for router and A against two: {m['ratio_molora_vs_molora_2mm']:.3f}."
+                      if "molora_2mm" in t else "")
+                   + (f" Both compiled, MOLoRA / LoRA: {m['ratio_molora_compiled_vs_lora_compiled']:.3f}; MOLoRA "
+                      f"compiled against LoRA as peft runs it: {m['ratio_molora_compiled_vs_lora']:.3f}."
+                      if "molora_compiled" in t else ""))
+        if m.get("busy_ms"):
+            b = m["busy_ms"]
+            out.append("")
+            out.append("The kernels alone (the profiler's GPU busy time per fwd+bwd, launch overhead left out), weighted "
+                       "total ms: " + ", ".join(f"{k} {v:.2f}" for k, v in b.items())
+                       + f"; MOLoRA / LoRA: {m['ratio_molora_vs_lora_busy']:.3f}.")
     for d in ddp:
         out += ["", f"## Several GPUs ({d['shape']} {d['method']}, {'packed' if d['packing'] else 'padded'}; "
                 f"card {d.get('card')})", "", "| GPUs | tokens/s | tokens/s per GPU | step s | peak GiB | speed-up |",
