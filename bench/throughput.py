@@ -750,7 +750,8 @@ def run_micro(args: argparse.Namespace) -> dict[str, Any]:
                                           f"{module} {din}->{dout} {kind}, {args.profile_steps} fwd+bwd, {card}")
                 texts.append(text)
                 profiles.append({"module": module, "kind": kind, **doc})
-                busy[kind] = doc["busy_us"] / 1000 / args.profile_steps  # ms of kernels per fwd+bwd
+                if cuda:  # on CPU the profile's busy time is the ops' host time, already in the timings
+                    busy[kind] = doc["busy_us"] / 1000 / args.profile_steps  # ms of kernels per fwd+bwd
         del layers
         rows.append({"module": module, "in": din, "out": dout, "count": counts[module],
                      **{f"{k}_ms": v * 1000 for k, v in times.items()},
@@ -771,7 +772,7 @@ def run_micro(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_ratio": (totals["molora"] - totals["base"]) / max(totals["lora"] - totals["base"], 1e-12),
         "commit": git_commit(), "versions": versions(), "status": "ok",
     }
-    if totals_busy and cuda:
+    if totals_busy:
         result["busy_ms"] = totals_busy
         result["ratio_molora_vs_lora_busy"] = totals_busy["molora"] / totals_busy["lora"]
     if args.micro_compile:
