@@ -63,6 +63,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from citi_engine import DECODE_MODES  # noqa: E402 (light: no torch)
+from citi_engine.files import write_json_atomic  # noqa: E402 (light: no torch)
 
 METHODS = ("base", "lora", "full", "citi")
 
@@ -569,10 +570,7 @@ def partial_path(args: argparse.Namespace, run: dict) -> Path:
 
 def write_json(path: Path, record: dict) -> None:
     """``record`` to ``path`` whole or not at all (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, record)
 
 
 def save_partial(args: argparse.Namespace, run: dict, record: dict) -> None:

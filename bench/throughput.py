@@ -71,6 +71,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from citi_engine.files import write_json_atomic  # noqa: E402 (light: no torch)
+
 PROFILE = ROOT / "bench" / "data" / "bfcl_length_profile.json"
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -894,10 +896,7 @@ def run_all(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, doc)
 
 
 def _bool(text: str) -> bool:

@@ -26,6 +26,7 @@ from torch import nn
 from citi_engine import ROUTING_BALANCES
 from citi_engine.components import list_components
 from citi_engine.errors import CitiError
+from citi_engine.files import write_json_atomic
 from citi_engine.molora import MoloraConfig, MoloraLayer
 
 METHODS = ("citi", "lora", "full")
@@ -431,9 +432,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, metadata: Mapping
             components = {"lora": in_order(config.target_modules), "rank": config.r, "alpha": config.lora_alpha}
     job = {"format": "full" if method == "full" else "peft", "method": method, "base_model": str(base),
            "components": components, "config": metadata, "versions": _versions()}
-    tmp = out / (JOB_FILE + ".tmp")
-    tmp.write_text(json.dumps(job, indent=1, default=str))
-    os.replace(tmp, out / JOB_FILE)
+    write_json_atomic(out / JOB_FILE, job)
     return out
 
 
@@ -445,11 +444,7 @@ def read_job(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 
 def write_calibration(adapter_dir: str | os.PathLike, threshold: float, **details: Any) -> Path:
     """Record the call threshold to serve the adapter in ``adapter_dir`` with (and how it was chosen)."""
-    path = Path(adapter_dir) / CALIBRATION_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"call_threshold": float(threshold), **details}, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(adapter_dir) / CALIBRATION_FILE, {"call_threshold": float(threshold), **details})
 
 
 def read_call_threshold(adapter_dir: str | os.PathLike) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import pickle
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +32,8 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from citi_engine.files import write_json_atomic, write_text_atomic
 
 T = TypeVar("T")
 
@@ -308,9 +309,4 @@ def write_on_main(path: str | os.PathLike, data: Any, info: DistInfo | None = No
     """Write ``data`` as JSON (or text, for a str) to ``path`` on rank 0 only; return the path there."""
     if not is_main(info):
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(data if isinstance(data, str) else json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, data) if isinstance(data, str) else write_json_atomic(path, data)

@@ -26,6 +26,7 @@ from torch import nn
 
 from citi_engine.components import MODULE_ORDER, component_info, list_components, select_components
 from citi_engine.errors import Cancelled, CitiError
+from citi_engine.files import write_json_atomic
 from citi_engine.losses import causal_lm_loss
 
 TOOL_SET = "tool"
@@ -286,10 +287,7 @@ class ImportanceResult:
         """Write ``importance.json`` and the ``importance.png`` heat map into ``out_dir``; return both paths."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        json_path = out / "importance.json"
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, json_path)
+        json_path = write_json_atomic(out / "importance.json", self.to_json())
         png_path = out / "importance.png"
         self.plot(png_path)
         return json_path, png_path

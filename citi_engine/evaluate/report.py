@@ -5,10 +5,11 @@ Torch-free; matplotlib is imported only to draw (through its object API, so no G
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
+
+from citi_engine.files import write_json_atomic
 
 PLOTS = {
     "tool_accuracy": "eval_tool_accuracy.png",
@@ -230,9 +231,7 @@ def write_report(adapter_dir: str | os.PathLike, report: dict) -> dict[str, Path
         report["plots"] = {}
         report["plots_skipped"] = f"matplotlib is not installed ({exc})"
     paths = {"json": out / "report.json", "md": out / "report.md"}
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(report), indent=1, default=str))
-    os.replace(tmp, paths["json"])
+    write_json_atomic(paths["json"], _json_safe(report))
     paths["md"].write_text(render_markdown(report))
     for name, file in report["plots"].items():
         paths[name] = out / file
