@@ -29,6 +29,10 @@
 # `PARTS=... CITI_COMMIT=<short hash> WAIT_S=540 bash bench/gpu_lease.sh start bash bench/gpu_open_measurements.sh`
 # carrying .m2 .data; then `WAIT_S=550 bash
 # bench/gpu_lease.sh wait` until DONE or the GPU time is spent.
+# The 1B serving timings and the micro-benchmark need no GGUF: when machines are scarce, one call carrying only
+# SmolLM2's tokenizer folder does them (the eleventh session's, about 2.5 minutes in all): copy
+# ~/.cache/citi/smollm2-tokenizer into an ignored folder, carry it, set CITI_CACHE_DIR to the folder holding it, and
+# run bench/inference.py --shape 1b (without --tokenizer-gguf) and bench/throughput.py --micro, writing under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 : "${GGUF:?}" "${RESULTS:?}"
