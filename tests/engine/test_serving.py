@@ -142,3 +142,26 @@ def test_unknown_decode_mode_is_refused(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="decode must be one of"):
         generate(model, tok, _static_requests(tok), decode="fast")
+
+
+def test_a_reply_grown_a_token_at_a_time_reads_as_a_full_decode_at_every_step():
+    # The serving loop keeps each reply's text incrementally; at every step it must equal what decoding all of the
+    # reply's ids gives (split multi-byte characters show as U+FFFD there, and ids the tokenizer lacks as nothing).
+    import random
+
+    from transformers import AutoTokenizer
+
+    from citi_engine.serving import _Row
+
+    tok = AutoTokenizer.from_pretrained(testing.smollm2_tokenizer_dir())
+    rng = random.Random(0)
+    written = ["héllo wörld 日本語 🤖 <tool_call>{\"name\": \"f\"}</tool_call>", "emoji 😀😃 中文 <|im_end|> after",
+               "plain text,  two spaces\n\nand lines"]
+    sequences = [tok.encode(t) for t in written]
+    sequences += [[rng.randrange(len(tok) + 500) for _ in range(40)] for _ in range(30)]  # a larger model's ids too
+    for ids in sequences:
+        row = _Row(GenerationRequest(prompt_ids=[1], max_new_tokens=len(ids)), [], tok, torch.device("cpu"))
+        assert row._stream is not None  # the incremental path is the one under test
+        for k, token in enumerate(ids):
+            row.add(token)
+            assert row.text() == tok.decode(ids[:k + 1], skip_special_tokens=False), (ids, k)
