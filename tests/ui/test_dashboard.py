@@ -282,7 +282,10 @@ def test_dashboard_end_to_end(ui_service, ui_worker, ui_inference, page, screens
     page.get_by_role("link", name="Jobs", exact=True).click()
     page.locator(f'#jobs-table tr[data-id="{job_id}"][data-status="succeeded"]').wait_for()
     assert_labelled(page)
-    slow = {**body, "budget": {"max_steps": 400}, "suffix": "slow"}
+    # Slow enough that the cancel always lands first: the steps the budget allows, and epochs enough to fill them
+    # (the small file alone gives about 50 steps, done in seconds).
+    slow = {**body, "budget": {"max_steps": 400}, "suffix": "slow",
+            "method": {"type": "citi", "hyperparameters": {**HYPERPARAMETERS, "epochs_molora": 40}}}
     second = api.post("/jobs", json=slow).json()["id"]
     row = page.locator(f'#jobs-table tr[data-id="{second}"]')
     row.wait_for(timeout=10_000)  # no reload: the list polls
