@@ -10,9 +10,10 @@
 #   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
 #             (greedy replies compared against the dynamic cache's) and 8B LoRA against CITI stage 2, packed;
 #             measured in the seventh session (bench/results/inference.md, throughput_h100_lora/): only on request
-#   serving1b performance issue's serving target on the 1B shape (random weights, SmolLM2's tokenizer), about 5
-#             minutes: bench/inference.py with the dynamic cache, then with CUDA graphs, one after the other
-#             (<= 4 ms/token at batch 1, >= 4x the dynamic aggregate at 16 concurrent, adapter <= 1.15x)
+#   serving1b performance issue's serving target on the 1B shape (random weights, SmolLM2's tokenizer), about 6
+#             minutes: bench/inference.py with CUDA graphs and grouped decode attention, the same with transformers'
+#             sdpa attention (before), then the dynamic cache, one after the other (<= 4 ms/token at batch 1, >= 4x
+#             the issue's aggregate at 16 concurrent, adapter <= 1.15x)
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
 #   micro     performance issue's layer target (MOLoRA <= 1.10x a LoRA of rank 32): the 8B micro-benchmark again,
 #             each layer the median of 7 rounds (the fifth session's single stretch per way was as noisy as the
@@ -62,10 +63,13 @@ if want timings; then
     done
 fi
 if want serving1b; then
-    for decode in dynamic cuda_graphs; do
-        part "inference 1b $decode"
-        timeout 300 python3 bench/inference.py --shape 1b --tokenizer-gguf "$GGUF" --rounds 4 --decode "$decode" \
-            --out "$RESULTS/inference" > "$RESULTS/inference_1b_$decode.log" 2>&1
+    # CUDA graphs with grouped decode attention (the server's), then with transformers' sdpa (keys and values
+    # copied per query head: the attention before), then the dynamic cache: one process after the other
+    for way in "cuda_graphs grouped" "cuda_graphs sdpa" "dynamic grouped"; do
+        set -- $way
+        part "inference 1b $1, attention $2"
+        timeout 300 python3 bench/inference.py --shape 1b --tokenizer-gguf "$GGUF" --rounds 4 --decode "$1" \
+            --attention "$2" --out "$RESULTS/inference" > "$RESULTS/inference_1b_$1_$2.log" 2>&1
     done
 fi
 if want compile; then

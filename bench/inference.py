@@ -275,11 +275,15 @@ def run_one(args) -> dict[str, Any]:
     cache = ModelCache(device=device, adapter_cache_size=2, decode=args.decode)
     t0 = time.perf_counter()
     base, spec, info = load_base(args, cache)
+    if args.attention == "sdpa":  # the serving runtime's attention before grouped decode attention, for comparison
+        base.model.set_attn_implementation("sdpa")
     tag = "tiny" if args.tiny else (f"random-{args.shape}" if args.shape else "smollm2")
     tag += "" if args.decode == "dynamic" else f"-{args.decode}"
+    tag += "" if args.attention == "grouped" else f"-{args.attention}"
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
                               "commit": os.environ.get("CITI_BENCH_COMMIT") or git_commit(), "versions": versions(), "new_tokens": args.new_tokens,
-                              "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode}
+                              "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode,
+                              "attention": str(base.model.config._attn_implementation)}
     prompt_text = render_prompt(base.tokenizer, MESSAGES, TOOLS)
     prompt = base.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     result["prompt_tokens"] = len(prompt)
@@ -377,8 +381,10 @@ def merge(dirs: list[Path], md: Path, js: Path, notes: Path | None = None) -> No
         commit = run.get("commit") or ""
         commit = commit[:10] if commit and commit != "HEAD" else "unknown"
         decode = run.get("decode", "dynamic")
+        attention = run.get("attention")  # runs before grouped decode attention did not record it
         lines += [f"## {m['model']} on {run['card']}, commit {commit}"
-                  + ("" if decode == "dynamic" else f", decode {decode}"), "",
+                  + ("" if decode == "dynamic" else f", decode {decode}")
+                  + (f", attention {attention}" if attention else ""), "",
                   f"{m['params'] / 1e6:.0f}M parameters, {m['layers']} layers, {m['dtype']}; prompt "
                   f"{run['prompt_tokens']} tokens, {run['new_tokens']} new tokens a request; torch "
                   f"{run['versions']['torch']}, transformers {run['versions']['transformers']}; commit "
@@ -436,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="rounds at batch 1 (half as many, at least 3, above)")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     parser.add_argument("--wait-ms", type=float, default=5.0)
+    parser.add_argument("--attention", choices=("grouped", "sdpa"), default="grouped",
+                        help="grouped: the server's decode attention (citi_engine.decode_attention); sdpa: "
+                             "transformers' sdpa, which copies keys and values per query head when a mask is passed")
     parser.add_argument("--decode", choices=("dynamic", "static", "cuda_graphs"), default="dynamic",
                         help="how the runtime decodes (CITI_INFERENCE_DECODE)")
     parser.add_argument("--md", type=Path, default=ROOT / "bench" / "results" / "inference.md")

@@ -10,6 +10,7 @@ import torch
 
 from citi_engine.adapter import load_adapter
 from citi_engine.components import list_components
+from citi_engine.decode_attention import DECODE_ATTENTION
 from citi_engine.generate import encode_prompt, generate_chat
 from citi_engine.molora import FrozenMoloraLinear
 from tests.inference.conftest import ASK, GENERAL, WEATHER_TOOL
@@ -44,6 +45,7 @@ def test_citi_adapter_is_served_as_copies_of_its_modules_with_the_logits_of_peft
 
     job_components = reference.peft_config["default"]
     assert served.adapter.kind == "citi"
+    assert served.base.model.config._attn_implementation == DECODE_ATTENTION  # served bases decode without KV copies
     assert set(served.adapter.modules) == set(job_components.target_modules) | set(job_components.modules_to_save)
     for name in job_components.modules_to_save:  # UCO: the adapter's own full copy, the base layer untouched
         copy, original = served.adapter.modules[name], served.base.model.get_submodule(name)

@@ -44,6 +44,7 @@ from typing import Any
 from torch import nn
 
 from citi_engine.adapter import read_call_threshold
+from citi_engine.decode_attention import enable_decode_attention
 from citi_engine.molora import PEFT_TYPE_NAME
 from citi_engine.serving import (
     GenerationRequest,
@@ -182,6 +183,7 @@ class ModelCache:
             t0 = time.perf_counter()
             model, tokenizer = load_model(spec, device=self.device, dtype=self.dtype, model_dirs=self.model_dirs)
             model.requires_grad_(False)
+            enable_decode_attention(model)
             loaded = LoadedBase(spec=spec, model=model, tokenizer=tokenizer, device=self.device,
                                 max_context=_max_context(model, tokenizer), load_seconds=time.perf_counter() - t0)
             log.info("loaded base model %s on %s in %.1fs", spec, self.device, loaded.load_seconds)
@@ -193,6 +195,7 @@ class ModelCache:
         """Serve a model built in memory (benchmarks with random weights) under the name ``spec``."""
         model.requires_grad_(False)
         model.eval()
+        enable_decode_attention(model)
         device = str(next(model.parameters()).device)
         loaded = LoadedBase(spec=spec, model=model, tokenizer=tokenizer, device=device,
                             max_context=_max_context(model, tokenizer), load_seconds=0.0)
@@ -270,6 +273,7 @@ class ModelCache:
                                         model_dirs=self.model_dirs)
         model.requires_grad_(False)
         model.eval()
+        enable_decode_attention(model)
         return LoadedBase(spec=str(adapter_dir), model=model, tokenizer=tokenizer, device=self.device,
                           max_context=_max_context(model, tokenizer), load_seconds=time.perf_counter() - t0)
 

@@ -1,0 +1,130 @@
+"""Decode attention over grouped key/value heads (citi_engine.decode_attention): the same attention as over keys and
+values repeated per query head, computed without that copy; the served model's replies and logits unchanged."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from citi_engine import testing  # noqa: E402
+from citi_engine.decode_attention import (  # noqa: E402
+    DECODE_ATTENTION,
+    enable_decode_attention,
+    grouped_decode_attention,
+)
+from citi_engine.models import load_model  # noqa: E402
+from citi_engine.static_decode import StaticDecoder  # noqa: E402
+
+
+class _Attention(torch.nn.Module):
+    """What transformers' attention functions read from the module calling them."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def _reference(query, key, value, mask, scale):
+    """Attention with every key/value head repeated for the query heads of its group, in float64."""
+    groups = query.shape[1] // key.shape[1]
+    k = key.double().repeat_interleave(groups, dim=1)
+    v = value.double().repeat_interleave(groups, dim=1)
+    scores = (query.double() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # rows x queries x heads x dim
+
+
+def _inputs(rows=3, heads=8, kv_heads=2, queries=1, columns=11, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(rows, heads, queries, dim, generator=g)
+    key = torch.randn(rows, kv_heads, columns, dim, generator=g)
+    value = torch.randn(rows, kv_heads, columns, dim, generator=g)
+    mask = torch.ones(rows, 1, queries, columns, dtype=torch.bool)
+    mask[1, ..., :4] = False  # a left-padded row
+    mask[2, ..., :1] = False
+    return query, key, value, mask
+
+
+def test_one_query_token_attends_its_groups_keys_without_copying_them(monkeypatch):
+    query, key, value, mask = _inputs()
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((tuple(q.shape), tuple(k.shape)))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    out, weights = grouped_decode_attention(_Attention(4), query, key, value, mask, scaling=0.25)
+    assert weights is None
+    assert seen == [((3, 2, 4, 16), (3, 2, 11, 16))], "keys and values reach the kernel with their own 2 heads"
+    torch.testing.assert_close(out.double(), _reference(query, key, value, mask, 0.25), rtol=1e-5, atol=1e-6)
+
+
+def test_several_query_tokens_go_to_transformers_sdpa_unchanged():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query, key, value, mask = _inputs(queries=5)
+    causal = torch.ones(5, 11, dtype=torch.bool).tril(diagonal=6)
+    mask = mask & causal
+    module = _Attention(4)
+    out, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert torch.equal(out, want)
+    torch.testing.assert_close(out.double(), _reference(query, key, value, mask, 0.25), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Four query heads over two key/value heads."""
+    model, tok = load_model(testing.make_tiny_model_dir(tmp_path_factory.mktemp("tiny")), device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return model, tok
+
+
+def _static_logits(model, prompts, steps=6):
+    from citi_engine.generate import pad_left
+
+    ids, mask = pad_left(prompts, 0, torch.device("cpu"))
+    decoder = StaticDecoder(model, ids, mask, steps)
+    logits = [decoder.prefill(0)]
+    for _ in range(steps - 1):
+        logits.append(decoder.step(logits[-1].argmax(-1).tolist()))
+    return torch.stack(logits)
+
+
+def test_served_model_decodes_the_same_logits_with_grouped_decode_attention(tiny):
+    model, _ = tiny
+    assert model.config.num_attention_heads // model.config.num_key_value_heads == 2
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 40000, (n,), generator=g).tolist() for n in (9, 4, 7)]  # left padding
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = _static_logits(model, prompts)
+    try:
+        assert enable_decode_attention(model) == DECODE_ATTENTION
+        assert enable_decode_attention(model) == DECODE_ATTENTION  # twice is once
+        with torch.no_grad():
+            got = _static_logits(model, prompts)
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_on_another_attention_is_left_as_it_is(tiny):
+    model, _ = tiny
+    model.set_attn_implementation("eager")
+    try:
+        assert enable_decode_attention(model) == "eager"
+    finally:
+        model.set_attn_implementation("sdpa")
