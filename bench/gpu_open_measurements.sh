@@ -4,14 +4,16 @@
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
 # was measured. PARTS (a comma list, default quality,serving1b,compile,service, in this order) picks what a lease runs:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
-#             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/method_next.txt: the
-#             new default negatives_near 0.5, three CITI seeds and both baselines on test at the threshold each
-#             job chooses; one wave of five on an 80 GB card, about 14 minutes); runs in RESULTS/quality/<plan>/
+#             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/defaults_retention120.txt: the
+#             shipped defaults' three seeds and both baselines on test with retention on 120 probes; one wave on
+#             an 80 GB card with JOBS=4, about 14 minutes; then bench/plans/router_val2.txt; on a larger card
+#             PLAN_LARGE=bench/plans/next_large.txt holds both); runs in RESULTS/quality/<plan>/
 #   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
 #             (greedy replies compared against the dynamic cache's) and 8B LoRA against CITI stage 2, packed;
 #             measured in the seventh session (bench/results/inference.md, throughput_h100_lora/): only on request
 #   serving1b performance issue's serving target on the 1B shape (random weights, SmolLM2's tokenizer), about 6
-#             minutes: bench/inference.py with CUDA graphs and grouped decode attention, the same with transformers'
+#             minutes: bench/serving_step.py (one decode step's GPU and host time and kernels at 1 and 16 rows),
+#             bench/inference.py with CUDA graphs and grouped decode attention, the same with transformers'
 #             sdpa attention (before), then the dynamic cache, one after the other (<= 4 ms/token at batch 1, >= 4x
 #             the issue's aggregate at 16 concurrent, adapter <= 1.15x)
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
@@ -23,7 +25,8 @@
 #             staged in ~/stage/svc; about 20 minutes: a lease of its own, PARTS=service)
 # Measured already and not run again: generation memory, the dynamic KV cache's timings, stage 2 with and
 # without soft targets, constrained decoding, CITI and the baselines at their own threshold, negatives_near and
-# the router settings on the validation side (bench/results/).
+# the router settings on the validation side, the shipped defaults on test at each job's threshold
+# (bench/plans/method_next.txt, twelfth session) (bench/results/).
 # Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl and .m1 (and, for the
 # service, first a call carrying .whl-svc .redis-deb); since the tree passed 14 MB the GGUF goes in three parts
 # (`split -n 3`: stage .m1 holding gg.aa with .whl, then .m1 holding gg.ab, and .m2 holding gg.ac at the start);
@@ -33,7 +36,8 @@
 # The 1B serving timings and the micro-benchmark need no GGUF: when machines are scarce, one call carrying only
 # SmolLM2's tokenizer folder does them (the eleventh session's, about 2.5 minutes in all): copy
 # ~/.cache/citi/smollm2-tokenizer into an ignored folder, carry it, set CITI_CACHE_DIR to the folder holding it, and
-# run bench/inference.py --shape 1b (without --tokenizer-gguf) and bench/throughput.py --micro, writing under $OUT.
+# run bench/inference.py --shape 1b (without --tokenizer-gguf) and bench/throughput.py --micro, writing under $OUT
+# (bench/serving_step.py --shape 1b needs no tokenizer at all).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 : "${GGUF:?}" "${RESULTS:?}"
@@ -47,7 +51,7 @@ if want quality; then
     # QUALITY_S limits the pool (default 1380 s: one wave of five takes about 14 minutes, two waves 23).
     mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
     if [ -n "${PLAN_LARGE:-}" ] && [ "${mem_mib:-0}" -gt 120000 ]; then PLAN=$PLAN_LARGE; fi
-    part "quality (PLAN ${PLAN:=bench/plans/method_next.txt}, limit ${QUALITY_S:=1380} s)"
+    part "quality (PLAN ${PLAN:=bench/plans/defaults_retention120.txt}, limit ${QUALITY_S:=1380} s)"
     PLAN=$PLAN timeout "$QUALITY_S" bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
     pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
 fi
@@ -63,6 +67,10 @@ if want timings; then
     done
 fi
 if want serving1b; then
+    # One decode step taken apart first (GPU time, host time, kernels at 1 and 16 rows; about a minute)
+    part "serving step 1b"
+    timeout 240 python3 bench/serving_step.py --shape 1b --profile --out "$RESULTS/serving_step" \
+        > "$RESULTS/serving_step.log" 2>&1
     # CUDA graphs with grouped decode attention (the server's), then with transformers' sdpa (keys and values
     # copied per query head: the attention before), then the dynamic cache: one process after the other
     for way in "cuda_graphs grouped" "cuda_graphs sdpa" "dynamic grouped"; do
