@@ -37,6 +37,18 @@ def smollm2_tokenizer_dir() -> str:
     return str(target)
 
 
+def vary_weights(model, std: float = 0.3, seed: int = 0) -> None:
+    """Redraw every weight matrix of ``model`` from N(0, ``std``), in place: at the init's std 0.02 a tiny random
+    model repeats one token; larger weights give varied, prompt-dependent greedy text."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, std)
+
+
 def make_tiny_model_dir(
     path: str | os.PathLike,
     *,

@@ -84,11 +84,7 @@ def test_several_query_tokens_go_to_transformers_sdpa_unchanged():
 def tiny(tmp_path_factory):
     """Four query heads over two key/value heads."""
     model, tok = load_model(testing.make_tiny_model_dir(tmp_path_factory.mktemp("tiny")), device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
+    testing.vary_weights(model)
     return model, tok
 
 

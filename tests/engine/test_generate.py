@@ -18,7 +18,7 @@ from citi_engine.generate import (
     stop_token_ids,
 )
 from citi_engine.models import load_model
-from citi_engine.testing import make_tiny_model_dir
+from citi_engine.testing import make_tiny_model_dir, vary_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,12 +37,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model, tok = load_model(make_tiny_model_dir(tmp_path_factory.mktemp("tiny")), device="cpu")
-    # Random init at std 0.02 makes the model repeat one token; larger weights give varied, prompt-dependent text.
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
+    vary_weights(model)
     return model, tok
 
 

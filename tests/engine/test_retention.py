@@ -20,7 +20,7 @@ from citi_engine.evaluate.retention import (
     run_humaneval_program,
 )
 from citi_engine.models import load_model
-from citi_engine.testing import make_tiny_model_dir
+from citi_engine.testing import make_tiny_model_dir, vary_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,11 +31,7 @@ FAST = dict(max_new_tokens=6, batch_size=4, kl_batch_size=4, humaneval_limit=2)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     model, tok = load_model(make_tiny_model_dir(tmp_path_factory.mktemp("tiny")), device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():  # varied, prompt-dependent answers instead of one repeated token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
+    vary_weights(model)
     return model, tok
 
 

@@ -59,11 +59,7 @@ def test_citi_adapter_read_into_modules_on_a_shared_base_gives_the_logits_of_pef
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model, tok = load_model(testing.make_tiny_model_dir(tmp_path_factory.mktemp("tiny")), device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():  # larger weights than the init's give varied, prompt-dependent text
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
+    testing.vary_weights(model)
     return model, tok
 
 

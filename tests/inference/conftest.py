@@ -127,16 +127,11 @@ def small_model(model_root) -> str:
 @pytest.fixture(scope="session")
 def varied_model(small_model, tmp_path_factory) -> str:
     """The tiny model with larger random weights, so greedy text varies with the prompt (std 0.02 repeats one token)."""
-    import torch
-
+    from citi_engine import testing
     from citi_engine.models import load_model
 
     model, tok = load_model(small_model, device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
+    testing.vary_weights(model)
     out = tmp_path_factory.mktemp("varied") / "model"
     model.save_pretrained(out)
     tok.save_pretrained(out)
