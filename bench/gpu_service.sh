@@ -49,15 +49,12 @@ cpu-check)
     OUT=$2
     mkdir -p "$OUT"
     .venv/bin/python - "$OUT/tiny" <<'PY'
-import sys, torch
+import sys
 from transformers import AutoModelForCausalLM
-from citi_engine.testing import make_tiny_model_dir
+from citi_engine.testing import make_tiny_model_dir, vary_weights
 path = make_tiny_model_dir(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(path)
-torch.manual_seed(0)
-for p in model.parameters():  # wide enough to write text: the replay needs non-empty answers
-    if p.dim() > 1:
-        p.data.normal_(0.0, 0.3)
+vary_weights(model)  # wide enough to write text: the replay needs non-empty answers
 model.save_pretrained(path)
 PY
     .venv/bin/python bench/gpu_service.py --model "$OUT/tiny" --out "$OUT/run" --limit-train 40 --limit-test 6 \
