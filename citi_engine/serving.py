@@ -355,7 +355,13 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
 
 def _decode_static(model: nn.Module, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor, chunk: int,
                    eos: set[int], pad: int, *, graphs: bool) -> None:
-    """The decode loop of :func:`generate` over a static KV cache: every row stays in the batch to the end."""
+    """The decode loop of :func:`generate` over a static KV cache: every row stays in the batch to the end.
+
+    Each step is handed to the GPU before the host's bookkeeping of the tokens it is fed (stop strings, streamed
+    text, grammars, :func:`_advance`), so the two overlap instead of the GPU waiting on the host: a row's next
+    input is known once its token is chosen, and a row the bookkeeping then ends is never read again. The
+    bookkeeping still comes before the next logits are read, so biases and grammar masks see every token.
+    """
     from citi_engine.static_decode import StaticDecoder
 
     decoder = StaticDecoder(model, input_ids, mask, max(r.req.max_new_tokens for r in rows), graphs=graphs)
@@ -369,12 +375,16 @@ def _decode_static(model: nn.Module, rows: list[_Row], input_ids: torch.Tensor, 
         now = time.perf_counter()
         fed = [pad] * len(rows)  # finished rows are fed padding; their logits are never read again
         for b, i in enumerate(live):
-            _advance(rows[i], tokens[b], eos, now)
             fed[i] = tokens[b]
+        # No step for a batch whose every row ends here for certain (the common last step: no work thrown away);
+        # when only the bookkeeping ends them all (a stop string, a finished grammar), one step is.
+        ahead = None if all(_ends_at(rows[i], tokens[b], eos) for b, i in enumerate(live)) else decoder.step(fed)
+        for b, i in enumerate(live):
+            _advance(rows[i], tokens[b], eos, now)
         live = [i for i in live if not rows[i].done]
         if not live:
             break
-        logits = decoder.step(fed)
+        logits = ahead if ahead is not None else decoder.step(fed)
     for row in rows:
         if not row.done:
             _finish(row, "length")
@@ -430,6 +440,14 @@ def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         if req.temperature > 0:
             chosen[b] = int(sample_tokens(logits[b:b + 1], req.temperature, req.top_p, row.generator).item())
     return chosen
+
+
+def _ends_at(row: _Row, token: int, eos: set[int]) -> bool:
+    """Whether :func:`_advance` will surely end ``row`` at ``token``, known without its text: cancelled, an end
+    token it stops at, or its token budget. (Stop strings and grammars may end it too; this does not say.)"""
+    req = row.req
+    return (req.cancelled.is_set() or (token in eos and (not req.ignore_eos or row.matcher is not None))
+            or len(row.ids) + 1 >= req.max_new_tokens)
 
 
 def _advance(row: _Row, token: int, eos: set[int], now: float) -> None:

@@ -134,6 +134,33 @@ def test_static_decoding_keeps_a_grammar_row_beside_free_rows(tiny):
     assert set(json.loads(outcomes["static"][1][0])) == {"a"}
 
 
+def test_static_decoding_hands_each_step_to_the_device_before_the_hosts_bookkeeping(tiny, monkeypatch):
+    """The next step is launched before the tokens that feed it are checked and streamed (the GPU works while the
+    host does), and no step is launched once every row surely ends: a reply of 5 tokens takes 4 steps."""
+    from citi_engine import serving
+    from citi_engine.static_decode import StaticDecoder
+
+    model, tok = tiny
+    events: list[str] = []
+    step, advance = StaticDecoder.step, serving._advance
+
+    def logged_step(self, tokens):
+        events.append("step")
+        return step(self, tokens)
+
+    def logged_advance(row, token, eos, now):
+        events.append("advance")
+        return advance(row, token, eos, now)
+
+    monkeypatch.setattr(StaticDecoder, "step", logged_step)
+    monkeypatch.setattr(serving, "_advance", logged_advance)
+    reqs = [GenerationRequest(prompt_ids=encode_prompt(tok, c["messages"]), max_new_tokens=5, ignore_eos=True)
+            for c in CONVERSATIONS[:2]]
+    generate(model, tok, reqs, decode="static")
+    assert events == ["step", "advance", "advance"] * 4 + ["advance", "advance"]
+    assert [r.completion_tokens for r in reqs] == [5, 5]
+
+
 def test_unknown_decode_mode_is_refused(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="decode must be one of"):
