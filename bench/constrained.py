@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from provenance import cpu_name  # noqa: E402
+
 TARGET = 0.10
 LIBRARIES = ("llguidance", "xgrammar", "outlines-core")
 
@@ -447,16 +449,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
-        "machine": args.machine, "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "machine": args.machine, "cpu": cpu_name(), "threads": args.threads,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "compiles": args.compiles, "schema": SCHEMA, "target_overhead": TARGET, "models": [],
         "install": install_notes(),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            result["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     for model_name in args.models.split(","):
         model, tokenizer, description = load(model_name)
         prompt = encode_prompt(tokenizer, PROMPT)

@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from provenance import commit  # noqa: E402
+
 GIB = 1024**3
 # SmolLM2-135M-Instruct's architecture, for --shape runs where the GGUF file is not at hand.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -229,7 +231,7 @@ def run(args) -> dict[str, Any]:
     result: dict[str, Any] = {
         "tag": "tiny" if args.tiny else ("smollm2" if args.gguf else f"random-{args.shape}"),
         "card": torch.cuda.get_device_name(0) if cuda else "cpu", "model": info, "argv": sys.argv[1:],
-        "commit": os.environ.get("CITI_COMMIT") or _git_commit(), "batch": args.batch, "new_tokens": args.new_tokens,
+        "commit": commit(), "batch": args.batch, "new_tokens": args.new_tokens,
         "auto_chunk": prefill_chunk_for(args.batch),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": sys.version.split()[0], "cuda": str(torch.version.cuda)},
@@ -256,18 +258,6 @@ def run(args) -> dict[str, Any]:
                              | {"peak_gib": round(r["peak_bytes"] / GIB, 3),
                                 "kv_cache_gib": round(r["kv_cache_bytes"] / GIB, 3)}), flush=True)
     return result
-
-
-def _git_commit() -> str | None:
-    """HEAD of the checkout, with ``+dirty`` when the engine or the benchmarks have uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "citi_engine", "bench"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = head.stdout.strip()
-    return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
 
 
 # ------------------------------------------------------------------------------------------------

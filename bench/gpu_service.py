@@ -43,6 +43,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench/, for provenance when loaded from elsewhere
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import commit  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location("citi_demo", ROOT / "scripts" / "demo.py")
 demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
@@ -269,7 +273,7 @@ def main() -> int:
     os.environ["CITI_MODEL_DIRS"] = str(model_path.parent)
     data = Path(args.data)
     result: dict = {"model": str(model_path.name), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "commit": os.environ.get("CITI_COMMIT") or _git_commit(), "card": _card()}
+                    "commit": commit(), "card": _card()}
     key = "sk-" + secrets.token_urlsafe(16)
     services = demo.Services(out)
 
@@ -391,11 +395,6 @@ def main() -> int:
         save()
         services.stop()
     return 0
-
-
-def _git_commit() -> str | None:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() or None
 
 
 def _card() -> str:

@@ -52,7 +52,8 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from throughput import SHAPES, fixed_components, git_commit, llama_config, versions  # noqa: E402
+from provenance import commit, versions  # noqa: E402
+from throughput import SHAPES, fixed_components, llama_config  # noqa: E402
 
 CITI = {"num_experts": 4, "rank": 8, "alpha": 16.0}
 TARGET_OVERHEAD = 0.15
@@ -281,7 +282,7 @@ def run_one(args) -> dict[str, Any]:
     tag += "" if args.decode == "dynamic" else f"-{args.decode}"
     tag += "" if args.attention == "grouped" else f"-{args.attention}"
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
-                              "commit": os.environ.get("CITI_BENCH_COMMIT") or git_commit(), "versions": versions(), "new_tokens": args.new_tokens,
+                              "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(), "versions": versions(), "new_tokens": args.new_tokens,
                               "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode,
                               "attention": str(base.model.config._attn_implementation)}
     prompt_text = render_prompt(base.tokenizer, MESSAGES, TOOLS)

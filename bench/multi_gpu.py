@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
+from provenance import commit
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("citi_gpu_service", ROOT / "bench" / "gpu_service.py")
@@ -187,7 +188,7 @@ def main() -> int:
     if args.cpu:
         env["CITI_DEVICE"] = "cpu"
     result: dict = {"model": model_path.name, "gpus": n, "cpu_check": args.cpu, "card": gs._card(),
-                    "commit": os.environ.get("CITI_COMMIT") or gs._git_commit(),
+                    "commit": commit(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     key = "sk-" + secrets.token_urlsafe(16)
     services = demo.Services(out)

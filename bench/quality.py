@@ -62,6 +62,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench/, for provenance when loaded from elsewhere
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import commit  # noqa: E402
+
 from citi_engine import DECODE_MODES  # noqa: E402 (light: no torch)
 from citi_engine.files import write_json_atomic  # noqa: E402 (light: no torch)
 
@@ -262,21 +267,6 @@ def child_argv(args: argparse.Namespace, run: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------ one run
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout (``+dirty`` with uncommitted changes), or ``CITI_COMMIT`` for a copy without .git."""
-    if os.environ.get("CITI_COMMIT"):
-        return os.environ["CITI_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0 or not out.stdout.strip():
-        return None
-    # A run from uncommitted changes must not pass for the commit it started from.
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO, capture_output=True, timeout=10)
-    return out.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
-
-
 def training_file(args: argparse.Namespace, work: Path) -> tuple[Path, int]:
     """The training file, cut to a fixed sample of ``--limit-train`` lines (the same for every run)."""
     source = Path(args.data) / "train.jsonl"
@@ -375,7 +365,7 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
     record: dict = {
         "run_id": run["run_id"], "label": run["label"], "method": run["method"], "seed": run["seed"],
         "overrides": run["overrides"], "settings": {}, "model": Path(spec).name, "card": card,
-        "commit": args.commit or git_commit(), "split": args.split, "n_test": len(cases),
+        "commit": args.commit or commit(), "split": args.split, "n_test": len(cases),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "eval_settings": {"limit_test": args.limit_test, "probe_limit": args.probe_limit,
                           "humaneval_limit": args.humaneval_limit, "max_new_tokens": args.max_new_tokens,

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import httpx
+from provenance import commit
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = "2-core CPU dev machine"
@@ -551,18 +552,6 @@ def run_faults(workdir: Path) -> tuple[dict, dict, dict]:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _commit() -> str:
-    """``git rev-parse --short HEAD``, plus `` + working tree`` when tracked files differ from it."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + (" + working tree" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def write_markdown(result: dict, path: Path) -> None:
     """The human-readable companion of reliability.json."""
     lines = [f"# Reliability ({result['machine']})", "", f"Last run: commit `{result['commit']}`, {result['date']}.",
@@ -660,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
 
-    result: dict = {"commit": _commit(), "machine": MACHINE, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result: dict = {"commit": commit(short=True) or "unknown", "machine": MACHINE, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     previous = args.out / "reliability.json"
     if previous.is_file():  # a partial run keeps the other sections of the last full one
         kept = json.loads(previous.read_text())

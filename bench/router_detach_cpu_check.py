@@ -34,6 +34,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from provenance import commit as provenance_commit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"shipped": {}, "routing_detach": {"routing_detach": True},
             "token_weight_1": {"routing_token_weight": 1.0},
@@ -41,18 +43,6 @@ SETTINGS = {"shipped": {}, "routing_detach": {"routing_detach": True},
             "routing_balance_mean": {"routing_balance": "mean"}}
 KEYS = ("backbone_gate_general", "backbone_gate_general_with_tools", "backbone_gate_tool_call",
         "headline_retention", "tool_accuracy")
-
-
-def tree_commit() -> str:
-    """The commit the code ran at, ``git rev-parse --short HEAD``, plus `` + working tree`` when tracked files differ
-    from it (a run on uncommitted code must not be recorded as the commit before it)."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + (" + working tree" if dirty else "")
 
 
 def run_job(name: str, overrides: dict, out: Path, steps: int, seed: int) -> dict:
@@ -106,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--settings takes names of: {', '.join(SETTINGS)}; got {args.settings!r}")
     import platform
 
-    commit = tree_commit()
+    commit = provenance_commit(short=True) or "unknown"
     runs = {name: run_job(name, SETTINGS[name], args.out / "jobs", args.steps, args.seed) for name in names}
     result = {"commit": commit, "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or 'x86-64'})",
               "seed": args.seed, "steps": args.steps, "runs": runs}

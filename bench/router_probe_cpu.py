@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from router_detach_cpu_check import tree_commit
+    from provenance import commit as provenance_commit
 
-    commit = tree_commit()
+    commit = provenance_commit(short=True) or "unknown"
     runs = {}
     for name, (beta, balance, detach, token_weight, detach_input) in SETTINGS.items():
         runs[name] = {"routing_beta": beta, "routing_balance": balance, "routing_detach": detach,

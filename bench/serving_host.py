@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import provenance  # noqa: E402
 
 from citi_engine.files import write_json_atomic  # noqa: E402
 
@@ -57,14 +57,6 @@ def step_ms(tok, ids: list[int], rows: int, incremental: bool, rounds: int) -> f
     return statistics.median(times)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for serving_host.json and serving_host.md")
@@ -90,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"rows": n, "full_decode_ms_per_step": round(full, 4), "incremental_ms_per_step": round(grown, 4),
                      "saved_ms_per_step": round(full - grown, 4)})
         print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    doc = {"cpu": cpu_name(), "cores": os.cpu_count(), "commit": commit, "tokens": args.tokens,
+    commit = provenance.commit(short=True) or "unknown"
+    doc = {"cpu": provenance.cpu_name(), "cores": os.cpu_count(), "commit": commit, "tokens": args.tokens,
            "rounds": args.rounds, "results": rows}
     write_json_atomic(args.out / "serving_host.json", doc)
     lines = ["# The serving loop's host time per decode step: reply text decoded again against grown", "",

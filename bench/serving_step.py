@@ -39,7 +39,7 @@ for p in (str(ROOT), str(HERE)):
         sys.path.insert(0, p)
 
 from inference import build_random, make_adapter  # noqa: E402
-from throughput import git_commit, versions  # noqa: E402
+from provenance import commit, versions  # noqa: E402
 
 from citi_engine.files import write_json_atomic  # noqa: E402
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "device": device, "shape": shape,
         "params": sum(p.numel() for p in model.parameters()), "heads": model.config.num_attention_heads,
         "kv_heads": model.config.num_key_value_heads, "prompt_tokens": args.prompt, "steps": args.steps,
-        "rounds": args.rounds, "commit": git_commit(), "versions": versions(), "results": {}}
+        "rounds": args.rounds, "commit": commit(), "versions": versions(), "results": {}}
     with tempfile.TemporaryDirectory(prefix="citi-bench-adapter-") as tmp:
         doc["adapter"] = make_adapter(model, Path(tmp) / "adapter", spec)
         served = cache.adapter("bench", Path(tmp) / "adapter", spec)

@@ -71,6 +71,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from provenance import commit, versions  # noqa: E402
+
 from citi_engine.files import write_json_atomic  # noqa: E402 (light: no torch)
 
 PROFILE = ROOT / "bench" / "data" / "bfcl_length_profile.json"
@@ -301,26 +303,6 @@ def peak_flops(card: str) -> tuple[float | None, str]:
     return PEAK_FLOPS["h100_sxm"], f"unknown card {card!r}: H100 SXM peak assumed"
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout, or ``CITI_COMMIT`` for a copy without .git (a snapshot sent to a GPU machine)."""
-    if os.environ.get("CITI_COMMIT"):
-        return os.environ["CITI_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": sys.version.split()[0], "cuda": str(torch.version.cuda)}
-
-
 def run_tag(shape: str, method: str, packing: bool, variant: str = "") -> str:
     return f"{shape}_{method}_{'packed' if packing else 'padded'}" + (f"_{variant}" if variant else "")
 
@@ -435,7 +417,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "shape": shape, "method": method, "packing": packing, "card": card, "status": "ok",
         "tag": run_tag(shape, method, packing, args.variant), "variant": args.variant, "world_size": world,
         "ddp": bool(args.ddp),
-        "argv": sys.argv[1:], "commit": git_commit(), "versions": versions(),
+        "argv": sys.argv[1:], "commit": commit(), "versions": versions(),
     }
     if method == "importance" and world > 1:
         raise SystemExit("importance is timed on one GPU only; drop --ddp for it")
@@ -772,7 +754,7 @@ def run_micro(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_molora_2mm_vs_lora": totals["molora_2mm"] / totals["lora"],
         "ratio_molora_vs_molora_2mm": totals["molora"] / totals["molora_2mm"],
         "overhead_ratio": (totals["molora"] - totals["base"]) / max(totals["lora"] - totals["base"], 1e-12),
-        "commit": git_commit(), "versions": versions(), "status": "ok",
+        "commit": commit(), "versions": versions(), "status": "ok",
     }
     if totals_busy:
         result["busy_ms"] = totals_busy

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from provenance import commit
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_KEYS = ("shape", "method", "packing", "tokens_per_s", "step_s", "peak_gib", "mfu")
@@ -61,14 +62,6 @@ def load(dirs: list[Path]) -> tuple[list[dict], list[dict], list[dict], list[Pat
                 runs.append(doc)
         files += sorted(d.glob("*.log"))
     return runs, micro, ddp, files
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def find(runs: list[dict], shape: str, method: str, packing: bool, variant: str | None = None) -> dict | None:
@@ -295,7 +288,7 @@ def merge(args: argparse.Namespace, dirs: list[Path]) -> int:
     doc = {
         "card": cards.most_common(1)[0][0] if cards else None,
         "runs": [{**{k: r.get(k) for k in RUN_KEYS}, **{k: r[k] for k in EXTRA_KEYS if k in r}} for r in runs],
-        "commit": commits.pop() if len(commits) == 1 else git_commit(),
+        "commit": commits.pop() if len(commits) == 1 else commit(),
         "not_run": [{k: r.get(k) for k in ("shape", "method", "packing", "status", "reason")} for r in not_run],
         "micro_molora": micro,
         "ddp": ddp,
