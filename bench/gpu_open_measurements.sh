@@ -73,7 +73,7 @@ if want serving1b; then
         > "$RESULTS/serving_step.log" 2>&1
     # CUDA graphs with grouped decode attention (the server's), then with transformers' sdpa (keys and values
     # copied per query head: the attention before), then the dynamic cache: one process after the other
-    for way in "cuda_graphs grouped" "cuda_graphs sdpa" "dynamic grouped"; do
+    for way in "cuda_graphs grouped" "cuda_graphs sdpa" "dynamic sdpa"; do
         set -- $way
         part "inference 1b $1, attention $2"
         timeout 300 python3 bench/inference.py --shape 1b --tokenizer-gguf "$GGUF" --rounds 4 --decode "$1" \

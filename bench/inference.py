@@ -444,8 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     parser.add_argument("--wait-ms", type=float, default=5.0)
     parser.add_argument("--attention", choices=("grouped", "sdpa"), default="grouped",
-                        help="grouped: the server's decode attention (citi_engine.decode_attention); sdpa: "
-                             "transformers' sdpa, which copies keys and values per query head when a mask is passed")
+                        help="grouped: the server's decode attention in the static and CUDA-graph modes "
+                             "(citi_engine.decode_attention; the dynamic mode keeps sdpa); sdpa: transformers' sdpa, "
+                             "which copies keys and values per query head when a mask is passed")
     parser.add_argument("--decode", choices=("dynamic", "static", "cuda_graphs"), default="dynamic",
                         help="how the runtime decodes (CITI_INFERENCE_DECODE)")
     parser.add_argument("--md", type=Path, default=ROOT / "bench" / "results" / "inference.md")

@@ -5,7 +5,7 @@
 
 Why: with CUDA graphs the 1B shape decodes a token in 2.97 ms alone and 4.68 ms a request at 16 concurrent
 (bench/results/inference.md), although one step reads the weights once for all rows. This script says where the
-step's time goes, without the scheduler around it. For each attention (``grouped``: the server's decode attention,
+step's time goes, without the scheduler around it. For each attention (``grouped``: the static modes' decode attention,
 ``citi_engine.decode_attention``; ``sdpa``: transformers' own, which copies keys and values per query head), with
 the base model and with a CITI adapter swapped in, and for each row count, over a static KV cache of prompt +
 ``--steps`` columns (``citi_engine.static_decode.StaticDecoder``, graphs captured on a GPU):
@@ -125,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from citi_engine.decode_attention import enable_decode_attention
     from worker.inference.cache import ModelCache, ServedModel
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    cache = ModelCache(device=device, adapter_cache_size=1)
+    cache = ModelCache(device=device, adapter_cache_size=1, decode="cuda_graphs")
     if args.tiny:
         from citi_engine.testing import make_tiny_model_dir
 
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         doc["adapter"] = make_adapter(model, Path(tmp) / "adapter", spec)
         served = cache.adapter("bench", Path(tmp) / "adapter", spec)
         for attention in ("grouped", "sdpa"):
-            model.set_attn_implementation("citi_sdpa" if attention == "grouped" else "sdpa")
+            if attention == "grouped":
+                enable_decode_attention(model)
+            else:
+                model.set_attn_implementation("sdpa")
             for variant, which in (("base", ServedModel(base=base)), ("citi", served)):
                 cache.activate(which)
                 for rows in args.rows:

@@ -14,8 +14,9 @@ query tokens), masks with a dimension per head and models without groups go to t
 The result is the same attention (tests/engine/test_decode_attention.py pins it to the repeated form).
 
 :func:`enable_decode_attention` registers it with transformers under ``citi_sdpa`` (the mask is built as for
-``sdpa``) and switches a model to it; :class:`worker.inference.cache.ModelCache` does that for every model it
-serves.
+``sdpa``) and switches a model to it; :class:`worker.inference.cache.ModelCache` does that in the static and
+CUDA-graph decode modes (the dynamic mode keeps transformers' attention, the one the jobs' evaluation decodes with,
+so its replies stay the evaluation's bit for bit).
 """
 
 from __future__ import annotations

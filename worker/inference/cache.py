@@ -165,6 +165,16 @@ class ModelCache:
 
     # -- bases -------------------------------------------------------------------------------------
 
+    def _prepare(self, model: nn.Module) -> None:
+        """Frozen, in eval mode, and with the static and CUDA-graph decode modes on grouped decode attention
+        (:mod:`citi_engine.decode_attention`: no copy of keys and values per query head). The dynamic mode, the
+        default, keeps transformers' attention, the one the jobs' own evaluation decodes with, so its greedy
+        replies stay those of the evaluation bit for bit."""
+        model.requires_grad_(False)
+        model.eval()
+        if self.decode != "dynamic":
+            enable_decode_attention(model)
+
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
             return self._loading.setdefault(key, threading.Lock())
@@ -182,8 +192,7 @@ class ModelCache:
 
             t0 = time.perf_counter()
             model, tokenizer = load_model(spec, device=self.device, dtype=self.dtype, model_dirs=self.model_dirs)
-            model.requires_grad_(False)
-            enable_decode_attention(model)
+            self._prepare(model)
             loaded = LoadedBase(spec=spec, model=model, tokenizer=tokenizer, device=self.device,
                                 max_context=_max_context(model, tokenizer), load_seconds=time.perf_counter() - t0)
             log.info("loaded base model %s on %s in %.1fs", spec, self.device, loaded.load_seconds)
@@ -193,9 +202,7 @@ class ModelCache:
 
     def add_base(self, spec: str, model: Any, tokenizer: Any) -> LoadedBase:
         """Serve a model built in memory (benchmarks with random weights) under the name ``spec``."""
-        model.requires_grad_(False)
-        model.eval()
-        enable_decode_attention(model)
+        self._prepare(model)
         device = str(next(model.parameters()).device)
         loaded = LoadedBase(spec=spec, model=model, tokenizer=tokenizer, device=device,
                             max_context=_max_context(model, tokenizer), load_seconds=0.0)
@@ -271,9 +278,7 @@ class ModelCache:
         t0 = time.perf_counter()
         model, tokenizer = load_adapter(str(adapter_dir), base=base_spec, device=self.device, dtype=self.dtype,
                                         model_dirs=self.model_dirs)
-        model.requires_grad_(False)
-        model.eval()
-        enable_decode_attention(model)
+        self._prepare(model)
         return LoadedBase(spec=str(adapter_dir), model=model, tokenizer=tokenizer, device=self.device,
                           max_context=_max_context(model, tokenizer), load_seconds=time.perf_counter() - t0)
 
