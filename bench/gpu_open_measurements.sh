@@ -35,18 +35,20 @@
 # bench/gpu_lease.sh wait` until DONE or the GPU time is spent.
 # The 1B serving timings and the micro-benchmark need no GGUF: when machines are scarce, one call carrying only
 # SmolLM2's tokenizer folder does them (the eleventh session's, about 2.5 minutes in all): copy
-# ~/.cache/citi/smollm2-tokenizer into an ignored folder, carry it, set CITI_CACHE_DIR to the folder holding it, and
-# run bench/inference.py --shape 1b (without --tokenizer-gguf) and bench/throughput.py --micro, writing under $OUT
-# (bench/serving_step.py --shape 1b needs no tokenizer at all).
+# ~/.cache/citi/smollm2-tokenizer into an ignored folder (.m2tok/), carry it, and in the same call
+#   CITI_CACHE_DIR=$PWD/.m2tok CITI_COMMIT=<short hash> PARTS=serving1b,micro RESULTS=$OUT/r \
+#       bash bench/gpu_open_measurements.sh
+# (without GGUF the 1B runs take the tokenizer from CITI_CACHE_DIR; bench/serving_step.py needs none at all).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-: "${GGUF:?}" "${RESULTS:?}"
+: "${RESULTS:?}"
+needs_gguf() { [ -n "${GGUF:-}" ] || { echo "part $1 needs GGUF (the built-in model): skipped" >> "$RESULTS/parts.log"; false; }; }
 mkdir -p "$RESULTS"
 part() { echo "$(date -u +%H:%M:%S) $*" >> "$RESULTS/parts.log"; }
 PARTS=",${PARTS:-quality,serving1b,compile,service},"
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 
-if want quality; then
+if want quality && needs_gguf quality; then
     # PLAN_LARGE, when set, replaces PLAN on a card of more than 120 GB (eight runs at a time there, five on 80 GB);
     # QUALITY_S limits the pool (default 1380 s: one wave of five takes about 14 minutes, two waves 23).
     mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
@@ -55,7 +57,7 @@ if want quality; then
     PLAN=$PLAN timeout "$QUALITY_S" bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
     pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
 fi
-if want timings; then
+if want timings && needs_gguf timings; then
     # The short timings after the pool, alone on the card.
     part "inference cuda_graphs"
     timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode cuda_graphs --out "$RESULTS/inference" \
@@ -76,7 +78,7 @@ if want serving1b; then
     for way in "cuda_graphs grouped" "cuda_graphs sdpa" "dynamic sdpa"; do
         set -- $way
         part "inference 1b $1, attention $2"
-        timeout 300 python3 bench/inference.py --shape 1b --tokenizer-gguf "$GGUF" --rounds 4 --decode "$1" \
+        timeout 300 python3 bench/inference.py --shape 1b ${GGUF:+--tokenizer-gguf "$GGUF"} --rounds 4 --decode "$1" \
             --attention "$2" --out "$RESULTS/inference" > "$RESULTS/inference_1b_$1_$2.log" 2>&1
     done
 fi
@@ -97,7 +99,7 @@ if want micro; then
     timeout 480 python3 bench/throughput.py --micro --micro-compile --shape 8b --out "$RESULTS/throughput_compiled" \
         > "$RESULTS/throughput_micro_compiled.log" 2>&1
 fi
-if want service && [ -d ~/stage/svc/.whl-svc ]; then
+if want service && needs_gguf service && [ -d ~/stage/svc/.whl-svc ]; then
     part "gpu_service"
     cp -r ~/stage/svc/.whl-svc ~/stage/svc/.redis-deb .
     timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" > "$RESULTS/gpu_service.log" 2>&1
