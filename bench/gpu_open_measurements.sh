@@ -12,10 +12,11 @@
 #             (greedy replies compared against the dynamic cache's) and 8B LoRA against CITI stage 2, packed;
 #             measured in the seventh session (bench/results/inference.md, throughput_h100_lora/): only on request
 #   serving1b performance issue's serving target on the 1B shape (random weights, SmolLM2's tokenizer), about 6
-#             minutes: bench/serving_step.py (one decode step's GPU and host time and kernels at 1 and 16 rows),
-#             bench/inference.py with CUDA graphs and grouped decode attention, the same with transformers'
-#             sdpa attention (before), then the dynamic cache, one after the other (<= 4 ms/token at batch 1, >= 4x
-#             the issue's aggregate at 16 concurrent, adapter <= 1.15x)
+#             to 12 minutes: bench/serving_step.py (one decode step's GPU and host time and kernels at 1 and 16
+#             rows; then with the step compiled), bench/inference.py with CUDA graphs and grouped decode attention,
+#             the same with transformers' sdpa attention (before), with the step compiled (compiled_graphs), then the
+#             dynamic cache, one after the other (<= 4 ms/token at batch 1, >= 4x the issue's aggregate at 16
+#             concurrent, adapter <= 1.15x)
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
 #   micro     performance issue's layer target (MOLoRA <= 1.10x a LoRA of rank 32): the 8B micro-benchmark again,
 #             each layer the median of 7 rounds (the fifth session's single stretch per way was as noisy as the
@@ -73,12 +74,15 @@ if want serving1b; then
     part "serving step 1b"
     timeout 240 python3 bench/serving_step.py --shape 1b --profile --out "$RESULTS/serving_step" \
         > "$RESULTS/serving_step.log" 2>&1
+    part "serving step 1b, compiled"
+    timeout 420 python3 bench/serving_step.py --shape 1b --compiled --out "$RESULTS/serving_step_compiled" \
+        > "$RESULTS/serving_step_compiled.log" 2>&1
     # CUDA graphs with grouped decode attention (the server's), then with transformers' sdpa (keys and values
     # copied per query head: the attention before), then the dynamic cache: one process after the other
-    for way in "cuda_graphs grouped" "cuda_graphs sdpa" "dynamic sdpa"; do
+    for way in "cuda_graphs grouped" "cuda_graphs sdpa" "compiled_graphs grouped" "dynamic sdpa"; do
         set -- $way
         part "inference 1b $1, attention $2"
-        timeout 300 python3 bench/inference.py --shape 1b ${GGUF:+--tokenizer-gguf "$GGUF"} --rounds 4 --decode "$1" \
+        timeout 480 python3 bench/inference.py --shape 1b ${GGUF:+--tokenizer-gguf "$GGUF"} --rounds 4 --decode "$1" \
             --attention "$2" --out "$RESULTS/inference" > "$RESULTS/inference_1b_$1_$2.log" 2>&1
     done
 fi

@@ -55,6 +55,8 @@ for p in (str(ROOT), str(HERE)):
 from provenance import commit, versions  # noqa: E402
 from throughput import SHAPES, fixed_components, llama_config  # noqa: E402
 
+from citi_engine import DECODE_MODES  # noqa: E402
+
 CITI = {"num_experts": 4, "rank": 8, "alpha": 16.0}
 TARGET_OVERHEAD = 0.15
 
@@ -447,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="grouped: the server's decode attention in the static and CUDA-graph modes "
                              "(citi_engine.decode_attention; the dynamic mode keeps sdpa); sdpa: transformers' sdpa, "
                              "which copies keys and values per query head when a mask is passed")
-    parser.add_argument("--decode", choices=("dynamic", "static", "cuda_graphs"), default="dynamic",
+    parser.add_argument("--decode", choices=DECODE_MODES, default="dynamic",
                         help="how the runtime decodes (CITI_INFERENCE_DECODE)")
     parser.add_argument("--md", type=Path, default=ROOT / "bench" / "results" / "inference.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "inference.json")

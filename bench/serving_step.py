@@ -51,7 +51,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_step(model, rows: int, prompt: int, steps: int, rounds: int, device: str) -> dict[str, float]:
+def time_step(model, rows: int, prompt: int, steps: int, rounds: int, device: str,
+              compiled: bool = False) -> dict[str, float]:
     """Median over ``rounds`` of the per-step times of ``steps`` decode steps (see the module's text)."""
     import torch
 
@@ -63,7 +64,7 @@ def time_step(model, rows: int, prompt: int, steps: int, rounds: int, device: st
     mask = torch.ones_like(ids)
     stepped, replayed = [], []
     for _ in range(rounds):
-        decoder = StaticDecoder(model, ids, mask, 2 * steps + 4, graphs=device == "cuda")
+        decoder = StaticDecoder(model, ids, mask, 2 * steps + 4, graphs=device == "cuda", compiled=compiled)
         with torch.no_grad():
             logits = decoder.prefill(0)
             for _ in range(3):  # eager warm-up, capture, first replay
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64, help="decode steps timed a round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also write the kernel tables of eager steps")
+    p.add_argument("--compiled", action="store_true",
+                   help="the step compiled by torch.compile before it is captured (CITI_INFERENCE_DECODE=compiled_graphs)")
     args = p.parse_args(argv)
 
     import torch
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "device": device, "shape": shape,
         "params": sum(p.numel() for p in model.parameters()), "heads": model.config.num_attention_heads,
         "kv_heads": model.config.num_key_value_heads, "prompt_tokens": args.prompt, "steps": args.steps,
-        "rounds": args.rounds, "commit": commit(), "versions": versions(), "results": {}}
+        "rounds": args.rounds, "compiled": args.compiled, "commit": commit(), "versions": versions(), "results": {}}
     with tempfile.TemporaryDirectory(prefix="citi-bench-adapter-") as tmp:
         doc["adapter"] = make_adapter(model, Path(tmp) / "adapter", spec)
         served = cache.adapter("bench", Path(tmp) / "adapter", spec)
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant, which in (("base", ServedModel(base=base)), ("citi", served)):
                 cache.activate(which)
                 for rows in args.rows:
-                    r = time_step(model, rows, args.prompt, args.steps, args.rounds, device)
+                    r = time_step(model, rows, args.prompt, args.steps, args.rounds, device, compiled=args.compiled)
                     doc["results"].setdefault(attention, {}).setdefault(variant, {})[str(rows)] = r
                     print(attention, variant, rows, r, flush=True)
                     if args.profile:
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(doc: dict[str, Any]) -> str:
-    lines = [f"# One decode step taken apart ({doc['shape']} shape, {doc['card']})", "",
+    way = ", step compiled by torch.compile" if doc.get("compiled") else ""
+    lines = [f"# One decode step taken apart ({doc['shape']} shape, {doc['card']}{way})", "",
              f"`bench/serving_step.py`, commit {doc['commit']}, torch {doc['versions']['torch']}, transformers "
              f"{doc['versions']['transformers']}; {doc['params'] / 1e6:.0f}M parameters, {doc['heads']} query heads "
              f"over {doc['kv_heads']} key/value heads; prompt {doc['prompt_tokens']} tokens a row, static KV cache; "

@@ -8,9 +8,12 @@ __version__ = "0.1.0"
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # KV caches of the decode loop (citi_engine.generate.generate_ids, citi_engine.serving.generate): growing with the
-# replies, allocated once per batch, or allocated once and each step replayed from a CUDA graph.
-DECODE_MODES = ("dynamic", "static", "cuda_graphs")
+# replies, allocated once per batch, allocated once and each step replayed from a CUDA graph, or that with the step
+# compiled by torch.compile first (its small kernels fused) and then captured.
+DECODE_MODES = ("dynamic", "static", "cuda_graphs", "compiled_graphs")
+# The modes that capture a CUDA graph on a GPU (each decodes over a static KV cache, as ``static`` does elsewhere).
+GRAPH_MODES = ("cuda_graphs", "compiled_graphs")
 # How the balancing loss totals an example's router weights: the paper's sum over its tokens, or their mean.
 ROUTING_BALANCES = ("sum", "mean")
 
-__all__ = ["DECODE_MODES", "DEFAULT_MODEL", "ROUTING_BALANCES", "__version__"]
+__all__ = ["DECODE_MODES", "DEFAULT_MODEL", "GRAPH_MODES", "ROUTING_BALANCES", "__version__"]

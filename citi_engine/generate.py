@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from citi_engine import DECODE_MODES
+from citi_engine import DECODE_MODES, GRAPH_MODES
 from citi_engine.errors import Cancelled
 
 log = logging.getLogger("citi.generate")
@@ -294,7 +294,8 @@ def _token_steps(
         if decode == "dynamic":
             decoder = _DynamicDecoder(model, input_ids, attention_mask)
         else:
-            decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens, graphs=decode == "cuda_graphs")
+            decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens, graphs=decode in GRAPH_MODES,
+                                    compiled=decode == "compiled_graphs")
         tokens = sample_tokens(decoder.prefill(prefill_chunk), temperature, top_p, generator)
     for step in range(max_new_tokens):
         yield tokens.tolist()
@@ -395,9 +396,10 @@ def generate_ids(
     batch, 0 feeds whole prompts in one forward (memory quadratic in the prompt length). A batch that runs
     out of device memory is generated again as two halves (greedy replies are the same; a warning is logged),
     so ``batch_size`` is a ceiling, not a promise the device must keep. ``decode``: the KV cache of the decode
-    loop, ``dynamic`` (grows with the replies), ``static`` (allocated once per batch) or ``cuda_graphs`` (static,
-    each step replayed from a CUDA graph on a GPU: far fewer kernel launches for a small model; static elsewhere);
-    the replies are the same up to the device's arithmetic.
+    loop, ``dynamic`` (grows with the replies), ``static`` (allocated once per batch), ``cuda_graphs`` (static,
+    each step replayed from a CUDA graph on a GPU: far fewer kernel launches for a small model; static elsewhere)
+    or ``compiled_graphs`` (the same with the step compiled by ``torch.compile``: fused kernels); the replies are
+    the same up to the device's arithmetic.
     """
     _check_sampling(max_new_tokens, batch_size, temperature, top_p)
     if decode not in DECODE_MODES:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from tokenizers.decoders import DecodeStream as _DecodeStream
 from torch import nn
 
+from citi_engine import GRAPH_MODES
 from citi_engine.adapter import read_job
 from citi_engine.constrained import Grammar, allocate_bitmask, apply_bitmask
 from citi_engine.generate import (
@@ -297,8 +298,9 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
     ``prefill_chunk``: prompt tokens per row that one prefill forward takes, as in
     :func:`citi_engine.generate.generate_ids` (None: chosen for the batch size, 0: whole prompts at once).
     ``decode``: ``dynamic`` (a growing KV cache; finished rows leave the batch), ``static`` (a static KV
-    cache, :class:`citi_engine.static_decode.StaticDecoder`) or ``cuda_graphs`` (static, each step replayed
-    from a captured CUDA graph on a GPU; static elsewhere). Greedy replies are the same in all three.
+    cache, :class:`citi_engine.static_decode.StaticDecoder`), ``cuda_graphs`` (static, each step replayed
+    from a captured CUDA graph on a GPU; static elsewhere) or ``compiled_graphs`` (the same with the step
+    compiled by ``torch.compile`` first). Greedy replies are the same in all of them up to the device's arithmetic.
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
@@ -320,7 +322,8 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
     input_ids, mask = pad_left([r.req.prompt_ids + r.prefix for r in rows], pad, device)
     chunk = prefill_chunk_for(len(rows)) if prefill_chunk is None else prefill_chunk
     if decode != "dynamic":
-        _decode_static(model, rows, input_ids, mask, chunk, eos, pad, graphs=decode == "cuda_graphs")
+        _decode_static(model, rows, input_ids, mask, chunk, eos, pad, graphs=decode in GRAPH_MODES,
+                       compiled=decode == "compiled_graphs")
         return
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, kv = prefill(model, input_ids, mask, positions, chunk)
@@ -354,7 +357,7 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
 
 
 def _decode_static(model: nn.Module, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor, chunk: int,
-                   eos: set[int], pad: int, *, graphs: bool) -> None:
+                   eos: set[int], pad: int, *, graphs: bool, compiled: bool = False) -> None:
     """The decode loop of :func:`generate` over a static KV cache: every row stays in the batch to the end.
 
     Each step is handed to the GPU before the host's bookkeeping of the tokens it is fed (stop strings, streamed
@@ -364,7 +367,8 @@ def _decode_static(model: nn.Module, rows: list[_Row], input_ids: torch.Tensor, 
     """
     from citi_engine.static_decode import StaticDecoder
 
-    decoder = StaticDecoder(model, input_ids, mask, max(r.req.max_new_tokens for r in rows), graphs=graphs)
+    decoder = StaticDecoder(model, input_ids, mask, max(r.req.max_new_tokens for r in rows), graphs=graphs,
+                            compiled=compiled)
     logits = decoder.prefill(chunk)
     live = list(range(len(rows)))
     for _ in range(decoder.length - decoder.width):

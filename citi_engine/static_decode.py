@@ -17,6 +17,13 @@ needs fixed shapes and fixed memory, so everything a step touches is allocated o
 The first decode step runs eagerly on a side stream (it warms the kernels and the allocator up), the second
 is captured, and every later one replays it. Without CUDA, or with graphs off, the same static steps run
 eagerly; the CPU tests pin that path, token for token, to the dynamic-cache path.
+
+``compiled``: the step goes through ``torch.compile`` first, so the graph replays fused kernels (a norm, the
+rotary embedding, an activation each become one or two kernels instead of several): at these sizes a step is
+mostly small kernels, each with a floor of a few microseconds. The compiled step is made once per process and
+shared by every batch; a batch of a new shape compiles again, once with dynamic sizes after the first, as does a
+batch on another adapter's modules (torch's limit of compiled versions of one function applies: past it the step
+runs as written), and a step that cannot be compiled runs as written (logged once).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from torch import nn
 from citi_engine.generate import _forward_names
 
 log = logging.getLogger("citi.static_decode")
+_COMPILED_STEP = None  # torch.compile of StaticDecoder._step, made on first use
 
 
 class StaticDecoder:
@@ -39,7 +47,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *,
-                 graphs: bool = False):
+                 graphs: bool = False, compiled: bool = False):
         from transformers import StaticCache
 
         self.model = model
@@ -58,6 +66,7 @@ class StaticDecoder:
         self.position = self.mask.sum(-1, keepdim=True).long()
         self.column = torch.full((1,), self.width, dtype=torch.long, device=device)
         self.graphs = graphs and device.type == "cuda"
+        self.compiled = compiled
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None
         self.steps = 0
@@ -89,6 +98,19 @@ class StaticDecoder:
         mask4d = (self.visible & (self.columns <= self.column)).view(self.rows, 1, 1, self.length)
         return self._forward(self.token, self.position, mask4d)
 
+    def _run_step(self) -> torch.Tensor:
+        if not self.compiled:
+            return self._step()
+        global _COMPILED_STEP
+        if _COMPILED_STEP is None:
+            _COMPILED_STEP = torch.compile(StaticDecoder._step)
+        try:
+            return _COMPILED_STEP(self)
+        except Exception as exc:  # noqa: BLE001 - a step torch.compile cannot take runs as written, never fails a request
+            log.warning("torch.compile of the decode step failed, decoding without it: %s", exc)
+            self.compiled = False
+            return self._step()
+
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row (finished rows: any id) and return the next logits (rows x vocabulary, fp32)."""
         self.token.copy_(torch.tensor(tokens, dtype=torch.long).view(-1, 1), non_blocking=True)
@@ -101,10 +123,10 @@ class StaticDecoder:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                logits = self._step()
+                logits = self._run_step()
             torch.cuda.current_stream().wait_stream(stream)
         else:
-            logits = self._step()
+            logits = self._run_step()
         self.steps += 1
         out = logits.float()
         self.position += 1
@@ -116,11 +138,11 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                logits = self._step()
+                logits = self._run_step()
         except Exception as exc:  # noqa: BLE001 - any capture failure means "run eagerly", never a failed request
             log.warning("CUDA graph capture failed, decoding without graphs: %s", exc)
             self.graphs = False
-            return self._step()
+            return self._run_step()
         self.graph, self.graph_logits = graph, logits
         graph.replay()
         return logits

@@ -114,6 +114,25 @@ def test_static_kv_cache_decoding_gives_the_replies_of_the_dynamic_cache(tiny, d
     assert ["".join(d) for d in deltas] == [r.text for r in got]
 
 
+def test_compiled_static_decoding_gives_the_replies_of_the_dynamic_cache(tiny, caplog):
+    """``compiled_graphs``: the decode step goes through torch.compile (on CPU without graphs); rows that end at
+    different steps, stop strings and streamed text as with the dynamic cache, and nothing fell back."""
+    model, tok = tiny
+    want = _static_requests(tok)
+    generate(model, tok, want)
+    deltas: list[list[str]] = [[] for _ in want]
+    got = _static_requests(tok, deltas)
+    with caplog.at_level("WARNING", logger="citi.static_decode"):
+        generate(model, tok, got, decode="compiled_graphs")
+    assert not [r for r in caplog.records if "torch.compile" in r.getMessage()]
+    from citi_engine import static_decode
+
+    assert static_decode._COMPILED_STEP is not None
+    assert [(r.text, r.completion_tokens, r.finish_reason) for r in got] == \
+        [(r.text, r.completion_tokens, r.finish_reason) for r in want]
+    assert ["".join(d) for d in deltas] == [r.text for r in got]
+
+
 def test_static_decoding_keeps_a_grammar_row_beside_free_rows(tiny):
     pytest.importorskip("llguidance")
     from citi_engine.constrained import compile_grammar, json_grammar

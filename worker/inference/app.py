@@ -42,7 +42,7 @@ for a tool's ``parameters``) and the schema's ``param``. ``stop`` cannot be comb
 
 Configuration (environment): ``CITI_ADAPTER_CACHE_SIZE`` (8), ``CITI_INFERENCE_MAX_BATCH`` (16),
 ``CITI_INFERENCE_BATCH_WAIT_MS`` (5), ``CITI_INFERENCE_DEVICE`` (cuda if present, else cpu),
-``CITI_INFERENCE_DTYPE`` (bf16 on GPU, fp32 on CPU), ``CITI_INFERENCE_DECODE`` (dynamic; static, cuda_graphs),
+``CITI_INFERENCE_DTYPE`` (bf16 on GPU, fp32 on CPU), ``CITI_INFERENCE_DECODE`` (dynamic; static, cuda_graphs, compiled_graphs),
 ``CITI_INFERENCE_MAX_NEW_TOKENS`` (cap when a request sets none, 1024), ``CITI_INFERENCE_MAX_CONTEXT`` (cap on the model's context), ``CITI_INFERENCE_PRELOAD``
 (base specs loaded at start), ``CITI_INFERENCE_CACHE_DIR`` (where adapters from S3 are unpacked),
 plus the service's settings (:mod:`citi_service.settings`): storage, ``CITI_MODEL_DIRS``, ``CITI_ALLOWED_MODELS``
@@ -118,9 +118,10 @@ class InferenceSettings(BaseSettings):
                                    "at start.")
     inference_cache_dir: str | None = Field(None, description="CITI_INFERENCE_CACHE_DIR: where adapters fetched "
                                             "from a remote store are kept.")
-    inference_decode: Literal["dynamic", "static", "cuda_graphs"] = Field(
-        "dynamic", description="CITI_INFERENCE_DECODE: dynamic (a growing KV cache), static (a static KV cache) or "
-        "cuda_graphs (static, each decode step replayed from a CUDA graph on a GPU); greedy replies are the same.")
+    inference_decode: Literal["dynamic", "static", "cuda_graphs", "compiled_graphs"] = Field(
+        "dynamic", description="CITI_INFERENCE_DECODE: dynamic (a growing KV cache), static (a static KV cache), "
+        "cuda_graphs (static, each decode step replayed from a CUDA graph on a GPU) or compiled_graphs (the same with "
+        "the step compiled by torch.compile first); greedy replies are the same up to the device's arithmetic.")
 
 
 # ------------------------------------------------------------------------------------------ service
