@@ -8,7 +8,9 @@
 #   bench/gpu_lease.sh stage          call 1: keep the first half in ~/stage, install the carried wheels (and
 #                                     keep the service's wheels and Redis, when carried, in ~/stage/svc)
 #   bench/gpu_lease.sh start CMD...   call 2: join the halves, copy the tree to ~/run, start CMD there (GGUF and
-#                                     RESULTS in its environment), then wait
+#                                     RESULTS in its environment), then wait. NO_GGUF=1: no model, no staging
+#                                     call before (the parts that need none, e.g. the 1B serving timings with the
+#                                     tokenizer folder carried: CITI_CACHE_DIR=$HOME/run/<folder>)
 #   bench/gpu_lease.sh wait           later calls: wait, then copy results
 # Waiting ends when RESULTS/DONE exists or after WAIT_S seconds (default 540); results go to $OUT as one tarball.
 set -uo pipefail
@@ -44,8 +46,10 @@ stage)
     ;;
 start)
     shift
-    cat "$STAGE"/gg.* .m2/gg.* > "$STAGE/smollm2.gguf"  # the parts in name order, those staged first
-    echo "$SHA  $STAGE/smollm2.gguf" | sha256sum -c - || exit 1
+    if [ -z "${NO_GGUF:-}" ]; then
+        cat "$STAGE"/gg.* .m2/gg.* > "$STAGE/smollm2.gguf"  # the parts in name order, those staged first
+        echo "$SHA  $STAGE/smollm2.gguf" | sha256sum -c - || exit 1
+    fi
     rm -rf "$RUN" && mkdir -p "$RUN" "$RESULTS" && rm -f "$RESULTS/DONE"
     tar -cf - --exclude=.m1 --exclude=.m2 --exclude=.git . | tar -xf - -C "$RUN"
     # The GPU machine's .git need not be the checkout's (the files are): name the commit in the call, as
@@ -56,7 +60,8 @@ start)
     fi
     echo "$CITI_COMMIT" > "$RESULTS/commit.txt"
     cd "$RUN" || exit 1
-    export PYTHONPATH="$STAGE/site" GGUF="$STAGE/smollm2.gguf" RESULTS PYTHONUNBUFFERED=1 CITI_COMMIT
+    export PYTHONPATH="$STAGE/site" RESULTS PYTHONUNBUFFERED=1 CITI_COMMIT
+    if [ -z "${NO_GGUF:-}" ]; then export GGUF="$STAGE/smollm2.gguf"; fi
     setsid nohup "$@" > "$RESULTS/driver.log" 2>&1 < /dev/null &
     sleep 5
     collect

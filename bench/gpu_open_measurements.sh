@@ -36,10 +36,11 @@
 # bench/gpu_lease.sh wait` until DONE or the GPU time is spent.
 # The 1B serving timings and the micro-benchmark need no GGUF: when machines are scarce, one call carrying only
 # SmolLM2's tokenizer folder does them (the eleventh session's, about 2.5 minutes in all): copy
-# ~/.cache/citi/smollm2-tokenizer into an ignored folder (.m2tok/), carry it, and in the same call
-#   CITI_CACHE_DIR=$PWD/.m2tok CITI_COMMIT=<short hash> PARTS=serving1b,micro RESULTS=$OUT/r \
-#       bash bench/gpu_open_measurements.sh
-# (without GGUF the 1B runs take the tokenizer from CITI_CACHE_DIR; bench/serving_step.py needs none at all).
+# ~/.cache/citi/smollm2-tokenizer into an ignored folder (.m2tok/), carry it, and start the parts in the background:
+#   NO_GGUF=1 CITI_CACHE_DIR=$HOME/run/.m2tok CITI_COMMIT=<short hash> PARTS=serving1b WAIT_S=540 \
+#       bash bench/gpu_lease.sh start bash bench/gpu_open_measurements.sh
+# then `WAIT_S=540 bash bench/gpu_lease.sh wait` (without GGUF the 1B runs take the tokenizer from CITI_CACHE_DIR;
+# bench/serving_step.py needs none at all).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 : "${RESULTS:?}"
