@@ -278,15 +278,16 @@ def run_one(args) -> dict[str, Any]:
     cache = ModelCache(device=device, adapter_cache_size=2, decode=args.decode)
     t0 = time.perf_counter()
     base, spec, info = load_base(args, cache)
-    if args.attention == "sdpa":  # the serving runtime's attention before grouped decode attention, for comparison
-        base.model.set_attn_implementation("sdpa")
+    from citi_engine import static_decode
+
+    static_decode.GROUPED_ATTENTION = args.attention == "grouped"  # sdpa: the static modes' attention before
     tag = "tiny" if args.tiny else (f"random-{args.shape}" if args.shape else "smollm2")
     tag += "" if args.decode == "dynamic" else f"-{args.decode}"
     tag += "" if args.attention == "grouped" else f"-{args.attention}"
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
                               "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(), "versions": versions(), "new_tokens": args.new_tokens,
                               "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode,
-                              "attention": str(base.model.config._attn_implementation)}
+                              "attention": "sdpa" if args.decode == "dynamic" else args.attention}
     prompt_text = render_prompt(base.tokenizer, MESSAGES, TOOLS)
     prompt = base.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     result["prompt_tokens"] = len(prompt)
@@ -446,9 +447,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     parser.add_argument("--wait-ms", type=float, default=5.0)
     parser.add_argument("--attention", choices=("grouped", "sdpa"), default="grouped",
-                        help="grouped: the server's decode attention in the static and CUDA-graph modes "
-                             "(citi_engine.decode_attention; the dynamic mode keeps sdpa); sdpa: transformers' sdpa, "
-                             "which copies keys and values per query head when a mask is passed")
+                        help="grouped: the static modes' decode attention (citi_engine.decode_attention; the "
+                             "dynamic mode always uses sdpa); sdpa: transformers' sdpa, which copies keys and values "
+                             "per query head when a mask is passed")
     parser.add_argument("--decode", choices=DECODE_MODES, default="dynamic",
                         help="how the runtime decodes (CITI_INFERENCE_DECODE)")
     parser.add_argument("--md", type=Path, default=ROOT / "bench" / "results" / "inference.md")

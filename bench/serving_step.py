@@ -128,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from citi_engine.decode_attention import enable_decode_attention
+    from citi_engine import static_decode
     from worker.inference.cache import ModelCache, ServedModel
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    cache = ModelCache(device=device, adapter_cache_size=1, decode="cuda_graphs")
+    cache = ModelCache(device=device, adapter_cache_size=1)
     if args.tiny:
         from citi_engine.testing import make_tiny_model_dir
 
@@ -154,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["adapter"] = make_adapter(model, Path(tmp) / "adapter", spec)
         served = cache.adapter("bench", Path(tmp) / "adapter", spec)
         for attention in ("grouped", "sdpa"):
-            if attention == "grouped":
-                enable_decode_attention(model)
-            else:
-                model.set_attn_implementation("sdpa")
+            static_decode.GROUPED_ATTENTION = attention == "grouped"
             for variant, which in (("base", ServedModel(base=base)), ("citi", served)):
                 cache.activate(which)
                 for rows in args.rows:
@@ -168,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         table = kernel_table(model, rows, args.prompt, device)
                         (args.out / f"serving_step_{attention}_{variant}_{rows}.txt").write_text(table)
         cache.activate(ServedModel(base=base))
+        static_decode.GROUPED_ATTENTION = True
     write_json_atomic(args.out / "serving_step.json", doc)
     (args.out / "serving_step.md").write_text(render(doc))
     print(f"wrote {args.out / 'serving_step.md'}")

@@ -13,22 +13,22 @@ attends them to their own group's keys and values, the row's mask broadcast over
 query tokens), masks with a dimension per head and models without groups go to transformers' ``sdpa`` unchanged.
 The result is the same attention (tests/engine/test_decode_attention.py pins it to the repeated form).
 
-:func:`enable_decode_attention` registers it with transformers under ``citi_sdpa`` (the mask is built as for
-``sdpa``) and switches a model to it; :class:`worker.inference.cache.ModelCache` does that in the static and
-CUDA-graph decode modes (the dynamic mode keeps transformers' attention, the one the jobs' evaluation decodes with,
-so its replies stay the evaluation's bit for bit).
+:func:`decode_attention` registers it with transformers under ``citi_sdpa`` (the mask is built as for ``sdpa``)
+and switches a model to it for the length of a block: :class:`citi_engine.static_decode.StaticDecoder` wraps its
+decode steps in it, so the static modes use it wherever they run (the server and the jobs' own evaluation alike,
+so a job evaluated with ``cuda_graphs`` answers as the server in that mode does), and the dynamic mode, prefill
+and training keep transformers' attention.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger("citi.decode_attention")
 
 DECODE_ATTENTION = "citi_sdpa"
 
@@ -56,24 +56,24 @@ def grouped_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.
     return out.reshape(rows, 1, heads, dim), None
 
 
-def enable_decode_attention(model: nn.Module) -> str:
-    """Switch ``model`` (or the base of a peft model) from ``sdpa`` to :func:`grouped_decode_attention`; returns
-    the attention implementation in use afterwards. Models on another attention (eager, a varlen or flash
-    kernel) are left as they are: only ``sdpa``'s numerics are the same."""
+@contextlib.contextmanager
+def decode_attention(model: nn.Module) -> Iterator[str]:
+    """Within the block, ``model`` (or the base of a peft model) attends with :func:`grouped_decode_attention`
+    where it would use transformers' ``sdpa``; its configuration is restored on the way out. Yields the attention
+    in use. A model on another attention (eager, a varlen or flash kernel) is left as it is: only ``sdpa``'s
+    numerics are the same."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    current = str(getattr(base.config, "_attn_implementation", None))
-    if current == DECODE_ATTENTION:
-        return current
-    if current != "sdpa":
-        log.info("decode attention left as %s (only sdpa is replaced)", current)
-        return current
+    before = base.config._attn_implementation
+    if before != "sdpa":
+        yield str(before)
+        return
     AttentionInterface.register(DECODE_ATTENTION, grouped_decode_attention)
     AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    base.config._attn_implementation = DECODE_ATTENTION  # the layers read it at each forward
     try:
-        base.set_attn_implementation(DECODE_ATTENTION)
-    except (AttributeError, ValueError, TypeError) as exc:  # a transformers that refuses registered functions
-        log.warning("decode attention not enabled, transformers refused it: %s", exc)
-    return str(base.config._attn_implementation)
+        yield DECODE_ATTENTION
+    finally:
+        base.config._attn_implementation = before

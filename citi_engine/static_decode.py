@@ -12,7 +12,9 @@ needs fixed shapes and fixed memory, so everything a step touches is allocated o
   writes) that are filled before each replay, and builds each row's mask of visible keys on the device
   from them; the mask goes to the model as a 4-D tensor, which transformers uses as it is (no mask building
   and no host synchronisation inside the step);
-- rows stay in the batch until the last one finishes (a finished row is fed padding and ignored).
+- rows stay in the batch until the last one finishes (a finished row is fed padding and ignored);
+- a step attends each row's one query token to its key/value heads without copying them per query head
+  (:mod:`citi_engine.decode_attention`; transformers' sdpa copies them whenever a mask is passed).
 
 The first decode step runs eagerly on a side stream (it warms the kernels and the allocator up), the second
 is captured, and every later one replays it. Without CUDA, or with graphs off, the same static steps run
@@ -28,6 +30,7 @@ runs as written), and a step that cannot be compiled runs as written (logged onc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -37,6 +40,9 @@ from citi_engine.generate import _forward_names
 
 log = logging.getLogger("citi.static_decode")
 _COMPILED_STEP = None  # torch.compile of StaticDecoder._step, made on first use
+# Decode steps attend with citi_engine.decode_attention's grouped attention (no copy of keys and values per query
+# head). Benchmarks that time the attention before it set this to False.
+GROUPED_ATTENTION = True
 
 
 class StaticDecoder:
@@ -99,6 +105,12 @@ class StaticDecoder:
         return self._forward(self.token, self.position, mask4d)
 
     def _run_step(self) -> torch.Tensor:
+        from citi_engine.decode_attention import decode_attention
+
+        with decode_attention(self.model) if GROUPED_ATTENTION else contextlib.nullcontext():
+            return self._compiled_or_plain_step()
+
+    def _compiled_or_plain_step(self) -> torch.Tensor:
         if not self.compiled:
             return self._step()
         global _COMPILED_STEP

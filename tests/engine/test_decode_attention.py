@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from citi_engine import testing  # noqa: E402
 from citi_engine.decode_attention import (  # noqa: E402
     DECODE_ATTENTION,
-    enable_decode_attention,
+    decode_attention,
     grouped_decode_attention,
 )
 from citi_engine.models import load_model  # noqa: E402
@@ -99,28 +99,45 @@ def _static_logits(model, prompts, steps=6):
     return torch.stack(logits)
 
 
-def test_served_model_decodes_the_same_logits_with_grouped_decode_attention(tiny):
+def test_static_decode_steps_attend_grouped_with_sdpas_logits_and_leave_the_model_as_it_was(tiny, monkeypatch):
+    from citi_engine import decode_attention, static_decode
+
     model, _ = tiny
     assert model.config.num_attention_heads // model.config.num_key_value_heads == 2
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, 40000, (n,), generator=g).tolist() for n in (9, 4, 7)]  # left padding
-    model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(static_decode, "GROUPED_ATTENTION", False)  # the attention before: transformers' sdpa
     with torch.no_grad():
         want = _static_logits(model, prompts)
-    try:
-        assert enable_decode_attention(model) == DECODE_ATTENTION
-        assert enable_decode_attention(model) == DECODE_ATTENTION  # twice is once
-        with torch.no_grad():
-            got = _static_logits(model, prompts)
-    finally:
-        model.set_attn_implementation("sdpa")
+    calls = []
+    grouped = decode_attention.grouped_decode_attention
+
+    def counted(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return grouped(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(decode_attention, "grouped_decode_attention", counted)
+    monkeypatch.setattr(static_decode, "GROUPED_ATTENTION", True)
+    with torch.no_grad():
+        got = _static_logits(model, prompts)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layers = model.config.num_hidden_layers
+    assert calls == [1] * layers * 5, "every decode step, and only they (prefill stays on sdpa), attend grouped"
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_a_model_on_another_attention_is_left_as_it_is(tiny):
     model, _ = tiny
     model.set_attn_implementation("eager")
     try:
-        assert enable_decode_attention(model) == "eager"
+        with decode_attention(model) as used:
+            assert used == "eager" and model.config._attn_implementation == "eager"
+        with pytest.raises(RuntimeError), decode_attention(model):
+            raise RuntimeError("a failed step")
+        assert model.config._attn_implementation == "eager"
     finally:
         model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError), decode_attention(model) as used:
+        assert used == DECODE_ATTENTION and model.config._attn_implementation == DECODE_ATTENTION
+        raise RuntimeError("a failed step")
+    assert model.config._attn_implementation == "sdpa", "restored however the block ends"

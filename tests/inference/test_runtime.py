@@ -10,7 +10,6 @@ import torch
 
 from citi_engine.adapter import load_adapter
 from citi_engine.components import list_components
-from citi_engine.decode_attention import DECODE_ATTENTION
 from citi_engine.generate import encode_prompt, generate_chat
 from citi_engine.molora import FrozenMoloraLinear
 from tests.inference.conftest import ASK, GENERAL, WEATHER_TOOL
@@ -45,7 +44,6 @@ def test_citi_adapter_is_served_as_copies_of_its_modules_with_the_logits_of_peft
 
     job_components = reference.peft_config["default"]
     assert served.adapter.kind == "citi"
-    assert served.base.model.config._attn_implementation == "sdpa"  # the dynamic mode decodes as the jobs' evaluation
     assert set(served.adapter.modules) == set(job_components.target_modules) | set(job_components.modules_to_save)
     for name in job_components.modules_to_save:  # UCO: the adapter's own full copy, the base layer untouched
         copy, original = served.adapter.modules[name], served.base.model.get_submodule(name)
@@ -64,12 +62,6 @@ def test_citi_adapter_is_served_as_copies_of_its_modules_with_the_logits_of_peft
 
     cache.activate(ServedModel(base=served.base))  # back to the plain base: bit for bit what it was
     assert torch.equal(_logits(served.base.model, tok, text), base_before)
-
-
-def test_the_static_modes_serve_with_grouped_decode_attention_and_the_dynamic_mode_as_evaluated(small_model):
-    assert ModelCache(device="cpu", decode="static").base(small_model).model.config._attn_implementation \
-        == DECODE_ATTENTION
-    assert ModelCache(device="cpu").base(small_model).model.config._attn_implementation == "sdpa"
 
 
 def test_lora_adapter_is_served_unmerged_with_the_logits_of_peft(lora_dir):

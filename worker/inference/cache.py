@@ -44,7 +44,6 @@ from typing import Any
 from torch import nn
 
 from citi_engine.adapter import read_call_threshold
-from citi_engine.decode_attention import enable_decode_attention
 from citi_engine.molora import PEFT_TYPE_NAME
 from citi_engine.serving import (
     GenerationRequest,
@@ -165,15 +164,11 @@ class ModelCache:
 
     # -- bases -------------------------------------------------------------------------------------
 
-    def _prepare(self, model: nn.Module) -> None:
-        """Frozen, in eval mode, and with the static and CUDA-graph decode modes on grouped decode attention
-        (:mod:`citi_engine.decode_attention`: no copy of keys and values per query head). The dynamic mode, the
-        default, keeps transformers' attention, the one the jobs' own evaluation decodes with, so its greedy
-        replies stay those of the evaluation bit for bit."""
+    @staticmethod
+    def _prepare(model: nn.Module) -> None:
+        """Frozen and in eval mode: the server only reads a model."""
         model.requires_grad_(False)
         model.eval()
-        if self.decode != "dynamic":
-            enable_decode_attention(model)
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
