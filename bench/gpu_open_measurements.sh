@@ -4,10 +4,10 @@
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
 # was measured. PARTS (a comma list, default quality,serving1b,compile,service, in this order) picks what a lease runs:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
-#             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/defaults_retention120.txt: the
-#             shipped defaults' three seeds and both baselines on test with retention on 120 probes; one wave on
-#             an 80 GB card with JOBS=4, about 14 minutes; then bench/plans/router_val2.txt; on a larger card
-#             PLAN_LARGE=bench/plans/next_large.txt holds both); runs in RESULTS/quality/<plan>/
+#             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/router_val3.txt: the router's
+#             third round on the validation split, the sigmoid gate first, then what the thirteenth session's
+#             lease left of the second; twelve runs, about 30 minutes on an 80 GB card with JOBS=4, half that
+#             eight at a time on a larger one); runs in RESULTS/quality/<plan>/
 #   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
 #             (greedy replies compared against the dynamic cache's) and 8B LoRA against CITI stage 2, packed;
 #             measured in the seventh session (bench/results/inference.md, throughput_h100_lora/): only on request
@@ -17,6 +17,10 @@
 #             the same with transformers' sdpa attention (before), with the step compiled (compiled_graphs), then the
 #             dynamic cache, one after the other (<= 4 ms/token at batch 1, >= 4x the issue's aggregate at 16
 #             concurrent, adapter <= 1.15x)
+#   adapteralign  performance issue's adapter cost at 16 rows: bench/router_matmul.py (the served adapter's
+#             router-and-A matmul by layout), then bench/serving_step.py and bench/inference.py (cuda_graphs,
+#             compiled_graphs) on the 1B shape with that weight's rows padded to 64 (--router-align 64), to set
+#             beside the thirteenth session's serving1b runs; about 5 minutes, no GGUF needed; only on request
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
 #   micro     performance issue's layer target (MOLoRA <= 1.10x a LoRA of rank 32): the 8B micro-benchmark again,
 #             each layer the median of 7 rounds (the fifth session's single stretch per way was as noisy as the
@@ -27,7 +31,8 @@
 # Measured already and not run again: generation memory, the dynamic KV cache's timings, stage 2 with and
 # without soft targets, constrained decoding, CITI and the baselines at their own threshold, negatives_near and
 # the router settings on the validation side, the shipped defaults on test at each job's threshold
-# (bench/plans/method_next.txt, twelfth session) (bench/results/).
+# (bench/plans/method_next.txt, twelfth session), their retention on 120 probes and the 1B serving shape with
+# grouped attention and the compiled step (thirteenth session) (bench/results/).
 # Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl and .m1 (and, for the
 # service, first a call carrying .whl-svc .redis-deb); since the tree passed 14 MB the GGUF goes in three parts
 # (`split -n 3`: stage .m1 holding gg.aa with .whl, then .m1 holding gg.ab, and .m2 holding gg.ac at the start);
@@ -55,7 +60,7 @@ if want quality && needs_gguf quality; then
     # QUALITY_S limits the pool (default 1380 s: one wave of five takes about 14 minutes, two waves 23).
     mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
     if [ -n "${PLAN_LARGE:-}" ] && [ "${mem_mib:-0}" -gt 120000 ]; then PLAN=$PLAN_LARGE; fi
-    part "quality (PLAN ${PLAN:=bench/plans/defaults_retention120.txt}, limit ${QUALITY_S:=1380} s)"
+    part "quality (PLAN ${PLAN:=bench/plans/router_val3.txt}, limit ${QUALITY_S:=1380} s)"
     PLAN=$PLAN timeout "$QUALITY_S" bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
     pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
 fi
@@ -85,6 +90,19 @@ if want serving1b; then
         part "inference 1b $1, attention $2"
         timeout 480 python3 bench/inference.py --shape 1b ${GGUF:+--tokenizer-gguf "$GGUF"} --rounds 4 --decode "$1" \
             --attention "$2" --out "$RESULTS/inference" > "$RESULTS/inference_1b_$1_$2.log" 2>&1
+    done
+fi
+if want adapteralign; then
+    # The adapter's router-and-A matmul by layout alone, then the 1B step and serving with its rows padded to 64
+    part "router matmul layouts"
+    timeout 180 python3 bench/router_matmul.py --out "$RESULTS/router_matmul" > "$RESULTS/router_matmul.log" 2>&1
+    part "serving step 1b, router rows aligned to 64"
+    timeout 240 python3 bench/serving_step.py --shape 1b --router-align 64 --profile \
+        --out "$RESULTS/serving_step_align64" > "$RESULTS/serving_step_align64.log" 2>&1
+    for decode in cuda_graphs compiled_graphs; do
+        part "inference 1b $decode, router rows aligned to 64"
+        timeout 480 python3 bench/inference.py --shape 1b ${GGUF:+--tokenizer-gguf "$GGUF"} --rounds 4 \
+            --decode "$decode" --router-align 64 --out "$RESULTS/inference" > "$RESULTS/inference_1b_${decode}_align64.log" 2>&1
     done
 fi
 if want compile; then

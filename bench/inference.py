@@ -281,13 +281,18 @@ def run_one(args) -> dict[str, Any]:
     from citi_engine import static_decode
 
     static_decode.GROUPED_ATTENTION = args.attention == "grouped"  # sdpa: the static modes' attention before
+    from citi_engine.molora import layer as molora_layer
+
+    molora_layer.ROUTER_ALIGN = args.router_align
     tag = "tiny" if args.tiny else (f"random-{args.shape}" if args.shape else "smollm2")
     tag += "" if args.decode == "dynamic" else f"-{args.decode}"
     tag += "" if args.attention == "grouped" else f"-{args.attention}"
+    tag += "" if args.router_align == 1 else f"-align{args.router_align}"
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
                               "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(), "versions": versions(), "new_tokens": args.new_tokens,
                               "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode,
-                              "attention": "sdpa" if args.decode == "dynamic" else args.attention}
+                              "attention": "sdpa" if args.decode == "dynamic" else args.attention,
+                              "router_align": args.router_align}
     prompt_text = render_prompt(base.tokenizer, MESSAGES, TOOLS)
     prompt = base.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     result["prompt_tokens"] = len(prompt)
@@ -386,9 +391,11 @@ def merge(dirs: list[Path], md: Path, js: Path, notes: Path | None = None) -> No
         commit = commit[:10] if commit and commit != "HEAD" else "unknown"
         decode = run.get("decode", "dynamic")
         attention = run.get("attention")  # runs before grouped decode attention did not record it
+        align = run.get("router_align", 1)
         lines += [f"## {m['model']} on {run['card']}, commit {commit}"
                   + ("" if decode == "dynamic" else f", decode {decode}")
-                  + (f", attention {attention}" if attention else ""), "",
+                  + (f", attention {attention}" if attention else "")
+                  + (f", router rows aligned to {align}" if align > 1 else ""), "",
                   f"{m['params'] / 1e6:.0f}M parameters, {m['layers']} layers, {m['dtype']}; prompt "
                   f"{run['prompt_tokens']} tokens, {run['new_tokens']} new tokens a request; torch "
                   f"{run['versions']['torch']}, transformers {run['versions']['transformers']}; commit "
@@ -452,6 +459,9 @@ def main(argv: list[str] | None = None) -> None:
                              "per query head when a mask is passed")
     parser.add_argument("--decode", choices=DECODE_MODES, default="dynamic",
                         help="how the runtime decodes (CITI_INFERENCE_DECODE)")
+    parser.add_argument("--router-align", type=int, default=1,
+                        help="pad the served adapter's router-and-A weight to a multiple of this many rows "
+                             "(citi_engine.molora.layer.ROUTER_ALIGN; bench/router_matmul.py says why)")
     parser.add_argument("--md", type=Path, default=ROOT / "bench" / "results" / "inference.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "inference.json")
     parser.add_argument("--notes", type=Path, help="with --merge: a Markdown file of notes appended to the table")

@@ -3,6 +3,8 @@
     python bench/router_detach_cpu_check.py --out bench/results/router_detach_cpu_check   # 16 min on 2 cores
     python bench/router_detach_cpu_check.py --settings token_weight_1_input_detached \
         --prefix router_tw1_input_cpu_check --out bench/results/router_detach_cpu_check   # 11 min
+    python bench/router_detach_cpu_check.py --settings routing_gate_sigmoid \
+        --prefix router_gate_sigmoid_cpu_check --out bench/results/router_detach_cpu_check
 
 Two CITI jobs on SmolLM2-135M-Instruct, fp32 on CPU, the same seed, data and budget, one with the shipped settings
 and one with ``hyperparameters.routing_detach`` (the experts' gates reach each layer's output without their
@@ -40,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"shipped": {}, "routing_detach": {"routing_detach": True},
             "token_weight_1": {"routing_token_weight": 1.0},
             "token_weight_1_input_detached": {"routing_token_weight": 1.0, "routing_detach_input": True},
-            "routing_balance_mean": {"routing_balance": "mean"}}
+            "routing_balance_mean": {"routing_balance": "mean"},
+            "routing_gate_sigmoid": {"routing_gate": "sigmoid"}}
 KEYS = ("backbone_gate_general", "backbone_gate_general_with_tools", "backbone_gate_tool_call",
         "headline_retention", "tool_accuracy")
 

@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64, help="decode steps timed a round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also write the kernel tables of eager steps")
+    p.add_argument("--router-align", type=int, default=1,
+                   help="pad the served adapter's router-and-A weight to a multiple of this many rows "
+                        "(citi_engine.molora.layer.ROUTER_ALIGN; bench/router_matmul.py says why)")
     p.add_argument("--compiled", action="store_true",
                    help="the step compiled by torch.compile before it is captured (CITI_INFERENCE_DECODE=compiled_graphs)")
     args = p.parse_args(argv)
@@ -129,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from citi_engine import static_decode
+    from citi_engine.molora import layer as molora_layer
     from worker.inference.cache import ModelCache, ServedModel
+
+    molora_layer.ROUTER_ALIGN = args.router_align
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     cache = ModelCache(device=device, adapter_cache_size=1)
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "device": device, "shape": shape,
         "params": sum(p.numel() for p in model.parameters()), "heads": model.config.num_attention_heads,
         "kv_heads": model.config.num_key_value_heads, "prompt_tokens": args.prompt, "steps": args.steps,
-        "rounds": args.rounds, "compiled": args.compiled, "commit": commit(), "versions": versions(), "results": {}}
+        "rounds": args.rounds, "compiled": args.compiled, "router_align": args.router_align, "commit": commit(),
+        "versions": versions(), "results": {}}
     with tempfile.TemporaryDirectory(prefix="citi-bench-adapter-") as tmp:
         doc["adapter"] = make_adapter(model, Path(tmp) / "adapter", spec)
         served = cache.adapter("bench", Path(tmp) / "adapter", spec)
@@ -174,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(doc: dict[str, Any]) -> str:
     way = ", step compiled by torch.compile" if doc.get("compiled") else ""
+    if doc.get("router_align", 1) > 1:
+        way += f", adapter's router rows aligned to {doc['router_align']}"
     lines = [f"# One decode step taken apart ({doc['shape']} shape, {doc['card']}{way})", "",
              f"`bench/serving_step.py`, commit {doc['commit']}, torch {doc['versions']['torch']}, transformers "
              f"{doc['versions']['transformers']}; {doc['params'] / 1e6:.0f}M parameters, {doc['heads']} query heads "

@@ -15,5 +15,9 @@ DECODE_MODES = ("dynamic", "static", "cuda_graphs", "compiled_graphs")
 GRAPH_MODES = ("cuda_graphs", "compiled_graphs")
 # How the balancing loss totals an example's router weights: the paper's sum over its tokens, or their mean.
 ROUTING_BALANCES = ("sum", "mean")
+# How a MOLoRA router turns its N+1 logits into the backbone's and the experts' weights: one softmax over all of them
+# (the paper's), or the backbone's share as a sigmoid of its own logit and the experts sharing the rest by a softmax
+# among themselves (citi_engine.molora.layer.router_gates).
+ROUTING_GATES = ("softmax", "sigmoid")
 
-__all__ = ["DECODE_MODES", "DEFAULT_MODEL", "GRAPH_MODES", "ROUTING_BALANCES", "__version__"]
+__all__ = ["DECODE_MODES", "DEFAULT_MODEL", "GRAPH_MODES", "ROUTING_BALANCES", "ROUTING_GATES", "__version__"]

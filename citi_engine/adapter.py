@@ -83,6 +83,7 @@ def apply_method(
     alpha: float = 2.0,
     lora_rank: int = 16,
     lora_alpha: int = 16,
+    gate: str = "softmax",
 ) -> nn.Module:
     """Return ``model`` prepared for ``method`` (``citi``, ``lora`` or ``full``); the base model is modified in place.
 
@@ -114,7 +115,7 @@ def apply_method(
     if both:
         raise ValueError(f"components cannot be both MOLoRA and UCO: {both}")
     config = MoloraConfig(target_modules=molora, modules_to_save=uco or None, num_experts=num_experts, r=rank,
-                          alpha=alpha, task_type="CAUSAL_LM")
+                          alpha=alpha, gate=gate, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     _keep_uco_in_fp32(peft_model)
     return peft_model
@@ -150,32 +151,42 @@ def routing_loss(
     the loss compares how examples route and not how long they are: with sums, a batch of long tool examples
     and short general ones is "balanced" by moving the short ones' weight to their amplified entries, the
     experts, which works against general tokens going to the backbone.
+
+    A layer with the ``sigmoid`` gate balances its experts among themselves: g is each example's total of the
+    experts' shares of what the backbone leaves (G(x)[1:] / (1 - G(x)[0]), the softmax among the experts), Z = g
+    over B*N entries, no I; the backbone's share is left to the token-level objective
+    (:func:`token_routing_loss`), so the two no longer pull on one softmax.
     """
     if balance not in ROUTING_BALANCES:
         raise ValueError(f"balance must be one of {', '.join(ROUTING_BALANCES)}, got {balance!r}")
     layers = molora_layers(model)
     if not layers:
         raise ValueError("routing_loss needs a model with MOLoRA layers: apply_method(model, 'citi', ...) first")
-    g_per_layer = []
+    total = None
     for layer in layers:
         for adapter in layer.active_adapters:
             probs = layer.router_probs.get(adapter)
             if probs is None:
                 raise RuntimeError("routing_loss reads the router weights of the last forward: run the model first")
+            experts_only = layer.gate.get(adapter, "softmax") == "sigmoid"
+            if experts_only:  # the softmax among the experts
+                probs = probs[..., 1:] / (1.0 - probs[..., :1]).clamp(min=1e-6)
             mask = attention_mask.to(device=probs.device, dtype=probs.dtype)
-            g = torch.einsum("btn,bt->bn", probs, mask)
+            g = torch.einsum("btn,bt->bn", probs, mask)  # (B, N+1), or (B, N) among the experts
             if balance == "mean":
                 g = g / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-            g_per_layer.append(g)
-    g = torch.stack(g_per_layer)  # (layers, B, N+1)
-    n_out = g.shape[-1]
-    # +1 on the backbone neuron and -1 on the experts for tool examples; the opposite for general ones.
-    sign = torch.full((n_out,), -1.0, device=g.device, dtype=g.dtype)
-    sign[0] = 1.0
-    is_tool = task_type.to(g.device).reshape(-1, 1) == 1
-    I = 1.0 + delta * torch.where(is_tool, sign, -sign)  # noqa: E741 (the method page's name)
-    Z = (I * g).flatten(1)
-    return (Z.var(dim=1, unbiased=False) / Z.mean(dim=1).square()).sum()
+            if experts_only:
+                Z = g.flatten()
+            else:
+                # +1 on the backbone neuron and -1 on the experts for tool examples; the opposite for general ones.
+                sign = torch.full((g.shape[-1],), -1.0, device=g.device, dtype=g.dtype)
+                sign[0] = 1.0
+                is_tool = task_type.to(g.device).reshape(-1, 1) == 1
+                I = 1.0 + delta * torch.where(is_tool, sign, -sign)  # noqa: E741 (the method page's name)
+                Z = (I * g).flatten()
+            loss = Z.var(unbiased=False) / Z.mean().square()
+            total = loss if total is None else total + loss
+    return total
 
 
 def token_routing_loss(model: nn.Module, backbone_target: torch.Tensor,

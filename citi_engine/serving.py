@@ -178,7 +178,7 @@ def read_adapter_modules(adapter_dir: str | os.PathLike,
             modules[name] = FrozenLoraLinear(base, a, b, _lora_scaling(config, name, a.shape[0]))
         elif not lora and set(params) == {"molora_router", "molora_A", "molora_B"}:
             modules[name] = FrozenMoloraLinear(base, params["molora_router"], params["molora_A"], params["molora_B"],
-                                               config.num_experts, config.r, config.scaling)
+                                               config.num_experts, config.r, config.scaling, config.gate)
         else:
             log.warning("adapter %s: unexpected tensors %s for %s", adapter_dir, sorted(params), name)
             return None

@@ -331,7 +331,7 @@ class FinetuneRecipe:
         torch.manual_seed(cfg.seed)
         self.model = apply_method(self.model, cfg.method, molora=self.selected_components["molora"],
                                   uco=self.selected_components["uco"], num_experts=c.num_experts, rank=c.rank, alpha=c.alpha,
-                                  lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+                                  lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, gate=self.hp.routing_gate)
         self.trainable = _fp32_trainables(self.model, cfg)
         self.teacher = Teacher(self.model, frozen) if soft_targets else None
         for stage in self.stages:

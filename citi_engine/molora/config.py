@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from citi_engine import ROUTING_GATES
+
 # The member that citi_engine.molora adds to peft's PeftType enum when it is imported.
 PEFT_TYPE_NAME = "MOLORA"
 
@@ -43,6 +45,14 @@ class MoloraConfig(PeftConfig):
             "They must not also be MOLoRA targets."
         },
     )
+    gate: str = field(
+        default="softmax",
+        metadata={
+            "help": "How the router's N+1 logits become the weights G(x): 'softmax' over all of them (the paper's) "
+            "or 'sigmoid': the backbone's share sigmoid(l_0), the experts sharing the rest by a softmax among "
+            "themselves. Adapters saved before this setting existed are 'softmax'."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -66,6 +76,8 @@ class MoloraConfig(PeftConfig):
             raise ValueError(f"r (the expert rank) must be at least 1, got {self.r}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be positive (experts are scaled by alpha/r), got {self.alpha}")
+        if self.gate not in ROUTING_GATES:
+            raise ValueError(f"gate must be one of {', '.join(ROUTING_GATES)}, got {self.gate!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if isinstance(self.target_modules, list) and self.modules_to_save:

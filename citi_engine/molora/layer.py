@@ -3,7 +3,10 @@
     G(x) = softmax(W_r x)                                  W_r in R^{(N+1) x d_in}, no bias
     h    = W0 x + sum_{i=1..N} G(x)[i] * (alpha/r) * B_i A_i x
 
-G(x)[0] is the backbone neuron: it has no expert and only takes probability mass away from them.
+G(x)[0] is the backbone neuron: it has no expert and only takes probability mass away from them. With the
+``sigmoid`` gate (not in the paper) the backbone's share is a sigmoid of its own logit and the experts share the
+rest by a softmax among themselves, G(x) = [s, (1 - s) softmax(l_1..l_N)] with s = sigmoid(l_0): still weights
+that add up to 1, but the backbone's share no longer moves when the experts' logits do (:func:`router_gates`).
 The experts are computed fused, like one LoRA of rank N*r: A = [A_1; ...; A_N] is (N*r x d_in),
 B = [B_1 ... B_N] is (d_out x N*r), and the N*r intermediate is scaled by each expert's gate
 (repeated over its r rows). No Python loop over experts, no per-expert tensors.
@@ -26,7 +29,23 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from citi_engine import ROUTING_GATES
+
 from .config import MoloraConfig
+
+
+def router_gates(logits: torch.Tensor, gate: str = "softmax", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """G(x) from the router's logits W_r x (..., N+1), in at least ``dtype``: ``softmax`` over all N+1 (the
+    paper's), or ``sigmoid``: [s, (1 - s) * softmax(l_1..l_N)] with s = sigmoid(l_0), so the backbone's share
+    depends on its own logit alone and the experts' logits only decide how the rest is shared."""
+    dtype = torch.promote_types(logits.dtype, dtype)
+    if gate == "softmax":
+        return torch.softmax(logits, dim=-1, dtype=dtype)
+    if gate != "sigmoid":
+        raise ValueError(f"gate must be one of {', '.join(ROUTING_GATES)}, got {gate!r}")
+    backbone = torch.sigmoid(logits[..., :1].to(dtype))
+    experts = torch.softmax(logits[..., 1:], dim=-1, dtype=dtype)
+    return torch.cat([backbone, (1.0 - backbone) * experts], dim=-1)
 
 
 def molora_mix(
@@ -38,8 +57,9 @@ def molora_mix(
     probs_dtype: torch.dtype = torch.float32,
     dtype: torch.dtype | None = None,
     detach_gates: bool = False,
+    gate: str = "softmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """G(x) = softmax(W_r x) and each expert's A_i x times scaling * G(x)[i]; the caller applies B.
+    """G(x) (:func:`router_gates` of W_r x) and each expert's A_i x times scaling * G(x)[i]; the caller applies B.
 
     ``logits`` is W_r x (..., N+1), ``h`` is A x (..., N*r). Returns ``(mixed, gates)``: ``mixed``
     (..., N*r), so that ``B mixed`` is the MOLoRA delta, and ``gates`` = G(x) computed in at least
@@ -48,7 +68,7 @@ def molora_mix(
     ``detach_gates``: ``mixed`` takes the gates without their gradient (the same values), so a loss on the
     layer's output trains the experts and not the router; ``gates`` keeps it for the routing terms.
     """
-    gates = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, probs_dtype))  # G(x): (..., N+1)
+    gates = router_gates(logits, gate, probs_dtype)  # G(x): (..., N+1)
     expert_gates = gates[..., 1:]  # drop the backbone neuron G(x)[0]
     if detach_gates:
         expert_gates = expert_gates.detach()
@@ -64,7 +84,7 @@ class MoloraLayer(BaseTunerLayer):
 
     # Everything trainable; peft saves, loads and freezes these by name.
     adapter_layer_names = ("molora_router", "molora_A", "molora_B")
-    other_param_names = ("num_experts", "r", "scaling", "molora_dropout")
+    other_param_names = ("num_experts", "r", "scaling", "gate", "molora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -75,6 +95,7 @@ class MoloraLayer(BaseTunerLayer):
         self.num_experts: dict[str, int] = {}
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+        self.gate: dict[str, str] = {}  # how the router's logits become G(x): router_gates
         # G(x) of the last forward per adapter, (..., N+1); kept for the routing loss. A plain dict, so it
         # is neither a parameter nor saved.
         self.router_probs: dict[str, torch.Tensor] = {}
@@ -102,6 +123,7 @@ class MoloraLayer(BaseTunerLayer):
         self.num_experts[adapter_name] = n
         self.r[adapter_name] = r
         self.scaling[adapter_name] = config.alpha / r
+        self.gate[adapter_name] = config.gate
         self.reset_parameters(adapter_name, config.init_weights)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -156,7 +178,7 @@ class MoloraLinear(nn.Module, MoloraLayer):
         else:
             logits, h = F.linear(x, W_r), F.linear(dropout(x), A)  # the router sees x without dropout
         mixed, self.router_probs[adapter] = molora_mix(logits, h, n, r, self.scaling[adapter], dtype=x.dtype,
-                                                       detach_gates=self.detach_router)
+                                                       detach_gates=self.detach_router, gate=self.gate[adapter])
         return F.linear(mixed, B)  # sum over experts of B_i (...): (..., d_out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -180,6 +202,13 @@ class MoloraLinear(nn.Module, MoloraLayer):
         return "molora." + super().__repr__()
 
 
+# Rows of the serving layer's router-and-A weight are padded with zeros to a multiple of this (1: none). Why it may
+# matter: at 16 rows on an H100, cuBLAS takes 21 us for the 1B shape's (16 x 2048) @ (2048 x 37) router-and-A matmul
+# (a small-N kernel, bench/results/inference_raw/serving1b_h100_s13/serving_step), half of the adapter's cost per
+# step; bench/router_matmul.py times the layouts side by side before this default changes.
+ROUTER_ALIGN = 1
+
+
 class FrozenMoloraLinear(nn.Module):
     """A trained MOLoRA adapter on a shared, frozen ``nn.Linear``, for serving: ``W0 x + B molora_mix(W_r x, A x)``.
 
@@ -187,11 +216,13 @@ class FrozenMoloraLinear(nn.Module):
     never written to. The router and the stacked ``A`` are one weight (one matmul), ``B`` is stored
     transposed and pre-scaled by alpha/r so ``addmm`` adds it onto the base output in place: at batch 1
     decoding is bound by kernel launches, so the component costs the base matmul plus four kernels
-    (router-and-A matmul, softmax, gate multiply, B matmul). Weights take the base layer's dtype.
+    (router-and-A matmul, softmax, gate multiply, B matmul). Weights take the base layer's dtype. ``align``
+    (default :data:`ROUTER_ALIGN`) pads the router-and-A weight with zero rows to a multiple of it, for a matmul
+    shape the GPU's kernels handle better; the padded outputs are never read.
     """
 
     def __init__(self, base: nn.Linear, router: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 num_experts: int, r: int, scaling: float) -> None:
+                 num_experts: int, r: int, scaling: float, gate: str = "softmax", align: int | None = None) -> None:
         super().__init__()
         if router.shape != (num_experts + 1, base.in_features):
             raise ValueError(f"router weight has shape {tuple(router.shape)}, expected {(num_experts + 1, base.in_features)}")
@@ -199,9 +230,16 @@ class FrozenMoloraLinear(nn.Module):
             raise ValueError(f"expert weights have shapes {tuple(a.shape)} and {tuple(b.shape)}, which do not fit "
                              f"{num_experts} experts of rank {r} on a {base.in_features}->{base.out_features} layer")
         self.base = base
-        self.num_experts, self.r = num_experts, r
+        if gate not in ROUTING_GATES:
+            raise ValueError(f"gate must be one of {', '.join(ROUTING_GATES)}, got {gate!r}")
+        self.num_experts, self.r, self.gate = num_experts, r, gate
         w = base.weight
-        self.router_a = nn.Parameter(torch.cat([router, a], 0).to(w.device, w.dtype), requires_grad=False)
+        router_a = torch.cat([router, a], 0)
+        align = ROUTER_ALIGN if align is None else align
+        pad = -router_a.shape[0] % max(align, 1)
+        if pad:
+            router_a = torch.cat([router_a, router_a.new_zeros(pad, router_a.shape[1])], 0)
+        self.router_a = nn.Parameter(router_a.to(w.device, w.dtype), requires_grad=False)
         b_scaled = b.to(torch.promote_types(b.dtype, torch.float32)) * scaling  # scaled in fp32 or finer, then cast
         self.b_scaled_t = nn.Parameter(b_scaled.t().contiguous().to(w.device, w.dtype), requires_grad=False)
 
@@ -209,5 +247,6 @@ class FrozenMoloraLinear(nn.Module):
         n = self.num_experts
         out = F.linear(x, self.base.weight, self.base.bias)
         ra = F.linear(x, self.router_a)
-        mixed, _ = molora_mix(ra[..., : n + 1], ra[..., n + 1:], n, self.r, probs_dtype=ra.dtype)
+        mixed, _ = molora_mix(ra[..., : n + 1], ra[..., n + 1: n + 1 + n * self.r], n, self.r, probs_dtype=ra.dtype,
+                              gate=self.gate)
         return torch.addmm(out.view(-1, out.shape[-1]), mixed.view(-1, mixed.shape[-1]), self.b_scaled_t).view(out.shape)

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from citi_engine import DECODE_MODES, DEFAULT_MODEL, ROUTING_BALANCES
+from citi_engine import DECODE_MODES, DEFAULT_MODEL, ROUTING_BALANCES, ROUTING_GATES
 from citi_engine.budget import Budget
 from citi_engine.ranges import Range, SettingError, check_ranges, setting
 
@@ -213,6 +213,15 @@ class Hyperparameters:
         "mean was chosen on our validation split (bench/results/quality_router_val.md): the same tool accuracy, "
         "general retention 0.985 against 0.977.",
     )
+    routing_gate: str = setting(
+        "softmax",
+        "How each MOLoRA router weighs the backbone against its experts: softmax (the paper's: one softmax over "
+        "the backbone neuron and the experts) or sigmoid (not in the paper: the backbone's share is a sigmoid of "
+        "its own logit and the experts share the rest by a softmax among themselves; the balancing loss "
+        "(routing_beta) then balances the experts among themselves and leaves the backbone's share to "
+        "routing_token_weight, so the two no longer pull on one softmax). Saved with the adapter; the server "
+        "computes the same.",
+    )
     routing_detach: bool = setting(
         False,
         "Train each router by the routing terms alone (not in the paper): the experts' weights G(x)[1:] reach "
@@ -371,6 +380,9 @@ class Hyperparameters:
         if self.routing_balance not in ROUTING_BALANCES:
             raise SettingError(f"hyperparameters.routing_balance must be one of {', '.join(ROUTING_BALANCES)}, got "
                                f"{self.routing_balance!r}", param="hyperparameters.routing_balance")
+        if self.routing_gate not in ROUTING_GATES:
+            raise SettingError(f"hyperparameters.routing_gate must be one of {', '.join(ROUTING_GATES)}, got "
+                               f"{self.routing_gate!r}", param="hyperparameters.routing_gate")
         if not isinstance(self.routing_detach, bool):
             raise SettingError(f"hyperparameters.routing_detach must be true or false, got {self.routing_detach!r}",
                                param="hyperparameters.routing_detach")
@@ -519,7 +531,8 @@ _PAPER_CITI = {
     "hyperparameters": {
         "lr_router_pretraining": 2e-4, "lr_molora": 2e-4, "lr_uco": 2e-5,
         "epochs_router_pretraining": 1.0, "epochs_molora": 2.0, "epochs_uco": 1.0,
-        "routing_beta": 0.01, "routing_balance": "sum", "routing_token_weight": 0.0, "general_loss": "ce",
+        "routing_beta": 0.01, "routing_balance": "sum", "routing_gate": "softmax", "routing_token_weight": 0.0,
+        "general_loss": "ce",
         "negatives_ratio": 0.0,
         "function_masking": 0.0, "replay_tools_fraction": 0.0,
     },

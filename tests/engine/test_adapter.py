@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,6 +118,28 @@ def test_routing_loss_with_mean_balance_matches_a_hand_computation_and_ignores_l
     assert routing_loss(model, task_type, longer, delta=0.5).item() != pytest.approx(2 * 25 / 121, rel=1e-3)
     with pytest.raises(ValueError, match="sum, mean"):
         routing_loss(model, task_type, longer, balance="median")
+
+
+def test_sigmoid_gate_routing_loss_balances_the_experts_among_themselves_and_leaves_the_backbone_alone():
+    torch.manual_seed(0)
+    config = MoloraConfig(target_modules=["x"], num_experts=3, r=2, alpha=1.0, gate="sigmoid")
+    layer = MoloraLinear(nn.Linear(4, 4, bias=False), "default", config)
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    task_type = torch.tensor([1, 0])
+    layer(x)
+    loss = routing_loss(layer, task_type, mask, balance="mean")
+    # By hand: the experts' softmax among themselves, averaged over each example's real tokens, Z over B*N entries
+    q = torch.softmax(F.linear(x, layer.molora_router["default"])[..., 1:], dim=-1)
+    g = torch.einsum("btn,bt->bn", q, mask.float()) / mask.sum(1, keepdim=True)
+    assert loss.item() == pytest.approx((g.flatten().var(unbiased=False) / g.flatten().mean() ** 2).item(), rel=1e-5)
+    loss.backward()
+    grad = layer.molora_router["default"].grad
+    assert grad[1:].abs().sum() > 0 and grad[0].abs().max() < 1e-7  # the backbone's logit is not balanced
+    with torch.no_grad():
+        layer.molora_router["default"][0] += 3.0  # move the backbone's share only
+    layer(x)
+    assert routing_loss(layer, task_type, mask, balance="mean").item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_routing_loss_needs_molora_layers_and_a_forward():

@@ -27,11 +27,11 @@ from citi_engine.testing import tiny_llama
 VOCAB = 300
 
 
-def _citi_model(seed=0):
+def _citi_model(seed=0, gate="softmax"):
     model = tiny_llama(vocab_size=VOCAB, hidden=64, intermediate=128, max_positions=512, seed=seed,
                        attn_implementation="sdpa", use_cache=False).train()
     names = list_components(model)
-    return apply_method(model, "citi", molora=names[::3], uco=names[1:2], num_experts=2, rank=4, alpha=8)
+    return apply_method(model, "citi", molora=names[::3], uco=names[1:2], num_experts=2, rank=4, alpha=8, gate=gate)
 
 
 def _examples(kinds, seed=0):
@@ -125,9 +125,10 @@ def _mean_backbone_gate(model, batch, where):
     return float(torch.stack([g[where] .mean() for g in gates]).mean())
 
 
-def test_token_routing_objective_moves_the_backbone_gate_up_on_general_and_down_on_tool_call_tokens():
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_token_routing_objective_moves_the_backbone_gate_up_on_general_and_down_on_tool_call_tokens(gate):
     torch.manual_seed(0)
-    model = _citi_model(seed=3)
+    model = _citi_model(seed=3, gate=gate)
     kinds = [ExampleKind.GENERAL, ExampleKind.TOOL] * 3
     batch = pad_batches(_examples(kinds, seed=7), max_tokens=10_000)[0]
     from citi_engine.losses import label_positions
@@ -235,6 +236,9 @@ def test_routing_detach_without_the_token_objective_is_refused_with_the_fix():
     with pytest.raises(SettingError, match="routing_balance must be one of sum, mean") as caught:
         Hyperparameters(routing_balance="avg")
     assert caught.value.param == "hyperparameters.routing_balance"
+    with pytest.raises(SettingError, match="routing_gate must be one of softmax, sigmoid") as caught:
+        Hyperparameters(routing_gate="relu")
+    assert caught.value.param == "hyperparameters.routing_gate"
     assert Hyperparameters(routing_detach=True).routing_token_weight > 0
 
 
@@ -247,6 +251,7 @@ def test_the_paper_preset_lays_the_papers_settings_under_the_jobs_own():
     hp = paper.hyperparameters
     # where our defaults differ from the paper, the preset takes the paper's
     assert (ours.routing_balance, hp.routing_balance) == ("mean", "sum")
+    assert hp.routing_gate == "softmax"  # the paper's one softmax, whatever the job's default
     assert (ours.general_loss, hp.general_loss) == ("kl", "ce")
     assert ours.negatives_ratio > 0 and hp.negatives_ratio == 0
     assert hp.routing_beta == 0.01 and hp.routing_token_weight == 0

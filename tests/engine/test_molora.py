@@ -26,16 +26,23 @@ from transformers import LlamaForCausalLM  # noqa: E402
 import citi_engine.molora as molora  # noqa: E402
 from citi_engine import testing  # noqa: E402
 from citi_engine.molora import FrozenMoloraLinear, MoloraConfig, MoloraLinear, MoloraModel  # noqa: E402
-from citi_engine.molora.layer import molora_mix  # noqa: E402
+from citi_engine.molora.layer import molora_mix, router_gates  # noqa: E402
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     return testing.tiny_llama(seed=seed, dtype=dtype, pad_token_id=0)
 
 
-def naive_molora(x, W0, b0, W_r, A, B, n, r, alpha):
-    """The method page's formula with one term per expert (the reference the fused layer must match)."""
-    G = torch.softmax(x @ W_r.T, dim=-1)
+def naive_molora(x, W0, b0, W_r, A, B, n, r, alpha, gate="softmax"):
+    """The method page's formula with one term per expert (the reference the fused layer must match); with the
+    sigmoid gate G(x) = [s, (1 - s) softmax(l_1..l_N)], s = sigmoid(l_0), written out the long way."""
+    logits = x @ W_r.T
+    if gate == "softmax":
+        G = torch.softmax(logits, dim=-1)
+    else:
+        s = 1.0 / (1.0 + torch.exp(-logits[..., :1]))
+        e = torch.exp(logits[..., 1:])
+        G = torch.cat([s, (1.0 - s) * e / e.sum(-1, keepdim=True)], dim=-1)
     h = x @ W0.T + (b0 if b0 is not None else 0)
     for i in range(n):
         A_i, B_i = A[i * r:(i + 1) * r], B[:, i * r:(i + 1) * r]
@@ -43,13 +50,14 @@ def naive_molora(x, W0, b0, W_r, A, B, n, r, alpha):
     return h, G
 
 
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_layer_equals_per_expert_reference_in_outputs_and_gradients(bias):
+def test_fused_layer_equals_per_expert_reference_in_outputs_and_gradients(bias, gate):
     torch.manual_seed(0)
     n, r, alpha = 3, 4, 3.0
     base = nn.Linear(12, 10, bias=bias).double()
     layer = MoloraLinear(base, "default", MoloraConfig(target_modules=["x"], num_experts=n, r=r, alpha=alpha,
-                                                       init_weights=False)).double()
+                                                       init_weights=False, gate=gate)).double()
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 5, 10, dtype=torch.float64)
 
@@ -60,7 +68,7 @@ def test_fused_layer_equals_per_expert_reference_in_outputs_and_gradients(bias):
                   (layer.molora_router["default"], layer.molora_A["default"], layer.molora_B["default"])]
     x_ref = x.detach().clone().requires_grad_(True)
     ref, G = naive_molora(x_ref, base.weight.detach(), None if base.bias is None else base.bias.detach(),
-                          *ref_params, n, r, alpha)
+                          *ref_params, n, r, alpha, gate)
     (ref * upstream).sum().backward()
 
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -154,23 +162,45 @@ def test_with_dropout_the_router_sees_x_without_dropout_and_the_experts_see_it_d
     torch.testing.assert_close(layer.router_probs["default"], G, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_frozen_serving_layer_computes_what_the_training_layer_computes(bias):
+def test_frozen_serving_layer_computes_what_the_training_layer_computes(bias, gate):
     torch.manual_seed(1)
     n, r, alpha = 3, 4, 3.0
     base = nn.Linear(12, 10, bias=bias).double()
     layer = MoloraLinear(base, "default", MoloraConfig(target_modules=["x"], num_experts=n, r=r, alpha=alpha,
-                                                       init_weights=False)).double()
+                                                       init_weights=False, gate=gate)).double()
     frozen = FrozenMoloraLinear(base, layer.molora_router["default"].detach(), layer.molora_A["default"].detach(),
-                                layer.molora_B["default"].detach(), n, r, alpha / r)
+                                layer.molora_B["default"].detach(), n, r, alpha / r, gate)
     assert frozen.base is base and not any(p.requires_grad for p in frozen.parameters(recurse=False))
     x = torch.randn(2, 5, 12, dtype=torch.float64)
     with torch.no_grad():
         ref, _ = naive_molora(x, base.weight, base.bias, layer.molora_router["default"], layer.molora_A["default"],
-                              layer.molora_B["default"], n, r, alpha)
+                              layer.molora_B["default"], n, r, alpha, gate)
         torch.testing.assert_close(frozen(x), layer(x), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(frozen(x), ref, rtol=1e-12, atol=1e-12)
         assert (ref - base(x)).abs().max() > 1e-3  # the experts really contribute
+        padded = FrozenMoloraLinear(base, layer.molora_router["default"].detach(), layer.molora_A["default"].detach(),
+                                    layer.molora_B["default"].detach(), n, r, alpha / r, gate, align=64)
+        assert padded.router_a.shape == (64, 12)  # (n + 1 + n * r) = 16 rows, padded with zeros to 64
+        torch.testing.assert_close(padded(x), frozen(x), rtol=1e-12, atol=1e-12)
+
+
+def test_sigmoid_gate_gives_the_backbone_its_own_logit_and_the_experts_the_rest():
+    torch.manual_seed(2)
+    logits = torch.randn(6, 5, dtype=torch.float64) * 3
+    G = router_gates(logits, "sigmoid")
+    torch.testing.assert_close(G.sum(-1), torch.ones(6, dtype=torch.float64))
+    torch.testing.assert_close(G[:, 0], torch.sigmoid(logits[:, 0]))
+    torch.testing.assert_close(G[:, 1:] / G[:, 1:].sum(-1, keepdim=True), torch.softmax(logits[:, 1:], -1))
+    moved = logits.clone()
+    moved[:, 1:] += torch.randn(6, 4, dtype=torch.float64) * 5  # the experts' logits move...
+    torch.testing.assert_close(router_gates(moved, "sigmoid")[:, 0], G[:, 0])  # ...the backbone's share does not
+    assert (router_gates(moved, "softmax")[:, 0] - router_gates(logits, "softmax")[:, 0]).abs().max() > 1e-2
+    assert router_gates(logits.float(), "sigmoid", torch.float32).dtype == torch.float32
+    assert router_gates(logits.to(torch.bfloat16), "sigmoid", torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="softmax, sigmoid"):
+        router_gates(logits, "tanh")
 
 
 def test_fresh_layer_is_the_identity_and_keeps_fp32_masters_on_a_bf16_base():
@@ -199,6 +229,7 @@ def test_fresh_layer_is_the_identity_and_keeps_fp32_masters_on_a_bf16_base():
     ({"dropout": 1.0}, "dropout"),
     ({"target_modules": None}, "target_modules"),
     ({"modules_to_save": ["a.q_proj"]}, "both a MOLoRA target"),
+    ({"gate": "tanh"}, "gate must be one of softmax, sigmoid"),
 ])
 def test_config_refuses_impossible_settings(kwargs, message):
     settings = {"target_modules": ["a.q_proj"], **kwargs}

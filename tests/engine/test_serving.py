@@ -28,10 +28,11 @@ CONVERSATIONS = [
 ]
 
 
-def test_citi_adapter_read_into_modules_on_a_shared_base_gives_the_logits_of_peft(tmp_path):
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_citi_adapter_read_into_modules_on_a_shared_base_gives_the_logits_of_peft(tmp_path, gate):
     base = testing.tiny_llama(seed=0, pad_token_id=0)
     served = copy.deepcopy(base)
-    peft_model = apply_method(base, "citi", molora=MOLORA, uco=UCO, num_experts=3, rank=4, alpha=8.0)
+    peft_model = apply_method(base, "citi", molora=MOLORA, uco=UCO, num_experts=3, rank=4, alpha=8.0, gate=gate)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -45,6 +46,7 @@ def test_citi_adapter_read_into_modules_on_a_shared_base_gives_the_logits_of_pef
     kind, modules = read_adapter_modules(tmp_path / "adapter", linears)
     assert kind == "citi" and set(modules) == set(MOLORA) | set(UCO)
     assert all(isinstance(modules[n], FrozenMoloraLinear) and modules[n].base is linears[n] for n in MOLORA)
+    assert {modules[n].gate for n in MOLORA} == {gate}  # saved with the adapter, read back by the server
     ids = torch.randint(1, 96, (2, 7), generator=g)
     with torch.no_grad():
         before = served(input_ids=ids).logits

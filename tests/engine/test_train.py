@@ -252,6 +252,24 @@ def test_finetune_citi_writes_adapter_importance_card_and_job(tiny_model, data_f
     assert events[-1]["type"] == "done"
 
 
+def test_a_job_with_the_sigmoid_gate_trains_saves_and_reloads_its_routers_with_it(tiny_model, data_file, tmp_path):
+    from citi_engine.adapter import load_adapter, molora_layers
+
+    out = tmp_path / "out"
+    result = finetune(small_config(tiny_model, data_file, out, budget={"max_steps": 3},
+                                   hyperparameters={"routing_gate": "sigmoid"}))
+    assert result.steps == 3
+    assert json.loads((out / "adapter_config.json").read_text())["gate"] == "sigmoid"
+    model, _ = load_adapter(out, device="cpu")
+    layers = molora_layers(model)
+    assert layers and {layer.gate["default"] for layer in layers} == {"sigmoid"}
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    for layer in layers:  # G(x)[0] is the sigmoid of the router's first logit
+        g = layer.router_probs["default"]
+        torch.testing.assert_close(g.sum(-1), torch.ones_like(g[..., 0]))
+
+
 def test_replay_builds_general_data_when_the_job_brings_none(tiny_model, tmp_path):
     data = write_data(tmp_path, n_tool=12, n_general=0)
     events = []
