@@ -15,7 +15,9 @@ For each input width of the 1B shape (2048, 8192) and SmolLM2's (576, 1536), wit
 - ``linear``: ``F.linear(x, W)`` with W (N x K), what the serving layer does now;
 - ``align16``, ``align64``: the same with W padded by zero rows to a multiple of 16 or 64
   (``citi_engine.molora.layer.ROUTER_ALIGN``), the extra columns never read;
-- ``transposed``: ``x @ Wt`` with Wt (K x N) stored transposed (another operand layout for cuBLAS).
+- ``transposed``: ``x @ Wt`` with Wt (K x N) stored transposed (another operand layout for cuBLAS);
+- ``swapped``: ``(W @ x^T)^T``, the product taken the other way round (N rows of output, one column a token), so
+  the small dimension is the other operand's.
 
 Each is captured in a CUDA graph of ``--calls`` back-to-back calls and replayed; the time is per call, the median
 of ``--rounds`` replays; the kernel the profiler saw for one call is recorded beside it. Random weights and inputs.
@@ -40,7 +42,7 @@ from provenance import commit, versions  # noqa: E402
 
 from citi_engine.files import write_json_atomic  # noqa: E402
 
-LAYOUTS = ("linear", "align16", "align64", "transposed")
+LAYOUTS = ("linear", "align16", "align64", "transposed", "swapped")
 
 
 def operand(layout: str, n: int, k: int, dtype, device: str):
@@ -52,6 +54,8 @@ def operand(layout: str, n: int, k: int, dtype, device: str):
     if layout == "transposed":
         wt = w.t().contiguous()
         return lambda x: x @ wt
+    if layout == "swapped":
+        return lambda x: (w @ x.t()).t()
     align = {"linear": 1, "align16": 16, "align64": 64}[layout]
     pad = -n % align
     padded = torch.cat([w, w.new_zeros(pad, k)]) if pad else w
