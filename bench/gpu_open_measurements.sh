@@ -5,9 +5,9 @@
 # was measured. PARTS (a comma list, default quality,serving1b,compile,service, in this order) picks what a lease runs:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
 #             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/router_val3.txt: the router's
-#             third round on the validation split, the sigmoid gate first, then what the thirteenth session's
-#             lease left of the second; twelve runs, about 30 minutes on an 80 GB card with JOBS=4, half that
-#             eight at a time on a larger one); runs in RESULTS/quality/<plan>/
+#             third round on the validation split, what the thirteenth session's lease left of the second, then
+#             the sigmoid gate; nine runs, about 22 minutes on an 80 GB card with JOBS=4, half that eight at a
+#             time on a larger one); runs in RESULTS/quality/<plan>/
 #   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
 #             (greedy replies compared against the dynamic cache's) and 8B LoRA against CITI stage 2, packed;
 #             measured in the seventh session (bench/results/inference.md, throughput_h100_lora/): only on request

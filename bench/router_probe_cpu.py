@@ -1,6 +1,8 @@
 """What holds the router's backbone gate down? A short CPU probe on the built-in model, one routing term at a time.
 
     python bench/router_probe_cpu.py --out bench/results/router_detach_cpu_check   # about 20 minutes on 2 cores
+    python bench/router_probe_cpu.py --settings "balancing loss, means (shipped now);sigmoid;sigmoid, token weight 0.3" \
+        --prefix router_probe_sigmoid_cpu --out bench/results/router_detach_cpu_check
 
 SmolLM2-135M-Instruct in fp32 with CITI's MOLoRA on every second component (4 experts, rank 8), the routers and
 experts trained together for ``--steps`` AdamW steps at a constant 1e-3 through the job's own loss of a
@@ -11,7 +13,10 @@ gate G(x)[0] on the tokens of the general ones and on the positions that write t
 adapter-disabled model's next-token distribution on the general tokens (how far general behaviour has moved).
 Settings, one run each, same seed and batches: the balancing loss off, as the paper sums router weights (the
 shipped default), and as per-token means (``routing_balance: mean``); the shipped default without
-``routing_detach``; and the token-level objective at 1.0, with and without ``routing_detach_input``.
+``routing_detach``; the token-level objective at 1.0, with and without ``routing_detach_input``; and the defaults
+since (means, not detached) with one softmax over the backbone and the experts against ``routing_gate: sigmoid``
+(the backbone's share a sigmoid of its own logit, the balancing loss among the experts only), at token weight 0.1
+and 0.3.
 
 A probe of the training signal, not of quality: no answer is generated and nothing is evaluated.
 """
@@ -28,18 +33,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-# name: (routing_beta, routing_balance, routing_detach, routing_token_weight, routing_detach_input)
+# name: (routing_beta, routing_balance, routing_detach, routing_token_weight, routing_detach_input, routing_gate)
 SETTINGS = {
-    "no balancing loss (detached)": (0.0, "sum", True, 0.1, False),
-    "balancing loss, sums (shipped; detached)": (5e-4, "sum", True, 0.1, False),
-    "balancing loss, means (detached)": (5e-4, "mean", True, 0.1, False),
-    "balancing loss, sums (shipped, not detached)": (5e-4, "sum", False, 0.1, False),
-    "shipped, token weight 1.0": (5e-4, "sum", False, 1.0, False),
-    "shipped, token weight 1.0, router input detached": (5e-4, "sum", False, 1.0, True),
+    "no balancing loss (detached)": (0.0, "sum", True, 0.1, False, "softmax"),
+    "balancing loss, sums (shipped; detached)": (5e-4, "sum", True, 0.1, False, "softmax"),
+    "balancing loss, means (detached)": (5e-4, "mean", True, 0.1, False, "softmax"),
+    "balancing loss, sums (shipped, not detached)": (5e-4, "sum", False, 0.1, False, "softmax"),
+    "shipped, token weight 1.0": (5e-4, "sum", False, 1.0, False, "softmax"),
+    "shipped, token weight 1.0, router input detached": (5e-4, "sum", False, 1.0, True, "softmax"),
+    "balancing loss, means (shipped now)": (5e-4, "mean", False, 0.1, False, "softmax"),
+    "sigmoid": (5e-4, "mean", False, 0.1, False, "sigmoid"),
+    "sigmoid, token weight 0.3": (5e-4, "mean", False, 0.3, False, "sigmoid"),
 }
 
 
-def probe(beta: float, balance: str, detach: bool, token_weight: float, detach_input: bool, steps: int,
+def probe(beta: float, balance: str, detach: bool, token_weight: float, detach_input: bool, gate: str, steps: int,
           seed: int) -> list[dict]:
     """Held-out gates, and the KL from the adapter-disabled model on general tokens, every ten steps of one
     setting."""
@@ -56,7 +64,8 @@ def probe(beta: float, balance: str, detach: bool, token_weight: float, detach_i
 
     torch.manual_seed(seed)
     model, tokenizer = load_model("smollm2-135m-instruct")
-    model = apply_method(model, "citi", molora=list_components(model)[::2], uco=[], num_experts=4, rank=8, alpha=16)
+    model = apply_method(model, "citi", molora=list_components(model)[::2], uco=[], num_experts=4, rank=8, alpha=16,
+                         gate=gate)
     detach_routers(model, detach, inputs=detach_input)
     read = lambda name: [json.loads(line) for line in (ROOT / "examples" / name).read_text().splitlines()]  # noqa: E731
     tools, general = read("tools_train.jsonl"), read("general.jsonl")
@@ -104,21 +113,28 @@ def probe(beta: float, balance: str, detach: bool, token_weight: float, detach_i
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for router_probe_cpu.{json,md}")
+    p.add_argument("--out", type=Path, required=True, help="folder for PREFIX.json and PREFIX.md")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settings", default=";".join(SETTINGS),
+                   help="SETTINGS' names separated by semicolons (they hold commas); default: all")
+    p.add_argument("--prefix", default="router_probe_cpu", help="file names: PREFIX.json, PREFIX.md")
     args = p.parse_args(argv)
+    chosen = [name.strip() for name in args.settings.split(";") if name.strip()]
+    if not chosen or any(name not in SETTINGS for name in chosen):
+        p.error(f"--settings takes names of: {'; '.join(SETTINGS)}; got {args.settings!r}")
     from provenance import commit as provenance_commit
 
     commit = provenance_commit(short=True) or "unknown"
     runs = {}
-    for name, (beta, balance, detach, token_weight, detach_input) in SETTINGS.items():
+    for name in chosen:
+        beta, balance, detach, token_weight, detach_input, gate = SETTINGS[name]
         runs[name] = {"routing_beta": beta, "routing_balance": balance, "routing_detach": detach,
-                      "routing_token_weight": token_weight, "routing_detach_input": detach_input,
-                      "curve": probe(beta, balance, detach, token_weight, detach_input, args.steps, args.seed)}
+                      "routing_token_weight": token_weight, "routing_detach_input": detach_input, "routing_gate": gate,
+                      "curve": probe(beta, balance, detach, token_weight, detach_input, gate, args.steps, args.seed)}
         print(name, runs[name]["curve"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "router_probe_cpu.json").write_text(json.dumps({"commit": commit, "cpus": os.cpu_count(),
+    (args.out / f"{args.prefix}.json").write_text(json.dumps({"commit": commit, "cpus": os.cpu_count(),
                                                                 "steps": args.steps, "runs": runs}, indent=1))
     lines = ["# What holds the backbone gate down: one routing term at a time (CPU probe)", "",
              f"`bench/router_probe_cpu.py` at {commit}, {os.cpu_count()} CPU cores: SmolLM2-135M-Instruct fp32, "
@@ -133,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   for c in run["curve"]) + " |")
     lines += ["", "Cells: general gate / tool-call gate / KL on general tokens (gate 1 = experts off; the goal is the "
               "general gate high, the tool-call gate low, the KL low)."]
-    (args.out / "router_probe_cpu.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.prefix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
