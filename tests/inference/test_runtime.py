@@ -314,3 +314,18 @@ def test_served_with_a_call_threshold_a_reply_that_opens_with_text_has_no_calls_
         assert sum(1 for d in deltas if "tool_calls" in d and "id" in d["tool_calls"][0]) == calls, text
         if not calls:
             assert "".join(d.get("content", "") for d in deltas) == text == message["content"]
+
+
+def test_the_servers_decode_setting_takes_exactly_the_engines_decode_modes(monkeypatch):
+    import pytest
+    from pydantic import ValidationError
+
+    from citi_engine import DECODE_MODES
+    from worker.inference.app import InferenceSettings
+
+    for mode in DECODE_MODES:
+        monkeypatch.setenv("CITI_INFERENCE_DECODE", mode)
+        assert InferenceSettings().inference_decode == mode
+    monkeypatch.setenv("CITI_INFERENCE_DECODE", "turbo")
+    with pytest.raises(ValidationError, match="compiled_graphs"):
+        InferenceSettings()

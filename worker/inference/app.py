@@ -76,6 +76,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from citi_engine import DECODE_MODES
 from citi_engine.constrained import GrammarError, reply_grammar
 from citi_engine.data.chat_format import (
     TOOL_CALL_OPEN,
@@ -118,7 +119,7 @@ class InferenceSettings(BaseSettings):
                                    "at start.")
     inference_cache_dir: str | None = Field(None, description="CITI_INFERENCE_CACHE_DIR: where adapters fetched "
                                             "from a remote store are kept.")
-    inference_decode: Literal["dynamic", "static", "cuda_graphs", "compiled_graphs"] = Field(
+    inference_decode: Literal[DECODE_MODES] = Field(  # the engine's list: a new mode is one edit
         "dynamic", description="CITI_INFERENCE_DECODE: dynamic (a growing KV cache), static (a static KV cache), "
         "cuda_graphs (static, each decode step replayed from a CUDA graph on a GPU) or compiled_graphs (the same with "
         "the step compiled by torch.compile first); greedy replies are the same up to the device's arithmetic.")
