@@ -168,7 +168,7 @@ def routing_loss(
             probs = layer.router_probs.get(adapter)
             if probs is None:
                 raise RuntimeError("routing_loss reads the router weights of the last forward: run the model first")
-            experts_only = layer.gate.get(adapter, "softmax") == "sigmoid"
+            experts_only = layer.gate[adapter] == "sigmoid"
             if experts_only:  # the softmax among the experts
                 probs = probs[..., 1:] / (1.0 - probs[..., :1]).clamp(min=1e-6)
             mask = attention_mask.to(device=probs.device, dtype=probs.dtype)
