@@ -18,7 +18,7 @@
 #             dynamic cache, one after the other (<= 4 ms/token at batch 1, >= 4x the aggregate at 16
 #             concurrent, adapter <= 1.15x)
 #   adapteralign  performance issue's adapter cost at 16 rows: bench/router_matmul.py (the served adapter's
-#             router-and-A matmul by layout), then bench/serving_step.py and bench/inference.py (cuda_graphs,
+#             router-and-A matmul by layout), then bench/serving_step.py unaligned and aligned, and bench/inference.py (cuda_graphs,
 #             compiled_graphs) on the 1B shape with that weight's rows padded to 64 (--router-align 64), to set
 #             beside the thirteenth session's serving1b runs; about 5 minutes, no GGUF needed; only on request
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
@@ -96,6 +96,10 @@ if want adapteralign; then
     # The adapter's router-and-A matmul by layout alone, then the 1B step and serving with its rows padded to 64
     part "router matmul layouts"
     timeout 180 python3 bench/router_matmul.py --out "$RESULTS/router_matmul" > "$RESULTS/router_matmul.log" 2>&1
+    # the step unaligned in the same lease first, so the step's comparison holds on whichever card came
+    part "serving step 1b, router rows unaligned"
+    timeout 240 python3 bench/serving_step.py --shape 1b --profile \
+        --out "$RESULTS/serving_step_align1" > "$RESULTS/serving_step_align1.log" 2>&1
     part "serving step 1b, router rows aligned to 64"
     timeout 240 python3 bench/serving_step.py --shape 1b --router-align 64 --profile \
         --out "$RESULTS/serving_step_align64" > "$RESULTS/serving_step_align64.log" 2>&1
