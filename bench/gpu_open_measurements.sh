@@ -98,7 +98,7 @@ if want adapteralign; then
     timeout 180 python3 bench/router_matmul.py --out "$RESULTS/router_matmul" > "$RESULTS/router_matmul.log" 2>&1
     # the step unaligned in the same lease first, so the step's comparison holds on whichever card came
     part "serving step 1b, router rows unaligned"
-    timeout 240 python3 bench/serving_step.py --shape 1b --profile \
+    timeout 240 python3 bench/serving_step.py --shape 1b --router-align 1 --profile \
         --out "$RESULTS/serving_step_align1" > "$RESULTS/serving_step_align1.log" 2>&1
     part "serving step 1b, router rows aligned to 64"
     timeout 240 python3 bench/serving_step.py --shape 1b --router-align 64 --profile \

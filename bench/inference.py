@@ -283,6 +283,8 @@ def run_one(args) -> dict[str, Any]:
     static_decode.GROUPED_ATTENTION = args.attention == "grouped"  # sdpa: the static modes' attention before
     from citi_engine.molora import layer as molora_layer
 
+    if args.router_align is None:
+        args.router_align = molora_layer.ROUTER_ALIGN
     molora_layer.ROUTER_ALIGN = args.router_align
     tag = "tiny" if args.tiny else (f"random-{args.shape}" if args.shape else "smollm2")
     tag += "" if args.decode == "dynamic" else f"-{args.decode}"
@@ -459,9 +461,9 @@ def main(argv: list[str] | None = None) -> None:
                              "per query head when a mask is passed")
     parser.add_argument("--decode", choices=DECODE_MODES, default="dynamic",
                         help="how the runtime decodes (CITI_INFERENCE_DECODE)")
-    parser.add_argument("--router-align", type=int, default=1,
-                        help="pad the served adapter's router-and-A weight to a multiple of this many rows "
-                             "(citi_engine.molora.layer.ROUTER_ALIGN; bench/router_matmul.py says why)")
+    parser.add_argument("--router-align", type=int, default=None,
+                        help="pad the served adapter's router-and-A weight to a multiple of this many rows (default: "
+                             "the engine's, citi_engine.molora.layer.ROUTER_ALIGN; 1: none; bench/router_matmul.py says why)")
     parser.add_argument("--md", type=Path, default=ROOT / "bench" / "results" / "inference.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "inference.json")
     parser.add_argument("--notes", type=Path, help="with --merge: a Markdown file of notes appended to the table")

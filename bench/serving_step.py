@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64, help="decode steps timed a round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also write the kernel tables of eager steps")
-    p.add_argument("--router-align", type=int, default=1,
-                   help="pad the served adapter's router-and-A weight to a multiple of this many rows "
-                        "(citi_engine.molora.layer.ROUTER_ALIGN; bench/router_matmul.py says why)")
+    p.add_argument("--router-align", type=int, default=None,
+                   help="pad the served adapter's router-and-A weight to a multiple of this many rows (default: "
+                        "the engine's, citi_engine.molora.layer.ROUTER_ALIGN; 1: none; bench/router_matmul.py says why)")
     p.add_argument("--compiled", action="store_true",
                    help="the step compiled by torch.compile before it is captured (CITI_INFERENCE_DECODE=compiled_graphs)")
     args = p.parse_args(argv)
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     from citi_engine.molora import layer as molora_layer
     from worker.inference.cache import ModelCache, ServedModel
 
+    if args.router_align is None:
+        args.router_align = molora_layer.ROUTER_ALIGN
     molora_layer.ROUTER_ALIGN = args.router_align
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"

@@ -202,11 +202,12 @@ class MoloraLinear(nn.Module, MoloraLayer):
         return "molora." + super().__repr__()
 
 
-# Rows of the serving layer's router-and-A weight are padded with zeros to a multiple of this (1: none). Why it may
-# matter: at 16 rows on an H100, cuBLAS takes 21 us for the 1B shape's (16 x 2048) @ (2048 x 37) router-and-A matmul
-# (a small-N kernel, bench/results/inference_raw/serving1b_h100_s13/serving_step), half of the adapter's cost per
-# step; bench/router_matmul.py times the layouts side by side before this default changes.
-ROUTER_ALIGN = 1
+# Rows of the serving layer's router-and-A weight are padded with zeros to a multiple of this (1: none). At 16 rows
+# on an H100, cuBLAS took 13 us for the 1B shape's (16 x 2048) @ (2048 x 37) router-and-A matmul (a small-N kernel,
+# gemmSN_TN) and 4.9 us with the rows padded to 16 or 64 (a Hopper tensor-core kernel); at one row 4.3 against
+# 4.9 us. The 1B decode step at 16 rows lost a third of the adapter's cost (+23% -> +12% over the base) and the
+# step at one row did not change (bench/results/inference_raw/adapteralign_h100_s14/, fourteenth session).
+ROUTER_ALIGN = 64
 
 
 class FrozenMoloraLinear(nn.Module):
