@@ -2,12 +2,14 @@
 # What the open issues still need measured on one GPU, in one lease: run it through bench/gpu_lease.sh (stage,
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
-# was measured. PARTS (a comma list, default quality,serving1b,compile,service, in this order) picks what a lease runs:
+# was measured. PARTS (a comma list, default service,compile) picks what a lease runs, in the order quality,
+# service, timings, serving1b, adapteralign, compile, micro. What the open issues still need: `service` (a lease
+# of its own), then `timings` (SmolLM2's adapter cost with the padded router), `compile`, `micro`:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
 #             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/router_val3.txt: the router's
-#             third round on the validation split, what the thirteenth session's lease left of the second, then
-#             the sigmoid gate; nine runs, about 22 minutes on an 80 GB card with JOBS=4, half that eight at a
-#             time on a larger one); runs in RESULTS/quality/<plan>/
+#             third round, run in the fourteenth session in 19 minutes at JOBS=5 on an 80 GB card, one of the
+#             nine runs cut by the time limit; five at a time ran out of memory once); runs in
+#             RESULTS/quality/<plan>/
 #   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
 #             (greedy replies compared against the dynamic cache's) and 8B LoRA against CITI stage 2, packed;
 #             measured in the seventh session (bench/results/inference.md, throughput_h100_lora/): only on request
@@ -32,7 +34,8 @@
 # without soft targets, constrained decoding, CITI and the baselines at their own threshold, negatives_near and
 # the router settings on the validation side, the shipped defaults on test at each job's threshold
 # (bench/plans/method_next.txt, twelfth session), their retention on 120 probes and the 1B serving shape with
-# grouped attention and the compiled step (thirteenth session) (bench/results/).
+# grouped attention and the compiled step (thirteenth session), the router's third round and the adapter's
+# router rows padded (fourteenth session) (bench/results/).
 # Calls (each within 30 s of the last): `bash bench/gpu_lease.sh stage` carrying .whl and .m1 (and, for the
 # service, first a call carrying .whl-svc .redis-deb); since the tree passed 14 MB the GGUF goes in three parts
 # (`split -n 3`: stage .m1 holding gg.aa with .whl, then .m1 holding gg.ab, and .m2 holding gg.ac at the start);
@@ -52,7 +55,7 @@ cd "$(dirname "$0")/.." || exit 1
 needs_gguf() { [ -n "${GGUF:-}" ] || { echo "part $1 needs GGUF (the built-in model): skipped" >> "$RESULTS/parts.log"; false; }; }
 mkdir -p "$RESULTS"
 part() { echo "$(date -u +%H:%M:%S) $*" >> "$RESULTS/parts.log"; }
-PARTS=",${PARTS:-quality,serving1b,compile,service},"
+PARTS=",${PARTS:-service,compile},"
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 
 if want quality && needs_gguf quality; then
@@ -63,6 +66,11 @@ if want quality && needs_gguf quality; then
     part "quality (PLAN ${PLAN:=bench/plans/router_val3.txt}, limit ${QUALITY_S:=1380} s)"
     PLAN=$PLAN timeout "$QUALITY_S" bash bench/quality_gpu_calibrated.sh "$GGUF" "$RESULTS/quality"
     pkill -f bench/quality.py; sleep 5  # runs the time limit cut must not share the card with what follows
+fi
+if want service && needs_gguf service && [ -d ~/stage/svc/.whl-svc ]; then
+    part "gpu_service"
+    cp -r ~/stage/svc/.whl-svc ~/stage/svc/.redis-deb .
+    timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" > "$RESULTS/gpu_service.log" 2>&1
 fi
 if want timings && needs_gguf timings; then
     # The short timings after the pool, alone on the card.
@@ -125,11 +133,6 @@ if want micro; then
     part "throughput 8b micro, eager and compiled"
     timeout 480 python3 bench/throughput.py --micro --micro-compile --shape 8b --out "$RESULTS/throughput_compiled" \
         > "$RESULTS/throughput_micro_compiled.log" 2>&1
-fi
-if want service && needs_gguf service && [ -d ~/stage/svc/.whl-svc ]; then
-    part "gpu_service"
-    cp -r ~/stage/svc/.whl-svc ~/stage/svc/.redis-deb .
-    timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" > "$RESULTS/gpu_service.log" 2>&1
 fi
 part "done"
 touch "$RESULTS/DONE"
