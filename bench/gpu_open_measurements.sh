@@ -20,9 +20,10 @@
 #             dynamic cache, one after the other (<= 4 ms/token at batch 1, >= 4x the aggregate at 16
 #             concurrent, adapter <= 1.15x)
 #   adapteralign  performance issue's adapter cost at 16 rows: bench/router_matmul.py (the served adapter's
-#             router-and-A matmul by layout), then bench/serving_step.py unaligned and aligned, and bench/inference.py (cuda_graphs,
-#             compiled_graphs) on the 1B shape with that weight's rows padded to 64 (--router-align 64), to set
-#             beside the thirteenth session's serving1b runs; about 5 minutes, no GGUF needed; only on request
+#             router-and-A matmul by layout), then bench/serving_step.py unaligned and aligned, and
+#             bench/inference.py (cuda_graphs, compiled_graphs) on the 1B shape with that weight's rows padded to
+#             64 (--router-align 64, the default since the fourteenth session, which ran it); about 5 minutes, no
+#             GGUF needed; only on request
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
 #   micro     performance issue's layer target (MOLoRA <= 1.10x a LoRA of rank 32): the 8B micro-benchmark again,
 #             each layer the median of 7 rounds (the fifth session's single stretch per way was as noisy as the
