@@ -3,8 +3,8 @@
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
 # was measured. PARTS (a comma list, default service,compile) picks what a lease runs, in the order quality,
-# service, timings, serving1b, adapteralign, compile, micro. What the open issues still need: `service` (a lease
-# of its own), then `timings` (SmolLM2's adapter cost with the padded router), `compile`, `micro`:
+# service, timings, serving1b, adapteralign, onerow, compile, micro. What the open issues still need: `service` (a
+# lease of its own), then `timings` (SmolLM2's adapter cost with the padded router), `onerow`, `compile`, `micro`:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
 #             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/router_val3.txt: the router's
 #             third round, run in the fourteenth session in 19 minutes at JOBS=5 on an 80 GB card, one of the
@@ -24,6 +24,10 @@
 #             bench/inference.py (cuda_graphs, compiled_graphs) on the 1B shape with that weight's rows padded to
 #             64 (--router-align 64, the default since the fourteenth session, which ran it); about 5 minutes, no
 #             GGUF needed; only on request
+#   onerow    performance issue's compiled adapter at batch 1 (+19% in the fourteenth session): bench/serving_step.py
+#             --compiled --rows 1 with the adapter as matmuls, then as reductions (--one-row-reductions:
+#             citi_engine.molora.layer.ONE_ROW_REDUCTIONS), then bench/inference.py compiled_graphs with them; 1B
+#             shape, no GGUF needed, about 8 minutes
 #   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
 #   micro     performance issue's layer target (MOLoRA <= 1.10x a LoRA of rank 32): the 8B micro-benchmark again,
 #             each layer the median of 7 rounds (the fifth session's single stretch per way was as noisy as the
@@ -117,6 +121,18 @@ if want adapteralign; then
         timeout 480 python3 bench/inference.py --shape 1b ${GGUF:+--tokenizer-gguf "$GGUF"} --rounds 4 \
             --decode "$decode" --router-align 64 --out "$RESULTS/inference" > "$RESULTS/inference_1b_${decode}_align64.log" 2>&1
     done
+fi
+if want onerow; then
+    # The compiled step at one row, the adapter as matmuls and then as reductions, one after the other; then the
+    # serving loop with the reductions (the fourteenth session's compiled_graphs run is the one without)
+    for flag in "" "--one-row-reductions"; do
+        part "serving step 1b compiled, one row ${flag:-(matmuls)}"
+        timeout 300 python3 bench/serving_step.py --shape 1b --compiled --rows 1 $flag \
+            --out "$RESULTS/serving_step_onerow${flag:+_reductions}" > "$RESULTS/serving_step_onerow${flag:+_reductions}.log" 2>&1
+    done
+    part "inference 1b compiled_graphs, one-row adapter as reductions"
+    timeout 480 python3 bench/inference.py --shape 1b ${GGUF:+--tokenizer-gguf "$GGUF"} --rounds 4 \
+        --decode compiled_graphs --one-row-reductions --out "$RESULTS/inference" > "$RESULTS/inference_1b_onerow.log" 2>&1
 fi
 if want compile; then
     part "throughput 8b citi stage 2 with torch.compile (norms, then whole layers)"

@@ -286,15 +286,17 @@ def run_one(args) -> dict[str, Any]:
     if args.router_align is None:
         args.router_align = molora_layer.ROUTER_ALIGN
     molora_layer.ROUTER_ALIGN = args.router_align
+    molora_layer.ONE_ROW_REDUCTIONS = args.one_row_reductions
     tag = "tiny" if args.tiny else (f"random-{args.shape}" if args.shape else "smollm2")
     tag += "" if args.decode == "dynamic" else f"-{args.decode}"
     tag += "" if args.attention == "grouped" else f"-{args.attention}"
     tag += "" if args.router_align == 1 else f"-align{args.router_align}"
+    tag += "-onerow" if args.one_row_reductions else ""
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
                               "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(), "versions": versions(), "new_tokens": args.new_tokens,
                               "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode,
                               "attention": "sdpa" if args.decode == "dynamic" else args.attention,
-                              "router_align": args.router_align}
+                              "router_align": args.router_align, "one_row_reductions": args.one_row_reductions}
     prompt_text = render_prompt(base.tokenizer, MESSAGES, TOOLS)
     prompt = base.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     result["prompt_tokens"] = len(prompt)
@@ -397,7 +399,8 @@ def merge(dirs: list[Path], md: Path, js: Path, notes: Path | None = None) -> No
         lines += [f"## {m['model']} on {run['card']}, commit {commit}"
                   + ("" if decode == "dynamic" else f", decode {decode}")
                   + (f", attention {attention}" if attention else "")
-                  + (f", router rows aligned to {align}" if align > 1 else ""), "",
+                  + (f", router rows aligned to {align}" if align > 1 else "")
+                  + (", one-row adapter as reductions" if run.get("one_row_reductions") else ""), "",
                   f"{m['params'] / 1e6:.0f}M parameters, {m['layers']} layers, {m['dtype']}; prompt "
                   f"{run['prompt_tokens']} tokens, {run['new_tokens']} new tokens a request; torch "
                   f"{run['versions']['torch']}, transformers {run['versions']['transformers']}; commit "
@@ -461,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
                              "per query head when a mask is passed")
     parser.add_argument("--decode", choices=DECODE_MODES, default="dynamic",
                         help="how the runtime decodes (CITI_INFERENCE_DECODE)")
+    parser.add_argument("--one-row-reductions", action="store_true",
+                             help="compiled one-row steps take the adapter as reductions "
+                             "(citi_engine.molora.layer.ONE_ROW_REDUCTIONS, an experiment; off by default)")
     parser.add_argument("--router-align", type=int, default=None,
                         help="pad the served adapter's router-and-A weight to a multiple of this many rows (default: "
                              "the engine's, citi_engine.molora.layer.ROUTER_ALIGN; 1: none; bench/router_matmul.py says why)")

@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64, help="decode steps timed a round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also write the kernel tables of eager steps")
+    p.add_argument("--one-row-reductions", action="store_true",
+                        help="compiled one-row steps take the adapter as reductions "
+                        "(citi_engine.molora.layer.ONE_ROW_REDUCTIONS, an experiment; off by default)")
     p.add_argument("--router-align", type=int, default=None,
                    help="pad the served adapter's router-and-A weight to a multiple of this many rows (default: "
                         "the engine's, citi_engine.molora.layer.ROUTER_ALIGN; 1: none; bench/router_matmul.py says why)")
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.router_align is None:
         args.router_align = molora_layer.ROUTER_ALIGN
     molora_layer.ROUTER_ALIGN = args.router_align
+    molora_layer.ONE_ROW_REDUCTIONS = args.one_row_reductions
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     cache = ModelCache(device=device, adapter_cache_size=1)
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "device": device, "shape": shape,
         "params": sum(p.numel() for p in model.parameters()), "heads": model.config.num_attention_heads,
         "kv_heads": model.config.num_key_value_heads, "prompt_tokens": args.prompt, "steps": args.steps,
-        "rounds": args.rounds, "compiled": args.compiled, "router_align": args.router_align, "commit": commit(),
+        "rounds": args.rounds, "compiled": args.compiled, "router_align": args.router_align,
+        "one_row_reductions": args.one_row_reductions, "commit": commit(),
         "versions": versions(), "results": {}}
     with tempfile.TemporaryDirectory(prefix="citi-bench-adapter-") as tmp:
         doc["adapter"] = make_adapter(model, Path(tmp) / "adapter", spec)
@@ -185,6 +190,8 @@ def render(doc: dict[str, Any]) -> str:
     way = ", step compiled by torch.compile" if doc.get("compiled") else ""
     if doc.get("router_align", 1) > 1:
         way += f", adapter's router rows aligned to {doc['router_align']}"
+    if doc.get("one_row_reductions"):
+        way += ", one-row adapter as reductions"
     lines = [f"# One decode step taken apart ({doc['shape']} shape, {doc['card']}{way})", "",
              f"`bench/serving_step.py`, commit {doc['commit']}, torch {doc['versions']['torch']}, transformers "
              f"{doc['versions']['transformers']}; {doc['params'] / 1e6:.0f}M parameters, {doc['heads']} query heads "

@@ -209,6 +209,14 @@ class MoloraLinear(nn.Module, MoloraLayer):
 # step at one row did not change (bench/results/inference_raw/adapteralign_h100_s14/, fourteenth session).
 ROUTER_ALIGN = 64
 
+# Off by default, an experiment for the compiled decode step at batch 1 (bench/serving_step.py --compiled
+# --one-row-reductions): there the adapter's three kernels a component (the router-and-A matmul, the gates, the B
+# matmul onto the base output) cost +19% over the base model on an H100 (1B shape, fourteenth session), each a few
+# microseconds of fixed cost. With one row and torch.compile tracing, the two matmuls are written as reductions, so
+# inductor can inline the gates (a softmax over N+1 values, unrolled) and the add into the B product's kernel: two
+# kernels instead of three. Eager and multi-row forwards never take this path.
+ONE_ROW_REDUCTIONS = False
+
 
 class FrozenMoloraLinear(nn.Module):
     """A trained MOLoRA adapter on a shared, frozen ``nn.Linear``, for serving: ``W0 x + B molora_mix(W_r x, A x)``.
@@ -247,7 +255,16 @@ class FrozenMoloraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.num_experts
         out = F.linear(x, self.base.weight, self.base.bias)
+        if ONE_ROW_REDUCTIONS and x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+            return out + self._one_row_delta(x).view(out.shape)
         ra = F.linear(x, self.router_a)
         mixed, _ = molora_mix(ra[..., : n + 1], ra[..., n + 1: n + 1 + n * self.r], n, self.r, probs_dtype=ra.dtype,
                               gate=self.gate)
         return torch.addmm(out.view(-1, out.shape[-1]), mixed.view(-1, mixed.shape[-1]), self.b_scaled_t).view(out.shape)
+
+    def _one_row_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The MOLoRA delta of one row as reductions (:data:`ONE_ROW_REDUCTIONS`): ``(d_out,)``."""
+        n, r = self.num_experts, self.r
+        ra = (x.reshape(1, -1) * self.router_a[: n + 1 + n * r]).sum(-1)  # W_r x and A x, padding rows left out
+        mixed, _ = molora_mix(ra[: n + 1], ra[n + 1:], n, r, probs_dtype=ra.dtype, gate=self.gate)
+        return (mixed.unsqueeze(-1) * self.b_scaled_t).sum(0)  # B (gates * A x), summed over the N*r rows

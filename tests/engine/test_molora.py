@@ -26,7 +26,8 @@ from transformers import LlamaForCausalLM  # noqa: E402
 import citi_engine.molora as molora  # noqa: E402
 from citi_engine import testing  # noqa: E402
 from citi_engine.molora import FrozenMoloraLinear, MoloraConfig, MoloraLinear, MoloraModel  # noqa: E402
-from citi_engine.molora.layer import molora_mix, router_gates  # noqa: E402
+from citi_engine.molora import layer as molora_layer  # noqa: E402
+from citi_engine.molora.layer import ROUTER_ALIGN, molora_mix, router_gates  # noqa: E402
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -180,10 +181,37 @@ def test_frozen_serving_layer_computes_what_the_training_layer_computes(bias, ga
         torch.testing.assert_close(frozen(x), layer(x), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(frozen(x), ref, rtol=1e-12, atol=1e-12)
         assert (ref - base(x)).abs().max() > 1e-3  # the experts really contribute
-        padded = FrozenMoloraLinear(base, layer.molora_router["default"].detach(), layer.molora_A["default"].detach(),
-                                    layer.molora_B["default"].detach(), n, r, alpha / r, gate, align=64)
-        assert padded.router_a.shape == (64, 12)  # (n + 1 + n * r) = 16 rows, padded with zeros to 64
-        torch.testing.assert_close(padded(x), frozen(x), rtol=1e-12, atol=1e-12)
+        assert frozen.router_a.shape == (ROUTER_ALIGN, 12)  # (n + 1 + n * r) = 16 rows, padded with zeros
+        unpadded = FrozenMoloraLinear(base, layer.molora_router["default"].detach(), layer.molora_A["default"].detach(),
+                                      layer.molora_B["default"].detach(), n, r, alpha / r, gate, align=1)
+        assert unpadded.router_a.shape == (16, 12)
+        torch.testing.assert_close(unpadded(x), frozen(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_one_row_reductions_under_torch_compile_compute_the_serving_layer(gate, monkeypatch):
+    """ONE_ROW_REDUCTIONS: a compiled one-row forward written as reductions gives the matmul form's output;
+    eager and multi-row forwards are untouched by the switch."""
+    torch.manual_seed(3)
+    n, r = 4, 8
+    base = nn.Linear(48, 40, bias=True)
+    frozen = FrozenMoloraLinear(base, torch.randn(n + 1, 48), torch.randn(n * r, 48) * 0.3,
+                                torch.randn(40, n * r) * 0.3, n, r, 2.0, gate)
+    one, rows = torch.randn(1, 1, 48), torch.randn(2, 3, 48)
+    with torch.no_grad():
+        want_one, want_rows = frozen(one), frozen(rows)
+        assert (want_one - base(one)).abs().max() > 1e-2  # the experts really contribute
+        monkeypatch.setattr(molora_layer, "ONE_ROW_REDUCTIONS", True)
+        torch.testing.assert_close(frozen(one), want_one, rtol=0, atol=0)  # eager: the matmul form as before
+        traced = []  # the reduction form is taken while torch.compile traces the one-row call, and only then
+        reductions = FrozenMoloraLinear._one_row_delta
+        monkeypatch.setattr(FrozenMoloraLinear, "_one_row_delta",
+                            lambda self, x: traced.append(tuple(x.shape)) or reductions(self, x))
+        torch._dynamo.reset()
+        compiled = torch.compile(frozen)
+        torch.testing.assert_close(compiled(one), want_one, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(rows), want_rows, rtol=1e-5, atol=1e-5)
+        assert traced == [(1, 1, 48)]
 
 
 def test_sigmoid_gate_gives_the_backbone_its_own_logit_and_the_experts_the_rest():
