@@ -85,6 +85,27 @@ MESSAGES = [
 # Setup
 
 
+def add_adapter_layout_args(parser: argparse.ArgumentParser) -> None:
+    """How the served adapter's layers are laid out (``citi_engine.molora.layer``); :func:`apply_adapter_layout`."""
+    parser.add_argument("--router-align", type=int, default=None,
+                        help="pad the served adapter's router-and-A weight to a multiple of this many rows (default: "
+                             "the engine's, citi_engine.molora.layer.ROUTER_ALIGN; 1: none; bench/router_matmul.py says why)")
+    parser.add_argument("--one-row-reductions", action="store_true",
+                        help="compiled one-row steps take the adapter as reductions "
+                             "(citi_engine.molora.layer.ONE_ROW_REDUCTIONS, an experiment; off by default)")
+
+
+def apply_adapter_layout(args: argparse.Namespace) -> None:
+    """Set the serving layer's layout from :func:`add_adapter_layout_args`' flags; ``args.router_align`` then holds
+    the padding used (the engine's default when not given), for the results."""
+    from citi_engine.molora import layer as molora_layer
+
+    if args.router_align is None:
+        args.router_align = molora_layer.ROUTER_ALIGN
+    molora_layer.ROUTER_ALIGN = args.router_align
+    molora_layer.ONE_ROW_REDUCTIONS = args.one_row_reductions
+
+
 def make_adapter(base_model, out_dir: Path, spec: str) -> dict[str, Any]:
     """A CITI adapter for ``base_model`` written by the engine, with non-zero experts; returns its sizes."""
     import torch
@@ -281,12 +302,7 @@ def run_one(args) -> dict[str, Any]:
     from citi_engine import static_decode
 
     static_decode.GROUPED_ATTENTION = args.attention == "grouped"  # sdpa: the static modes' attention before
-    from citi_engine.molora import layer as molora_layer
-
-    if args.router_align is None:
-        args.router_align = molora_layer.ROUTER_ALIGN
-    molora_layer.ROUTER_ALIGN = args.router_align
-    molora_layer.ONE_ROW_REDUCTIONS = args.one_row_reductions
+    apply_adapter_layout(args)
     tag = "tiny" if args.tiny else (f"random-{args.shape}" if args.shape else "smollm2")
     tag += "" if args.decode == "dynamic" else f"-{args.decode}"
     tag += "" if args.attention == "grouped" else f"-{args.attention}"
@@ -464,12 +480,7 @@ def main(argv: list[str] | None = None) -> None:
                              "per query head when a mask is passed")
     parser.add_argument("--decode", choices=DECODE_MODES, default="dynamic",
                         help="how the runtime decodes (CITI_INFERENCE_DECODE)")
-    parser.add_argument("--one-row-reductions", action="store_true",
-                             help="compiled one-row steps take the adapter as reductions "
-                             "(citi_engine.molora.layer.ONE_ROW_REDUCTIONS, an experiment; off by default)")
-    parser.add_argument("--router-align", type=int, default=None,
-                        help="pad the served adapter's router-and-A weight to a multiple of this many rows (default: "
-                             "the engine's, citi_engine.molora.layer.ROUTER_ALIGN; 1: none; bench/router_matmul.py says why)")
+    add_adapter_layout_args(parser)
     parser.add_argument("--md", type=Path, default=ROOT / "bench" / "results" / "inference.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "inference.json")
     parser.add_argument("--notes", type=Path, help="with --merge: a Markdown file of notes appended to the table")

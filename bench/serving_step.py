@@ -38,7 +38,7 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from inference import build_random, make_adapter  # noqa: E402
+from inference import add_adapter_layout_args, apply_adapter_layout, build_random, make_adapter  # noqa: E402
 from provenance import commit, versions  # noqa: E402
 
 from citi_engine.files import write_json_atomic  # noqa: E402
@@ -122,12 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64, help="decode steps timed a round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also write the kernel tables of eager steps")
-    p.add_argument("--one-row-reductions", action="store_true",
-                        help="compiled one-row steps take the adapter as reductions "
-                        "(citi_engine.molora.layer.ONE_ROW_REDUCTIONS, an experiment; off by default)")
-    p.add_argument("--router-align", type=int, default=None,
-                   help="pad the served adapter's router-and-A weight to a multiple of this many rows (default: "
-                        "the engine's, citi_engine.molora.layer.ROUTER_ALIGN; 1: none; bench/router_matmul.py says why)")
+    add_adapter_layout_args(p)
     p.add_argument("--compiled", action="store_true",
                    help="the step compiled by torch.compile before it is captured (CITI_INFERENCE_DECODE=compiled_graphs)")
     args = p.parse_args(argv)
@@ -135,13 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from citi_engine import static_decode
-    from citi_engine.molora import layer as molora_layer
     from worker.inference.cache import ModelCache, ServedModel
 
-    if args.router_align is None:
-        args.router_align = molora_layer.ROUTER_ALIGN
-    molora_layer.ROUTER_ALIGN = args.router_align
-    molora_layer.ONE_ROW_REDUCTIONS = args.one_row_reductions
+    apply_adapter_layout(args)
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     cache = ModelCache(device=device, adapter_cache_size=1)
