@@ -9,14 +9,17 @@ server), started the way ``make demo`` starts them (``scripts/demo.py``), then d
    ``openai`` client, ``--chat-concurrency`` at a time, and judge the parsed calls (AST, as ``citi eval``);
 3. two jobs queued at once on the one worker: they run one after the other; the GPU memory each job's process
    held (``nvidia-smi``, sampled) and that it was returned when the job ended;
-4. ``kill -9`` of the worker during stage 2, a new worker, and the job resumed from its checkpoint;
+4. ``kill -9`` of the worker in stage 2 right after a periodic checkpoint there, a new worker, and the job
+   resumed from that checkpoint;
 5. chat latency through the HTTP endpoint, streamed: time to first token and per token, 1 and 16 concurrent
-   clients, the base model against the adapter.
+   clients, the base model against the adapter, for each of ``--latency-decodes`` (the inference server started
+   again with ``CITI_INFERENCE_DECODE`` set; the tool questions of step 2 asked again in each mode after the first).
 6. the main job's training part against ``bench/quality.py`` training the same way on the same card
    (:func:`compare_with_quality`; the service may add at most 5%).
 
-Writes ``OUT/gpu_service.json`` after every step (everything measured so far, with the card and commit) and
-the services' logs under ``OUT/logs``. On a machine without a GPU it runs the same steps (memory is then not sampled): with a tiny model
+Writes ``OUT/gpu_service.json`` after every step (everything measured so far, with the card and commit), at the
+end the same as Markdown tables (``OUT/gpu_service.md``; ``--render JSON`` writes it again from a JSON), and the
+services' logs under ``OUT/logs``. On a machine without a GPU it runs the same steps (memory is then not sampled): with a tiny model
 and a few steps it is the script's own check (``bench/gpu_service.sh --cpu-check``).
 
     python bench/gpu_service.py --model /path/smollm2.gguf --data .data/bfcl --out /tmp/gs
@@ -243,16 +246,33 @@ def compare_with_quality(args: argparse.Namespace, model_path: Path, out: Path, 
             "fixed sample in bench/quality.py: compare full-size runs" if args.limit_train else None}
 
 
+def restart_inference(services, decode: str) -> None:
+    """Stop the inference server and start it again on its port, decoding with ``decode``."""
+    for name, proc in [(n, pr) for n, pr in services.procs if n.startswith("inference")]:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        services.procs.remove((name, proc))
+    env = dict(services.env, CITI_INFERENCE_DECODE=decode)
+    demo.start_inference(services, env, name=f"inference-{decode}")
+    demo.wait_http(f"{env['CITI_INFERENCE_URL']}/healthz", services, 120, f"the inference server ({decode})")
+
+
 def worker_pid(services) -> int:
     return next(p.pid for name, p in services.procs if name.startswith("worker"))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model spec (a .gguf file or model folder; its folder is "
-                   "allowed through CITI_MODEL_DIRS)")
+    p.add_argument("--render", type=Path, metavar="JSON", help="only write a gpu_service.json as Markdown (to --md)")
+    p.add_argument("--md", type=Path, help="with --render: where the Markdown goes (default: beside the JSON)")
+    p.add_argument("--model", help="model spec (a .gguf file or model folder; its folder is allowed through "
+                   "CITI_MODEL_DIRS)")
     p.add_argument("--data", default=str(ROOT / ".data" / "bfcl"), help="folder with train.jsonl and test.jsonl")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--limit-train", type=int, default=None, help="train on the first N examples")
     p.add_argument("--limit-test", type=int, default=None, help="evaluate the job on the first N test cases")
     p.add_argument("--max-steps", type=int, default=None, help="budget of the main job (default: none, the "
@@ -263,9 +283,20 @@ def main() -> int:
     p.add_argument("--chat-concurrency", type=int, default=8)
     p.add_argument("--latency-rounds", type=int, default=3)
     p.add_argument("--latency-tokens", type=int, default=64)
+    p.add_argument("--latency-decodes", default="dynamic,cuda_graphs",
+                   help="comma list of the inference server's decode modes (CITI_INFERENCE_DECODE) the latency step "
+                        "times, the server started again for each after the first (the default, dynamic); after the "
+                        "first each mode also answers the chat step's tool questions again")
     p.add_argument("--steps", default="job,chat,queue,kill,latency,compare", help="comma list of the steps to run")
     p.add_argument("--job-timeout", type=float, default=3600)
     args = p.parse_args()
+    if args.render:
+        md = args.md or args.render.with_suffix(".md")
+        md.write_text(render(json.loads(args.render.read_text())))
+        print(f"wrote {md}")
+        return 0
+    if not (args.model and args.out):
+        p.error("--model and --out are needed to run the service (or --render JSON to write one as Markdown)")
     steps = set(args.steps.split(","))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -330,8 +361,8 @@ def main() -> int:
             print(f"main job: {result['job']['post_to_succeeded_s']} s, phases {result['job']['phases_s']}",
                   flush=True)
             save()
+        cases = [c for c in test_cases if c.get("ground_truth")][: args.chat_requests]
         if "chat" in steps and fine_tuned:
-            cases = [c for c in test_cases if c.get("ground_truth")][: args.chat_requests]
             result["chat"] = chat_accuracy(api, key, fine_tuned, cases, args.chat_concurrency)
             print(f"chat: {result['chat']['correct']}/{result['chat']['requests']} correct", flush=True)
             save()
@@ -359,11 +390,14 @@ def main() -> int:
             killed = {}
 
             def kill_in_stage_two(event: dict) -> None:
+                # right after a periodic checkpoint of stage 2 (a "step-..." one, not the stage's start), so the
+                # new worker has a checkpoint inside the stage to resume from
                 data = event.get("data") or {}
-                if not killed and data.get("stage") == "molora" and (data.get("step") or 0) >= 2:
+                if (not killed and event.get("type") == "checkpoint" and data.get("stage") == "molora"
+                        and "-step-" in str(data.get("checkpoint"))):
                     pid = worker_pid(services)
                     os.killpg(pid, signal.SIGKILL)
-                    killed.update(at=time.time(), step=data.get("step"), pid=pid)
+                    killed.update(at=time.time(), step=data.get("step"), pid=pid, after=data["checkpoint"])
                     services.procs = [(n, pr) for n, pr in services.procs if pr.pid != pid]
                     demo.start_worker(services, services.env, name="worker-after-kill")
 
@@ -373,6 +407,9 @@ def main() -> int:
             job, events = follow(client, job["id"], args.job_timeout, on_event=kill_in_stage_two)
             resumed = [e for e in events if "resum" in str(e.get("message", "")).lower()]
             result["kill"] = {"id": job["id"], "status": job["status"], "killed": killed,
+                              # a periodic checkpoint: the latest before the kill, all of them in stage 2
+                              "resumed_within_stage_two": any("checkpoint step-" in str(e.get("message"))
+                                                              for e in resumed),
                               "resumed_messages": [e.get("message") for e in resumed],
                               "report_summary": (client.get(f"/jobs/{job['id']}/report").json() or {}).get("summary")
                               if job["status"] == "succeeded" else None,
@@ -381,20 +418,116 @@ def main() -> int:
             save()
         if "latency" in steps and fine_tuned:
             question = {"messages": [{"role": "user", "content": "Name three rivers in Europe."}]}
-            result["latency"] = [stream_latency(api, key, model, question, clients, args.latency_rounds,
-                                                args.latency_tokens) | {"model": label}
-                                 for clients in (1, 16) for label, model in (("base", str(model_path)),
-                                                                             ("adapter", fine_tuned))]
-            print(f"latency: {result['latency']}", flush=True)
-            save()
+            models = (("base", str(model_path)), ("adapter", fine_tuned))
+            result["latency"] = []
+            for i, decode in enumerate(args.latency_decodes.split(",")):
+                if i:
+                    restart_inference(services, decode)
+                    for _, model in models:  # the model's and the adapter's first load are not part of the timing
+                        stream_latency(api, key, model, question, 1, 1, 4)
+                    if "chat" in steps:
+                        result.setdefault("chat_by_decode", {})[decode] = chat_accuracy(
+                            api, key, fine_tuned, cases, args.chat_concurrency)
+                result["latency"] += [stream_latency(api, key, model, question, clients, args.latency_rounds,
+                                                     args.latency_tokens) | {"model": label, "decode": decode}
+                                      for clients in (1, 16) for label, model in models]
+                print(f"latency ({decode}): {result['latency'][-4:]}", flush=True)
+                save()
         if "compare" in steps and "job" in result:
             result["compare"] = compare_with_quality(args, model_path, out, result["job"]["phases_s"])
             print(f"compare: {result['compare']}", flush=True)
             save()
     finally:
         save()
+        (out / "gpu_service.md").write_text(render(result))
         services.stop()
     return 0
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _tool_acc(summary: dict | None) -> str:
+    return _num((summary or {}).get("tool_accuracy"))
+
+
+def _clock(epoch_s: float | None) -> str:
+    return "n/a" if epoch_s is None else time.strftime("%H:%M:%S", time.gmtime(epoch_s))
+
+
+def render(result: dict) -> str:
+    """``gpu_service.json`` as Markdown tables, one section per step that ran (``--render``)."""
+    lines = [f"# The whole service on one host ({result.get('card', 'unknown card')})", "",
+             f"`bench/gpu_service.py`, commit {result.get('commit', 'unknown')}, model {result.get('model')}, started "
+             f"{result.get('started')}; services started in {result.get('services_start_s')} s, both splits uploaded "
+             f"in {result.get('upload_s')} s.", ""]
+    job = result.get("job")
+    if job:
+        summary = job.get("report_summary") or {}
+        phases = job.get("phases_s") or {}
+        lines += ["## The main job, from `POST /jobs` to `succeeded`", "",
+                  f"{job['post_to_succeeded_s']} s in all; adapter {job.get('adapter_bytes', 0) / 1e6:.1f} MB, "
+                  f"downloaded in {job.get('adapter_download_s')} s; {job.get('trained_tokens')} tokens trained; "
+                  f"GPU memory at its peak, by process (MiB): {job.get('gpu_peak_mib') or 'not sampled'}.", "",
+                  "| " + " | ".join(phases) + " |", "|" + "---:|" * len(phases),
+                  "| " + " | ".join(f"{v:g}" for v in phases.values()) + " |", "",
+                  f"The job's own evaluation: tool accuracy {_tool_acc(summary)}, irrelevance "
+                  f"{_num(summary.get('irrelevance_accuracy'))}, headline retention "
+                  f"{_num(summary.get('headline_retention'), 4)}, backbone gate general / tool call "
+                  f"{_num(summary.get('backbone_gate_general'))} / {_num(summary.get('backbone_gate_tool_call'))}, "
+                  f"call threshold {_num(summary.get('call_threshold'), 2)}.", ""]
+    chats = {**({"dynamic (default)": result["chat"]} if result.get("chat") else {}),
+             **(result.get("chat_by_decode") or {})}
+    if chats:
+        lines += ["## Tool questions through `/v1/chat/completions` (the official `openai` client)", "",
+                  "| server decode | requests | at a time | with tool calls | judged correct (AST) | p50 s | wall s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {mode} | {c['requests']} | {c['concurrency']} | {c['with_tool_calls']} | {c['correct']} | "
+                  f"{c['p50_s']:.2f} | {c['wall_s']:.1f} |" for mode, c in chats.items()]
+        lines.append("")
+    queue = result.get("queue")
+    if queue:
+        lines += ["## Two jobs queued at once on a worker that owns one GPU", "",
+                  f"One after the other: **{'yes' if queue['one_after_the_other'] else 'no'}**. GPU memory at its "
+                  f"peak, by process (MiB): {queue.get('gpu_peak_mib_by_pid') or 'not sampled'}; processes still "
+                  f"holding GPU memory at the end: {queue.get('gpu_pids_still_holding_memory_at_end') or 'none'}.", "",
+                  "| job | status | started (UTC) | finished (UTC) | tool accuracy |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {j['id']} | {j['status']} | {_clock(j['started_at'])} | {_clock(j['finished_at'])} | "
+                  f"{_tool_acc(j.get('report_summary'))} |" for j in queue["jobs"]]
+        lines.append("")
+    kill = result.get("kill")
+    if kill:
+        killed = kill.get("killed") or {}
+        unbroken = [_tool_acc(j.get("report_summary")) for j in (queue or {}).get("jobs", [])]
+        lines += ["## `kill -9` of the worker in stage 2, then a new worker", "",
+                  f"Killed at step {killed.get('step', 'n/a')} right after checkpoint {killed.get('after', 'n/a')}; "
+                  f"the job ended **{kill['status']}** {kill.get('post_to_end_s')} s after its `POST`; resumed within "
+                  f"stage 2: **{'yes' if kill.get('resumed_within_stage_two') else 'no'}** "
+                  f"({'; '.join(kill.get('resumed_messages') or []) or 'no resume message'}). Tool accuracy "
+                  f"{_tool_acc(kill.get('report_summary'))}, against {', '.join(unbroken) or 'n/a'} for the same job "
+                  "run through without a kill (the queued ones).", ""]
+    if result.get("latency"):
+        lines += ["## Streamed chat latency through the HTTP endpoint", "",
+                  "| server decode | model | clients | requests | TTFT p50 ms | TTFT p99 ms | per token p50 ms | "
+                  "per token p99 ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {row.get('decode', 'dynamic')} | {row['model']} | {row['clients']} | {row['requests']} | "
+                  f"{_ms(row['ttft_p50_s'])} | {_ms(row['ttft_p99_s'])} | {_ms(row['per_token_p50_s'])} | "
+                  f"{_ms(row['per_token_p99_s'])} |" for row in result["latency"]]
+        lines.append("")
+    compare = result.get("compare")
+    if compare:
+        over = compare["service_over_quality"]
+        lines += ["## The service's training part against `bench/quality.py` on the same card", "",
+                  f"Service {compare['service_train_s']} s (phases {', '.join(compare['phases_counted'])}), "
+                  f"benchmark {compare['quality_train_s']} s: the service adds {over:+.1%} (target at most +5%: "
+                  f"**{'met' if over <= 0.05 else 'missed'}**)." + (f" {compare['note']}." if compare.get("note") else ""),
+                  ""]
+    return "\n".join(lines)
 
 
 def _card() -> str:

@@ -164,6 +164,13 @@ def start_worker(services: Services, env: dict[str, str], name: str = "worker") 
                                  f"--hostname={name}-{secrets.token_hex(3)}@%h"], env)
 
 
+def start_inference(services: Services, env: dict[str, str], name: str = "inference") -> subprocess.Popen:
+    """The inference server on the port of ``env``'s ``CITI_INFERENCE_URL``, logging to ``logs/<name>.log``."""
+    port = env["CITI_INFERENCE_URL"].rsplit(":", 1)[1]
+    return services.start(name, [sys.executable, "-m", "uvicorn", "worker.inference.app:app", "--host", "127.0.0.1",
+                                 "--port", port, "--log-level", "warning"], env)
+
+
 def start_services(services: Services, api_key: str, extra_env: dict[str, str] | None = None) -> dict[str, str]:
     """Start Redis (if needed), the API, a worker and the inference server; returns their URLs.
 
@@ -212,8 +219,7 @@ def start_services(services: Services, api_key: str, extra_env: dict[str, str] |
     services.start("api", [py, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(api_port),
                            "--log-level", "warning"], env)
     start_worker(services, env)
-    services.start("inference", [py, "-m", "uvicorn", "worker.inference.app:app", "--host", "127.0.0.1",
-                                 "--port", str(inference_port), "--log-level", "warning"], env)
+    start_inference(services, env)
     api = f"http://127.0.0.1:{api_port}"
     wait_http(f"{api}/healthz", services, 60, "the API")
     wait_http(f"{env['CITI_INFERENCE_URL']}/healthz", services, 120, "the inference server")
