@@ -28,7 +28,8 @@
 #             --compiled --rows 1 with the adapter as matmuls, then as reductions (--one-row-reductions:
 #             citi_engine.molora.layer.ONE_ROW_REDUCTIONS), then bench/inference.py compiled_graphs with them; 1B
 #             shape, no GGUF needed, about 8 minutes
-#   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers (MFU goal 0.5)
+#   compile   8B stage 2 with torch.compile on the RMSNorms and on whole layers, then with 8,192 tokens a
+#             micro-batch without and with the layers compiled (MFU goal 0.5); about 10 minutes
 #   micro     performance issue's layer target (MOLoRA <= 1.10x a LoRA of rank 32): the 8B micro-benchmark again,
 #             each layer the median of 7 rounds (the fifth session's single stretch per way was as noisy as the
 #             effect), eager and under torch.compile, with the profiler's kernel tables; a few minutes, alone
@@ -139,6 +140,14 @@ if want compile; then
     for mode in norms layers; do
         timeout 300 python3 bench/throughput.py --shape 8b --method citi_stage2 --packing true --compile "$mode" \
             --variant "compile_$mode" --out "$RESULTS/throughput" > "$RESULTS/throughput_compile_$mode.log" 2>&1
+    done
+    # and the benchmark's 4,096 tokens a micro-batch doubled (the service packs rows of up to 32,768 tokens; at
+    # 4,096 an 8B step is 0.32 s, short enough for fixed costs to show), without and with the layers compiled
+    part "throughput 8b citi stage 2, 8,192 tokens a micro-batch"
+    for mode in off layers; do
+        timeout 300 python3 bench/throughput.py --shape 8b --method citi_stage2 --packing true --tokens 8192 \
+            --compile "$mode" --variant "tokens8k_compile_$mode" --out "$RESULTS/throughput" \
+            > "$RESULTS/throughput_tokens8k_compile_$mode.log" 2>&1
     done
 fi
 if want micro; then
