@@ -421,17 +421,23 @@ def main() -> int:
             models = (("base", str(model_path)), ("adapter", fine_tuned))
             result["latency"] = []
             for i, decode in enumerate(args.latency_decodes.split(",")):
-                if i:
-                    restart_inference(services, decode)
-                    for _, model in models:  # the model's and the adapter's first load are not part of the timing
-                        stream_latency(api, key, model, question, 1, 1, 4)
-                    if "chat" in steps:
-                        result.setdefault("chat_by_decode", {})[decode] = chat_accuracy(
-                            api, key, fine_tuned, cases, args.chat_concurrency)
-                result["latency"] += [stream_latency(api, key, model, question, clients, args.latency_rounds,
-                                                     args.latency_tokens) | {"model": label, "decode": decode}
-                                      for clients in (1, 16) for label, model in models]
-                print(f"latency ({decode}): {result['latency'][-4:]}", flush=True)
+                try:
+                    if i:
+                        restart_inference(services, decode)
+                        for _, model in models:  # the model's and the adapter's first load are not timed
+                            stream_latency(api, key, model, question, 1, 1, 4)
+                        if "chat" in steps:
+                            result.setdefault("chat_by_decode", {})[decode] = chat_accuracy(
+                                api, key, fine_tuned, cases, args.chat_concurrency)
+                    result["latency"] += [stream_latency(api, key, model, question, clients, args.latency_rounds,
+                                                         args.latency_tokens) | {"model": label, "decode": decode}
+                                          for clients in (1, 16) for label, model in models]
+                    print(f"latency ({decode}): {result['latency'][-4:]}", flush=True)
+                except Exception as exc:  # noqa: BLE001 - a mode that fails (HTTP, openai, start) must not cost the steps after
+                    if not i:
+                        raise
+                    result.setdefault("latency_errors", {})[decode] = repr(exc)[:2000]
+                    print(f"latency ({decode}) failed: {exc!r}", flush=True)
                 save()
         if "compare" in steps and "job" in result:
             result["compare"] = compare_with_quality(args, model_path, out, result["job"]["phases_s"])
@@ -519,6 +525,8 @@ def render(result: dict) -> str:
                   f"{_ms(row['ttft_p50_s'])} | {_ms(row['ttft_p99_s'])} | {_ms(row['per_token_p50_s'])} | "
                   f"{_ms(row['per_token_p99_s'])} |" for row in result["latency"]]
         lines.append("")
+    for decode, error in (result.get("latency_errors") or {}).items():
+        lines += [f"The server in `{decode}` mode failed: `{error[:300]}`", ""]
     compare = result.get("compare")
     if compare:
         over = compare["service_over_quality"]
