@@ -174,7 +174,9 @@ def test_cancel_stops_a_running_job_within_a_step(service, workers, uploaded):
             assert time.time() < deadline, service.tail_logs()
             time.sleep(0.2)
         r = c.post(f"/jobs/{job['id']}/cancel")
-        assert r.status_code == 200 and r.json()["status"] == "cancelling"
+        # the job as it is after the request: still stopping, or already stopped when the worker's next step (a few
+        # milliseconds on this tiny model) came between the request and the read-back
+        assert r.status_code == 200 and r.json()["status"] in ("cancelling", "cancelled")
         asked = time.time()
         done = service.wait_status(job["id"], ("cancelled", "failed", "succeeded"), timeout=60)
         assert done["status"] == "cancelled", done
