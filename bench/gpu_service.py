@@ -248,14 +248,7 @@ def compare_with_quality(args: argparse.Namespace, model_path: Path, out: Path, 
 
 def restart_inference(services, decode: str) -> None:
     """Stop the inference server and start it again on its port, decoding with ``decode``."""
-    for name, proc in [(n, pr) for n, pr in services.procs if n.startswith("inference")]:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        services.procs.remove((name, proc))
+    services.stop(timeout=30, prefix="inference")
     env = dict(services.env, CITI_INFERENCE_DECODE=decode)
     demo.start_inference(services, env, name=f"inference-{decode}")
     demo.wait_http(f"{env['CITI_INFERENCE_URL']}/healthz", services, 120, f"the inference server ({decode})")

@@ -122,9 +122,11 @@ class Services:
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM each process group, newest first; SIGKILL what is still there after ``timeout``."""
-        for name, proc in reversed(self.procs):
+    def stop(self, timeout: float = 15.0, prefix: str = "") -> None:
+        """SIGTERM each process group, newest first; SIGKILL what is still there after ``timeout``. ``prefix``:
+        only the services whose name starts with it (the others keep running)."""
+        chosen = [(name, proc) for name, proc in self.procs if name.startswith(prefix)]
+        for name, proc in reversed(chosen):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -140,7 +142,7 @@ class Services:
                 pass
             proc.wait()
             console.print(f"  stopped {name}")
-        self.procs.clear()
+        self.procs = [item for item in self.procs if item not in chosen]
 
 
 def wait_http(url: str, services: Services, timeout: float, what: str) -> None:
