@@ -4,15 +4,15 @@
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
 # was measured. PARTS (a comma list, default service,compile) picks what a lease runs, in the order quality,
 # service, timings, serving1b, adapteralign, onerow, compile, micro. What the open issues still need: `service` (a
-# lease of its own), then `timings` (SmolLM2's adapter cost with the padded router), `onerow`, `compile`, `micro`:
+# lease of its own), then `timings` (SmolLM2's adapter cost with a job's share of components), `onerow`, `compile`, `micro`:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
 #             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/router_val3.txt: the router's
 #             third round, run in the fourteenth session in 19 minutes at JOBS=5 on an 80 GB card, one of the
 #             nine runs cut by the time limit; five at a time ran out of memory once); runs in
 #             RESULTS/quality/<plan>/
-#   timings   performance issue, alone on the card (about 3 minutes): bench/inference.py --decode cuda_graphs
-#             (greedy replies compared against the dynamic cache's) and 8B LoRA against CITI stage 2, packed;
-#             measured in the seventh session (bench/results/inference.md, throughput_h100_lora/): only on request
+#   timings   performance issue, alone on the card (about 4 minutes): bench/inference.py --decode cuda_graphs on
+#             SmolLM2 with the adapter on a job's share of components (MOLoRA on half) and on a fifth (the earlier
+#             runs'), then 8B LoRA against CITI stage 2, packed
 #   serving1b performance issue's serving target on the 1B shape (random weights, SmolLM2's tokenizer), about 6
 #             to 12 minutes: bench/serving_step.py (one decode step's GPU and host time and kernels at 1 and 16
 #             rows; then with the step compiled), bench/inference.py with CUDA graphs and grouped decode attention,
@@ -35,7 +35,8 @@
 #             effect), eager and under torch.compile, with the profiler's kernel tables; a few minutes, alone
 #             on the card; only on request
 #   service   GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
-#             staged in ~/stage/svc; about 20 minutes: a lease of its own, PARTS=service)
+#             staged in ~/stage/svc; about 26 minutes: a lease of its own, PARTS=service; run in the fifteenth
+#             session but for the last step, which SERVICE_ARGS="--steps job,compare" runs in about 12 minutes)
 # Measured already and not run again: generation memory, the dynamic KV cache's timings, stage 2 with and
 # without soft targets, constrained decoding, CITI and the baselines at their own threshold, negatives_near and
 # the router settings on the validation side, the shipped defaults on test at each job's threshold
@@ -76,13 +77,19 @@ fi
 if want service && needs_gguf service && [ -d ~/stage/svc/.whl-svc ]; then
     part "gpu_service"
     cp -r ~/stage/svc/.whl-svc ~/stage/svc/.redis-deb .
-    timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" > "$RESULTS/gpu_service.log" 2>&1
+    # SERVICE_ARGS: more arguments of bench/gpu_service.py, e.g. "--steps job,compare" (the main job and the
+    # comparison with bench/quality.py only: about 12 minutes)
+    timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" ${SERVICE_ARGS:-} > "$RESULTS/gpu_service.log" 2>&1
 fi
 if want timings && needs_gguf timings; then
     # The short timings after the pool, alone on the card.
-    part "inference cuda_graphs"
-    timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode cuda_graphs --out "$RESULTS/inference" \
-        > "$RESULTS/inference_cuda_graphs.log" 2>&1
+    # SmolLM2 with CUDA graphs, the adapter on a job's share of components (MOLoRA on half: 105 of 210, the
+    # fifteenth session's HTTP run showed +40% a token for such an adapter) and on a fifth (the earlier rows')
+    for fraction in 0.5 0.2; do
+        part "inference cuda_graphs, molora fraction $fraction"
+        timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode cuda_graphs \
+            --molora-fraction "$fraction" --out "$RESULTS/inference" > "$RESULTS/inference_cuda_graphs_$fraction.log" 2>&1
+    done
     part "throughput 8b lora and citi stage 2, packed"
     for method in lora citi_stage2; do
         timeout 300 python3 bench/throughput.py --shape 8b --method "$method" --packing true --out "$RESULTS/throughput" \

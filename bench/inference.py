@@ -53,7 +53,7 @@ for p in (str(ROOT), str(HERE)):
         sys.path.insert(0, p)
 
 from provenance import commit, versions  # noqa: E402
-from throughput import SHAPES, fixed_components, llama_config  # noqa: E402
+from throughput import SHAPES, llama_config  # noqa: E402
 
 from citi_engine import DECODE_MODES  # noqa: E402
 
@@ -93,27 +93,52 @@ def add_adapter_layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one-row-reductions", action="store_true",
                         help="compiled one-row steps take the adapter as reductions "
                              "(citi_engine.molora.layer.ONE_ROW_REDUCTIONS, an experiment; off by default)")
+    parser.add_argument("--molora-fraction", type=float, default=None,
+                        help="share of the model's components that carry MOLoRA experts, spread evenly over the "
+                             "layers (default: a job's, components.molora_fraction; before the fifteenth session the "
+                             "benchmark used 0.2, every fifth component)")
 
 
 def apply_adapter_layout(args: argparse.Namespace) -> None:
     """Set the serving layer's layout from :func:`add_adapter_layout_args`' flags; ``args.router_align`` then holds
     the padding used (the engine's default when not given), for the results."""
     from citi_engine.molora import layer as molora_layer
+    from citi_engine.training.config import ComponentsConfig
 
     if args.router_align is None:
         args.router_align = molora_layer.ROUTER_ALIGN
+    if args.molora_fraction is None:
+        args.molora_fraction = ComponentsConfig().molora_fraction
     molora_layer.ROUTER_ALIGN = args.router_align
     molora_layer.ONE_ROW_REDUCTIONS = args.one_row_reductions
 
 
-def make_adapter(base_model, out_dir: Path, spec: str) -> dict[str, Any]:
-    """A CITI adapter for ``base_model`` written by the engine, with non-zero experts; returns its sizes."""
+def spread_components(names: list[str], molora_fraction: float, uco_fraction: float) -> tuple[list[str], list[str]]:
+    """MOLoRA on ``molora_fraction`` of ``names`` and UCO on ``uco_fraction`` (a job's counts), each spread evenly
+    over the list (so over the layers), UCO among the rest. At 0.2 MOLoRA is every fifth component from the first."""
+    from citi_engine.components import fraction_to_count
+
+    n_molora = fraction_to_count(molora_fraction, len(names))
+    molora = [names[i * len(names) // n_molora] for i in range(n_molora)]
+    rest = [n for n in names if n not in set(molora)]
+    n_uco = min(fraction_to_count(uco_fraction, len(names)), len(rest))
+    uco = [rest[i * len(rest) // n_uco] for i in range(n_uco)]
+    return molora, uco
+
+
+def make_adapter(base_model, out_dir: Path, spec: str, molora_fraction: float | None = None) -> dict[str, Any]:
+    """A CITI adapter for ``base_model`` written by the engine, with non-zero experts, on ``molora_fraction`` of
+    its components (default: a job's) and UCO on a job's share; returns its sizes."""
     import torch
 
     from citi_engine.adapter import apply_method, save_adapter
+    from citi_engine.components import list_components
+    from citi_engine.training.config import ComponentsConfig
 
     work = copy.deepcopy(base_model)  # apply_method wraps in place; the served base must stay untouched
-    molora, uco = fixed_components(work)
+    defaults = ComponentsConfig()
+    names = list_components(work)
+    molora, uco = spread_components(names, molora_fraction or defaults.molora_fraction, defaults.uco_fraction)
     peft_model = apply_method(work, "citi", molora=molora, uco=uco, **CITI)
     gen = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():
@@ -124,7 +149,8 @@ def make_adapter(base_model, out_dir: Path, spec: str) -> dict[str, Any]:
     del peft_model, work
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"molora": len(molora), "uco": len(uco), **CITI,
+    return {"molora": len(molora), "uco": len(uco), "components": len(names),
+            "molora_fraction": molora_fraction or defaults.molora_fraction, **CITI,
             "bytes": (out_dir / "adapter_model.safetensors").stat().st_size}
 
 
@@ -308,6 +334,7 @@ def run_one(args) -> dict[str, Any]:
     tag += "" if args.attention == "grouped" else f"-{args.attention}"
     tag += "" if args.router_align == 1 else f"-align{args.router_align}"
     tag += "-onerow" if args.one_row_reductions else ""
+    tag += f"-molora{args.molora_fraction:g}"  # the adapter's share of components: its cost grows with it
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
                               "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(), "versions": versions(), "new_tokens": args.new_tokens,
                               "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode,
@@ -319,7 +346,7 @@ def run_one(args) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="citi-bench-adapter-") as tmp:
         adapter_dir = Path(tmp) / "adapter"
-        result["adapter"] = make_adapter(base.model, adapter_dir, spec)
+        result["adapter"] = make_adapter(base.model, adapter_dir, spec, args.molora_fraction)
         loads = []
         for i in range(3):  # cold each time: a new id is a cache miss
             if device == "cuda":

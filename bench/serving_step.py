@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "one_row_reductions": args.one_row_reductions, "commit": commit(),
         "versions": versions(), "results": {}}
     with tempfile.TemporaryDirectory(prefix="citi-bench-adapter-") as tmp:
-        doc["adapter"] = make_adapter(model, Path(tmp) / "adapter", spec)
+        doc["adapter"] = make_adapter(model, Path(tmp) / "adapter", spec, args.molora_fraction)
         served = cache.adapter("bench", Path(tmp) / "adapter", spec)
         for attention in ("grouped", "sdpa"):
             static_decode.GROUPED_ATTENTION = attention == "grouped"

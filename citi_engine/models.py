@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,8 @@ import torch
 
 from citi_engine.errors import ModelSpecError
 from citi_engine.specs import ResolvedSpec, hub_offline, resolve_model_spec
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> str:
@@ -86,9 +91,15 @@ def load_tokenizer(resolved: ResolvedSpec):
     if key is not None and key in _TOKENIZERS:
         return _TOKENIZERS[key]
     kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if resolved.gguf_file:
+    source = resolved.path
+    plain = _plain_copy(resolved)
+    if plain is not None and (plain / "tokenizer").is_dir():
+        source = str(plain / "tokenizer")
+    elif resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
-    tok = _load_from(resolved, lambda: AutoTokenizer.from_pretrained(resolved.path, **kwargs))
+    tok = _load_from(resolved, lambda: AutoTokenizer.from_pretrained(source, **kwargs))
+    if plain is not None and source == resolved.path:
+        _keep_plain_copy(plain / "tokenizer", tok.save_pretrained)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -115,10 +126,25 @@ def load_model(
     device = device or default_device()
     torch_dtype = _as_dtype(dtype, device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
-    if resolved.gguf_file:
+    source = resolved.path
+    plain = _plain_copy(resolved)
+    copy = plain / str(torch_dtype).removeprefix("torch.") if plain is not None else None
+    if copy is not None and (copy / "config.json").is_file():
+        source = str(copy)
+    elif resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
     tokenizer = load_tokenizer(resolved)
-    model = _load_from(resolved, lambda: AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs))
+    model = _load_from(resolved, lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    if copy is not None and source == resolved.path:
+        from citi_engine.adapter import _gguf_marks_dropped
+
+        def save(directory: Path) -> None:
+            with _gguf_marks_dropped(model):
+                model.save_pretrained(directory)
+
+        _keep_plain_copy(copy, save)
+    elif copy is not None:  # named as if read from the GGUF (peft records it in adapter_config.json)
+        model.name_or_path = model.config._name_or_path = resolved.path
     model.to(device)
     model.eval()
     if getattr(model.config, "pad_token_id", None) is None:
@@ -130,3 +156,49 @@ def load_model(
 def cache_dir() -> str:
     """Where the engine caches derived files (e.g. the tokenizer extracted from the GGUF)."""
     return os.environ.get("CITI_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "citi"))
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF files, kept as plain copies
+# --------------------------------------------------------------------------------------------------
+# transformers reads a GGUF file slowly: it parses the whole file once for the config, once for the tokenizer and
+# once for the weights, and builds its tensor-name map once per tensor (about 25 s for SmolLM2-135M on 2 CPU
+# cores; a job's whole loading phase took 18 s on an H100 host), against a second or two for the same weights as
+# safetensors). So the first load of a GGUF file in a dtype writes the model it made (the dequantised weights cast
+# to that dtype: the same numbers a GGUF load gives) and its tokenizer as plain Hugging Face directories under the
+# cache directory, and later loads read those.
+
+
+def _plain_copy(resolved: ResolvedSpec) -> Path | None:
+    """The directory of a GGUF spec's plain copies (``tokenizer/``, one folder per dtype), existing or not;
+    ``None`` for other specs or with ``CITI_GGUF_CACHE=0``. Its name changes with the file (size, modification
+    time) and the transformers release that converts it, so a stale copy is never read."""
+    if not resolved.gguf_file or os.environ.get("CITI_GGUF_CACHE", "1") == "0":
+        return None
+    import transformers
+
+    source = Path(resolved.path) / resolved.gguf_file
+    try:
+        st = source.stat()
+    except OSError:
+        return None  # the load itself says what is missing
+    name = f"{source.stem}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
+    return Path(cache_dir()) / "gguf-plain" / name
+
+
+def _keep_plain_copy(target: Path, save) -> None:
+    """``save(directory)`` into a new directory renamed to ``target`` at the end (atomic: of two processes writing
+    the same copy, the second's is dropped). A cache that cannot be written (read-only, full) only costs speed."""
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        save(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if not target.is_dir():
+            log.warning("could not keep a plain copy of a GGUF model in %s (%s): it is read from the GGUF file "
+                        "each time", target, exc)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -90,7 +90,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     CITI_ARTIFACT_DIR=/data/artifacts \
     CITI_MODEL_DIRS=/models \
-    HF_HOME=/data/hf-cache
+    HF_HOME=/data/hf-cache \
+    CITI_CACHE_DIR=/data/hf-cache/citi
 
 USER 10001:10001
 WORKDIR /home/citi

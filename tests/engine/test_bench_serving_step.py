@@ -27,3 +27,25 @@ def test_each_attention_model_and_row_count_is_timed_and_profiled(tmp_path: Path
                 assert "aten::" in table
     md = (tmp_path / "serving_step.md").read_text()
     assert md.count("| n/a | n/a |") == 8
+
+
+def test_the_benchmarks_adapter_carries_a_jobs_share_of_components_unless_told_otherwise(tmp_path: Path) -> None:
+    import inference
+
+    from citi_engine.components import fraction_to_count
+    from citi_engine.training.config import ComponentsConfig
+
+    names = [f"layers.{i}.{m}" for i in range(30) for m in ("q", "k", "v", "o", "gate", "up", "down")]
+    molora, uco = inference.spread_components(names, 0.2, 0.1)
+    assert molora == names[0::5] and len(uco) == 21 and not set(molora) & set(uco)  # the earlier layout
+    molora, uco = inference.spread_components(names, 0.5, 0.1)
+    assert len(molora) == 105 and len(uco) == 21 and not set(molora) & set(uco)
+    assert {n.split(".")[1] for n in molora} == {str(i) for i in range(30)}  # spread over every layer
+
+    assert serving_step.main(["--tiny", "--out", str(tmp_path), "--steps", "1", "--rounds", "1", "--rows", "1",
+                              "--prompt", "8"]) == 0
+    doc = json.loads((tmp_path / "serving_step.json").read_text())
+    adapter, defaults = doc["adapter"], ComponentsConfig()
+    assert adapter["molora_fraction"] == defaults.molora_fraction
+    assert adapter["molora"] == fraction_to_count(defaults.molora_fraction, adapter["components"])
+    assert adapter["uco"] == fraction_to_count(defaults.uco_fraction, adapter["components"])

@@ -1,7 +1,7 @@
 """One CITI job on the real SmolLM2-135M-Instruct (from its PyPI package): every phase, one step per stage.
 
-Kept small enough for CI on 2 CPU cores (about a minute): 2 examples per set for importance, 2 replay
-answers of 8 tokens, short examples, no evaluation.
+Kept small enough for CI on 2 CPU cores (about 20 s once the GGUF's plain copy exists): 2 examples per set for
+importance, 2 replay answers of 8 tokens, short examples, no evaluation.
 """
 
 from __future__ import annotations
@@ -44,9 +44,12 @@ def test_citi_runs_every_phase_on_smollm2(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-def test_full_fine_tuning_of_the_gguf_model_saves_a_plain_model(tmp_path):
-    """transformers marks a GGUF-loaded model as quantized and refuses to save it; ours is plain weights."""
+def test_full_fine_tuning_of_the_gguf_model_saves_a_plain_model(tmp_path, monkeypatch):
+    """transformers marks a GGUF-loaded model as quantized and refuses to save it; ours is plain weights. Read
+    from the GGUF itself (no plain copy, as with CITI_GGUF_CACHE=0), the model carries that mark."""
     import torch
+
+    monkeypatch.setenv("CITI_GGUF_CACHE", "0")
 
     from citi_engine.adapter import load_adapter
     from citi_engine.train import finetune
