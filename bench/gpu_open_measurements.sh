@@ -84,11 +84,13 @@ fi
 if want timings && needs_gguf timings; then
     # The short timings after the pool, alone on the card.
     # SmolLM2 with CUDA graphs, the adapter on a job's share of components (MOLoRA on half: 105 of 210, the
-    # fifteenth session's HTTP run showed +40% a token for such an adapter) and on a fifth (the earlier rows')
-    for fraction in 0.5 0.2; do
-        part "inference cuda_graphs, molora fraction $fraction"
+    # fifteenth session's HTTP run showed +40% a token for such an adapter) and on a fifth (the earlier rows'),
+    # then the first with the components that read one input sharing their router-and-A matmul
+    for way in "0.5" "0.2" "0.5 --shared-input-groups"; do
+        set -- $way
+        part "inference cuda_graphs, molora fraction $*"
         timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode cuda_graphs \
-            --molora-fraction "$fraction" --out "$RESULTS/inference" > "$RESULTS/inference_cuda_graphs_$fraction.log" 2>&1
+            --molora-fraction "$@" --out "$RESULTS/inference" > "$RESULTS/inference_cuda_graphs_${1}${2:+_groups}.log" 2>&1
     done
     part "throughput 8b lora and citi stage 2, packed"
     for method in lora citi_stage2; do

@@ -93,6 +93,9 @@ def add_adapter_layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one-row-reductions", action="store_true",
                         help="compiled one-row steps take the adapter as reductions "
                              "(citi_engine.molora.layer.ONE_ROW_REDUCTIONS, an experiment; off by default)")
+    parser.add_argument("--shared-input-groups", action="store_true",
+                        help="components that read the same input share one router-and-A matmul "
+                             "(citi_engine.molora.layer.SHARED_INPUT_GROUPS, an experiment; off by default)")
     parser.add_argument("--molora-fraction", type=float, default=None,
                         help="share of the model's components that carry MOLoRA experts, spread evenly over the "
                              "layers (default: a job's, components.molora_fraction; before the fifteenth session the "
@@ -111,6 +114,7 @@ def apply_adapter_layout(args: argparse.Namespace) -> None:
         args.molora_fraction = ComponentsConfig().molora_fraction
     molora_layer.ROUTER_ALIGN = args.router_align
     molora_layer.ONE_ROW_REDUCTIONS = args.one_row_reductions
+    molora_layer.SHARED_INPUT_GROUPS = args.shared_input_groups
 
 
 def spread_components(names: list[str], molora_fraction: float, uco_fraction: float) -> tuple[list[str], list[str]]:
@@ -334,12 +338,14 @@ def run_one(args) -> dict[str, Any]:
     tag += "" if args.attention == "grouped" else f"-{args.attention}"
     tag += "" if args.router_align == 1 else f"-align{args.router_align}"
     tag += "-onerow" if args.one_row_reductions else ""
+    tag += "-groups" if args.shared_input_groups else ""
     tag += f"-molora{args.molora_fraction:g}"  # the adapter's share of components: its cost grows with it
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
                               "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(), "versions": versions(), "new_tokens": args.new_tokens,
                               "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode,
                               "attention": "sdpa" if args.decode == "dynamic" else args.attention,
-                              "router_align": args.router_align, "one_row_reductions": args.one_row_reductions}
+                              "router_align": args.router_align, "one_row_reductions": args.one_row_reductions,
+                              "shared_input_groups": args.shared_input_groups}
     prompt_text = render_prompt(base.tokenizer, MESSAGES, TOOLS)
     prompt = base.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     result["prompt_tokens"] = len(prompt)

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "params": sum(p.numel() for p in model.parameters()), "heads": model.config.num_attention_heads,
         "kv_heads": model.config.num_key_value_heads, "prompt_tokens": args.prompt, "steps": args.steps,
         "rounds": args.rounds, "compiled": args.compiled, "router_align": args.router_align,
-        "one_row_reductions": args.one_row_reductions, "commit": commit(),
+        "one_row_reductions": args.one_row_reductions, "shared_input_groups": args.shared_input_groups,
+        "commit": commit(),
         "versions": versions(), "results": {}}
     with tempfile.TemporaryDirectory(prefix="citi-bench-adapter-") as tmp:
         doc["adapter"] = make_adapter(model, Path(tmp) / "adapter", spec, args.molora_fraction)

@@ -61,6 +61,7 @@ from citi_engine.generate import (
     stop_token_ids,
 )
 from citi_engine.molora import PEFT_TYPE_NAME, FrozenMoloraLinear
+from citi_engine.molora import layer as molora_layer
 
 log = logging.getLogger("citi.serving")
 
@@ -182,6 +183,8 @@ def read_adapter_modules(adapter_dir: str | os.PathLike,
         else:
             log.warning("adapter %s: unexpected tensors %s for %s", adapter_dir, sorted(params), name)
             return None
+    if not lora and molora_layer.SHARED_INPUT_GROUPS:
+        molora_layer.link_shared_inputs(modules)
     return ("lora" if lora else "citi"), modules
 
 

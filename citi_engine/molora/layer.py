@@ -217,6 +217,16 @@ ROUTER_ALIGN = 64
 # kernels instead of three. Eager and multi-row forwards never take this path.
 ONE_ROW_REDUCTIONS = False
 
+# Off by default, an experiment for decoding on a GPU, where a small model's step is bound by kernel count: the
+# MOLoRA components that read the same input (a layer's q, k and v projections; its gate and up projections) get
+# their router-and-A products from one matmul over their weights stacked, and their gates from one softmax and one
+# multiply, so a group of three costs 3 + 3 kernels beside the base matmuls instead of 4 x 3 (only the B products
+# stay apart). A job's default adapter has MOLoRA on half of SmolLM2's components, and served over HTTP with CUDA
+# graphs it cost +40% a token on an H100 (fifteenth session). :func:`link_shared_inputs` makes the groups (when
+# this is on at the adapter's load); torch.compile traces take each component's own path.
+SHARED_INPUT_GROUPS = False
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 
 class FrozenMoloraLinear(nn.Module):
     """A trained MOLoRA adapter on a shared, frozen ``nn.Linear``, for serving: ``W0 x + B molora_mix(W_r x, A x)``.
@@ -251,16 +261,22 @@ class FrozenMoloraLinear(nn.Module):
         self.router_a = nn.Parameter(router_a.to(w.device, w.dtype), requires_grad=False)
         b_scaled = b.to(torch.promote_types(b.dtype, torch.float32)) * scaling  # scaled in fp32 or finer, then cast
         self.b_scaled_t = nn.Parameter(b_scaled.t().contiguous().to(w.device, w.dtype), requires_grad=False)
+        self.shared_input: SharedInputGroup | None = None  # see link_shared_inputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.num_experts
         out = F.linear(x, self.base.weight, self.base.bias)
-        if ONE_ROW_REDUCTIONS and x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if ONE_ROW_REDUCTIONS and x.numel() == x.shape[-1] and compiling:
             return out + self._one_row_delta(x).view(out.shape)
-        ra = F.linear(x, self.router_a)
-        mixed, _ = molora_mix(ra[..., : n + 1], ra[..., n + 1: n + 1 + n * self.r], n, self.r, probs_dtype=ra.dtype,
-                              gate=self.gate)
-        return torch.addmm(out.view(-1, out.shape[-1]), mixed.view(-1, mixed.shape[-1]), self.b_scaled_t).view(out.shape)
+        if self.shared_input is not None and not compiling:
+            mixed = self.shared_input.mixed(self, x)
+        else:
+            ra = F.linear(x, self.router_a)
+            mixed, _ = molora_mix(ra[..., : n + 1], ra[..., n + 1: n + 1 + n * self.r], n, self.r,
+                                  probs_dtype=ra.dtype, gate=self.gate)
+        return torch.addmm(out.view(-1, out.shape[-1]), mixed.reshape(-1, mixed.shape[-1]),
+                           self.b_scaled_t).view(out.shape)
 
     def _one_row_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The MOLoRA delta of one row as reductions (:data:`ONE_ROW_REDUCTIONS`): ``(d_out,)``."""
@@ -268,3 +284,70 @@ class FrozenMoloraLinear(nn.Module):
         ra = (x.reshape(1, -1) * self.router_a[: n + 1 + n * r]).sum(-1)  # W_r x and A x, padding rows left out
         mixed, _ = molora_mix(ra[: n + 1], ra[n + 1:], n, r, probs_dtype=ra.dtype, gate=self.gate)
         return (mixed.unsqueeze(-1) * self.b_scaled_t).sum(0)  # B (gates * A x), summed over the N*r rows
+
+
+class SharedInputGroup:
+    """MOLoRA components that read the same input, their router-and-A weights stacked (:data:`SHARED_INPUT_GROUPS`).
+
+    The first member called with an input computes every member's gated expert inputs at once and keeps them until
+    each other member has taken its own (the same tensor, unchanged since: its identity and, outside inference
+    mode, its version counter are checked); a member called with any other input computes them afresh. Nothing is kept once all have taken theirs.
+    """
+
+    def __init__(self, members: list[FrozenMoloraLinear]) -> None:
+        first = members[0]
+        self.members = members
+        self.n, self.r, self.gate = first.num_experts, first.r, first.gate
+        self.rows = first.router_a.shape[0]  # each member's padded rows
+        # the stacked weight is a buffer of the first member, so it moves with the model (not saved: derived)
+        first.register_buffer("shared_router_a", torch.cat([m.router_a for m in members], 0), persistent=False)
+        self._index = {id(m): i for i, m in enumerate(members)}
+        self._clear()
+
+    def _clear(self) -> None:
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._mixed: torch.Tensor | None = None
+        self._waiting: set[int] = set()
+
+    def mixed(self, member: FrozenMoloraLinear, x: torch.Tensor) -> torch.Tensor:
+        """``member``'s gated expert inputs for ``x`` (..., N*r), a view into the group's."""
+        i = self._index[id(member)]
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+        if not (i in self._waiting and self._x is x and version == self._version):
+            n, r = self.n, self.r
+            ra = F.linear(x, self.members[0].shared_router_a).unflatten(-1, (len(self.members), self.rows))
+            mixed, _ = molora_mix(ra[..., : n + 1], ra[..., n + 1: n + 1 + n * r], n, r, probs_dtype=ra.dtype,
+                                  gate=self.gate)
+            self._x, self._version, self._mixed = x, version, mixed
+            self._waiting = set(range(len(self.members)))
+        mixed = self._mixed[..., i, :]
+        self._waiting.discard(i)
+        if not self._waiting:
+            self._clear()
+        return mixed
+
+
+def link_shared_inputs(modules: dict[str, nn.Module]) -> list[SharedInputGroup]:
+    """Group the :class:`FrozenMoloraLinear` modules of ``modules`` (by module name) that read the same input
+    (:data:`SHARED_INPUT_SIBLINGS` under one parent, the same experts, rank, gate, padding, dtype and device);
+    each member then computes through its group. Returns the groups (two members or more)."""
+    by_key: dict[tuple, list[FrozenMoloraLinear]] = {}
+    for name, module in modules.items():
+        if not isinstance(module, FrozenMoloraLinear):
+            continue
+        parent, _, child = name.rpartition(".")
+        family = next((i for i, names in enumerate(SHARED_INPUT_SIBLINGS) if child in names), None)
+        if family is None:
+            continue
+        w = module.router_a
+        key = (parent, family, module.num_experts, module.r, module.gate, w.shape, w.dtype, w.device)
+        by_key.setdefault(key, []).append(module)
+    groups = []
+    for members in by_key.values():
+        if len(members) > 1:
+            group = SharedInputGroup(members)
+            for m in members:
+                m.shared_input = group
+            groups.append(group)
+    return groups

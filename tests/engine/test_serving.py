@@ -16,6 +16,7 @@ from citi_engine.adapter import apply_method, save_adapter  # noqa: E402
 from citi_engine.generate import encode_prompt, generate_chat  # noqa: E402
 from citi_engine.models import load_model  # noqa: E402
 from citi_engine.molora import FrozenMoloraLinear  # noqa: E402
+from citi_engine.molora.layer import molora_mix  # noqa: E402
 from citi_engine.serving import GenerationRequest, generate, read_adapter_modules, swap_modules  # noqa: E402
 
 MOLORA = ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj", "model.layers.1.self_attn.q_proj"]
@@ -56,6 +57,49 @@ def test_citi_adapter_read_into_modules_on_a_shared_base_gives_the_logits_of_pef
         assert torch.equal(served(input_ids=ids).logits, before), "swapping back restores the base bit for bit"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - before).abs().max() > 1e-3
+
+
+def test_components_reading_one_input_share_one_router_matmul_and_give_the_same_logits(tmp_path, monkeypatch):
+    """SHARED_INPUT_GROUPS: q, k, v of a layer (and gate, up) take their router-and-A products from one matmul; the
+    logits are those of each component computing its own, and nothing is held once a forward is done."""
+    from citi_engine.molora import layer as molora_layer
+
+    molora = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
+              "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj",
+              "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    base = testing.tiny_llama(seed=0, pad_token_id=0)
+    served = copy.deepcopy(base)
+    peft_model = apply_method(base, "citi", molora=molora, uco=[], num_experts=3, rank=4, alpha=8.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".molora_B." in name or ".molora_router." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(peft_model, tmp_path / "adapter", {"model": "tiny"})
+    linears = {n: m for n, m in served.named_modules() if isinstance(m, torch.nn.Linear)}
+    ids = torch.randint(1, 96, (2, 7), generator=g)
+
+    _, alone = read_adapter_modules(tmp_path / "adapter", linears)
+    assert all(m.shared_input is None for m in alone.values())  # off by default
+    monkeypatch.setattr(molora_layer, "SHARED_INPUT_GROUPS", True)
+    _, grouped = read_adapter_modules(tmp_path / "adapter", linears)
+    groups = {id(m.shared_input): sorted(n.rsplit(".", 1)[1] for n, m2 in grouped.items() if m2.shared_input is m.shared_input)
+              for m in grouped.values() if m.shared_input is not None}
+    # layer 0's q, k, v and gate, up; layer 1's q and up read different inputs, down has no sibling
+    assert sorted(groups.values()) == [["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"]]
+    calls = []
+    monkeypatch.setattr(molora_layer, "molora_mix", lambda *a, **k: calls.append(1) or molora_mix(*a, **k))
+    with torch.no_grad():
+        swap_modules(served, alone)
+        want = served(input_ids=ids).logits
+        n_alone, calls[:] = len(calls), []
+        swap_modules(served, grouped)
+        got = served(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert n_alone == 8 and len(calls) == 5  # gates computed once per group: 2 groups + 3 on their own
+    assert all(m.shared_input._mixed is None for m in grouped.values() if m.shared_input is not None)
+    with torch.inference_mode():  # as the server generates: its tensors keep no version counter
+        torch.testing.assert_close(served(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
