@@ -195,7 +195,7 @@ def _keep_plain_copy(target: Path, save) -> None:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         save(tmp)
         os.replace(tmp, target)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - the copy is optional: a full disk may surface as safetensors' own error
         if not target.is_dir():
             log.warning("could not keep a plain copy of a GGUF model in %s (%s): it is read from the GGUF file "
                         "each time", target, exc)
