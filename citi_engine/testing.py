@@ -9,12 +9,10 @@ under :func:`citi_engine.models.cache_dir`; after that a tiny model directory ta
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from citi_engine import DEFAULT_MODEL
-from citi_engine.models import cache_dir
+from citi_engine.models import _keep_plain_copy, cache_dir
 from citi_engine.specs import resolve_model_spec
 
 
@@ -27,13 +25,7 @@ def smollm2_tokenizer_dir() -> str:
 
     resolved = resolve_model_spec(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent))
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)  # atomic: parallel test processes may race here
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _keep_plain_copy(target, tok.save_pretrained)  # atomic: parallel test processes may race here
     return str(target)
 
 
