@@ -77,16 +77,22 @@ redis:
 	fi
 
 # The commands below need what `make setup` installs; say so instead of failing on an import.
-SETUP_DONE = @$(PY) -c "import api, citi_engine, httpx, rich, pytest, torch" 2>/dev/null \
+SETUP_DONE = @$(PY) -c "import api, citi_engine, httpx, rich, pytest, xdist, torch" 2>/dev/null \
 	|| { echo "the environment in $(VENV)/ is missing or incomplete: run \`make setup\` first" >&2; exit 1; }
 
 demo:
 	$(SETUP_DONE)
 	$(PY) scripts/demo.py
 
+# Two test processes by default (`make test PYTEST_WORKERS=0` runs them in this one): the service tests spend
+# much of their time waiting on their subprocesses, so two halve the suite's wall time on 2 cores. Each file
+# runs whole on one process (its module fixtures built once); each process claims its own Redis databases and
+# free ports, so the two never share state.
+PYTEST_WORKERS ?= 2
+
 test:
 	$(SETUP_DONE)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 lint:
 	$(SETUP_DONE)

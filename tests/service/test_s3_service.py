@@ -69,9 +69,13 @@ def test_s3_job_survives_a_killed_worker_and_serves_its_adapter(moto_s3, tiny_mo
             assert time.time() - t0 < 10
             time.sleep(0.1)
 
+        # The first checkpoint can reach the bucket before any training step's progress event is written (a stage
+        # boundary comes before the stage's first step), so no progress event at all is a valid state here.
+        assert c.get(f"/jobs/{job['id']}").json()["status"] not in ("succeeded", "failed", "cancelled"), \
+            "the job was still running when its worker died"
         steps = [e["data"]["step"] for e in c.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
                  if e["type"] == "progress" and e["data"]["stage"] != "importance"]
-        assert max(steps) < 200, "the job was still running when its worker died"
+        assert max(steps, default=0) < 200, "the job was still running when its worker died"
 
         w2 = start_worker({**env, "CITI_WORK_DIR": str(tmp_path / "host2")}, "s3w2", tmp_path / "w2.log")
         deadline = time.time() + 180
