@@ -12,8 +12,9 @@ server), started the way ``make demo`` starts them (``scripts/demo.py``), then d
 4. ``kill -9`` of the worker in stage 2 right after a periodic checkpoint there, a new worker, and the job
    resumed from that checkpoint;
 5. chat latency through the HTTP endpoint, streamed: time to first token and per token, 1 and 16 concurrent
-   clients, the base model against the adapter, for each of ``--latency-decodes`` (the inference server started
-   again with ``CITI_INFERENCE_DECODE`` set; the tool questions of step 2 asked again in each mode after the first).
+   clients, the base model against the adapter, for each of ``--latency-decodes`` (the inference server starts in
+   the first, which step 2 uses, and is started again with ``CITI_INFERENCE_DECODE`` set for each after it; the
+   tool questions of step 2 asked again in each of those).
 6. the main job's training part against ``bench/quality.py`` training the same way on the same card
    (:func:`compare_with_quality`; the service may add at most 5%).
 
@@ -228,7 +229,9 @@ def compare_with_quality(args: argparse.Namespace, model_path: Path, out: Path, 
     """
     cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--model", str(model_path), "--method", "citi",
            "--seed", "0", "--split", "test", "--data", args.data, "--out", str(out / "quality_compare"),
-           "--limit-test", "4", "--probe-limit", "2", "--no-humaneval", "--force"]
+           "--limit-test", "4", "--probe-limit", "2", "--no-humaneval", "--force",
+           # the job's replay answers decode as the job's do (its default: auto)
+           "--decode", args.hyperparameters.get("generation_decode", "auto")]
     if args.limit_train:
         cmd += ["--limit-train", str(args.limit_train)]
     if args.max_steps:
@@ -276,10 +279,11 @@ def main() -> int:
     p.add_argument("--chat-concurrency", type=int, default=8)
     p.add_argument("--latency-rounds", type=int, default=3)
     p.add_argument("--latency-tokens", type=int, default=64)
-    p.add_argument("--latency-decodes", default="dynamic,cuda_graphs",
+    p.add_argument("--latency-decodes", default="cuda_graphs,dynamic",
                    help="comma list of the inference server's decode modes (CITI_INFERENCE_DECODE) the latency step "
-                        "times, the server started again for each after the first (the default, dynamic); after the "
-                        "first each mode also answers the chat step's tool questions again")
+                        "times: the server starts in the first (cuda_graphs: what its default, auto, is on a GPU) and "
+                        "the chat step asks in it; it is started again for each mode after, which also answers the "
+                        "chat step's tool questions again")
     p.add_argument("--steps", default="job,chat,queue,kill,latency,compare", help="comma list of the steps to run")
     p.add_argument("--job-timeout", type=float, default=3600)
     args = p.parse_args()
@@ -306,8 +310,12 @@ def main() -> int:
 
     try:
         t0 = time.perf_counter()
-        urls = demo.start_services(services, key, extra_env={"CITI_MODEL_DIRS": str(model_path.parent)})
+        decodes = args.latency_decodes.split(",")
+        # The server starts in the first mode, named (the chat step's mode; the latency step's first)
+        urls = demo.start_services(services, key, extra_env={"CITI_MODEL_DIRS": str(model_path.parent),
+                                                             "CITI_INFERENCE_DECODE": decodes[0]})
         result["services_start_s"] = round(time.perf_counter() - t0, 2)
+        result["chat_decode"] = httpx.get(f"{urls['inference']}/healthz", timeout=30).json().get("decode")
         if steps & {"job", "compare"}:
             # The model loaded once before anything is timed, as the job will load it: a GGUF's first load writes
             # its plain copy (citi_engine.models), which every later load reads; so the job and bench/quality.py
@@ -421,7 +429,7 @@ def main() -> int:
             question = {"messages": [{"role": "user", "content": "Name three rivers in Europe."}]}
             models = (("base", str(model_path)), ("adapter", fine_tuned))
             result["latency"] = []
-            for i, decode in enumerate(args.latency_decodes.split(",")):
+            for i, decode in enumerate(decodes):
                 try:
                     if i:
                         restart_inference(services, decode)
@@ -490,7 +498,8 @@ def render(result: dict) -> str:
                   f"{_num(summary.get('headline_retention'), 4)}, backbone gate general / tool call "
                   f"{_num(summary.get('backbone_gate_general'))} / {_num(summary.get('backbone_gate_tool_call'))}, "
                   f"call threshold {_num(summary.get('call_threshold'), 2)}.", ""]
-    chats = {**({"dynamic (default)": result["chat"]} if result.get("chat") else {}),
+    first = result.get("chat_decode") or "dynamic"  # runs before the sixteenth session started the server in dynamic
+    chats = {**({f"{first} (first)": result["chat"]} if result.get("chat") else {}),
              **(result.get("chat_by_decode") or {})}
     if chats:
         lines += ["## Tool questions through `/v1/chat/completions` (the official `openai` client)", "",

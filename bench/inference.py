@@ -55,7 +55,7 @@ for p in (str(ROOT), str(HERE)):
 from provenance import commit, versions  # noqa: E402
 from throughput import SHAPES, llama_config  # noqa: E402
 
-from citi_engine import DECODE_MODES  # noqa: E402
+from citi_engine import DECODE_MODES, resolve_decode  # noqa: E402
 
 CITI = {"num_experts": 4, "rank": 8, "alpha": 16.0}
 TARGET_OVERHEAD = 0.15
@@ -325,6 +325,7 @@ def run_one(args) -> dict[str, Any]:
     from worker.inference.cache import ModelCache, ServedModel
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    args.decode = resolve_decode(args.decode, device)  # the loop that runs, in the tag and the record
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     cache = ModelCache(device=device, adapter_cache_size=2, decode=args.decode)
     t0 = time.perf_counter()

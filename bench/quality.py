@@ -67,7 +67,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # bench/, for provenan
 
 from provenance import commit  # noqa: E402
 
-from citi_engine import DECODE_MODES  # noqa: E402 (light: no torch)
+from citi_engine import DECODE_MODES, resolve_decode  # noqa: E402 (light: no torch)
 from citi_engine.files import write_json_atomic  # noqa: E402 (light: no torch)
 
 METHODS = ("base", "lora", "full", "citi")
@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "for a user whose held-out examples all call (the base model's threshold is chosen the same way)")
     p.add_argument("--decode", choices=DECODE_MODES, default="dynamic", help="KV cache of "
                    "the decode loop, in the tool evals and in the job's own generation (hyperparameters."
-                   "generation_decode, unless --set gives it): dynamic (every result so far), static, or cuda_graphs "
-                   "(each step replayed from a CUDA graph on a GPU)")
+                   "generation_decode, unless --set gives it): dynamic (every result so far), static, cuda_graphs "
+                   "(each step replayed from a CUDA graph on a GPU), or auto (a job's and the inference server's "
+                   "default: cuda_graphs on a GPU, else dynamic)")
     p.add_argument("--decode-check", choices=DECODE_MODES, default=None, help="answer the "
                    "test cases once more with this decode loop and record how many replies are the same and the "
                    "time of each (decode_check): the check before a faster loop evaluates")
@@ -370,7 +371,8 @@ def run_one(args: argparse.Namespace, run: dict) -> dict:
         "eval_settings": {"limit_test": args.limit_test, "probe_limit": args.probe_limit,
                           "humaneval_limit": args.humaneval_limit, "max_new_tokens": args.max_new_tokens,
                           "retention_max_new_tokens": args.retention_max_new_tokens,
-                          "eval_batch_size": args.eval_batch_size, "decode": args.decode},
+                          "eval_batch_size": args.eval_batch_size,
+                          "decode": resolve_decode(args.decode, "cpu" if card == "cpu" else "cuda")},
     }
     import peft
     import transformers

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from citi_engine import DECODE_MODES, GRAPH_MODES
+from citi_engine import GRAPH_MODES, resolve_decode
 from citi_engine.errors import Cancelled
 
 log = logging.getLogger("citi.generate")
@@ -398,12 +398,12 @@ def generate_ids(
     so ``batch_size`` is a ceiling, not a promise the device must keep. ``decode``: the KV cache of the decode
     loop, ``dynamic`` (grows with the replies), ``static`` (allocated once per batch), ``cuda_graphs`` (static,
     each step replayed from a CUDA graph on a GPU: far fewer kernel launches for a small model; static elsewhere)
-    or ``compiled_graphs`` (the same with the step compiled by ``torch.compile``: fused kernels); the replies are
-    the same up to the device's arithmetic.
+    or ``compiled_graphs`` (the same with the step compiled by ``torch.compile``: fused kernels), or ``auto``
+    (:func:`citi_engine.resolve_decode`: ``cuda_graphs`` on a GPU, else ``dynamic``); the replies are the same up
+    to the device's arithmetic.
     """
     _check_sampling(max_new_tokens, batch_size, temperature, top_p)
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    decode = resolve_decode(decode, model_device(model).type)
     stop = [s for s in (stop or []) if s]
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids, default=0)

@@ -48,11 +48,10 @@ import torch.nn.functional as F
 from tokenizers.decoders import DecodeStream as _DecodeStream
 from torch import nn
 
-from citi_engine import GRAPH_MODES
+from citi_engine import GRAPH_MODES, resolve_decode
 from citi_engine.adapter import read_job
 from citi_engine.constrained import Grammar, allocate_bitmask, apply_bitmask
 from citi_engine.generate import (
-    DECODE_MODES,
     forward_last_logits,
     pad_left,
     prefill,
@@ -303,11 +302,11 @@ def generate(model: nn.Module, tokenizer: Any, requests: list[GenerationRequest]
     ``decode``: ``dynamic`` (a growing KV cache; finished rows leave the batch), ``static`` (a static KV
     cache, :class:`citi_engine.static_decode.StaticDecoder`), ``cuda_graphs`` (static, each step replayed
     from a captured CUDA graph on a GPU; static elsewhere) or ``compiled_graphs`` (the same with the step
-    compiled by ``torch.compile`` first). Greedy replies are the same in all of them up to the device's arithmetic.
+    compiled by ``torch.compile`` first), or ``auto`` (:func:`citi_engine.resolve_decode`: ``cuda_graphs`` on a GPU,
+    else ``dynamic``). Greedy replies are the same in all of them up to the device's arithmetic.
     """
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     device = next(model.parameters()).device
+    decode = resolve_decode(decode, device.type)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = stop_token_ids(model, tokenizer)
     rows = []

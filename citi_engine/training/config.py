@@ -341,12 +341,13 @@ class Hyperparameters:
         Range(1, 4096, whole=True),
     )
     generation_decode: str = setting(
-        "dynamic",
+        "auto",
         "KV cache of the decode loop when the job writes its replay answers and its greedy tool replies in "
-        "evaluation: dynamic (grows with the replies), static (allocated once per batch), cuda_graphs (static, "
-        "each step replayed from a CUDA graph on a GPU: far fewer kernel launches for a small model; static on "
-        "CPU) or compiled_graphs (cuda_graphs with the step compiled by torch.compile first: fused kernels). The "
-        "same replies up to the device's arithmetic (tested on CPU token for token).",
+        "evaluation: auto (cuda_graphs on a GPU, dynamic elsewhere; the inference server's default too, so served "
+        "replies decode as the evaluation's did), dynamic (grows with the replies), static (allocated once per "
+        "batch), cuda_graphs (static, each step replayed from a CUDA graph on a GPU: far fewer kernel launches for "
+        "a small model; static on CPU) or compiled_graphs (cuda_graphs with the step compiled by torch.compile "
+        "first: fused kernels). The same replies up to the device's arithmetic (tested on CPU token for token).",
     )
     baselines_use_general: bool = setting(
         False,

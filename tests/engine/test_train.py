@@ -512,7 +512,7 @@ def test_ablations_no_uco_stage_and_random_components(tiny_model, data_file, tmp
         ({"hyperparameters": {"learning_rate": 1e-4}}, "unknown hyperparameters field"),
         ({"test_fraction": 0.9}, "test_fraction"),
         ({"dtype": "fp16"}, "fp16 is not supported"),
-        ({"hyperparameters": {"generation_decode": "graphs"}}, "generation_decode must be one of dynamic, static"),
+        ({"hyperparameters": {"generation_decode": "graphs"}}, "generation_decode must be one of auto, dynamic, static"),
     ],
 )
 def test_impossible_configs_are_refused_with_the_reason(fields, message):

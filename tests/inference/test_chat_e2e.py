@@ -313,6 +313,7 @@ def test_the_inference_server_refuses_every_request_without_its_token(stack, wea
                 _error(r, 401, "invalid_api_key")
         health = c.get("/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.json()["decode"] == "dynamic"  # the default, auto, on this CPU
     # /healthz needs no token, so it names nothing: no adapter id, job id or model path
     job_id = weather_model.rsplit(":", 1)[-1]
     assert isinstance(health.json()["adapters"], int) and isinstance(health.json()["base_models"], int)

@@ -329,3 +329,23 @@ def test_the_servers_decode_setting_takes_exactly_the_engines_decode_modes(monke
     monkeypatch.setenv("CITI_INFERENCE_DECODE", "turbo")
     with pytest.raises(ValidationError, match="compiled_graphs"):
         InferenceSettings()
+
+
+def test_auto_decoding_is_the_default_of_the_server_and_of_jobs_and_takes_cuda_graphs_on_a_gpu_only(monkeypatch):
+    import pytest
+
+    from citi_engine import resolve_decode
+    from citi_engine.training.config import Hyperparameters
+    from worker.inference.app import InferenceSettings
+
+    monkeypatch.delenv("CITI_INFERENCE_DECODE", raising=False)
+    assert InferenceSettings().inference_decode == "auto" and Hyperparameters().generation_decode == "auto"
+    assert (resolve_decode("auto", "cuda"), resolve_decode("auto", "cpu")) == ("cuda_graphs", "dynamic")
+    assert [resolve_decode(m, "cuda") for m in ("dynamic", "static")] == ["dynamic", "static"]  # a named mode stays
+    assert resolve_decode("cuda_graphs", "cpu") == "cuda_graphs"  # (static steps there: the decoder's own fallback)
+    with pytest.raises(ValueError, match="decode must be one of auto, dynamic"):
+        resolve_decode("turbo", "cpu")
+    # the server resolves it for its device once (what /healthz reports); the cache only records the device here
+    assert ModelCache(device="cpu").decode == "dynamic"
+    assert ModelCache(device="cuda:1").decode == "cuda_graphs"
+    assert ModelCache(device="cuda:1", decode="dynamic").decode == "dynamic"

@@ -42,7 +42,7 @@ for a tool's ``parameters``) and the schema's ``param``. ``stop`` cannot be comb
 
 Configuration (environment): ``CITI_ADAPTER_CACHE_SIZE`` (8), ``CITI_INFERENCE_MAX_BATCH`` (16),
 ``CITI_INFERENCE_BATCH_WAIT_MS`` (5), ``CITI_INFERENCE_DEVICE`` (cuda if present, else cpu),
-``CITI_INFERENCE_DTYPE`` (bf16 on GPU, fp32 on CPU), ``CITI_INFERENCE_DECODE`` (dynamic; static, cuda_graphs, compiled_graphs),
+``CITI_INFERENCE_DTYPE`` (bf16 on GPU, fp32 on CPU), ``CITI_INFERENCE_DECODE`` (auto: cuda_graphs on a GPU, else dynamic; static, compiled_graphs),
 ``CITI_INFERENCE_MAX_NEW_TOKENS`` (cap when a request sets none, 1024), ``CITI_INFERENCE_MAX_CONTEXT`` (cap on the model's context), ``CITI_INFERENCE_PRELOAD``
 (base specs loaded at start), ``CITI_INFERENCE_CACHE_DIR`` (where adapters from S3 are unpacked),
 plus the service's settings (:mod:`citi_service.settings`): storage, ``CITI_MODEL_DIRS``, ``CITI_ALLOWED_MODELS``
@@ -120,9 +120,10 @@ class InferenceSettings(BaseSettings):
     inference_cache_dir: str | None = Field(None, description="CITI_INFERENCE_CACHE_DIR: where adapters fetched "
                                             "from a remote store are kept.")
     inference_decode: Literal[DECODE_MODES] = Field(  # the engine's list: a new mode is one edit
-        "dynamic", description="CITI_INFERENCE_DECODE: dynamic (a growing KV cache), static (a static KV cache), "
-        "cuda_graphs (static, each decode step replayed from a CUDA graph on a GPU) or compiled_graphs (the same with "
-        "the step compiled by torch.compile first); greedy replies are the same up to the device's arithmetic.")
+        "auto", description="CITI_INFERENCE_DECODE: auto (cuda_graphs on a GPU, else dynamic; the jobs' evaluation "
+        "default too), dynamic (a growing KV cache), static (a static KV cache), cuda_graphs (static, each decode "
+        "step replayed from a CUDA graph on a GPU) or compiled_graphs (the same with the step compiled by "
+        "torch.compile first); greedy replies are the same up to the device's arithmetic.")
 
 
 # ------------------------------------------------------------------------------------------ service
@@ -499,6 +500,7 @@ def healthz(request: Request) -> dict:
     return {
         "status": "ok",
         "device": service.cache.device,
+        "decode": service.cache.decode,
         "base_models": len(service.cache.loaded_bases()),
         "adapters": len(service.cache.cached_adapters()),
         "adapter_cache_size": service.cache.adapter_cache_size,

@@ -144,16 +144,19 @@ class ModelCache:
     """
 
     def __init__(self, *, device: str | None = None, dtype: Any = None, model_dirs: list[str] | None = None,
-                 adapter_cache_size: int = 8, decode: str = "dynamic"):
+                 adapter_cache_size: int = 8, decode: str = "auto"):
+        import torch
+
+        from citi_engine import DECODE_MODES, resolve_decode
         from citi_engine.models import default_device
-        from citi_engine.serving import DECODE_MODES
 
         if adapter_cache_size < 1:
             raise ValueError("CITI_ADAPTER_CACHE_SIZE must be at least 1")
         if decode not in DECODE_MODES:
             raise ValueError(f"CITI_INFERENCE_DECODE must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-        self.decode = decode  # how generation decodes (citi_engine.serving.generate)
         self.device = device or default_device()
+        # how generation decodes (citi_engine.serving.generate), ``auto`` resolved for this device
+        self.decode = resolve_decode(decode, torch.device(self.device).type)
         self.dtype = dtype
         self.model_dirs = model_dirs
         self.adapter_cache_size = adapter_cache_size
