@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from citi_engine import DECODE_MODES
+
 
 def register(subparsers) -> None:
     """Add the ``eval`` command to the ``citi`` parser's subcommands."""
@@ -39,6 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--call-threshold", type=float, default=None,
                    help="also evaluate the tool cases as served with this call threshold (default: the one the job "
                         "chose, the adapter's calibration.json, when above 0; 0: greedy decoding only)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="KV cache of the decode loop (default auto: CUDA graphs on a GPU, else the dynamic cache, as a "
+                        "job's own evaluation and the inference server decode)")
     p.add_argument("--no-retention", action="store_true", help="skip the general-retention measurement")
     p.add_argument("--no-humaneval", action="store_true", help="skip the HumanEval NLL")
     p.add_argument("--humaneval-limit", type=int, default=None, help="use at most N HumanEval problems")
@@ -146,7 +151,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model, tokenizer, base_model, cases, [] if args.no_retention else None, args.out or args.adapter,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, probe_limit=args.probe_limit,
         humaneval=not args.no_humaneval, humaneval_limit=args.humaneval_limit, pass_at_1=args.pass_at_1,
-        constrained=args.constrained, call_threshold=threshold,
+        constrained=args.constrained, call_threshold=threshold, decode=args.decode,
         metadata={"model": base_spec, "method": job.get("method"), "adapter": str(args.adapter),
                   "tool_test": str(args.tool_test)},
     )

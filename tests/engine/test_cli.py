@@ -175,3 +175,20 @@ def test_console_script_entry_point_runs_as_a_module(tmp_path):
     out = subprocess.run([sys.executable, "-m", "citi_engine.cli.main", "validate", write_data(tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0 and ": ok: 22 examples" in out.stdout
+
+
+def test_eval_reports_on_a_tool_test_file_and_decodes_as_a_job_does_by_default(adapter_dir, tmp_path, capsys):  # noqa: F811
+    tool_test = Path(__file__).resolve().parents[2] / "examples" / "tools_test.jsonl"
+    common = ["eval", "--adapter", str(adapter_dir), "--tool-test", str(tool_test), "--limit", "3",
+              "--max-new-tokens", "12", "--no-retention", "--no-humaneval"]
+    reports = {}
+    for decode in (None, "static"):  # the default, auto, is the dynamic cache on CPU
+        out = tmp_path / str(decode)
+        assert main([*common, "--out", str(out), *(["--decode", decode] if decode else [])]) == 0
+        reports[decode] = json.loads((out / "report.json").read_text())
+    capsys.readouterr()
+    assert reports[None]["tool"]["n"] == 3
+    assert reports[None]["tool"] == reports["static"]["tool"]  # another loop, the same greedy replies and verdicts
+    with pytest.raises(SystemExit):
+        main([*common, "--decode", "turbo"])
+    assert "invalid choice: 'turbo'" in capsys.readouterr().err
