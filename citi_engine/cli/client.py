@@ -490,7 +490,10 @@ def cmd_files_list(args: argparse.Namespace, console) -> int:
     if args.json:
         print(json.dumps(page, indent=1))
         return 0
-    rows = [(f["id"], f["filename"], f.get("format", ""), str(f["n_examples"]), f"{f['n_tool']}/{f['n_general']}",
+    # A job's result files (the adapter archive, the report) have no format and no counts: their purpose instead
+    rows = [(f["id"], f["filename"], f.get("format") or f.get("purpose") or "-",
+             *((str(f["n_examples"]), f"{f['n_tool']}/{f['n_general']}") if f.get("n_examples") is not None
+               else ("-", "-")),
              str(f["bytes"]), _when(f.get("created_at"))) for f in page["data"]]
     _print_rows(console, "files", ("id", "filename", "format", "examples", "tool/general", "bytes", "created"), rows)
     return 0

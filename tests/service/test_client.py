@@ -235,6 +235,18 @@ def test_a_finished_job_downloads_with_a_progress_bar_and_deletes_with_its_files
     code, out, _ = citi(service, capsys, "cancel", job["id"])
     assert code == 2 and "already succeeded" in out
 
+    # its result files (no format, no counts) are listed with the uploads, in a pipe and on a terminal
+    results = done["result_files"]
+    assert len(results) == 2
+    code, out, _ = citi(service, capsys, "files", "list", "--limit", "100")
+    rows = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
+    assert code == 0 and all(rows[r][2:5] == ["fine-tune-results", "-", "-"] for r in results), out
+    assert rows[job["training_file"]][2:4] == ["train", "24"]
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    code, out, _ = citi(service, capsys, "files", "list", "--limit", "100")
+    assert code == 0 and all(r in out for r in results) and "fine-tune-results" in out
+    monkeypatch.delenv("TTY_COMPATIBLE")
+
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # a terminal: the bar is drawn
     code, out, _ = citi(service, capsys, "download", job["id"], "-o", str(tmp_path))
     out = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out)  # colours and cursor moves
