@@ -3,13 +3,16 @@
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
 # was measured. PARTS (a comma list, default service,compile) picks what a lease runs, in the order quality,
-# service, timings, serving1b, adapteralign, onerow, compile, micro. What the open issues still need: `service` (a
-# lease of its own), then `timings` (SmolLM2's adapter cost with a job's share of components), `onerow`, `compile`, `micro`:
+# service, jobprofile, timings, serving1b, adapteralign, onerow, compile, micro. What the open issues still need:
+# `service` (a lease of its own), then `jobprofile`, `timings` (SmolLM2's adapter cost with a job's share of
+# components), `onerow`, `compile`, `micro`:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
 #             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/router_val3.txt: the router's
 #             third round, run in the fourteenth session in 19 minutes at JOBS=5 on an 80 GB card, one of the
 #             nine runs cut by the time limit; five at a time ran out of memory once); runs in
 #             RESULTS/quality/<plan>/
+#   jobprofile  performance and GPU host issues: a SmolLM2 CITI job's steps (bench/quality.py, 40 steps, a few test
+#             cases) profiled through CITI_PROFILE_DIR into RESULTS/jobprofile/<stage>.profile.{txt,json}; about 3 minutes
 #   timings   performance issue, alone on the card (about 4 minutes): bench/inference.py --decode cuda_graphs on
 #             SmolLM2 with the adapter on a job's share of components (MOLoRA on half) and on a fifth (the earlier
 #             runs'), then 8B LoRA against CITI stage 2, packed
@@ -80,6 +83,16 @@ if want service && needs_gguf service && [ -d ~/stage/svc/.whl-svc ]; then
     # SERVICE_ARGS: more arguments of bench/gpu_service.py, e.g. "--steps job,compare" (the main job and the
     # comparison with bench/quality.py only: about 12 minutes)
     timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" ${SERVICE_ARGS:-} > "$RESULTS/gpu_service.log" 2>&1
+fi
+if want jobprofile && needs_gguf jobprofile; then
+    # A SmolLM2 CITI job's own training steps under the torch profiler (CITI_PROFILE_DIR,
+    # citi_engine/training/profiling.py): in the fifteenth session's service run on an H100 every stage trained about
+    # 14k tokens/s, 0.47 s a step of about 6.6k tokens, far slower than the model's compute; the profile says whether
+    # a step waits on the host (wall time per step against the kernels' busy time and launches). About 3 minutes.
+    part "job profile"
+    CITI_PROFILE_DIR="$RESULTS/jobprofile" timeout 480 python3 bench/quality.py --model "$GGUF" --method citi \
+        --seed 0 --split test --max-steps 40 --limit-test 4 --probe-limit 2 --no-humaneval --force \
+        --out "$RESULTS/jobprofile/quality" > "$RESULTS/jobprofile.log" 2>&1
 fi
 if want timings && needs_gguf timings; then
     # The short timings after the pool, alone on the card.

@@ -337,6 +337,13 @@ class Clock:
         return [b - a for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
 
 
+def kernel_report(prof, cuda: bool, title: str, top: int = 30) -> tuple[str, dict[str, Any]]:
+    """The engine's (a job's ``CITI_PROFILE_DIR`` profile writes the same tables): imported here, where torch is."""
+    from citi_engine.training.profiling import kernel_report as report
+
+    return report(prof, cuda, title, top)
+
+
 def profiled(work: Callable[[], Any], cuda: bool):
     """Run ``work`` once under the torch profiler (CPU, and CUDA kernels on a GPU, input shapes recorded)."""
     import torch
@@ -348,39 +355,6 @@ def profiled(work: Callable[[], Any], cuda: bool):
         if cuda:
             torch.cuda.synchronize()
     return prof
-
-
-def kernel_report(prof, cuda: bool, title: str, top: int = 30) -> tuple[str, dict[str, Any]]:
-    """The profile as text and its ``top`` kernels as a dict.
-
-    The text: everything by self time, then the ops by input shape (which matmul is which). On a
-    GPU, CUDA times: the table shows each kernel and the aten op that launched it (an op's self
-    CUDA time is its kernels'); the dict keeps the GPU events alone, whose times add up to the
-    GPU's busy time ``busy_us``. On CPU, the ops' CPU times.
-    """
-    from operator import attrgetter
-
-    from torch.autograd import DeviceType
-
-    where = "device" if cuda else "cpu"
-    self_us, total_us = attrgetter(f"self_{where}_time_total"), attrgetter(f"{where}_time_total")
-    averages = prof.key_averages()
-    kernels = [e for e in averages if not cuda or (e.device_type != DeviceType.CPU
-                                                   and not getattr(e, "is_user_annotation", False))]
-    busy = sum(self_us(e) for e in kernels)
-    unit = "CUDA" if cuda else "CPU"
-    text = "\n".join([
-        f"== {title}: by self {unit} time ==",
-        averages.table(sort_by=f"self_{where}_time_total", row_limit=top, max_name_column_width=100),
-        f"== {title}: ops by input shape, by total {unit} time ==",
-        prof.key_averages(group_by_input_shape=True).table(sort_by=f"{where}_time_total", row_limit=top,
-                                                          max_name_column_width=60),
-    ])
-    kernels = sorted((e for e in kernels if self_us(e) > 0), key=self_us, reverse=True)[:top]
-    doc = {"title": title, "time": f"self {unit} time, microseconds", "busy_us": busy,
-           "top": [{"name": e.key, "calls": e.count, "self_us": self_us(e), "total_us": total_us(e),
-                    "share": self_us(e) / busy if busy else None} for e in kernels]}
-    return text, doc
 
 
 def write_profile(out: Path, name: str, texts: list[str], doc: dict[str, Any]) -> list[str]:

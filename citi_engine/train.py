@@ -124,6 +124,7 @@ from citi_engine.training.config import (
     FinetuneConfig,
     Hyperparameters,
 )
+from citi_engine.training.profiling import stage_profiler
 
 __all__ = [
     "BASELINE_STAGES",
@@ -402,6 +403,7 @@ class FinetuneRecipe:
                                        device=self.device, frozen_dtype=self.frozen_dtype, dist=dist,
                                        teacher=self.teacher)
         pack_tokens = _pack_tokens(cfg) if self.packing else None
+        profiler = stage_profiler(name, self.device, self.is_main)  # None unless CITI_PROFILE_DIR is set
         self.model.train()
         loss = None
         timed: list[float] = []
@@ -422,11 +424,12 @@ class FinetuneRecipe:
             mine = rank_share(examples, rank=dist.rank, world_size=dist.world_size, micro_size=hp.batch_size,
                               balance_tokens=self.packing)
             micro = step_batches(mine, micro_size=hp.batch_size, pad_id=self.pad_id, pack_tokens=pack_tokens)
-            loss, rloss = _optimizer_step(
-                step_module, micro, optimizer, scheduler, params, n_answer=answer_tokens(examples),
-                n_examples=len(examples), n_route=routing_token_counts(examples), max_grad_norm=hp.max_grad_norm,
-                dist=dist,
-            )
+            with profiler.step(state.stage_step) if profiler else contextlib.nullcontext():
+                loss, rloss = _optimizer_step(
+                    step_module, micro, optimizer, scheduler, params, n_answer=answer_tokens(examples),
+                    n_examples=len(examples), n_route=routing_token_counts(examples),
+                    max_grad_norm=hp.max_grad_norm, dist=dist,
+                )
             if not with_routing:
                 rloss = None
             step_s = time.monotonic() - t0
@@ -453,6 +456,8 @@ class FinetuneRecipe:
                     and state.stage_step < plan.steps[stage_index]):
                 self.save_checkpoint(kind="periodic", optimizer_state={"optimizer": optimizer.state_dict(),
                                                                        "scheduler": scheduler.state_dict()})
+        if profiler is not None:
+            profiler.finish()  # a stage shorter than the profiled steps still writes what it profiled
         optimizer.zero_grad(set_to_none=True)
         if dist.enabled:
             # The next stage builds its own DDP: this one's gradient hooks must be gone before it does.

@@ -6,6 +6,7 @@ Also home of the small helpers the other engine tests use (tiny data files, a sm
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -526,3 +527,26 @@ def test_config_round_trips_through_a_plain_dict():
     assert FinetuneConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.stages == ("train",) and cfg.stage_lrs() == [1e-3]
     assert FinetuneConfig(training_file="t", out_dir="o", method="full").stage_lrs() == [1e-4]
+
+
+def test_citi_profile_dir_profiles_a_few_steps_of_each_stage_without_changing_what_is_trained(
+        tiny_model, data_file, tmp_path, monkeypatch, caplog):
+    def cfg(out):  # 8 steps: 2 / 5 / 1 over the stages
+        return small_config(tiny_model, data_file, out, budget={"max_steps": 8})
+
+    plain = finetune(cfg(tmp_path / "plain"))
+    monkeypatch.setenv("CITI_PROFILE_DIR", str(tmp_path / "profile"))
+    monkeypatch.setenv("CITI_PROFILE_SKIP", "1")  # steps 1 and 2 of each stage (from 0), where a stage has them
+    monkeypatch.setenv("CITI_PROFILE_STEPS", "two")  # not a number: the default, 3, with a warning
+    with caplog.at_level(logging.WARNING, logger="citi.profile"):
+        profiled = finetune(cfg(tmp_path / "profiled"))
+    assert "CITI_PROFILE_STEPS='two' is not a whole number" in caplog.text
+    assert profiled.trained_sha256 == plain.trained_sha256  # watched steps train exactly as the others
+    written = {p.name for p in (tmp_path / "profile").iterdir()}
+    # uco's one step is step 0, before the profiled ones: nothing for it
+    assert written == {f"{s}.profile.{ext}" for s in ("router_pretraining", "molora") for ext in ("txt", "json")}
+    for stage, steps in (("router_pretraining", 1), ("molora", 3)):  # stage 1 ends after its step 1
+        doc = json.loads((tmp_path / "profile" / f"{stage}.profile.json").read_text())
+        assert doc["stage"] == stage and doc["steps"] == steps and len(doc["wall_s"]) == steps
+        assert all(w > 0 for w in doc["wall_s"]) and doc["busy_us"] > 0 and doc["top"]
+        assert "aten::" in (tmp_path / "profile" / f"{stage}.profile.txt").read_text()
