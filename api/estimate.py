@@ -32,8 +32,16 @@ KNOWN_SHAPES: dict[str, dict[str, int]] = {
                     "tie_word_embeddings": 1},
 }
 
-# Measured training throughput in trained tokens per second (docs/data-and-models.md, gpu.md).
+# Measured training throughput of a whole job in trained tokens per second. GPU: the CITI job of the service's run
+# on an H100 (bench/results/gpu_service.md): 2,358,713 tokens in 164 s over its three stages, about 14k tokens/s
+# in each. A bare full fine-tuning step of 16 x 512 tokens runs at about 100k tokens/s (docs/data-and-models.md),
+# which made the estimate of that job's training 10x too short. CPU: 160 (2 cores).
 THROUGHPUT: dict[str, dict[str, float]] = {
+    DEFAULT_MODEL: {"gpu": 14_000.0, "cpu": 160.0},
+}
+# Bare forward and backward passes, as importance scoring runs them: the 100k above (the same job scored its
+# components in 3 s).
+SCORING_THROUGHPUT: dict[str, dict[str, float]] = {
     DEFAULT_MODEL: {"gpu": 100_000.0, "cpu": 160.0},
 }
 # Sustained FLOP/s for models not in the table: H100/H200 bf16 at the rate the LoRA 8B run reached; a 2-core CPU.
@@ -135,10 +143,11 @@ def read_examples(storage, key: str, n_examples: int) -> list[dict[str, Any]]:
     return out
 
 
-def tokens_per_second(spec: str, params: int | None, device: str) -> float | None:
-    """Training throughput for a model on ``gpu`` or ``cpu``."""
-    if spec in THROUGHPUT:
-        return THROUGHPUT[spec][device]
+def tokens_per_second(spec: str, params: int | None, device: str, *, scoring: bool = False) -> float | None:
+    """Training throughput for a model on ``gpu`` or ``cpu`` (``scoring``: of importance scoring's passes)."""
+    table = SCORING_THROUGHPUT if scoring else THROUGHPUT
+    if spec in table:
+        return table[spec][device]
     if not params:
         return None
     return min(MAX_SMALL_MODEL_TOKENS_S[device], SUSTAINED_FLOPS[device] / (6.0 * params))
@@ -215,7 +224,8 @@ def estimate_job(
         breakdown["training"] = trained_tokens / (tps * (n_gpus * DDP_EFFICIENCY if n_gpus > 1 else 1))
         if cfg.method == "citi":
             scored = min(hp.importance_examples, train_tool) + min(hp.importance_examples, general + replay)
-            breakdown["importance"] = scored * mean_tokens * 2 / tps
+            breakdown["importance"] = scored * mean_tokens * 2 / tokens_per_second(resolved.spec, params, device,
+                                                                                     scoring=True)
         if replay:
             breakdown["replay"] = replay * hp.replay_max_new_tokens / DECODE_TOKENS_S[device] * 4
         n_eval = min(hp.eval_examples, held_out if not has_validation_file else hp.eval_examples)
