@@ -498,7 +498,7 @@ def render(result: dict) -> str:
                   f"{_num(summary.get('headline_retention'), 4)}, backbone gate general / tool call "
                   f"{_num(summary.get('backbone_gate_general'))} / {_num(summary.get('backbone_gate_tool_call'))}, "
                   f"call threshold {_num(summary.get('call_threshold'), 2)}.", ""]
-    first = result.get("chat_decode") or "dynamic"  # runs before the sixteenth session started the server in dynamic
+    first = result.get("chat_decode") or "dynamic"  # runs before the sixteenth session recorded none: dynamic then
     chats = {**({f"{first} (first)": result["chat"]} if result.get("chat") else {}),
              **(result.get("chat_by_decode") or {})}
     if chats:
