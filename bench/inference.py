@@ -450,7 +450,8 @@ def merge(dirs: list[Path], md: Path, js: Path, notes: Path | None = None) -> No
                   + ("" if decode == "dynamic" else f", decode {decode}")
                   + (f", attention {attention}" if attention else "")
                   + (f", router rows aligned to {align}" if align > 1 else "")
-                  + (", one-row adapter as reductions" if run.get("one_row_reductions") else ""), "",
+                  + (", one-row adapter as reductions" if run.get("one_row_reductions") else "")
+                  + (", shared-input groups" if run.get("shared_input_groups") else ""), "",
                   f"{m['params'] / 1e6:.0f}M parameters, {m['layers']} layers, {m['dtype']}; prompt "
                   f"{run['prompt_tokens']} tokens, {run['new_tokens']} new tokens a request; torch "
                   f"{run['versions']['torch']}, transformers {run['versions']['transformers']}; commit "
