@@ -3,9 +3,10 @@
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
 # was measured. PARTS (a comma list, default service,compile) picks what a lease runs, in the order quality,
-# service, jobprofile, timings, serving1b, adapteralign, onerow, compile, micro. What the open issues still need:
-# `service` (a lease of its own), then `jobprofile`, `timings` (SmolLM2's adapter cost with a job's share of
-# components), `onerow`, `compile`, `micro`:
+# service, jobprofile, timings, serving1b, adapteralign, onerow, compile, micro. What the open issues still need
+# (seventeenth session: the service's last step, the job profile and the timings done): `jobprofile` again after
+# the routing terms went to all layers at once (its launches a step against 13,900-15,700), `onerow`, `compile`,
+# `micro`:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
 #             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/router_val3.txt: the router's
 #             third round, run in the fourteenth session in 19 minutes at JOBS=5 on an 80 GB card, one of the
@@ -39,7 +40,8 @@
 #             on the card; only on request
 #   service   GPU host issue: bench/gpu_service.sh run, full-size job, every step (needs .whl-svc and .redis-deb
 #             staged in ~/stage/svc; about 26 minutes: a lease of its own, PARTS=service; run in the fifteenth
-#             session but for the last step, which SERVICE_ARGS="--steps job,compare" runs in about 12 minutes)
+#             session but for the last step, which SERVICE_ARGS="--steps job,compare" ran in the seventeenth, in
+#             about 12 minutes)
 # Measured already and not run again: generation memory, the dynamic KV cache's timings, stage 2 with and
 # without soft targets, constrained decoding, CITI and the baselines at their own threshold, negatives_near and
 # the router settings on the validation side, the shipped defaults on test at each job's threshold

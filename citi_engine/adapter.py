@@ -159,33 +159,26 @@ def routing_loss(
     """
     if balance not in ROUTING_BALANCES:
         raise ValueError(f"balance must be one of {', '.join(ROUTING_BALANCES)}, got {balance!r}")
-    layers = molora_layers(model)
-    if not layers:
-        raise ValueError("routing_loss needs a model with MOLoRA layers: apply_method(model, 'citi', ...) first")
     total = None
-    for layer in layers:
-        for adapter in layer.active_adapters:
-            probs = layer.router_probs.get(adapter)
-            if probs is None:
-                raise RuntimeError("routing_loss reads the router weights of the last forward: run the model first")
-            experts_only = layer.gate[adapter] == "sigmoid"
-            if experts_only:  # the softmax among the experts
-                probs = probs[..., 1:] / (1.0 - probs[..., :1]).clamp(min=1e-6)
-            mask = attention_mask.to(device=probs.device, dtype=probs.dtype)
-            g = torch.einsum("btn,bt->bn", probs, mask)  # (B, N+1), or (B, N) among the experts
-            if balance == "mean":
-                g = g / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-            if experts_only:
-                Z = g.flatten()
-            else:
-                # +1 on the backbone neuron and -1 on the experts for tool examples; the opposite for general ones.
-                sign = torch.full((g.shape[-1],), -1.0, device=g.device, dtype=g.dtype)
-                sign[0] = 1.0
-                is_tool = task_type.to(g.device).reshape(-1, 1) == 1
-                I = 1.0 + delta * torch.where(is_tool, sign, -sign)  # noqa: E741 (the method page's name)
-                Z = (I * g).flatten()
-            loss = Z.var(unbiased=False) / Z.mean().square()
-            total = loss if total is None else total + loss
+    for gate, probs in _stacked_router_probs(model, "routing_loss"):  # (L, B, T, N+1): L layers at once
+        experts_only = gate == "sigmoid"
+        if experts_only:  # the softmax among the experts
+            probs = probs[..., 1:] / (1.0 - probs[..., :1]).clamp(min=1e-6)
+        mask = attention_mask.to(device=probs.device, dtype=probs.dtype)
+        g = torch.einsum("lbtn,bt->lbn", probs, mask)  # (L, B, N+1), or (L, B, N) among the experts
+        if balance == "mean":
+            g = g / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        if experts_only:
+            Z = g.flatten(1)
+        else:
+            # +1 on the backbone neuron and -1 on the experts for tool examples; the opposite for general ones.
+            sign = torch.full((g.shape[-1],), -1.0, device=g.device, dtype=g.dtype)
+            sign[0] = 1.0
+            is_tool = task_type.to(g.device).reshape(-1, 1) == 1
+            I = 1.0 + delta * torch.where(is_tool, sign, -sign)  # noqa: E741 (the method page's name)
+            Z = (I * g).flatten(1)
+        loss = (Z.var(dim=1, unbiased=False) / Z.mean(dim=1).square()).sum()  # each layer's, added up
+        total = loss if total is None else total + loss
     return total
 
 
@@ -202,26 +195,41 @@ def token_routing_loss(model: nn.Module, backbone_target: torch.Tensor,
     denominators of the two means (``(backbone, experts)`` tokens of the whole step, so that micro-batches
     and processes add up to the step's value); by default this batch's own counts.
     """
-    layers = molora_layers(model)
-    if not layers:
-        raise ValueError("token_routing_loss needs a model with MOLoRA layers: apply_method(model, 'citi', ...) first")
     total = None
     n = 0
+    for _gate, probs in _stacked_router_probs(model, "token_routing_loss"):  # (L, B, T, N+1)
+        target = backbone_target.to(probs.device).reshape(probs.shape[1:-1])
+        p0 = probs[..., 0].clamp(1e-6, 1.0 - 1e-6)  # (L, B, T)
+        loss = p0.new_zeros(())
+        for k, (value, log_p) in enumerate(((1.0, torch.log(p0)), (0.0, torch.log1p(-p0)))):
+            mask = (target == value).to(p0.dtype)
+            denominator = mask.sum().clamp(min=1.0) if counts is None else max(float(counts[k]), 1.0)
+            loss = loss - (log_p * mask).sum() / denominator  # summed over the layers too
+        total = loss if total is None else total + loss
+        n += probs.shape[0]
+    return total / max(n, 1)
+
+
+def _stacked_router_probs(model: nn.Module, caller: str) -> list[tuple[str, torch.Tensor]]:
+    """G(x) of the last forward of every MOLoRA layer and adapter of ``model``, stacked: ``[(gate, (L, B, T, N+1))]``,
+    one entry per gate and shape (a job's layers share both, so one entry).
+
+    The routing terms are then a few operations for all layers at once instead of a few for each: on a GPU a small
+    model's training step is bound by the operations it launches (a SmolLM2 job's step: about 15,000 launches, the
+    GPU busy 13% of it; bench/results/throughput_h100_s17/jobprofile.md), and per layer the two terms took some
+    50 of them, forward and backward, on each of its 105 MOLoRA layers.
+    """
+    layers = molora_layers(model)
+    if not layers:
+        raise ValueError(f"{caller} needs a model with MOLoRA layers: apply_method(model, 'citi', ...) first")
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for layer in layers:
         for adapter in layer.active_adapters:
             probs = layer.router_probs.get(adapter)
             if probs is None:
-                raise RuntimeError("token_routing_loss reads the router weights of the last forward: run the model first")
-            target = backbone_target.to(probs.device).reshape(probs.shape[:-1])
-            p0 = probs[..., 0].clamp(1e-6, 1.0 - 1e-6)
-            loss = p0.new_zeros(())
-            for k, (value, log_p) in enumerate(((1.0, torch.log(p0)), (0.0, torch.log1p(-p0)))):
-                mask = (target == value).to(p0.dtype)
-                denominator = mask.sum().clamp(min=1.0) if counts is None else max(float(counts[k]), 1.0)
-                loss = loss - (log_p * mask).sum() / denominator
-            total = loss if total is None else total + loss
-            n += 1
-    return total / max(n, 1)
+                raise RuntimeError(f"{caller} reads the router weights of the last forward: run the model first")
+            groups.setdefault((layer.gate[adapter], probs.shape, probs.dtype, probs.device), []).append(probs)
+    return [(key[0], torch.stack(probs)) for key, probs in groups.items()]
 
 
 def backbone_targets(token_kind: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from citi_engine.adapter import (  # noqa: E402
     routing_loss,
     save_adapter,
     set_trainable,
+    token_routing_loss,
 )
 from citi_engine.errors import CitiError  # noqa: E402
 from citi_engine.models import load_model  # noqa: E402
@@ -140,6 +141,67 @@ def test_sigmoid_gate_routing_loss_balances_the_experts_among_themselves_and_lea
         layer.molora_router["default"][0] += 3.0  # move the backbone's share only
     layer(x)
     assert routing_loss(layer, task_type, mask, balance="mean").item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+class ThreeRouted(nn.Module):
+    """Three MOLoRA layers in a row with random routers (3 experts), for the routing terms over several layers."""
+
+    def __init__(self, gate: str):
+        super().__init__()
+        torch.manual_seed(1)
+        config = MoloraConfig(target_modules=["x"], num_experts=3, r=2, alpha=1.0, gate=gate)
+        self.layers = nn.ModuleList(MoloraLinear(nn.Linear(4, 4, bias=False), "default", config) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def _per_layer_routing_terms(model, task_type, mask, target, delta, balance):
+    """The two routing terms written layer by layer from their definitions (the docstrings of routing_loss and
+    token_routing_loss), the reference the stacked computation must equal."""
+    balancing, token = [], []
+    for layer in model.layers:
+        probs, sigmoid = layer.router_probs["default"], layer.gate["default"] == "sigmoid"
+        if sigmoid:
+            probs = probs[..., 1:] / (1.0 - probs[..., :1])
+        g = torch.einsum("btn,bt->bn", probs, mask.float())
+        if balance == "mean":
+            g = g / mask.sum(1, keepdim=True)
+        if not sigmoid:
+            tool = task_type.reshape(-1, 1) == 1
+            sign = torch.tensor([1.0] + [-1.0] * (g.shape[1] - 1))
+            g = (1.0 + delta * torch.where(tool, sign, -sign)) * g
+        balancing.append(g.flatten().var(unbiased=False) / g.flatten().mean() ** 2)
+        p0 = layer.router_probs["default"][..., 0]
+        on, off = (target == 1).float(), (target == 0).float()
+        token.append(-(torch.log(p0) * on).sum() / on.sum() - (torch.log1p(-p0) * off).sum() / off.sum())
+    return sum(balancing), sum(token) / len(token)
+
+
+@pytest.mark.parametrize("gate,balance", [("softmax", "sum"), ("softmax", "mean"), ("sigmoid", "mean")])
+def test_routing_terms_over_all_layers_at_once_equal_the_per_layer_definitions_with_their_gradients(gate, balance):
+    model = ThreeRouted(gate)
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    task_type = torch.tensor([1, 0])
+    target = torch.tensor([[-1.0, 0.0, 0.0, -1.0, -1.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    grads = []
+    for compute in ("stacked", "per layer"):
+        model.zero_grad()
+        model(x)
+        if compute == "stacked":
+            terms = (routing_loss(model, task_type, mask, delta=0.5, balance=balance), token_routing_loss(model, target))
+        else:
+            terms = _per_layer_routing_terms(model, task_type, mask, target, 0.5, balance)
+        (terms[0] + terms[1]).backward()
+        grads.append(([t.item() for t in terms], [m.molora_router["default"].grad.clone() for m in model.layers]))
+    (values, router_grads), (expected, expected_grads) = grads
+    assert values == pytest.approx(expected, rel=1e-5)
+    for got, want in zip(router_grads, expected_grads, strict=True):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_routing_loss_needs_molora_layers_and_a_forward():
