@@ -2,11 +2,12 @@
 # What the open issues still need measured on one GPU, in one lease: run it through bench/gpu_lease.sh (stage,
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
-# was measured. PARTS (a comma list, default service,compile) picks what a lease runs, in the order quality,
-# service, jobprofile, timings, serving1b, adapteralign, onerow, compile, micro. What the open issues still need
+# was measured. PARTS (a comma list, default jobprofile,jobspeed,compile) picks what a lease runs, in the order
+# quality, service, jobprofile, jobspeed, timings, serving1b, adapteralign, onerow, compile, micro. What the open
+# issues still need
 # (seventeenth session: the service's last step, the job profile and the timings done): `jobprofile` again after
-# the routing terms went to all layers at once (its launches a step against 13,900-15,700), `onerow`, `compile`,
-# `micro`:
+# the routing terms went to all layers at once (its launches a step against 13,900-15,700), `jobspeed` (the job's
+# training time against 182.91 s), `compile`, `onerow`, `micro`:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
 #             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/router_val3.txt: the router's
 #             third round, run in the fourteenth session in 19 minutes at JOBS=5 on an 80 GB card, one of the
@@ -14,6 +15,9 @@
 #             RESULTS/quality/<plan>/
 #   jobprofile  performance and GPU host issues: a SmolLM2 CITI job's steps (bench/quality.py, 40 steps, a few test
 #             cases) profiled through CITI_PROFILE_DIR into RESULTS/jobprofile/<stage>.profile.{txt,json}; about 3 minutes
+#   jobspeed  performance issue: the default SmolLM2 CITI job's train_seconds, unprofiled (bench/quality.py as the
+#             GPU host run's comparison step runs it: 182.91 s on an H100 before the routing terms were stacked);
+#             about 4 minutes
 #   timings   performance issue, alone on the card (about 4 minutes): bench/inference.py --decode cuda_graphs on
 #             SmolLM2 with the adapter on a job's share of components (MOLoRA on half) and on a fifth (the earlier
 #             runs'), then 8B LoRA against CITI stage 2, packed
@@ -67,7 +71,7 @@ cd "$(dirname "$0")/.." || exit 1
 needs_gguf() { [ -n "${GGUF:-}" ] || { echo "part $1 needs GGUF (the built-in model): skipped" >> "$RESULTS/parts.log"; false; }; }
 mkdir -p "$RESULTS"
 part() { echo "$(date -u +%H:%M:%S) $*" >> "$RESULTS/parts.log"; }
-PARTS=",${PARTS:-service,compile},"
+PARTS=",${PARTS:-jobprofile,jobspeed,compile},"
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 
 if want quality && needs_gguf quality; then
@@ -95,6 +99,16 @@ if want jobprofile && needs_gguf jobprofile; then
     CITI_PROFILE_DIR="$RESULTS/jobprofile" timeout 480 python3 bench/quality.py --model "$GGUF" --method citi \
         --seed 0 --split test --max-steps 40 --limit-test 4 --probe-limit 2 --no-humaneval --force \
         --out "$RESULTS/jobprofile/quality" > "$RESULTS/jobprofile.log" 2>&1
+fi
+if want jobspeed && needs_gguf jobspeed; then
+    # The whole default SmolLM2 CITI job's training time, unprofiled, exactly as bench/gpu_service.py's comparison
+    # step runs bench/quality.py: 182.91 s of train_seconds on an H100 at dad981e (seventeenth session,
+    # bench/results/gpu_service_raw/h100_s17/quality_compare/), before the routing terms went to all layers at once.
+    # About 4 minutes.
+    part "job speed"
+    timeout 480 python3 bench/quality.py --model "$GGUF" --method citi --seed 0 --split test --data .data/bfcl \
+        --limit-test 4 --probe-limit 2 --no-humaneval --force --decode auto --out "$RESULTS/jobspeed" \
+        > "$RESULTS/jobspeed.log" 2>&1
 fi
 if want timings && needs_gguf timings; then
     # The short timings after the pool, alone on the card.
