@@ -3,8 +3,11 @@
 # benchmark runs in the background on the held machine and every call waits for it a while, then copies what
 # exists into $OUT. The built-in model's GGUF (98 MB) is too big for one call's 64 MiB, so it travels in two
 # halves (.m1/, .m2/: `split -b 48M`), one per call, joined on the machine. When the tree has grown so that a half
-# and the tree no longer fit one call, split in three (`split -n 3`) and stage twice, .m1 holding gg.aa, then gg.ab;
-# .m2 holds the last part.
+# and the tree no longer fit one call, split in three and stage twice, .m1 holding gg.aa, then gg.ab; .m2 holds the
+# last part. With the service's wheels and Redis (25 MiB) the parts need not be equal: the seventeenth session's
+# tree was 19 MiB, so call 1 carried the wheels, Redis and the first 16 MiB (`head -c 16M`, as .m1/gg.aa), call 2 the
+# next 40 MiB (`cp .m1b/* ~/stage/` carrying .m1b/gg.ab, an ignored folder) and the start the rest (.m2/gg.ac) with
+# .data: two staging calls instead of three. Each call's tree and carried folders stay under 64 MiB.
 #   bench/gpu_lease.sh stage          call 1: keep the first half in ~/stage, install the carried wheels (and
 #                                     keep the service's wheels and Redis, when carried, in ~/stage/svc)
 #   bench/gpu_lease.sh start CMD...   call 2: join the halves, copy the tree to ~/run, start CMD there (GGUF and
