@@ -35,6 +35,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,7 +61,27 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.part = "loss"  # set by the patched functions around it
-        self.modules: list[str] = []
+        self.modules: list[str] = []  # the modules whose forward is running, innermost last
+        self._hooks: list = []
+
+    def __enter__(self):
+        # every module's forward, while counting: which one an operation ran in
+        self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._enter_module),
+                       torch.nn.modules.module.register_module_forward_hook(self._leave_module)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return super().__exit__(*exc)
+
+    def _enter_module(self, module, _args) -> None:
+        self.modules.append(type(module).__name__)
+
+    def _leave_module(self, _module, _args, _out) -> None:
+        if self.modules:
+            self.modules.pop()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -85,17 +106,6 @@ def count_steps(step_index: int) -> tuple[dict[str, tuple[int, Counter]], contex
     by_stage: dict[str, tuple[int, Counter]] = {}
     state = {"stage": None, "step": 0, "counter": None}
     stack = contextlib.ExitStack()
-
-    def pre_hook(module, _args):
-        if state["counter"] is not None:
-            state["counter"].modules.append(type(module).__name__)
-
-    def post_hook(module, _args, _out):
-        if state["counter"] is not None and state["counter"].modules:
-            state["counter"].modules.pop()
-
-    stack.enter_context(torch.nn.modules.module.register_module_forward_pre_hook(pre_hook))
-    stack.enter_context(torch.nn.modules.module.register_module_forward_hook(post_hook))
 
     real_stage, real_step, real_accumulate = (train.FinetuneRecipe.train_stage, train._optimizer_step,
                                               train.accumulate_gradients)
@@ -133,20 +143,10 @@ def count_steps(step_index: int) -> tuple[dict[str, tuple[int, Counter]], contex
         finally:
             counter.part = "optimizer"
 
-    stack.enter_context(_patched(train.FinetuneRecipe, "train_stage", train_stage))
-    stack.enter_context(_patched(train, "_optimizer_step", optimizer_step))
-    stack.enter_context(_patched(train, "accumulate_gradients", accumulate_gradients))
+    stack.enter_context(mock.patch.object(train.FinetuneRecipe, "train_stage", train_stage))
+    stack.enter_context(mock.patch.object(train, "_optimizer_step", optimizer_step))
+    stack.enter_context(mock.patch.object(train, "accumulate_gradients", accumulate_gradients))
     return by_stage, stack
-
-
-@contextlib.contextmanager
-def _patched(owner, name, value):
-    old = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, old)
 
 
 def summary(step: int, counts: Counter) -> dict:

@@ -34,19 +34,8 @@ class Stack(nn.Module):
 
 
 def counted(fn, part: str = "micro") -> dict:
-    counter = step_ops.OpCounter()
-    counter.part = part
-    modules = []
-
-    def pre(module, _args):
-        counter.modules.append(type(module).__name__)
-        modules.append(module)
-
-    def post(module, _args, _out):
-        counter.modules.pop()
-
-    with (torch.nn.modules.module.register_module_forward_pre_hook(pre),
-          torch.nn.modules.module.register_module_forward_hook(post), counter):
+    with step_ops.OpCounter() as counter:
+        counter.part = part
         fn()
     return dict(counter.counts)
 
