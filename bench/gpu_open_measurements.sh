@@ -3,7 +3,7 @@
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
 # was measured. PARTS (a comma list, default jobprofile,jobspeed,compile) picks what a lease runs, in the order
-# quality, service, jobprofile, jobspeed, timings, serving1b, adapteralign, onerow, compile, micro. What the open
+# quality, service, fused, jobprofile, jobspeed, timings, serving1b, adapteralign, onerow, compile, micro. What the open
 # issues still need
 # (seventeenth session: the service's last step, the job profile and the timings done): `jobprofile` again after
 # the routing terms went to all layers at once (its launches a step against 13,900-15,700), `jobspeed` (the job's
@@ -13,6 +13,9 @@
 #             third round, run in the fourteenth session in 19 minutes at JOBS=5 on an 80 GB card, one of the
 #             nine runs cut by the time limit; five at a time ran out of memory once); runs in
 #             RESULTS/quality/<plan>/
+#   fused     performance issue's adapter cost: bench/fused_check.py (one component's delta in one Triton kernel
+#             against the four, error and GPU time per shape), then bench/inference.py --decode cuda_graphs on
+#             SmolLM2 with a job's adapter, --fused-delta off then on; about 5 minutes
 #   jobprofile  performance and GPU host issues: a SmolLM2 CITI job's steps (bench/quality.py, 40 steps, a few test
 #             cases) profiled through CITI_PROFILE_DIR into RESULTS/jobprofile/<stage>.profile.{txt,json}; about 3 minutes
 #   jobspeed  performance issue: the default SmolLM2 CITI job's train_seconds, unprofiled (bench/quality.py as the
@@ -89,6 +92,19 @@ if want service && needs_gguf service && [ -d ~/stage/svc/.whl-svc ]; then
     # SERVICE_ARGS: more arguments of bench/gpu_service.py, e.g. "--steps job,compare" (the main job and the
     # comparison with bench/quality.py only: about 12 minutes)
     timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" ${SERVICE_ARGS:-} > "$RESULTS/gpu_service.log" 2>&1
+fi
+if want fused && needs_gguf fused; then
+    # The adapter's delta in one Triton kernel (citi_engine/molora/fused.py): each component shape's error and GPU
+    # time against the four kernels (a minute), then SmolLM2 served with CUDA graphs and a job's adapter (MOLoRA on
+    # half) with the four kernels and then fused, one process after the other (+34.7% / +39.7% a token at 1 / 16
+    # concurrent with the four, seventeenth session)
+    part "fused adapter delta: per component"
+    timeout 240 python3 bench/fused_check.py --out "$RESULTS/fused_check" > "$RESULTS/fused_check.log" 2>&1
+    for way in off on; do
+        part "inference cuda_graphs, molora fraction 0.5, fused delta $way"
+        timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode cuda_graphs --fused-delta "$way" \
+            --out "$RESULTS/inference" > "$RESULTS/inference_cuda_graphs_fused_$way.log" 2>&1
+    done
 fi
 if want jobprofile && needs_gguf jobprofile; then
     # A SmolLM2 CITI job's own training steps under the torch profiler (CITI_PROFILE_DIR,

@@ -96,6 +96,9 @@ def add_adapter_layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-input-groups", action="store_true",
                         help="components that read the same input share one router-and-A matmul "
                              "(citi_engine.molora.layer.SHARED_INPUT_GROUPS, an experiment; off by default)")
+    parser.add_argument("--fused-delta", choices=("on", "off"), default=None,
+                        help="a decode step's adapter delta in one Triton kernel on a GPU "
+                             "(citi_engine.molora.layer.FUSED_DELTA; default: the engine's) or in four")
     parser.add_argument("--molora-fraction", type=float, default=None,
                         help="share of the model's components that carry MOLoRA experts, spread evenly over the "
                              "layers (default: a job's, components.molora_fraction; before the fifteenth session the "
@@ -112,6 +115,9 @@ def apply_adapter_layout(args: argparse.Namespace) -> None:
         args.router_align = molora_layer.ROUTER_ALIGN
     if args.molora_fraction is None:
         args.molora_fraction = ComponentsConfig().molora_fraction
+    if args.fused_delta is None:
+        args.fused_delta = "on" if molora_layer.FUSED_DELTA else "off"
+    molora_layer.FUSED_DELTA = args.fused_delta == "on"
     molora_layer.ROUTER_ALIGN = args.router_align
     molora_layer.ONE_ROW_REDUCTIONS = args.one_row_reductions
     molora_layer.SHARED_INPUT_GROUPS = args.shared_input_groups
@@ -340,13 +346,18 @@ def run_one(args) -> dict[str, Any]:
     tag += "" if args.router_align == 1 else f"-align{args.router_align}"
     tag += "-onerow" if args.one_row_reductions else ""
     tag += "-groups" if args.shared_input_groups else ""
+    from citi_engine.molora import fused
+
+    fused_delta = args.fused_delta == "on" and device == "cuda" and fused.AVAILABLE  # what the layers will do
+    tag += "-fused" if fused_delta else ""
     tag += f"-molora{args.molora_fraction:g}"  # the adapter's share of components: its cost grows with it
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
                               "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(), "versions": versions(), "new_tokens": args.new_tokens,
                               "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode,
                               "attention": "sdpa" if args.decode == "dynamic" else args.attention,
                               "router_align": args.router_align, "one_row_reductions": args.one_row_reductions,
-                              "shared_input_groups": args.shared_input_groups}
+                              "shared_input_groups": args.shared_input_groups,
+                              "fused_delta": fused_delta}
     prompt_text = render_prompt(base.tokenizer, MESSAGES, TOOLS)
     prompt = base.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     result["prompt_tokens"] = len(prompt)
@@ -451,7 +462,8 @@ def merge(dirs: list[Path], md: Path, js: Path, notes: Path | None = None) -> No
                   + (f", attention {attention}" if attention else "")
                   + (f", router rows aligned to {align}" if align > 1 else "")
                   + (", one-row adapter as reductions" if run.get("one_row_reductions") else "")
-                  + (", shared-input groups" if run.get("shared_input_groups") else ""), "",
+                  + (", shared-input groups" if run.get("shared_input_groups") else "")
+                  + (", adapter delta fused (one Triton kernel)" if run.get("fused_delta") else ""), "",
                   f"{m['params'] / 1e6:.0f}M parameters, {m['layers']} layers, {m['dtype']}; prompt "
                   f"{run['prompt_tokens']} tokens, {run['new_tokens']} new tokens a request; torch "
                   f"{run['versions']['torch']}, transformers {run['versions']['transformers']}; commit "

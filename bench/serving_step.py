@@ -42,6 +42,7 @@ from inference import add_adapter_layout_args, apply_adapter_layout, build_rando
 from provenance import commit, versions  # noqa: E402
 
 from citi_engine.files import write_json_atomic  # noqa: E402
+from citi_engine.molora import fused  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "kv_heads": model.config.num_key_value_heads, "prompt_tokens": args.prompt, "steps": args.steps,
         "rounds": args.rounds, "compiled": args.compiled, "router_align": args.router_align,
         "one_row_reductions": args.one_row_reductions, "shared_input_groups": args.shared_input_groups,
+        "fused_delta": args.fused_delta == "on" and fused.AVAILABLE,
         "commit": commit(),
         "versions": versions(), "results": {}}
     with tempfile.TemporaryDirectory(prefix="citi-bench-adapter-") as tmp:
@@ -184,6 +186,8 @@ def render(doc: dict[str, Any]) -> str:
         way += f", adapter's router rows aligned to {doc['router_align']}"
     if doc.get("one_row_reductions"):
         way += ", one-row adapter as reductions"
+    if doc.get("fused_delta"):
+        way += ", adapter delta fused (one Triton kernel)"
     lines = [f"# One decode step taken apart ({doc['shape']} shape, {doc['card']}{way})", "",
              f"`bench/serving_step.py`, commit {doc['commit']}, torch {doc['versions']['torch']}, transformers "
              f"{doc['versions']['transformers']}; {doc['params'] / 1e6:.0f}M parameters, {doc['heads']} query heads "

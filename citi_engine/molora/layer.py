@@ -31,6 +31,7 @@ from torch import nn
 
 from citi_engine import ROUTING_GATES
 
+from . import fused
 from .config import MoloraConfig
 
 
@@ -227,6 +228,11 @@ ONE_ROW_REDUCTIONS = False
 SHARED_INPUT_GROUPS = False
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
+# A decode step's few rows take the adapter's four kernels as one Triton kernel (:mod:`citi_engine.molora.fused`)
+# where Triton runs (CUDA tensors; any tensor under its interpreter); prefills, eager CPU work, torch.compile traces
+# and shared-input groups keep the four.
+FUSED_DELTA = True
+
 
 class FrozenMoloraLinear(nn.Module):
     """A trained MOLoRA adapter on a shared, frozen ``nn.Linear``, for serving: ``W0 x + B molora_mix(W_r x, A x)``.
@@ -267,6 +273,8 @@ class FrozenMoloraLinear(nn.Module):
         n = self.num_experts
         out = F.linear(x, self.base.weight, self.base.bias)
         compiling = torch.compiler.is_compiling()
+        if FUSED_DELTA and not compiling and self.shared_input is None and fused.usable(x):
+            return fused.molora_add_(out, x, self.router_a, self.b_scaled_t, n, self.r, self.gate)
         if ONE_ROW_REDUCTIONS and x.numel() == x.shape[-1] and compiling:
             return out + self._one_row_delta(x).view(out.shape)
         if self.shared_input is not None and not compiling:
