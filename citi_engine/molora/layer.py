@@ -241,7 +241,8 @@ class FrozenMoloraLinear(nn.Module):
     never written to. The router and the stacked ``A`` are one weight (one matmul), ``B`` is stored
     transposed and pre-scaled by alpha/r so ``addmm`` adds it onto the base output in place: at batch 1
     decoding is bound by kernel launches, so the component costs the base matmul plus four kernels
-    (router-and-A matmul, softmax, gate multiply, B matmul). Weights take the base layer's dtype. ``align``
+    (router-and-A matmul, softmax, gate multiply, B matmul), or plus one where a decode step's few rows go to
+    :func:`~citi_engine.molora.fused.molora_add_` (:data:`FUSED_DELTA`). Weights take the base layer's dtype. ``align``
     (default :data:`ROUTER_ALIGN`) pads the router-and-A weight with zero rows to a multiple of it, for a matmul
     shape the GPU's kernels handle better; the padded outputs are never read.
     """
