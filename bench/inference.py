@@ -391,6 +391,7 @@ def run_one(args) -> dict[str, Any]:
             result["same_replies_as_dynamic"] = compare_replies(cache, base, served, args.decode)
             cache.activate(ServedModel(base=base))
 
+    result["fused_delta"] = result["fused_delta"] and fused.AVAILABLE  # false if the kernel failed and gave way
     b1 = result["adapter_overhead"].get("1")
     result["adapter_overhead_batch1"] = b1
     result["target_met"] = None if b1 is None else b1 <= TARGET_OVERHEAD

@@ -21,6 +21,7 @@ before this module is imported, Triton's interpreter runs the kernel on CPU tens
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -31,6 +32,7 @@ try:
 except ImportError:  # pragma: no cover - Triton comes with CUDA builds of torch
     triton = None
 
+log = logging.getLogger(__name__)
 # Triton's interpreter (numpy on the CPU) runs the kernel on CPU tensors, for tests; read once, as Triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AVAILABLE = triton is not None
@@ -39,6 +41,15 @@ MAX_ROWS = 64
 _BLOCK_M = 16  # tl.dot wants every dimension at least 16
 _BLOCK_K = 64
 _BLOCK_D = 128
+
+
+def give_up(exc: BaseException) -> None:
+    """Stop using the kernel in this process (the layers go back to their four kernels) after it failed, e.g. a
+    Triton that cannot compile it for this card; logged once, with the reason."""
+    global AVAILABLE
+    if AVAILABLE:
+        log.warning("the fused MOLoRA kernel failed, serving with four kernels a component from now on: %s", exc)
+    AVAILABLE = False
 
 
 def usable(x: torch.Tensor) -> bool:
