@@ -34,6 +34,7 @@ from torch import nn
 from citi_engine.molora import fused
 from citi_engine.molora import layer as molora_layer
 from citi_engine.molora.layer import FrozenMoloraLinear
+torch.manual_seed(0)
 
 def make(n, r, d_in, d_out, gate, dtype, align=None, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -62,13 +63,15 @@ for n, r, d_in, d_out, rows, align in [(4, 8, 96, 200, 3, 64), (3, 5, 40, 24, 17
                 molora_layer.FUSED_DELTA = True
                 one = layer(x).float()
             cases.append({"dtype": str(dtype), "err": (one - four).abs().max().item(),
-                          "delta": (four - base).abs().max().item()})
+                          "delta": (four - base).abs().max().item(), "scale": four.abs().max().item()})
 print(json.dumps(cases))
 """)
     for case in out:
-        assert case["delta"] > 0.5  # the adapter's delta is far from zero, so a kernel that adds nothing fails
-        tolerance = 1e-4 if case["dtype"] == "torch.float32" else 2e-3 * max(1.0, case["delta"])
-        assert case["err"] < tolerance, case
+        # the delta is far above the tolerance, so a kernel that adds nothing (err == delta) or a wrong part fails
+        assert case["delta"] > 0.1, case
+        # both ways round once to the layer's dtype at the end, from sums taken in different orders: a few units in
+        # the last place of the largest output (fp16: 2^-10 of it)
+        assert case["err"] <= (1e-5 if case["dtype"] == "torch.float32" else 2 ** -8) * max(case["scale"], 1.0), case
 
 
 def test_layer_takes_the_kernel_for_a_decode_steps_rows_only_and_never_when_asked_not_to():
