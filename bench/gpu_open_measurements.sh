@@ -15,7 +15,7 @@
 #             RESULTS/quality/<plan>/
 #   fused     performance issue's adapter cost: bench/fused_check.py (one component's delta in one Triton kernel
 #             against the four, error and GPU time per shape), then bench/inference.py --decode cuda_graphs on
-#             SmolLM2 with a job's adapter, --fused-delta off then on; about 5 minutes
+#             SmolLM2 and on the 1B shape with a job's adapter, --fused-delta off then on; about 6 minutes
 #   jobprofile  performance and GPU host issues: a SmolLM2 CITI job's steps (bench/quality.py, 40 steps, a few test
 #             cases) profiled through CITI_PROFILE_DIR into RESULTS/jobprofile/<stage>.profile.{txt,json}; about 3 minutes
 #   jobspeed  performance issue: the default SmolLM2 CITI job's train_seconds, unprofiled (bench/quality.py as the
@@ -93,17 +93,21 @@ if want service && needs_gguf service && [ -d ~/stage/svc/.whl-svc ]; then
     # comparison with bench/quality.py only: about 12 minutes)
     timeout 1800 bash bench/gpu_service.sh run "$GGUF" "$RESULTS/gpu_service" ${SERVICE_ARGS:-} > "$RESULTS/gpu_service.log" 2>&1
 fi
-if want fused && needs_gguf fused; then
+if want fused; then
     # The adapter's delta in one Triton kernel (citi_engine/molora/fused.py): each component shape's error and GPU
     # time against the four kernels (a minute), then SmolLM2 served with CUDA graphs and a job's adapter (MOLoRA on
     # half) with the four kernels and then fused, one process after the other (+34.7% / +39.7% a token at 1 / 16
     # concurrent with the four, seventeenth session)
     part "fused adapter delta: per component"
     timeout 240 python3 bench/fused_check.py --out "$RESULTS/fused_check" > "$RESULTS/fused_check.log" 2>&1
-    for way in off on; do
-        part "inference cuda_graphs, molora fraction 0.5, fused delta $way"
-        timeout 360 python3 bench/inference.py --gguf "$GGUF" --rounds 4 --decode cuda_graphs --fused-delta "$way" \
-            --out "$RESULTS/inference" > "$RESULTS/inference_cuda_graphs_fused_$way.log" 2>&1
+    # SmolLM2 (with the GGUF), then the 1B shape (its tokenizer from the GGUF or, with NO_GGUF=1, from CITI_CACHE_DIR)
+    for model in ${GGUF:+smollm2} 1b; do
+        args=(--shape 1b ${GGUF:+--tokenizer-gguf "$GGUF"}) && [ "$model" = smollm2 ] && args=(--gguf "$GGUF")
+        for way in off on; do
+            part "inference $model cuda_graphs, molora fraction 0.5, fused delta $way"
+            timeout 360 python3 bench/inference.py "${args[@]}" --rounds 4 --decode cuda_graphs --fused-delta "$way" \
+                --out "$RESULTS/inference" > "$RESULTS/inference_${model}_cuda_graphs_fused_$way.log" 2>&1
+        done
     done
 fi
 if want jobprofile && needs_gguf jobprofile; then
