@@ -228,10 +228,11 @@ ONE_ROW_REDUCTIONS = False
 SHARED_INPUT_GROUPS = False
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-# A decode step's few rows take the adapter's four kernels as one Triton kernel (:mod:`citi_engine.molora.fused`)
+# On: a decode step's few rows take the adapter's four kernels as one Triton kernel (:mod:`citi_engine.molora.fused`)
 # where Triton runs (CUDA tensors; any tensor under its interpreter); prefills, eager CPU work, torch.compile traces
-# and shared-input groups keep the four.
-FUSED_DELTA = True
+# and shared-input groups keep the four. Off by default until a GPU has timed it end to end against the four
+# (bench/gpu_open_measurements.sh, PARTS=fused; tested on CPU under Triton's interpreter only).
+FUSED_DELTA = False
 
 
 class FrozenMoloraLinear(nn.Module):
