@@ -2,12 +2,12 @@
 # What the open issues still need measured on one GPU, in one lease: run it through bench/gpu_lease.sh (stage,
 # then `start bash bench/gpu_open_measurements.sh`; GGUF and RESULTS come from there). Each part writes its own
 # files under RESULTS as soon as they exist and has a time limit, so a lease that ends early still returns what
-# was measured. PARTS (a comma list, default jobprofile,jobspeed,compile) picks what a lease runs, in the order
-# quality, service, fused, jobprofile, jobspeed, timings, serving1b, adapteralign, onerow, compile, micro. What the open
-# issues still need
-# (seventeenth session: the service's last step, the job profile and the timings done): `jobprofile` again after
-# the routing terms went to all layers at once (its launches a step against 13,900-15,700), `jobspeed` (the job's
-# training time against 182.91 s), `compile`, `onerow`, `micro`:
+# was measured. PARTS (a comma list, default fused,jobspeed,compile) picks what a lease runs, in the order
+# quality, service, fused, jobprofile, jobspeed, timings, serving1b, adapteralign, onerow, compile, micro. What the
+# open issues still need (the eighteenth session got no machine): `fused` (the served adapter's delta in one Triton
+# kernel, off by default until this times it), `jobspeed` (the job's training time against 182.91 s after the
+# routing terms went to all layers at once), `jobprofile` (its launches a step against 13,900-15,700), `compile`,
+# `onerow`, `micro`:
 #   quality   method issue: bench/quality_gpu_calibrated.sh with PLAN (PLAN_LARGE instead on a card over 120 GB,
 #             when set; pool limit QUALITY_S, default 1380 s) (default bench/plans/router_val3.txt: the router's
 #             third round, run in the fourteenth session in 19 minutes at JOBS=5 on an 80 GB card, one of the
@@ -74,7 +74,7 @@ cd "$(dirname "$0")/.." || exit 1
 needs_gguf() { [ -n "${GGUF:-}" ] || { echo "part $1 needs GGUF (the built-in model): skipped" >> "$RESULTS/parts.log"; false; }; }
 mkdir -p "$RESULTS"
 part() { echo "$(date -u +%H:%M:%S) $*" >> "$RESULTS/parts.log"; }
-PARTS=",${PARTS:-jobprofile,jobspeed,compile},"
+PARTS=",${PARTS:-fused,jobspeed,compile},"
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 
 if want quality && needs_gguf quality; then

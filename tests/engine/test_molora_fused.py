@@ -55,7 +55,7 @@ for n, r, d_in, d_out, rows, align in [(4, 8, 96, 200, 3, 64), (3, 5, 40, 24, 17
     for gate in ("softmax", "sigmoid"):
         for dtype in (torch.float32, torch.float16):
             layer = make(n, r, d_in, d_out, gate, dtype, align=align, bias=True)
-            x = torch.randn(rows, d_in).to(dtype)
+            x = torch.randn(rows, 1, d_in).to(dtype)  # a decode step's shape: one new token a row
             with torch.no_grad():
                 molora_layer.FUSED_DELTA = False
                 four = layer(x).float()
