@@ -24,9 +24,7 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from provenance import commit, versions  # noqa: E402
-
-from citi_engine.files import write_json_atomic  # noqa: E402
+from provenance import commit, versions, write_results  # noqa: E402
 
 # (model, projection, d_in, d_out); SmolLM2-135M and the 1B shape (hidden 2048, intermediate 8192, 8 kv heads of 64)
 SHAPES = [("smollm2", "q/o", 576, 576), ("smollm2", "k/v", 576, 192), ("smollm2", "gate/up", 576, 1536),
@@ -117,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"card": torch.cuda.get_device_name(0), "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(),
            "versions": versions(), "experts": args.experts, "rank": args.rank, "dtype": "bfloat16",
            "replays": REPLAYS, "rows": rows_out}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "fused_check.json", doc)
-    (args.out / "fused_check.md").write_text(render(doc))
-    print(f"wrote {args.out / 'fused_check.md'}")
+    write_results(args.out, "fused_check", doc, render)
     return 0
 
 

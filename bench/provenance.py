@@ -52,3 +52,13 @@ def versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "python": sys.version.split()[0], "cuda": str(torch.version.cuda)}
+
+
+def write_results(out: Path, name: str, doc: dict, render) -> None:
+    """``out/<name>.json`` (the whole record, written atomically) and ``out/<name>.md`` (``render(doc)``)."""
+    from citi_engine.files import write_json_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{name}.json", doc)
+    (out / f"{name}.md").write_text(render(doc))
+    print(f"wrote {out / f'{name}.md'}")

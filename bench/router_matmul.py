@@ -38,9 +38,7 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from provenance import commit, versions  # noqa: E402
-
-from citi_engine.files import write_json_atomic  # noqa: E402
+from provenance import commit, versions, write_results  # noqa: E402
 
 LAYOUTS = ("linear", "align16", "align64", "transposed", "swapped")
 
@@ -145,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                        "max_abs_diff_vs_linear": float((out - reference).abs().max())}
                 doc["results"].append(row)
                 print(row, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "router_matmul.json", doc)
-    (args.out / "router_matmul.md").write_text(render(doc))
-    print(f"wrote {args.out / 'router_matmul.md'}")
+    write_results(args.out, "router_matmul", doc, render)
     return 0
 
 

@@ -39,9 +39,8 @@ for p in (str(ROOT), str(HERE)):
         sys.path.insert(0, p)
 
 from inference import add_adapter_layout_args, apply_adapter_layout, build_random, make_adapter  # noqa: E402
-from provenance import commit, versions  # noqa: E402
+from provenance import commit, versions, write_results  # noqa: E402
 
-from citi_engine.files import write_json_atomic  # noqa: E402
 from citi_engine.molora import fused  # noqa: E402
 
 
@@ -174,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         (args.out / f"serving_step_{attention}_{variant}_{rows}.txt").write_text(table)
         cache.activate(ServedModel(base=base))
         static_decode.GROUPED_ATTENTION = True
-    write_json_atomic(args.out / "serving_step.json", doc)
-    (args.out / "serving_step.md").write_text(render(doc))
-    print(f"wrote {args.out / 'serving_step.md'}")
+    write_results(args.out, "serving_step", doc, render)
     return 0
 
 
