@@ -13,7 +13,6 @@ them). Writes JSON and a Markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["base_us"] = graph_us(layer.base, x)
                     rows_out.append(row)
                     print(row, flush=True)
-    doc = {"card": torch.cuda.get_device_name(0), "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(),
+    doc = {"card": torch.cuda.get_device_name(0), "commit": commit(),
            "versions": versions(), "experts": args.experts, "rank": args.rank, "dtype": "bfloat16",
            "replays": REPLAYS, "rows": rows_out}
     write_results(args.out, "fused_check", doc, render)

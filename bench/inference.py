@@ -352,7 +352,7 @@ def run_one(args) -> dict[str, Any]:
     tag += "-fused" if fused_delta else ""
     tag += f"-molora{args.molora_fraction:g}"  # the adapter's share of components: its cost grows with it
     result: dict[str, Any] = {"tag": tag, "card": card, "device": device, "model": info, "argv": sys.argv[1:],
-                              "commit": os.environ.get("CITI_BENCH_COMMIT") or commit(), "versions": versions(), "new_tokens": args.new_tokens,
+                              "commit": commit(), "versions": versions(), "new_tokens": args.new_tokens,
                               "rounds": args.rounds, "batch_wait_ms": args.wait_ms, "decode": args.decode,
                               "attention": "sdpa" if args.decode == "dynamic" else args.attention,
                               "router_align": args.router_align, "one_row_reductions": args.one_row_reductions,
